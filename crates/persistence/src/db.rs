@@ -1,0 +1,233 @@
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use diesel::connection::SimpleConnection;
+use diesel::{Connection, PgConnection, SqliteConnection};
+use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
+
+const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("../../migrations/sqlite");
+const POSTGRES_MIGRATIONS: EmbeddedMigrations = embed_migrations!("../../migrations/postgres");
+
+/// One connection type over both backends.
+#[derive(diesel::MultiConnection)]
+pub enum DbConnection {
+    Sqlite(SqliteConnection),
+    Pg(PgConnection),
+}
+
+pub type PooledConn = r2d2::PooledConnection<Manager>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("unsupported DATABASE_URL scheme in {0:?}: use sqlite://PATH or postgres://USER@HOST/DB")]
+    UnknownScheme(String),
+    #[error("cannot open the database: {0}")]
+    Connect(String),
+    #[error("migrations failed: {0}")]
+    Migration(String),
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Which database a URL names.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite(PathBuf),
+    Postgres(String),
+}
+
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Backend::Sqlite(p) => write!(f, "Sqlite({})", p.display()),
+            Backend::Postgres(u) => write!(f, "Postgres({})", redact_url(u)),
+        }
+    }
+}
+
+/// The URL with any password replaced by `***`, for logs.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (auth, host) = match rest.rsplit_once('@') {
+        Some((a, h)) => (a, h),
+        None => return url.to_string(),
+    };
+    match auth.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_string(),
+    }
+}
+
+impl Backend {
+    /// `sqlite://relative/path`, `sqlite:///absolute/path`, `sqlite:path`,
+    /// `postgres://…` or `postgresql://…`. Anything else is an error.
+    pub fn parse(url: &str) -> Result<Self, DbError> {
+        let url = url.trim();
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Ok(Backend::Postgres(url.to_string()));
+        }
+        if let Some(rest) = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")) {
+            let path = rest.split('?').next().unwrap_or_default();
+            if path.is_empty() {
+                return Err(DbError::UnknownScheme(url.to_string()));
+            }
+            return Ok(Backend::Sqlite(PathBuf::from(path)));
+        }
+        Err(DbError::UnknownScheme(redact_url(url)))
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Backend::Sqlite(_) => "sqlite",
+            Backend::Postgres(_) => "postgres",
+        }
+    }
+
+    fn connect(&self) -> Result<DbConnection, diesel::ConnectionError> {
+        match self {
+            Backend::Sqlite(path) => {
+                let mut conn = SqliteConnection::establish(&path.to_string_lossy())?;
+                conn.batch_execute(
+                    "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
+                     PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000;",
+                )
+                .map_err(|e| diesel::ConnectionError::BadConnection(e.to_string()))?;
+                Ok(DbConnection::Sqlite(conn))
+            }
+            Backend::Postgres(url) => Ok(DbConnection::Pg(PgConnection::establish(url)?)),
+        }
+    }
+}
+
+/// r2d2 manager that opens exactly the backend the URL names (never a
+/// SQLite file by accident) and configures each new SQLite connection.
+#[derive(Debug, Clone)]
+pub struct Manager {
+    backend: Backend,
+}
+
+impl r2d2::ManageConnection for Manager {
+    type Connection = DbConnection;
+    type Error = diesel::ConnectionError;
+
+    fn connect(&self) -> Result<DbConnection, Self::Error> {
+        self.backend.connect()
+    }
+
+    fn is_valid(&self, conn: &mut DbConnection) -> Result<(), Self::Error> {
+        conn.batch_execute("SELECT 1")
+            .map_err(|e| diesel::ConnectionError::BadConnection(e.to_string()))
+    }
+
+    fn has_broken(&self, _conn: &mut DbConnection) -> bool {
+        false
+    }
+}
+
+/// A pool of connections to one database.
+#[derive(Clone)]
+pub struct Database {
+    pool: r2d2::Pool<Manager>,
+    backend: Backend,
+}
+
+impl std::fmt::Debug for Database {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Database").field("backend", &self.backend).finish()
+    }
+}
+
+impl Database {
+    /// Opens a pool and checks that the database answers. SQLite files
+    /// (and their folder) are created; PostgreSQL must be reachable.
+    pub fn connect(url: &str, pool_size: u32) -> Result<Self, DbError> {
+        let backend = Backend::parse(url)?;
+        if let Backend::Sqlite(path) = &backend {
+            ensure_parent(path)?;
+        }
+        let pool = r2d2::Pool::builder()
+            .max_size(pool_size.max(1))
+            .connection_timeout(Duration::from_secs(5))
+            .build(Manager {
+                backend: backend.clone(),
+            })
+            .map_err(|e| DbError::Connect(format!("{:?}: {e}", backend)))?;
+        Ok(Self { pool, backend })
+    }
+
+    /// A pool that does not connect until first used (for tests of an
+    /// unreachable database).
+    pub fn connect_lazy(url: &str, pool_size: u32) -> Result<Self, DbError> {
+        let backend = Backend::parse(url)?;
+        let pool = r2d2::Pool::builder()
+            .max_size(pool_size.max(1))
+            .min_idle(Some(0))
+            .connection_timeout(Duration::from_millis(500))
+            .build_unchecked(Manager {
+                backend: backend.clone(),
+            });
+        Ok(Self { pool, backend })
+    }
+
+    pub fn backend(&self) -> &Backend {
+        &self.backend
+    }
+
+    pub fn get(&self) -> Result<PooledConn, DbError> {
+        self.pool.get().map_err(|e| DbError::Unavailable(e.to_string()))
+    }
+
+    /// Applies the embedded migrations of this backend; returns how many ran.
+    pub fn run_migrations(&self) -> Result<usize, DbError> {
+        let mut conn = self.get()?;
+        let applied = match &mut *conn {
+            DbConnection::Sqlite(c) => c.run_pending_migrations(SQLITE_MIGRATIONS).map(|v| v.len()),
+            DbConnection::Pg(c) => c.run_pending_migrations(POSTGRES_MIGRATIONS).map(|v| v.len()),
+        }
+        .map_err(|e| DbError::Migration(e.to_string()))?;
+        Ok(applied)
+    }
+
+    /// `SELECT 1` on a pooled connection.
+    pub fn ping(&self) -> Result<(), DbError> {
+        let mut conn = self.get()?;
+        conn.batch_execute("SELECT 1")
+            .map_err(|e| DbError::Unavailable(e.to_string()))
+    }
+}
+
+fn ensure_parent(path: &Path) -> Result<(), DbError> {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() && path.to_string_lossy() != ":memory:" => {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| DbError::Connect(format!("cannot create {}: {e}", dir.display())))
+        }
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_urls_by_scheme() {
+        assert_eq!(Backend::parse("sqlite://data/muse.db").unwrap(), Backend::Sqlite("data/muse.db".into()));
+        assert_eq!(Backend::parse("sqlite:///tmp/m.db").unwrap(), Backend::Sqlite("/tmp/m.db".into()));
+        assert_eq!(Backend::parse("sqlite:m.db").unwrap(), Backend::Sqlite("m.db".into()));
+        assert!(matches!(Backend::parse("postgresql://u@h/db").unwrap(), Backend::Postgres(_)));
+        for bad in ["mysql://root@localhost/db", "data/muse.db", "sqlite://", "http://x"] {
+            assert!(matches!(Backend::parse(bad), Err(DbError::UnknownScheme(_))), "{bad}");
+        }
+    }
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(redact_url("postgres://muse:s3cret@db:5432/muse"), "postgres://muse:***@db:5432/muse");
+        assert_eq!(redact_url("postgres://muse@db/muse"), "postgres://muse@db/muse");
+        let e = Backend::parse("mysql://root:pw@h/db").unwrap_err().to_string();
+        assert!(!e.contains("pw@"), "{e}");
+    }
+}

@@ -1,0 +1,19 @@
+//! diesel + r2d2 implementations of the Muse repository traits, on SQLite
+//! (bundled, the default) and PostgreSQL, chosen by the database URL.
+//!
+//! ```no_run
+//! let db = muse_persistence::Database::connect("sqlite://./data/muse.db", 8)?;
+//! db.run_migrations()?;
+//! let repo = muse_persistence::DieselAuthRepository::new(db.clone());
+//! # Ok::<(), muse_persistence::DbError>(())
+//! ```
+//!
+//! Every call blocks: run it on a blocking pool.
+
+mod auth_repo;
+mod db;
+pub mod schema;
+pub mod testing;
+
+pub use auth_repo::DieselAuthRepository;
+pub use db::{Backend, Database, DbConnection, DbError, PooledConn};

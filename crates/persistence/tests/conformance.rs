@@ -1,0 +1,281 @@
+//! The same repository tests on every backend: SQLite always, PostgreSQL
+//! too when `TEST_DATABASE_URL` is set. Each test gets its own database.
+
+use std::sync::{Arc, Barrier};
+
+use diesel::prelude::*;
+use muse_auth::*;
+use muse_core::PageRequest;
+use muse_persistence::schema::*;
+use muse_persistence::testing::TestDb;
+use muse_persistence::{Database, DbConnection, DbError, DieselAuthRepository};
+use uuid::Uuid;
+
+/// Runs `f` once per available backend, each on a fresh migrated database.
+fn each_backend(f: impl Fn(&Database, &DieselAuthRepository)) {
+    let mut dbs = vec![TestDb::sqlite()];
+    if let Ok(url) = std::env::var("TEST_DATABASE_URL") {
+        if !url.trim().is_empty() {
+            dbs.push(TestDb::postgres(url.trim()));
+        }
+    }
+    for t in &dbs {
+        let db = Database::connect(&t.url, 4).expect("connect");
+        assert_eq!(db.run_migrations().expect("migrate"), 1);
+        let repo = DieselAuthRepository::new(db.clone());
+        f(&db, &repo);
+    }
+}
+
+fn user(email: &str, username: &str) -> User {
+    User {
+        id: Uuid::now_v7(),
+        email: email.into(),
+        username: username.into(),
+        password_hash: "$2b$04$hash".into(),
+        role: Role::User,
+        status: UserStatus::Active,
+        email_verified_at: None,
+        created_at: 1_000,
+        updated_at: 1_000,
+    }
+}
+
+fn session(user_id: Uuid) -> (Session, RefreshToken) {
+    let s = Session {
+        id: Uuid::now_v7(),
+        user_id,
+        created_at: 1_000,
+        expires_at: 10_000,
+        revoked_at: None,
+        revoked_reason: None,
+        ip: Some("127.0.0.1".into()),
+        user_agent: None,
+    };
+    let t = RefreshToken {
+        id: Uuid::now_v7(),
+        session_id: s.id,
+        token_hash: format!("rt-{}", Uuid::new_v4()),
+        created_at: 1_000,
+        expires_at: 10_000,
+        used_at: None,
+    };
+    (s, t)
+}
+
+#[test]
+fn migrations_are_idempotent_and_match_schema_rs() {
+    each_backend(|db, _| {
+        assert_eq!(db.run_migrations().unwrap(), 0);
+        let mut conn = db.get().unwrap();
+        let c: &mut DbConnection = &mut conn;
+        // Every column schema.rs declares must exist with a readable type.
+        users::table.select(users::all_columns).load::<(String, String, String, String, String, String, Option<i64>, i64, i64)>(c).unwrap();
+        sessions::table.select(sessions::all_columns).load::<(String, String, i64, i64, Option<i64>, Option<String>, Option<String>, Option<String>)>(c).unwrap();
+        refresh_tokens::table.select(refresh_tokens::all_columns).load::<(String, String, String, i64, i64, Option<i64>)>(c).unwrap();
+        api_keys::table.select(api_keys::all_columns).load::<(String, String, String, String, String, i64, Option<i64>, Option<i64>, Option<i64>)>(c).unwrap();
+        email_tokens::table.select(email_tokens::all_columns).load::<(String, String, String, String, i64, i64, Option<i64>)>(c).unwrap();
+        audit_events::table.select(audit_events::all_columns).load::<(String, Option<String>, String, Option<String>, Option<String>, Option<String>, i64)>(c).unwrap();
+    });
+}
+
+#[test]
+fn users_round_trip_and_duplicates_conflict() {
+    each_backend(|_, repo| {
+        let u = user("ada@example.com", "ada");
+        repo.create_user(&u).unwrap();
+        assert_eq!(repo.user_by_id(u.id).unwrap().unwrap(), u);
+        assert_eq!(repo.user_by_email("ada@example.com").unwrap().unwrap().id, u.id);
+        assert_eq!(repo.user_by_username("ada").unwrap().unwrap().id, u.id);
+        assert!(repo.user_by_email("nobody@example.com").unwrap().is_none());
+
+        match repo.create_user(&user("ada@example.com", "other")) {
+            Err(RepoError::Conflict(what)) => assert!(what.contains("email"), "{what}"),
+            other => panic!("expected conflict, got {other:?}"),
+        }
+        match repo.create_user(&user("other@example.com", "ada")) {
+            Err(RepoError::Conflict(what)) => assert!(what.contains("username"), "{what}"),
+            other => panic!("expected conflict, got {other:?}"),
+        }
+
+        assert!(repo.set_user_status(u.id, UserStatus::Suspended, 2_000).unwrap());
+        assert!(repo.set_user_role(u.id, Role::Admin, 2_000).unwrap());
+        assert!(!repo.set_user_role(Uuid::now_v7(), Role::Admin, 2_000).unwrap());
+        let back = repo.user_by_id(u.id).unwrap().unwrap();
+        assert_eq!((back.status, back.role, back.updated_at), (UserStatus::Suspended, Role::Admin, 2_000));
+        assert_eq!(repo.count_users_with_role(Role::Admin).unwrap(), 1);
+        repo.mark_email_verified(u.id, 3_000).unwrap();
+        repo.mark_email_verified(u.id, 4_000).unwrap();
+        assert_eq!(repo.user_by_id(u.id).unwrap().unwrap().email_verified_at, Some(3_000));
+    });
+}
+
+#[test]
+fn foreign_keys_are_enforced() {
+    each_backend(|_, repo| {
+        let (s, t) = session(Uuid::now_v7());
+        assert!(repo.create_session(&s, &t).is_err());
+        // The transaction rolled back: no orphan token.
+        assert!(repo.refresh_token_by_hash(&t.token_hash).unwrap().is_none());
+    });
+}
+
+#[test]
+fn refresh_tokens_are_consumed_exactly_once_under_concurrency() {
+    each_backend(|_, repo| {
+        let u = user("bo@example.com", "bo");
+        repo.create_user(&u).unwrap();
+        let (s, t) = session(u.id);
+        repo.create_session(&s, &t).unwrap();
+        let (got_s, got_u) = repo.session_with_user(s.id).unwrap().unwrap();
+        assert_eq!((got_s, got_u.id), (s.clone(), u.id));
+        assert_eq!(repo.refresh_token_by_hash(&t.token_hash).unwrap().unwrap(), t);
+
+        let barrier = Arc::new(Barrier::new(4));
+        let wins: usize = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..4)
+                .map(|_| {
+                    let b = barrier.clone();
+                    scope.spawn(move || {
+                        b.wait();
+                        repo.consume_refresh_token(t.id, 2_000).unwrap()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| usize::from(h.join().unwrap())).sum()
+        });
+        assert_eq!(wins, 1);
+        assert_eq!(repo.refresh_token_by_hash(&t.token_hash).unwrap().unwrap().used_at, Some(2_000));
+
+        let (_, next) = session(u.id);
+        let next = RefreshToken { session_id: s.id, ..next };
+        repo.insert_refresh_token(&next).unwrap();
+        repo.revoke_session(s.id, 3_000, "logout").unwrap();
+        repo.revoke_session(s.id, 4_000, "again").unwrap();
+        let (after, _) = repo.session_with_user(s.id).unwrap().unwrap();
+        assert_eq!((after.revoked_at, after.revoked_reason.as_deref()), (Some(3_000), Some("logout")));
+
+        let (s2, t2) = session(u.id);
+        let (s3, t3) = session(u.id);
+        repo.create_session(&s2, &t2).unwrap();
+        repo.create_session(&s3, &t3).unwrap();
+        assert_eq!(repo.revoke_user_sessions(u.id, 5_000, "reset").unwrap(), 2);
+        assert!(repo.session_with_user(Uuid::now_v7()).unwrap().is_none());
+    });
+}
+
+#[test]
+fn api_keys_are_scoped_to_their_owner() {
+    each_backend(|_, repo| {
+        let a = user("a@example.com", "aaa");
+        let b = user("b@example.com", "bbb");
+        repo.create_user(&a).unwrap();
+        repo.create_user(&b).unwrap();
+        let key = ApiKey {
+            id: Uuid::now_v7(),
+            user_id: a.id,
+            name: "ci".into(),
+            prefix: "muse_sk_abc".into(),
+            key_hash: "kh-1".into(),
+            created_at: 1_000,
+            expires_at: Some(9_000),
+            last_used_at: None,
+            revoked_at: None,
+        };
+        repo.create_api_key(&key).unwrap();
+        assert_eq!(repo.active_api_keys(a.id).unwrap(), vec![key.clone()]);
+        assert!(repo.active_api_keys(b.id).unwrap().is_empty());
+        let (k, u) = repo.api_key_with_user("kh-1").unwrap().unwrap();
+        assert_eq!((k.id, u.id), (key.id, a.id));
+        repo.touch_api_key(key.id, 1_500).unwrap();
+        assert_eq!(repo.api_key_with_user("kh-1").unwrap().unwrap().0.last_used_at, Some(1_500));
+
+        assert!(!repo.revoke_api_key(b.id, key.id, 2_000).unwrap(), "another user cannot revoke it");
+        assert!(repo.revoke_api_key(a.id, key.id, 2_000).unwrap());
+        assert!(!repo.revoke_api_key(a.id, key.id, 2_000).unwrap(), "already revoked");
+        assert!(repo.active_api_keys(a.id).unwrap().is_empty());
+    });
+}
+
+#[test]
+fn email_tokens_are_single_use_and_expire() {
+    each_backend(|_, repo| {
+        let u = user("c@example.com", "ccc");
+        repo.create_user(&u).unwrap();
+        let tok = |hash: &str, purpose, expires_at| EmailToken {
+            id: Uuid::now_v7(),
+            user_id: u.id,
+            purpose,
+            token_hash: hash.into(),
+            created_at: 1_000,
+            expires_at,
+            used_at: None,
+        };
+        repo.create_email_token(&tok("v1", EmailTokenPurpose::VerifyEmail, 5_000)).unwrap();
+        repo.create_email_token(&tok("v2", EmailTokenPurpose::VerifyEmail, 1_500)).unwrap();
+        assert!(repo.consume_email_token("v1", EmailTokenPurpose::ResetPassword, 2_000).unwrap().is_none(), "wrong purpose");
+        assert_eq!(repo.consume_email_token("v1", EmailTokenPurpose::VerifyEmail, 2_000).unwrap().unwrap().user_id, u.id);
+        assert!(repo.consume_email_token("v1", EmailTokenPurpose::VerifyEmail, 2_000).unwrap().is_none(), "single use");
+        assert!(repo.consume_email_token("v2", EmailTokenPurpose::VerifyEmail, 2_000).unwrap().is_none(), "expired");
+
+        let (s, t) = session(u.id);
+        repo.create_session(&s, &t).unwrap();
+        repo.create_email_token(&tok("r1", EmailTokenPurpose::ResetPassword, 5_000)).unwrap();
+        repo.create_email_token(&tok("r2", EmailTokenPurpose::ResetPassword, 5_000)).unwrap();
+        assert!(repo.reset_password("nope", "$2b$new", 2_000).unwrap().is_none());
+        assert_eq!(repo.reset_password("r1", "$2b$new", 2_000).unwrap(), Some(u.id));
+        assert_eq!(repo.user_by_id(u.id).unwrap().unwrap().password_hash, "$2b$new");
+        assert!(repo.session_with_user(s.id).unwrap().unwrap().0.revoked_at.is_some());
+        assert!(repo.reset_password("r1", "$2b$again", 2_500).unwrap().is_none(), "single use");
+        assert!(repo.reset_password("r2", "$2b$again", 2_500).unwrap().is_none(), "sibling links die too");
+        assert_eq!(repo.user_by_id(u.id).unwrap().unwrap().password_hash, "$2b$new");
+    });
+}
+
+#[test]
+fn audit_log_queries() {
+    each_backend(|_, repo| {
+        let u = user("d@example.com", "ddd");
+        repo.create_user(&u).unwrap();
+        for (i, (subject, ip)) in [("x@example.com", "10.0.0.1"), ("x@example.com", "10.0.0.2"), ("y@example.com", "10.0.0.1")]
+            .into_iter()
+            .enumerate()
+        {
+            repo.record_audit(&AuditEvent {
+                id: Uuid::now_v7(),
+                user_id: (i == 0).then_some(u.id),
+                event: audit::LOGIN_FAILED.into(),
+                subject: Some(subject.into()),
+                ip: Some(ip.into()),
+                detail: Some(serde_json::json!({"i": i})),
+                created_at: 1_000 + i as i64 * 100,
+            })
+            .unwrap();
+        }
+        let times = repo.audit_times_since(audit::LOGIN_FAILED, AuditQuery::Subject("x@example.com"), 0, 10).unwrap();
+        assert_eq!(times, vec![1_000, 1_100]);
+        assert_eq!(repo.audit_times_since(audit::LOGIN_FAILED, AuditQuery::Ip("10.0.0.1"), 1_050, 10).unwrap(), vec![1_200]);
+        assert_eq!(repo.audit_times_since(audit::LOGIN_FAILED, AuditQuery::Ip("10.0.0.1"), 0, 1).unwrap(), vec![1_200]);
+        assert!(repo.audit_times_since(audit::LOGOUT, AuditQuery::Ip("10.0.0.1"), 0, 10).unwrap().is_empty());
+
+        let page = repo.list_audit(None, PageRequest::new(Some(1), Some(2))).unwrap();
+        assert_eq!((page.total, page.items.len()), (3, 2));
+        assert_eq!(page.items[0].created_at, 1_200);
+        assert_eq!(page.items[0].detail, Some(serde_json::json!({"i": 2})));
+        let page2 = repo.list_audit(None, PageRequest::new(Some(2), Some(2))).unwrap();
+        assert_eq!(page2.items.len(), 1);
+        let mine = repo.list_audit(Some(u.id), PageRequest::default()).unwrap();
+        assert_eq!((mine.total, mine.items[0].user_id), (1, Some(u.id)));
+    });
+}
+
+#[test]
+fn bad_urls_are_clear_errors() {
+    assert!(matches!(Database::connect("mysql://root@localhost/x", 1), Err(DbError::UnknownScheme(_))));
+    // Nothing listens on port 1: a clear connect error, not a hang.
+    let err = Database::connect("postgres://muse:pw@127.0.0.1:1/muse", 1).unwrap_err();
+    assert!(matches!(err, DbError::Connect(_)), "{err}");
+    assert!(!err.to_string().contains(":pw@"), "password leaked: {err}");
+    let lazy = Database::connect_lazy("postgres://127.0.0.1:1/muse", 1).unwrap();
+    assert!(matches!(lazy.ping(), Err(DbError::Unavailable(_))));
+}
