@@ -1,0 +1,151 @@
+//! Building the application: state, then the one `App` that `main` and the
+//! tests both serve.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use actix_cors::Cors;
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceFactory, ServiceRequest, ServiceResponse};
+use actix_web::middleware::from_fn;
+use actix_web::{http, web, App};
+use muse_auth::{AuthConfig, AuthService, JwtKeys, Mailer, ThrottleConfig};
+use muse_core::SystemClock;
+use muse_persistence::{Database, DieselAuthRepository};
+
+use crate::config::Config;
+use crate::error::{self, ApiError};
+use crate::mail::{OutboxMailer, SmtpMailer};
+use crate::state::AppState;
+use crate::{openapi, routes, telemetry};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("configuration: {0}")]
+    Config(#[from] crate::config::ConfigError),
+    #[error("database: {0}")]
+    Database(#[from] muse_persistence::DbError),
+    #[error("mail: {0}")]
+    Mail(#[from] muse_auth::MailError),
+    #[error("admin bootstrap: {0}")]
+    Admin(String),
+    #[error("server: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Wires the services over an opened database. Blocking (reads the JWT
+/// secret file): call it before the server starts.
+pub fn build_state(config: Config, db: Database) -> Result<AppState, StartError> {
+    let secret = config.resolve_jwt_secret()?;
+    let (mailer, mail_transport): (Arc<dyn Mailer>, &'static str) = match &config.smtp_url {
+        Some(url) => (Arc::new(SmtpMailer::new(url, &config.mail_from)?), "smtp"),
+        None => (Arc::new(OutboxMailer::new(config.outbox_dir(), &config.mail_from)), "outbox"),
+    };
+    let auth_config = AuthConfig {
+        access_ttl_secs: config.access_token_ttl_secs,
+        refresh_ttl_secs: config.refresh_token_ttl_secs,
+        bcrypt_cost: config.bcrypt_cost,
+        throttle: ThrottleConfig {
+            max_per_account: config.login_max_failures_per_account,
+            max_per_ip: config.login_max_failures_per_ip,
+            window_secs: config.login_failure_window_secs,
+        },
+        public_url: config.public_url.clone(),
+        ..AuthConfig::default()
+    };
+    let auth = AuthService::new(
+        Arc::new(DieselAuthRepository::new(db.clone())),
+        mailer,
+        Arc::new(SystemClock),
+        JwtKeys::new(&secret, &config.jwt_issuer, &config.jwt_audience),
+        auth_config,
+    );
+    Ok(AppState {
+        config: Arc::new(config),
+        db,
+        auth: Arc::new(auth),
+        metrics: telemetry::metrics_handle(),
+        started: Instant::now(),
+        mail_transport,
+    })
+}
+
+fn cors(origins: &[String]) -> Cors {
+    let base = Cors::default()
+        .allowed_methods(vec!["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
+        .allowed_headers(vec![http::header::AUTHORIZATION, http::header::CONTENT_TYPE, http::header::ACCEPT])
+        .expose_headers(vec!["x-request-id", "retry-after"])
+        .max_age(3600);
+    if origins.iter().any(|o| o == "*") {
+        return base.allow_any_origin();
+    }
+    origins.iter().fold(base, |c, o| c.allowed_origin(o))
+}
+
+/// The application: every route and middleware. Middlewares, outermost
+/// first: observe (request id, logs, metrics) → JSON error shape → CORS.
+pub fn build_app(
+    state: AppState,
+) -> App<
+    impl ServiceFactory<
+        ServiceRequest,
+        Config = (),
+        Response = ServiceResponse<impl MessageBody>,
+        Error = actix_web::Error,
+        InitError = (),
+    >,
+> {
+    let limit = state.config.max_body_bytes;
+    let cors = cors(&state.config.cors_origins);
+    App::new()
+        .app_data(web::Data::new(state))
+        .app_data(web::JsonConfig::default().limit(limit).error_handler(error::json_error))
+        .app_data(web::PayloadConfig::default().limit(limit))
+        .app_data(web::PathConfig::default().error_handler(error::path_error))
+        .app_data(web::QueryConfig::default().error_handler(error::query_error))
+        .wrap(cors)
+        .wrap(from_fn(error::json_errors))
+        .wrap(from_fn(telemetry::observe))
+        .configure(routes::system::config)
+        .configure(routes::auth::config)
+        .configure(routes::pages::config)
+        .configure(openapi::config)
+        .default_service(web::to(error::not_found))
+}
+
+/// Creates the first admin from `ADMIN_EMAIL`/`ADMIN_PASSWORD` when no
+/// account has that email yet. Blocking.
+pub fn bootstrap_admin(state: &AppState) -> Result<(), StartError> {
+    let (Some(email), Some(password)) = (&state.config.admin_email, &state.config.admin_password) else {
+        return Ok(());
+    };
+    let repo = state.auth.repository();
+    let normalized = email.trim().to_lowercase();
+    match repo.user_by_email(&normalized) {
+        Ok(Some(_)) => {
+            tracing::info!("ADMIN_EMAIL already has an account; not creating an admin");
+            Ok(())
+        }
+        Ok(None) => {
+            let user = state
+                .auth
+                .create_admin(email, &state.config.admin_username, password.expose())
+                .map_err(|e| StartError::Admin(describe(e)))?;
+            tracing::info!(user_id = %user.id, "created the first admin from ADMIN_EMAIL");
+            Ok(())
+        }
+        Err(e) => Err(StartError::Admin(e.to_string())),
+    }
+}
+
+/// A readable one-line description of an accounts error (for the CLI).
+pub fn describe(e: muse_auth::AuthError) -> String {
+    match e {
+        muse_auth::AuthError::Validation(fields) => fields
+            .iter()
+            .map(|f| format!("{}: {}", f.field, f.message))
+            .collect::<Vec<_>>()
+            .join("; "),
+        other => ApiError::from(other).message,
+    }
+}

@@ -1,0 +1,391 @@
+//! Typed configuration: defaults, then an optional `.env` file, then the
+//! process environment (which wins). Secrets are wrapped in [`Secret`], so
+//! `Debug` output and logs never show them.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use muse_core::Secret;
+
+/// `MUSE_ENV`: production turns weak settings into start-up errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Environment {
+    Development,
+    Production,
+}
+
+impl Environment {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Environment::Development => "development",
+            Environment::Production => "production",
+        }
+    }
+}
+
+/// `LOG_FORMAT`: `text` (default) or `json`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{var}: {message}")]
+    Invalid { var: &'static str, message: String },
+    #[error("JWT_SECRET: {0}")]
+    WeakSecret(String),
+    #[error("cannot read or write {path}: {message}")]
+    Io { path: String, message: String },
+}
+
+/// Everything the server reads from its environment.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub env: Environment,
+    pub host: String,
+    pub port: u16,
+    pub workers: usize,
+    pub data_dir: PathBuf,
+    /// May carry a password: redacted in `Debug`.
+    pub database_url: Secret<String>,
+    pub database_pool_size: u32,
+    pub jwt_secret: Option<Secret<String>>,
+    pub jwt_issuer: String,
+    pub jwt_audience: String,
+    pub access_token_ttl_secs: i64,
+    pub refresh_token_ttl_secs: i64,
+    pub bcrypt_cost: u32,
+    pub cors_origins: Vec<String>,
+    pub log_format: LogFormat,
+    pub smtp_url: Option<Secret<String>>,
+    pub mail_from: String,
+    pub public_url: String,
+    pub admin_email: Option<String>,
+    pub admin_username: String,
+    pub admin_password: Option<Secret<String>>,
+    pub max_body_bytes: usize,
+    pub trust_proxy_headers: bool,
+    pub login_max_failures_per_account: u32,
+    pub login_max_failures_per_ip: u32,
+    pub login_failure_window_secs: i64,
+}
+
+/// Secrets that ship in tutorials and must never protect a real server.
+const KNOWN_WEAK_SECRETS: &[&str] = &[
+    "secret",
+    "changeme",
+    "change-me",
+    "change_me",
+    "your-secret-key",
+    "your_secret_key",
+    "supersecret",
+    "jwt-secret",
+    "jwt_secret",
+    "development",
+];
+
+/// Shortest `JWT_SECRET` accepted in production, in bytes.
+pub const MIN_SECRET_BYTES: usize = 32;
+
+impl Config {
+    /// Loads `.env` (if present; it does not override real variables) and
+    /// reads the environment.
+    pub fn load() -> Result<Self, ConfigError> {
+        match dotenvy::dotenv() {
+            Ok(_) => {}
+            Err(e) if e.not_found() => {}
+            Err(e) => {
+                return Err(ConfigError::Io {
+                    path: ".env".into(),
+                    message: e.to_string(),
+                })
+            }
+        }
+        let vars: HashMap<String, String> = std::env::vars().collect();
+        Self::from_vars(&vars)
+    }
+
+    /// Builds the configuration from a map of variables (defaults for the
+    /// missing ones).
+    pub fn from_vars(vars: &HashMap<String, String>) -> Result<Self, ConfigError> {
+        let get = |k: &str| vars.get(k).map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
+        let env = match get("MUSE_ENV").as_deref().map(str::to_ascii_lowercase).as_deref() {
+            None | Some("development") | Some("dev") => Environment::Development,
+            Some("production") | Some("prod") => Environment::Production,
+            Some(other) => {
+                return Err(ConfigError::Invalid {
+                    var: "MUSE_ENV",
+                    message: format!("expected development or production, got {other:?}"),
+                })
+            }
+        };
+        let host = get("HOST").unwrap_or_else(|| "127.0.0.1".into());
+        let port: u16 = parse(&get, "PORT", 8000)?;
+        let data_dir = PathBuf::from(get("MUSE_DATA_DIR").unwrap_or_else(|| "./data".into()));
+        let database_url = Secret::new(
+            get("DATABASE_URL").unwrap_or_else(|| format!("sqlite://{}", data_dir.join("muse.db").display())),
+        );
+        let workers: usize = parse(&get, "WORKERS", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2))?;
+        let bcrypt_cost: u32 = parse(&get, "BCRYPT_COST", 12)?;
+        if !(4..=31).contains(&bcrypt_cost) {
+            return Err(ConfigError::Invalid {
+                var: "BCRYPT_COST",
+                message: format!("must be between 4 and 31, got {bcrypt_cost}"),
+            });
+        }
+        if env == Environment::Production && bcrypt_cost < 10 {
+            return Err(ConfigError::Invalid {
+                var: "BCRYPT_COST",
+                message: "must be at least 10 in production".into(),
+            });
+        }
+        let log_format = match get("LOG_FORMAT").as_deref() {
+            None | Some("text") | Some("pretty") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                return Err(ConfigError::Invalid {
+                    var: "LOG_FORMAT",
+                    message: format!("expected text or json, got {other:?}"),
+                })
+            }
+        };
+        let public_url = get("PUBLIC_URL")
+            .unwrap_or_else(|| {
+                let h = if host == "0.0.0.0" || host == "::" { "127.0.0.1" } else { host.as_str() };
+                format!("http://{h}:{port}")
+            })
+            .trim_end_matches('/')
+            .to_string();
+        Ok(Self {
+            env,
+            port,
+            workers: workers.max(1),
+            database_pool_size: parse(&get, "DATABASE_POOL_SIZE", 16)?,
+            jwt_secret: get("JWT_SECRET").map(Secret::new),
+            jwt_issuer: get("JWT_ISSUER").unwrap_or_else(|| "muse".into()),
+            jwt_audience: get("JWT_AUDIENCE").unwrap_or_else(|| "muse-api".into()),
+            access_token_ttl_secs: parse_range(&get, "ACCESS_TOKEN_TTL_SECS", 900, 60, 86_400)?,
+            refresh_token_ttl_secs: parse_range(&get, "REFRESH_TOKEN_TTL_SECS", 30 * 86_400, 300, 365 * 86_400)?,
+            bcrypt_cost,
+            cors_origins: get("CORS_ORIGINS")
+                .map(|v| v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect())
+                .unwrap_or_default(),
+            log_format,
+            smtp_url: get("SMTP_URL").map(Secret::new),
+            mail_from: get("MAIL_FROM").unwrap_or_else(|| "Muse <no-reply@muse.local>".into()),
+            public_url,
+            admin_email: get("ADMIN_EMAIL"),
+            admin_username: get("ADMIN_USERNAME").unwrap_or_else(|| "admin".into()),
+            admin_password: get("ADMIN_PASSWORD").map(Secret::new),
+            max_body_bytes: parse(&get, "MAX_BODY_BYTES", 1024 * 1024)?,
+            trust_proxy_headers: parse_bool(&get, "TRUST_PROXY_HEADERS", false)?,
+            login_max_failures_per_account: parse(&get, "LOGIN_MAX_FAILURES_PER_ACCOUNT", 5)?,
+            login_max_failures_per_ip: parse(&get, "LOGIN_MAX_FAILURES_PER_IP", 20)?,
+            login_failure_window_secs: parse_range(&get, "LOGIN_FAILURE_WINDOW_SECS", 900, 1, 86_400)?,
+            host,
+            data_dir,
+            database_url,
+        })
+    }
+
+    /// The address to bind.
+    pub fn bind_addr(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+
+    /// Where the development mailer writes emails.
+    pub fn outbox_dir(&self) -> PathBuf {
+        self.data_dir.join("outbox")
+    }
+
+    /// The JWT signing secret. In production `JWT_SECRET` must be set, at
+    /// least [`MIN_SECRET_BYTES`] long and not a well-known value. In
+    /// development a missing secret is generated once and kept in
+    /// `DATA_DIR/jwt_secret` (mode 0600), with a warning.
+    pub fn resolve_jwt_secret(&self) -> Result<Secret<String>, ConfigError> {
+        if let Some(secret) = &self.jwt_secret {
+            let s = secret.expose();
+            let weak = s.len() < MIN_SECRET_BYTES
+                || KNOWN_WEAK_SECRETS.contains(&s.to_ascii_lowercase().as_str())
+                || s.chars().all(|c| c == s.chars().next().unwrap_or(c));
+            if weak {
+                if self.env == Environment::Production {
+                    return Err(ConfigError::WeakSecret(format!(
+                        "must be at least {MIN_SECRET_BYTES} bytes of random data in production \
+                         (generate one with: openssl rand -base64 48)"
+                    )));
+                }
+                tracing::warn!("JWT_SECRET is weak; this is refused when MUSE_ENV=production");
+            }
+            return Ok(secret.clone());
+        }
+        if self.env == Environment::Production {
+            return Err(ConfigError::WeakSecret(
+                "is required in production (generate one with: openssl rand -base64 48)".into(),
+            ));
+        }
+        let path = self.data_dir.join("jwt_secret");
+        load_or_create_secret(&path)
+    }
+}
+
+fn load_or_create_secret(path: &Path) -> Result<Secret<String>, ConfigError> {
+    let io = |e: std::io::Error| ConfigError::Io {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    };
+    if let Ok(existing) = std::fs::read_to_string(path) {
+        let existing = existing.trim().to_string();
+        if existing.len() >= MIN_SECRET_BYTES {
+            tracing::warn!(path = %path.display(), "JWT_SECRET not set: using the development secret kept in the data directory");
+            return Ok(Secret::new(existing));
+        }
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    let secret = muse_core::token::random_token(48);
+    write_private(path, &secret).map_err(io)?;
+    tracing::warn!(path = %path.display(), "JWT_SECRET not set: generated a development secret; set JWT_SECRET in production");
+    Ok(Secret::new(secret))
+}
+
+#[cfg(unix)]
+fn write_private(path: &Path, content: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(content.as_bytes())
+}
+
+#[cfg(not(unix))]
+fn write_private(path: &Path, content: &str) -> std::io::Result<()> {
+    std::fs::write(path, content)
+}
+
+fn parse<T: std::str::FromStr>(
+    get: &impl Fn(&str) -> Option<String>,
+    var: &'static str,
+    default: T,
+) -> Result<T, ConfigError>
+where
+    T::Err: std::fmt::Display,
+{
+    match get(var) {
+        None => Ok(default),
+        Some(v) => v.parse().map_err(|e| ConfigError::Invalid {
+            var,
+            message: format!("cannot parse {v:?}: {e}"),
+        }),
+    }
+}
+
+fn parse_range(
+    get: &impl Fn(&str) -> Option<String>,
+    var: &'static str,
+    default: i64,
+    min: i64,
+    max: i64,
+) -> Result<i64, ConfigError> {
+    let v: i64 = parse(get, var, default)?;
+    if !(min..=max).contains(&v) {
+        return Err(ConfigError::Invalid {
+            var,
+            message: format!("must be between {min} and {max}, got {v}"),
+        });
+    }
+    Ok(v)
+}
+
+fn parse_bool(get: &impl Fn(&str) -> Option<String>, var: &'static str, default: bool) -> Result<bool, ConfigError> {
+    match get(var).map(|v| v.to_ascii_lowercase()).as_deref() {
+        None => Ok(default),
+        Some("1" | "true" | "yes" | "on") => Ok(true),
+        Some("0" | "false" | "no" | "off") => Ok(false),
+        Some(other) => Err(ConfigError::Invalid {
+            var,
+            message: format!("expected true or false, got {other:?}"),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_are_a_local_sqlite_dev_server() {
+        let c = Config::from_vars(&HashMap::new()).unwrap();
+        assert_eq!(c.env, Environment::Development);
+        assert_eq!(c.bind_addr(), "127.0.0.1:8000");
+        assert_eq!(c.database_url.expose(), "sqlite://./data/muse.db");
+        assert_eq!(c.bcrypt_cost, 12);
+        assert_eq!(c.public_url, "http://127.0.0.1:8000");
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        for (k, v) in [("PORT", "eighty"), ("BCRYPT_COST", "3"), ("MUSE_ENV", "staging"), ("LOG_FORMAT", "xml"), ("TRUST_PROXY_HEADERS", "maybe"), ("ACCESS_TOKEN_TTL_SECS", "5")] {
+            let err = Config::from_vars(&vars(&[(k, v)])).unwrap_err().to_string();
+            assert!(err.starts_with(k), "{err}");
+        }
+    }
+
+    #[test]
+    fn production_refuses_missing_short_or_default_secrets() {
+        let prod = |secret: Option<&str>| {
+            let mut v = vars(&[("MUSE_ENV", "production")]);
+            if let Some(s) = secret {
+                v.insert("JWT_SECRET".into(), s.into());
+            }
+            Config::from_vars(&v).unwrap().resolve_jwt_secret()
+        };
+        assert!(matches!(prod(None), Err(ConfigError::WeakSecret(_))));
+        assert!(matches!(prod(Some("short-secret")), Err(ConfigError::WeakSecret(_))));
+        assert!(matches!(prod(Some(&"a".repeat(40))), Err(ConfigError::WeakSecret(_))));
+        assert!(prod(Some("Zr8m2v9Qx1LkT7pW4sYb6Nf3Hc0Jd5Ug")).is_ok());
+    }
+
+    #[test]
+    fn development_generates_and_keeps_a_secret() {
+        let dir = std::env::temp_dir().join(format!("muse-cfg-{}", uuid::Uuid::new_v4()));
+        let c = Config::from_vars(&vars(&[("MUSE_DATA_DIR", dir.to_str().unwrap())])).unwrap();
+        let a = c.resolve_jwt_secret().unwrap();
+        let b = c.resolve_jwt_secret().unwrap();
+        assert_eq!(a, b);
+        assert!(a.expose().len() >= MIN_SECRET_BYTES);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(dir.join("jwt_secret")).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn debug_output_redacts_secrets() {
+        let c = Config::from_vars(&vars(&[
+            ("JWT_SECRET", "super-secret-value-that-must-not-leak"),
+            ("SMTP_URL", "smtp://user:hunter2@mail"),
+            ("ADMIN_PASSWORD", "admin-password-xyz"),
+            ("DATABASE_URL", "postgres://muse:dbpass-xyz@db/muse"),
+        ]))
+        .unwrap();
+        let dbg = format!("{c:?}");
+        for s in ["super-secret-value", "hunter2", "admin-password-xyz", "dbpass-xyz"] {
+            assert!(!dbg.contains(s), "{s} leaked");
+        }
+    }
+}

@@ -1,0 +1,275 @@
+//! One error type for every HTTP answer that is not a success, and the one
+//! table that maps domain errors to a status and a stable code.
+//!
+//! Shape: `{"error": {"code": "...", "message": "...", "details": ...}}`.
+
+use actix_web::body::{BoxBody, MessageBody};
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::error::{JsonPayloadError, PathError, QueryPayloadError};
+use actix_web::http::header::{self, HeaderValue};
+use actix_web::http::StatusCode;
+use actix_web::middleware::Next;
+use actix_web::{HttpRequest, HttpResponse, ResponseError};
+use muse_auth::{AuthError, RepoError};
+use serde::Serialize;
+use serde_json::{json, Value};
+use utoipa::ToSchema;
+
+/// The body of every error response.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Stable machine-readable code (see docs/errors.md).
+    pub code: String,
+    /// Human-readable explanation.
+    pub message: String,
+    /// Extra structured information (e.g. per-field problems).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Object)]
+    pub details: Option<Value>,
+}
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    pub details: Option<Value>,
+    pub retry_after: Option<u64>,
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}: {}", self.status.as_u16(), self.code, self.message)
+    }
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            details: None,
+            retry_after: None,
+        }
+    }
+
+    pub fn with_details(mut self, details: Value) -> Self {
+        self.details = Some(details);
+        self
+    }
+
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+    }
+
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden", message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    /// A failure the caller cannot fix. Logged in full; the answer says nothing
+    /// about internals.
+    pub fn internal(context: &str, error: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %error, "{context}");
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", "an unexpected error occurred")
+    }
+
+    pub fn unavailable(context: &str, error: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %error, "{context}");
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", "the service is temporarily unavailable; retry later")
+    }
+
+    fn body(&self) -> ErrorBody {
+        ErrorBody {
+            error: ErrorDetail {
+                code: self.code.to_string(),
+                message: self.message.clone(),
+                details: self.details.clone(),
+            },
+        }
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        self.status
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut res = HttpResponse::build(self.status);
+        if let Some(secs) = self.retry_after {
+            res.insert_header((header::RETRY_AFTER, secs.to_string()));
+        }
+        if self.status == StatusCode::UNAUTHORIZED {
+            res.insert_header((header::WWW_AUTHENTICATE, "Bearer"));
+        }
+        res.json(self.body())
+    }
+}
+
+/// The table: every accounts error, its status and its code.
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        use StatusCode as S;
+        let msg = e.to_string();
+        match e {
+            AuthError::Validation(fields) => ApiError::new(S::UNPROCESSABLE_ENTITY, "validation_failed", msg)
+                .with_details(json!({ "fields": fields })),
+            AuthError::EmailTaken => ApiError::new(S::CONFLICT, "email_taken", msg),
+            AuthError::UsernameTaken => ApiError::new(S::CONFLICT, "username_taken", msg),
+            AuthError::InvalidCredentials => ApiError::new(S::UNAUTHORIZED, "invalid_credentials", msg),
+            AuthError::Unauthenticated => ApiError::new(S::UNAUTHORIZED, "unauthorized", msg),
+            AuthError::TokenExpired => ApiError::new(S::UNAUTHORIZED, "token_expired", msg),
+            AuthError::InvalidRefreshToken => ApiError::new(S::UNAUTHORIZED, "invalid_refresh_token", msg),
+            AuthError::InvalidEmailToken => ApiError::new(S::BAD_REQUEST, "invalid_token", msg),
+            AuthError::Suspended => ApiError::new(S::FORBIDDEN, "account_suspended", msg),
+            AuthError::Throttled { retry_after_secs } => ApiError {
+                retry_after: Some(retry_after_secs),
+                ..ApiError::new(S::TOO_MANY_REQUESTS, "too_many_attempts", msg)
+                    .with_details(json!({ "retry_after_secs": retry_after_secs }))
+            },
+            AuthError::SessionRequired => ApiError::new(S::BAD_REQUEST, "session_required", msg),
+            AuthError::ApiKeyNotFound => ApiError::new(S::NOT_FOUND, "not_found", msg),
+            AuthError::TooManyApiKeys(_) => ApiError::new(S::CONFLICT, "api_key_limit", msg),
+            AuthError::Repository(RepoError::Unavailable(e)) => ApiError::unavailable("database unavailable", e),
+            AuthError::Repository(e) => ApiError::internal("repository error", e),
+            AuthError::Internal(e) => ApiError::internal("internal error", e),
+        }
+    }
+}
+
+impl From<actix_web::error::BlockingError> for ApiError {
+    fn from(e: actix_web::error::BlockingError) -> Self {
+        ApiError::internal("blocking task failed", e)
+    }
+}
+
+/// `JsonConfig::error_handler`: malformed JSON is 400, well-formed JSON of
+/// the wrong shape 422, a wrong content type 415, too large 413.
+pub fn json_error(err: JsonPayloadError, _req: &HttpRequest) -> actix_web::Error {
+    let api = match &err {
+        JsonPayloadError::ContentType => ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "expected a JSON body with Content-Type: application/json",
+        ),
+        JsonPayloadError::Overflow { limit } | JsonPayloadError::OverflowKnownLength { limit, .. } => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the body is larger than the limit of {limit} bytes"),
+        ),
+        JsonPayloadError::Deserialize(e) if e.is_data() => {
+            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_body", format!("the JSON body does not match the expected shape: {e}"))
+        }
+        JsonPayloadError::Deserialize(e) => {
+            ApiError::bad_request("malformed_json", format!("the body is not valid JSON: {e}"))
+        }
+        other => ApiError::bad_request("invalid_body", format!("could not read the body: {other}")),
+    };
+    api.into()
+}
+
+pub fn path_error(err: PathError, _req: &HttpRequest) -> actix_web::Error {
+    ApiError::bad_request("invalid_path_parameter", format!("invalid path parameter: {err}")).into()
+}
+
+pub fn query_error(err: QueryPayloadError, _req: &HttpRequest) -> actix_web::Error {
+    ApiError::bad_request("invalid_query_parameter", format!("invalid query parameter: {err}")).into()
+}
+
+/// Default service: unknown routes.
+pub async fn not_found(req: HttpRequest) -> HttpResponse {
+    ApiError::not_found(format!("no route for {} {}", req.method(), req.path())).error_response()
+}
+
+fn code_for_status(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 => "bad_request",
+        401 => "unauthorized",
+        403 => "forbidden",
+        404 => "not_found",
+        405 => "method_not_allowed",
+        408 => "request_timeout",
+        411 => "length_required",
+        413 => "payload_too_large",
+        414 => "uri_too_long",
+        415 => "unsupported_media_type",
+        422 => "unprocessable_entity",
+        429 => "too_many_requests",
+        503 => "service_unavailable",
+        s if s >= 500 => "internal_error",
+        _ => "error",
+    }
+}
+
+/// Middleware: any error response that is not already JSON (actix's own
+/// 405, 413, CORS refusals, …) is rewritten into the documented shape, so
+/// a client never sees a bare text body.
+pub async fn json_errors(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
+    let res = match next.call(req).await {
+        Ok(res) => res,
+        Err(e) => {
+            // An inner middleware failed before producing a response: keep
+            // the error, but make sure what it renders is the JSON shape.
+            let rendered = e.error_response();
+            if is_json(rendered.headers()) {
+                return Err(e);
+            }
+            let status = rendered.status();
+            let body = shaped(status, status.canonical_reason().unwrap_or("error").to_string());
+            return Err(actix_web::error::InternalError::from_response(e.to_string(), body).into());
+        }
+    };
+    let status = res.status();
+    if !(status.is_client_error() || status.is_server_error()) || is_json(res.headers()) {
+        return Ok(res.map_into_boxed_body());
+    }
+    let (req, old) = res.into_parts();
+    let message = match status.as_u16() {
+        405 => format!("{} is not allowed on {}", req.method(), req.path()),
+        _ => status.canonical_reason().unwrap_or("error").to_string(),
+    };
+    let mut new = shaped(status, message);
+    for (name, value) in old.headers() {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            new.headers_mut().append(name.clone(), value.clone());
+        }
+    }
+    Ok(ServiceResponse::new(req, new))
+}
+
+fn is_json(headers: &header::HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json") || v.starts_with("application/problem+json"))
+}
+
+fn shaped(status: StatusCode, message: String) -> HttpResponse {
+    let mut res = HttpResponse::build(status).json(ErrorBody {
+        error: ErrorDetail {
+            code: code_for_status(status).to_string(),
+            message,
+            details: None,
+        },
+    });
+    res.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    res
+}

@@ -1,0 +1,91 @@
+//! The OpenAPI document, generated from the handlers, and the offline
+//! Swagger UI (`/docs/`) and ReDoc (`/redoc`) that render it.
+
+use actix_web::{web, HttpResponse};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+use utoipa_redoc::{Redoc, Servable};
+use utoipa_swagger_ui::SwaggerUi;
+
+use crate::error::{ErrorBody, ErrorDetail};
+use crate::routes::{auth, system};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Muse API",
+        description = "Self-hostable AI backend. Errors always have the shape \
+            `{\"error\": {\"code\", \"message\", \"details\"?}}`; codes are listed in docs/errors.md.",
+        license(name = "Apache-2.0")
+    ),
+    paths(
+        system::root, system::health, system::info, system::metrics,
+        auth::register, auth::login, auth::refresh, auth::logout, auth::me,
+        auth::create_api_key, auth::list_api_keys, auth::delete_api_key,
+        auth::verify_email, auth::resend_verification, auth::forgot_password, auth::reset_password,
+    ),
+    components(schemas(ErrorBody, ErrorDetail)),
+    modifiers(&Security),
+    tags(
+        (name = "system", description = "Service information, health and metrics"),
+        (name = "auth", description = "Accounts, sessions, API keys, email verification and password reset"),
+    )
+)]
+pub struct ApiDoc;
+
+struct Security;
+
+impl Modify for Security {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT access token or muse_sk_ API key")
+                    .build(),
+            ),
+        );
+    }
+}
+
+const REDOC_JS: &[u8] = include_bytes!("../assets/redoc.standalone.js");
+
+const REDOC_HTML: &str = r#"<!DOCTYPE html>
+<html>
+  <head>
+    <title>Muse API · ReDoc</title>
+    <meta charset="utf-8" />
+    <meta name="viewport" content="width=device-width, initial-scale=1" />
+    <style>body { margin: 0; padding: 0; }</style>
+  </head>
+  <body>
+    <div id="redoc-container"></div>
+    <script src="/redoc/redoc.standalone.js"></script>
+    <script>
+      Redoc.init($spec, $config, document.getElementById("redoc-container"));
+    </script>
+  </body>
+</html>"#;
+
+async fn redoc_js() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("application/javascript; charset=utf-8")
+        .insert_header(("cache-control", "public, max-age=86400"))
+        .body(REDOC_JS)
+}
+
+async fn docs_redirect() -> HttpResponse {
+    HttpResponse::PermanentRedirect()
+        .insert_header(("location", "/docs/"))
+        .finish()
+}
+
+pub fn config(cfg: &mut web::ServiceConfig) {
+    let spec = ApiDoc::openapi();
+    cfg.service(web::resource("/docs").get(docs_redirect))
+        .service(web::resource("/redoc/redoc.standalone.js").get(redoc_js))
+        .service(Redoc::with_url("/redoc", spec.clone()).custom_html(REDOC_HTML))
+        .service(SwaggerUi::new("/docs/{_:.*}").url("/openapi.json", spec));
+}

@@ -1,0 +1,25 @@
+//! Routes, one module per area, each with `config(cfg)`.
+
+pub mod auth;
+pub mod pages;
+pub mod system;
+
+use actix_web::web;
+
+use crate::error::ApiError;
+
+/// Runs blocking domain work (diesel, bcrypt) on the blocking pool.
+pub async fn blocking<T, E>(f: impl FnOnce() -> Result<T, E> + Send + 'static) -> Result<T, ApiError>
+where
+    T: Send + 'static,
+    E: Into<ApiError> + Send + 'static,
+{
+    web::block(f).await?.map_err(Into::into)
+}
+
+/// Milliseconds since the epoch as RFC 3339 (UTC, millisecond precision).
+pub fn rfc3339(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        .unwrap_or_default()
+}

@@ -1,0 +1,129 @@
+//! `/`, `/health`, `/api/v1/info`, `/metrics`.
+
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpResponse};
+use serde::Serialize;
+use serde_json::{json, Value};
+use utoipa::ToSchema;
+
+use crate::state::AppState;
+
+pub fn config(cfg: &mut web::ServiceConfig) {
+    cfg.service(web::resource("/").get(root))
+        .service(web::resource("/health").get(health))
+        .service(web::resource("/api/v1/info").get(info))
+        .service(web::resource("/metrics").get(metrics));
+}
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AppInfo {
+    pub name: &'static str,
+    pub version: &'static str,
+    pub description: &'static str,
+    pub docs: &'static str,
+    pub redoc: &'static str,
+    pub openapi: &'static str,
+    pub health: &'static str,
+}
+
+/// What this server is and where its documentation lives.
+#[utoipa::path(get, path = "/", tag = "system", responses((status = 200, body = AppInfo)))]
+pub async fn root() -> web::Json<AppInfo> {
+    web::Json(AppInfo {
+        name: "Muse",
+        version: VERSION,
+        description: "Self-hostable AI backend: accounts, prompt library, ideas, streaming, subscriptions, fine-tuning",
+        docs: "/docs/",
+        redoc: "/redoc",
+        openapi: "/openapi.json",
+        health: "/health",
+    })
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HealthReport {
+    /// `ok`, or `unavailable` when a required dependency is down (then 503).
+    pub status: &'static str,
+    pub version: &'static str,
+    pub uptime_secs: u64,
+    /// One entry per dependency: `database` now; providers and models join later.
+    #[schema(value_type = Object)]
+    pub checks: Value,
+}
+
+/// Liveness and readiness: 200 when the database answers, 503 otherwise.
+#[utoipa::path(get, path = "/health", tag = "system",
+    responses((status = 200, body = HealthReport), (status = 503, description = "the database is down", body = HealthReport)))]
+pub async fn health(state: web::Data<AppState>) -> HttpResponse {
+    let db = state.db.clone();
+    let backend = db.backend().name();
+    let started = std::time::Instant::now();
+    let result = web::block(move || db.ping()).await;
+    let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let (ok, db_check) = match result {
+        Ok(Ok(())) => (true, json!({"status": "ok", "backend": backend, "latency_ms": latency_ms})),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "health check: database unavailable");
+            (false, json!({"status": "unavailable", "backend": backend, "error": "the database did not answer"}))
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "health check task failed");
+            (false, json!({"status": "unavailable", "backend": backend, "error": "health check failed"}))
+        }
+    };
+    let report = HealthReport {
+        status: if ok { "ok" } else { "unavailable" },
+        version: VERSION,
+        uptime_secs: state.started.elapsed().as_secs(),
+        checks: json!({ "database": db_check }),
+    };
+    let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    HttpResponse::build(status)
+        .insert_header(("cache-control", "no-store"))
+        .json(report)
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ApiInfo {
+    pub name: &'static str,
+    pub version: &'static str,
+    pub api_version: &'static str,
+    pub environment: &'static str,
+    pub database: &'static str,
+    /// `smtp` or `outbox`.
+    pub mail: &'static str,
+    pub access_token_ttl_secs: i64,
+    pub password_min_length: usize,
+    pub password_max_length: usize,
+}
+
+/// Public facts about this deployment that clients may adapt to.
+#[utoipa::path(get, path = "/api/v1/info", tag = "system", responses((status = 200, body = ApiInfo)))]
+pub async fn info(state: web::Data<AppState>) -> web::Json<ApiInfo> {
+    web::Json(ApiInfo {
+        name: "Muse",
+        version: VERSION,
+        api_version: "v1",
+        environment: state.config.env.as_str(),
+        database: state.db.backend().name(),
+        mail: state.mail_transport,
+        access_token_ttl_secs: state.config.access_token_ttl_secs,
+        password_min_length: muse_auth::validate::PASSWORD_MIN_CHARS,
+        password_max_length: muse_auth::validate::PASSWORD_MAX_CHARS,
+    })
+}
+
+/// Prometheus text exposition.
+#[utoipa::path(get, path = "/metrics", tag = "system",
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
+pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    let handle = state.metrics.clone();
+    let body = web::block(move || crate::telemetry::render_metrics(&handle))
+        .await
+        .unwrap_or_default();
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(body)
+}

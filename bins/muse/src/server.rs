@@ -1,0 +1,65 @@
+//! Starting and stopping the HTTP server.
+
+use std::net::TcpListener;
+
+use actix_web::dev::ServerHandle;
+use actix_web::{web, HttpServer};
+use muse_persistence::Database;
+
+use crate::app::{bootstrap_admin, build_app, build_state, StartError};
+use crate::config::Config;
+
+/// Opens the database (clear error when unreachable or the URL is
+/// unknown) and applies pending migrations.
+pub fn open_database(config: &Config) -> Result<Database, StartError> {
+    let db = Database::connect(config.database_url.expose(), config.database_pool_size)?;
+    let applied = db.run_migrations()?;
+    tracing::info!(backend = db.backend().name(), applied, "database ready");
+    Ok(db)
+}
+
+/// A running server: its address and a handle to stop it.
+pub struct Running {
+    pub addr: std::net::SocketAddr,
+    pub handle: ServerHandle,
+    pub server: actix_web::dev::Server,
+}
+
+/// Prepares everything and binds `listener`; the returned server must be
+/// awaited (or spawned) to serve. Stops gracefully on SIGTERM/SIGINT
+/// (in-flight requests get up to 30 s).
+pub async fn start(config: Config, listener: TcpListener) -> Result<Running, StartError> {
+    let workers = config.workers;
+    let state = web::block(move || -> Result<_, StartError> {
+        let db = open_database(&config)?;
+        let state = build_state(config, db)?;
+        bootstrap_admin(&state)?;
+        Ok(state)
+    })
+    .await
+    .map_err(|e| StartError::Admin(e.to_string()))??;
+    let addr = listener.local_addr()?;
+    let server = HttpServer::new(move || build_app(state.clone()))
+        .workers(workers)
+        .shutdown_timeout(30)
+        .listen(listener)?
+        .run();
+    Ok(Running {
+        addr,
+        handle: server.handle(),
+        server,
+    })
+}
+
+/// `muse serve`: binds `HOST:PORT` and serves until stopped.
+pub async fn serve(config: Config) -> Result<(), StartError> {
+    let bind = config.bind_addr();
+    let listener = TcpListener::bind(&bind).map_err(|e| {
+        StartError::Io(std::io::Error::new(e.kind(), format!("cannot listen on {bind}: {e}")))
+    })?;
+    let running = start(config, listener).await?;
+    tracing::info!(addr = %running.addr, "Muse is listening; docs at http://{}/docs/", running.addr);
+    running.server.await?;
+    tracing::info!("server stopped");
+    Ok(())
+}

@@ -1,0 +1,21 @@
+//! What every handler can reach.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use muse_auth::AuthService;
+use muse_persistence::Database;
+
+use crate::config::Config;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub db: Database,
+    pub auth: Arc<AuthService>,
+    pub metrics: PrometheusHandle,
+    pub started: Instant,
+    /// `smtp` or `outbox`.
+    pub mail_transport: &'static str,
+}
