@@ -1,1 +1,12 @@
-fn main() {}
+//! End-to-end tests: the real server on 127.0.0.1:0, its own database
+//! (SQLite, or a fresh PostgreSQL database when TEST_DATABASE_URL is set),
+//! spoken to over HTTP.
+
+mod helpers;
+
+mod accounts;
+mod api_keys;
+mod email_flows;
+mod errors;
+mod system;
+mod tokens;

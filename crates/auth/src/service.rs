@@ -240,10 +240,15 @@ impl AuthService {
     /// Checks credentials and opens a session. Throttled per account and
     /// per IP *before* any bcrypt work.
     pub fn login(&self, email: &str, password: &str, ctx: &RequestContext) -> Result<TokenPair, AuthError> {
-        let email = email.trim().to_lowercase();
+        // Something that is not an email cannot match an account; it still
+        // costs a bcrypt run and counts against the client's address.
+        let email = validate::normalize_email(email).ok();
         let now = self.now();
         let t = &self.config.throttle;
-        let mut wait = self.throttle_wait(AuditQuery::Subject(&email), t.max_per_account, now)?;
+        let mut wait = match email.as_deref() {
+            Some(e) => self.throttle_wait(AuditQuery::Subject(e), t.max_per_account, now)?,
+            None => None,
+        };
         if let Some(ip) = ctx.ip.as_deref() {
             wait = wait.max(self.throttle_wait(AuditQuery::Ip(ip), t.max_per_ip, now)?);
         }
@@ -251,7 +256,10 @@ impl AuthService {
             return Err(AuthError::Throttled { retry_after_secs });
         }
 
-        let user = self.repo.user_by_email(&email)?;
+        let user = match email.as_deref() {
+            Some(e) => self.repo.user_by_email(e)?,
+            None => None,
+        };
         let ok = match &user {
             Some(u) => verify_password(password, &u.password_hash),
             None => {
@@ -266,16 +274,16 @@ impl AuthService {
         let user = match (user, ok) {
             (Some(u), true) => u,
             (u, _) => {
-                self.audit(u.map(|u| u.id), audit::LOGIN_FAILED, Some(&email), ctx, None);
+                self.audit(u.map(|u| u.id), audit::LOGIN_FAILED, email.as_deref(), ctx, None);
                 return Err(AuthError::InvalidCredentials);
             }
         };
         if user.status == UserStatus::Suspended {
-            self.audit(Some(user.id), audit::LOGIN_FAILED, Some(&email), ctx, Some(json!({"reason": "suspended"})));
+            self.audit(Some(user.id), audit::LOGIN_FAILED, email.as_deref(), ctx, Some(json!({"reason": "suspended"})));
             return Err(AuthError::Suspended);
         }
         let pair = self.open_session(user, ctx)?;
-        self.audit(Some(pair.user.id), audit::LOGIN_SUCCEEDED, Some(&email), ctx, None);
+        self.audit(Some(pair.user.id), audit::LOGIN_SUCCEEDED, email.as_deref(), ctx, None);
         Ok(pair)
     }
 
