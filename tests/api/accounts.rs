@@ -32,18 +32,32 @@ async fn register_login_and_read_me() {
 #[actix_web::test]
 async fn duplicates_are_409_and_case_insensitive() {
     let app = TestApp::spawn().await;
-    assert_eq!(app.register("bo@example.com", "bo_b", PASSWORD).await.status, StatusCode::CREATED);
+    assert_eq!(
+        app.register("bo@example.com", "bo_b", PASSWORD)
+            .await
+            .status,
+        StatusCode::CREATED
+    );
     let r = app.register("BO@example.com", "other", PASSWORD).await;
-    assert_eq!((r.status, r.error_code()), (StatusCode::CONFLICT, "email_taken"));
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::CONFLICT, "email_taken")
+    );
     let r = app.register("new@example.com", "BO_B", PASSWORD).await;
-    assert_eq!((r.status, r.error_code()), (StatusCode::CONFLICT, "username_taken"));
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::CONFLICT, "username_taken")
+    );
 }
 
 #[actix_web::test]
 async fn validation_reports_every_bad_field() {
     let app = TestApp::spawn().await;
     let r = app.register("not-an-email", "x", "short").await;
-    assert_eq!((r.status, r.error_code()), (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed"));
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed")
+    );
     let fields: Vec<&str> = r.body["error"]["details"]["fields"]
         .as_array()
         .unwrap()
@@ -59,11 +73,24 @@ async fn validation_reports_every_bad_field() {
         (&"x".repeat(129) as &str, "too_long"),
     ] {
         let r = app.register("carol@example.com", "carol", password).await;
-        assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{password}: {}", r.text);
-        assert_eq!(r.body["error"]["details"]["fields"][0]["code"], code, "{password}");
+        assert_eq!(
+            r.status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{password}: {}",
+            r.text
+        );
+        assert_eq!(
+            r.body["error"]["details"]["fields"][0]["code"], code,
+            "{password}"
+        );
     }
     // Any characters, no composition rules, 128 is the maximum.
-    assert_eq!(app.register("carol@example.com", "carol", &"é".repeat(128)).await.status, StatusCode::CREATED);
+    assert_eq!(
+        app.register("carol@example.com", "carol", &"é".repeat(128))
+            .await
+            .status,
+        StatusCode::CREATED
+    );
 }
 
 #[actix_web::test]
@@ -71,10 +98,21 @@ async fn passwords_longer_than_72_bytes_are_not_truncated() {
     let app = TestApp::spawn().await;
     let prefix = "p".repeat(72);
     let real = format!("{prefix}-the-real-one");
-    assert_eq!(app.register("dan@example.com", "dan", &real).await.status, StatusCode::CREATED);
-    assert_eq!(app.login("dan@example.com", &real).await.status, StatusCode::OK);
-    let r = app.login("dan@example.com", &format!("{prefix}-another-one")).await;
-    assert_eq!((r.status, r.error_code()), (StatusCode::UNAUTHORIZED, "invalid_credentials"));
+    assert_eq!(
+        app.register("dan@example.com", "dan", &real).await.status,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        app.login("dan@example.com", &real).await.status,
+        StatusCode::OK
+    );
+    let r = app
+        .login("dan@example.com", &format!("{prefix}-another-one"))
+        .await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::UNAUTHORIZED, "invalid_credentials")
+    );
 }
 
 #[actix_web::test]
@@ -93,16 +131,34 @@ async fn failed_logins_are_throttled_per_account_with_retry_after() {
     let app = TestApp::spawn_with(&[("LOGIN_MAX_FAILURES_PER_ACCOUNT", "3")]).await;
     app.user("fay").await;
     for _ in 0..3 {
-        assert_eq!(app.login("fay@example.com", "not the password").await.status, StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            app.login("fay@example.com", "not the password")
+                .await
+                .status,
+            StatusCode::UNAUTHORIZED
+        );
     }
     // Even the right password is refused now, before any bcrypt work.
     let r = app.login("FAY@example.com", PASSWORD).await;
-    assert_eq!((r.status, r.error_code()), (StatusCode::TOO_MANY_REQUESTS, "too_many_attempts"));
-    let retry: u64 = r.headers.get("retry-after").unwrap().to_str().unwrap().parse().unwrap();
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::TOO_MANY_REQUESTS, "too_many_attempts")
+    );
+    let retry: u64 = r
+        .headers
+        .get("retry-after")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!((1..=901).contains(&retry), "{retry}");
     // Another account from the same address is not locked out.
     app.user("gus").await;
-    assert_eq!(app.login("gus@example.com", PASSWORD).await.status, StatusCode::OK);
+    assert_eq!(
+        app.login("gus@example.com", PASSWORD).await.status,
+        StatusCode::OK
+    );
 }
 
 #[actix_web::test]
@@ -110,7 +166,8 @@ async fn failed_logins_are_throttled_per_ip() {
     let app = TestApp::spawn_with(&[("LOGIN_MAX_FAILURES_PER_IP", "4")]).await;
     app.user("hal").await;
     for i in 0..4 {
-        app.login(&format!("random{i}@example.com"), "not the password").await;
+        app.login(&format!("random{i}@example.com"), "not the password")
+            .await;
     }
     let r = app.login("hal@example.com", PASSWORD).await;
     assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{}", r.text);
@@ -122,7 +179,9 @@ async fn suspended_users_cannot_log_in_or_use_tokens_or_keys() {
     let app = TestApp::spawn().await;
     let login = app.user("ivy").await;
     let token = access(&login);
-    let key = app.post("/api/v1/auth/api-keys", Some(&token), json!({"name": "k"})).await;
+    let key = app
+        .post("/api/v1/auth/api-keys", Some(&token), json!({"name": "k"}))
+        .await;
     let key = key.body["key"].as_str().unwrap().to_string();
 
     // The suspend endpoint arrives with the admin issue; the model is here.
@@ -130,34 +189,69 @@ async fn suspended_users_cannot_log_in_or_use_tokens_or_keys() {
     let repo = muse_persistence::DieselAuthRepository::new(db);
     use muse_auth::AuthRepository;
     let user = repo.user_by_email("ivy@example.com").unwrap().unwrap();
-    repo.set_user_status(user.id, muse_auth::UserStatus::Suspended, 0).unwrap();
+    repo.set_user_status(user.id, muse_auth::UserStatus::Suspended, 0)
+        .unwrap();
 
     for credential in [&token, &key] {
         let r = app.get("/api/v1/auth/me", Some(credential)).await;
-        assert_eq!((r.status, r.error_code()), (StatusCode::FORBIDDEN, "account_suspended"));
+        assert_eq!(
+            (r.status, r.error_code()),
+            (StatusCode::FORBIDDEN, "account_suspended")
+        );
     }
     let r = app.login("ivy@example.com", PASSWORD).await;
-    assert_eq!((r.status, r.error_code()), (StatusCode::FORBIDDEN, "account_suspended"));
-    let r = app.post("/api/v1/auth/refresh", None, json!({"refresh_token": refresh(&login)})).await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::FORBIDDEN, "account_suspended")
+    );
+    let r = app
+        .post(
+            "/api/v1/auth/refresh",
+            None,
+            json!({"refresh_token": refresh(&login)}),
+        )
+        .await;
     assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.text);
 
-    repo.set_user_status(user.id, muse_auth::UserStatus::Active, 0).unwrap();
-    assert_eq!(app.get("/api/v1/auth/me", Some(&token)).await.status, StatusCode::OK);
+    repo.set_user_status(user.id, muse_auth::UserStatus::Active, 0)
+        .unwrap();
+    assert_eq!(
+        app.get("/api/v1/auth/me", Some(&token)).await.status,
+        StatusCode::OK
+    );
 }
 
 #[actix_web::test]
 async fn first_admin_comes_from_the_environment_once() {
-    let app = TestApp::spawn_with(&[("ADMIN_EMAIL", "root@example.com"), ("ADMIN_PASSWORD", "an admin passphrase")]).await;
+    let app = TestApp::spawn_with(&[
+        ("ADMIN_EMAIL", "root@example.com"),
+        ("ADMIN_PASSWORD", "an admin passphrase"),
+    ])
+    .await;
     let login = app.login("root@example.com", "an admin passphrase").await;
     assert_eq!(login.status, StatusCode::OK, "{}", login.text);
     let me = app.get("/api/v1/auth/me", Some(&access(&login.body))).await;
-    assert_eq!((me.body["role"].as_str(), me.body["username"].as_str()), (Some("admin"), Some("admin")));
+    assert_eq!(
+        (me.body["role"].as_str(), me.body["username"].as_str()),
+        (Some("admin"), Some("admin"))
+    );
     assert_eq!(me.body["email_verified"], true);
 
     // Starting again with the same variables changes nothing.
-    let state = muse_server::build_state(app.config.clone(), muse_persistence::Database::connect(app.config.database_url.expose(), 1).unwrap()).unwrap();
+    let state = muse_server::build_state(
+        app.config.clone(),
+        muse_persistence::Database::connect(app.config.database_url.expose(), 1).unwrap(),
+    )
+    .unwrap();
     muse_server::app::bootstrap_admin(&state).unwrap();
-    assert_eq!(state.auth.repository().count_users_with_role(muse_auth::Role::Admin).unwrap(), 1);
+    assert_eq!(
+        state
+            .auth
+            .repository()
+            .count_users_with_role(muse_auth::Role::Admin)
+            .unwrap(),
+        1
+    );
 }
 
 #[actix_web::test]
@@ -165,18 +259,33 @@ async fn admin_extractor_refuses_plain_users() {
     use actix_web::FromRequest;
     let app = TestApp::spawn().await;
     let token = access(&app.user("jay").await);
-    let state = muse_server::build_state(app.config.clone(), muse_persistence::Database::connect(app.config.database_url.expose(), 1).unwrap()).unwrap();
+    let state = muse_server::build_state(
+        app.config.clone(),
+        muse_persistence::Database::connect(app.config.database_url.expose(), 1).unwrap(),
+    )
+    .unwrap();
     let req = actix_web::test::TestRequest::default()
         .insert_header(("authorization", format!("Bearer {token}")))
         .app_data(actix_web::web::Data::new(state.clone()))
         .to_http_request();
-    let err = muse_server::extract::AdminUser::extract(&req).await.unwrap_err();
+    let err = muse_server::extract::AdminUser::extract(&req)
+        .await
+        .unwrap_err();
     assert_eq!((err.status.as_u16(), err.code), (403, "forbidden"));
-    assert!(muse_server::extract::CurrentUser::extract(&req).await.is_ok());
+    assert!(muse_server::extract::CurrentUser::extract(&req)
+        .await
+        .is_ok());
 
-    let admin = state.auth.create_admin("boss@example.com", "boss", "an admin passphrase").unwrap();
+    let admin = state
+        .auth
+        .create_admin("boss@example.com", "boss", "an admin passphrase")
+        .unwrap();
     assert_eq!(admin.role, muse_auth::Role::Admin);
-    let token = access(&app.login("boss@example.com", "an admin passphrase").await.body);
+    let token = access(
+        &app.login("boss@example.com", "an admin passphrase")
+            .await
+            .body,
+    );
     let req = actix_web::test::TestRequest::default()
         .insert_header(("authorization", format!("Bearer {token}")))
         .app_data(actix_web::web::Data::new(state))

@@ -14,20 +14,48 @@ async fn verify_email_through_the_outbox_link() {
     let token = access(&app.user("sam").await);
     let link = app.wait_for_token("sam@example.com", "/verify-email").await;
     let (_, body) = app.outbox().into_iter().next().unwrap();
-    assert!(body.contains(&format!("{}/verify-email?token=", app.base)), "{body}");
+    assert!(
+        body.contains(&format!("{}/verify-email?token=", app.base)),
+        "{body}"
+    );
 
-    let r = app.post(&format!("/api/v1/auth/verify-email/{link}"), None, json!({})).await;
+    let r = app
+        .post(
+            &format!("/api/v1/auth/verify-email/{link}"),
+            None,
+            json!({}),
+        )
+        .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
     let me = app.get("/api/v1/auth/me", Some(&token)).await;
     assert_eq!(me.body["email_verified"], true);
     assert!(me.body["email_verified_at"].is_string());
-    let again = app.post(&format!("/api/v1/auth/verify-email/{link}"), None, json!({})).await;
-    assert_eq!((again.status, again.error_code()), (StatusCode::BAD_REQUEST, "invalid_token"));
-    let r = app.post("/api/v1/auth/resend-verification", Some(&token), json!({})).await;
-    assert_eq!((r.status, r.body["message"].as_str()), (StatusCode::ACCEPTED, Some("email already verified")));
+    let again = app
+        .post(
+            &format!("/api/v1/auth/verify-email/{link}"),
+            None,
+            json!({}),
+        )
+        .await;
+    assert_eq!(
+        (again.status, again.error_code()),
+        (StatusCode::BAD_REQUEST, "invalid_token")
+    );
+    let r = app
+        .post("/api/v1/auth/resend-verification", Some(&token), json!({}))
+        .await;
+    assert_eq!(
+        (r.status, r.body["message"].as_str()),
+        (StatusCode::ACCEPTED, Some("email already verified"))
+    );
 
     // The page behind the link exists and does not echo the token.
-    let page = app.client.get(format!("{}/verify-email?token={link}", app.base)).send().await.unwrap();
+    let page = app
+        .client
+        .get(format!("{}/verify-email?token={link}", app.base))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(page.status(), StatusCode::OK);
     assert!(!page.text().await.unwrap().contains(&link));
 }
@@ -38,36 +66,106 @@ async fn password_reset_through_the_outbox_link() {
     let old_session = app.user("tia").await;
     let other_device = app.login("tia@example.com", PASSWORD).await.body;
 
-    let known = app.post("/api/v1/auth/forgot-password", None, json!({"email": "TIA@example.com"})).await;
-    let unknown = app.post("/api/v1/auth/forgot-password", None, json!({"email": "ghost@example.com"})).await;
-    let invalid = app.post("/api/v1/auth/forgot-password", None, json!({"email": "not an email"})).await;
+    let known = app
+        .post(
+            "/api/v1/auth/forgot-password",
+            None,
+            json!({"email": "TIA@example.com"}),
+        )
+        .await;
+    let unknown = app
+        .post(
+            "/api/v1/auth/forgot-password",
+            None,
+            json!({"email": "ghost@example.com"}),
+        )
+        .await;
+    let invalid = app
+        .post(
+            "/api/v1/auth/forgot-password",
+            None,
+            json!({"email": "not an email"}),
+        )
+        .await;
     assert_eq!(known.status, StatusCode::ACCEPTED);
     assert_eq!((known.status, &known.text), (unknown.status, &unknown.text));
     assert_eq!((known.status, &known.text), (invalid.status, &invalid.text));
 
-    let token = app.wait_for_token("tia@example.com", "/reset-password").await;
+    let token = app
+        .wait_for_token("tia@example.com", "/reset-password")
+        .await;
     assert!(app.outbox().iter().all(|(to, _)| to != "ghost@example.com"));
-    let page = app.client.get(format!("{}/reset-password?token={token}", app.base)).send().await.unwrap();
+    let page = app
+        .client
+        .get(format!("{}/reset-password?token={token}", app.base))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(page.status(), StatusCode::OK);
-    assert!(page.headers()["content-type"].to_str().unwrap().starts_with("text/html"));
+    assert!(page.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/html"));
 
-    let weak = app.post("/api/v1/auth/reset-password", None, json!({"token": token, "new_password": "short"})).await;
+    let weak = app
+        .post(
+            "/api/v1/auth/reset-password",
+            None,
+            json!({"token": token, "new_password": "short"}),
+        )
+        .await;
     assert_eq!(weak.status, StatusCode::UNPROCESSABLE_ENTITY);
     let new_password = "a brand new passphrase";
-    let r = app.post("/api/v1/auth/reset-password", None, json!({"token": token, "new_password": new_password})).await;
+    let r = app
+        .post(
+            "/api/v1/auth/reset-password",
+            None,
+            json!({"token": token, "new_password": new_password}),
+        )
+        .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
 
     // Every session ended; the old password is gone; the link is spent.
     for s in [&old_session, &other_device] {
-        assert_eq!(app.get("/api/v1/auth/me", Some(&access(s))).await.status, StatusCode::UNAUTHORIZED);
-        let r = app.post("/api/v1/auth/refresh", None, json!({"refresh_token": refresh(s)})).await;
+        assert_eq!(
+            app.get("/api/v1/auth/me", Some(&access(s))).await.status,
+            StatusCode::UNAUTHORIZED
+        );
+        let r = app
+            .post(
+                "/api/v1/auth/refresh",
+                None,
+                json!({"refresh_token": refresh(s)}),
+            )
+            .await;
         assert_eq!(r.status, StatusCode::UNAUTHORIZED);
     }
-    assert_eq!(app.login("tia@example.com", PASSWORD).await.status, StatusCode::UNAUTHORIZED);
-    assert_eq!(app.login("tia@example.com", new_password).await.status, StatusCode::OK);
-    let reuse = app.post("/api/v1/auth/reset-password", None, json!({"token": token, "new_password": "yet another passphrase"})).await;
-    assert_eq!((reuse.status, reuse.error_code()), (StatusCode::BAD_REQUEST, "invalid_token"));
-    let bogus = app.post("/api/v1/auth/reset-password", None, json!({"token": "bogus", "new_password": "yet another passphrase"})).await;
+    assert_eq!(
+        app.login("tia@example.com", PASSWORD).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        app.login("tia@example.com", new_password).await.status,
+        StatusCode::OK
+    );
+    let reuse = app
+        .post(
+            "/api/v1/auth/reset-password",
+            None,
+            json!({"token": token, "new_password": "yet another passphrase"}),
+        )
+        .await;
+    assert_eq!(
+        (reuse.status, reuse.error_code()),
+        (StatusCode::BAD_REQUEST, "invalid_token")
+    );
+    let bogus = app
+        .post(
+            "/api/v1/auth/reset-password",
+            None,
+            json!({"token": "bogus", "new_password": "yet another passphrase"}),
+        )
+        .await;
     assert_eq!(bogus.status, StatusCode::BAD_REQUEST);
 }
 
@@ -131,12 +229,18 @@ impl SmtpSink {
 async fn smtp_mailer_delivers_to_a_real_smtp_server() {
     let sink = SmtpSink::start();
     let url = format!("smtp://127.0.0.1:{}", sink.port);
-    let app = TestApp::spawn_with(&[("SMTP_URL", &url), ("MAIL_FROM", "Muse <muse@example.com>")]).await;
+    let app =
+        TestApp::spawn_with(&[("SMTP_URL", &url), ("MAIL_FROM", "Muse <muse@example.com>")]).await;
     let info = app.get("/api/v1/info", None).await;
     assert_eq!(info.body["mail"], "smtp");
 
     app.user("uma").await;
-    app.post("/api/v1/auth/forgot-password", None, json!({"email": "uma@example.com"})).await;
+    app.post(
+        "/api/v1/auth/forgot-password",
+        None,
+        json!({"email": "uma@example.com"}),
+    )
+    .await;
     let mut token = None;
     for _ in 0..100 {
         let msgs = sink.messages.lock().unwrap().clone();
@@ -153,9 +257,20 @@ async fn smtp_mailer_delivers_to_a_real_smtp_server() {
     }
     let token = token.expect("reset email delivered over SMTP");
     let msgs = sink.messages.lock().unwrap().clone();
-    assert!(msgs.iter().any(|m| m.contains("To: uma@example.com") && m.contains("From: Muse <muse@example.com>")));
-    assert!(!app.data_dir.join("outbox").exists(), "nothing written to the outbox");
-    let r = app.post("/api/v1/auth/reset-password", None, json!({"token": token, "new_password": "smtp delivered passphrase"})).await;
+    assert!(msgs
+        .iter()
+        .any(|m| m.contains("To: uma@example.com") && m.contains("From: Muse <muse@example.com>")));
+    assert!(
+        !app.data_dir.join("outbox").exists(),
+        "nothing written to the outbox"
+    );
+    let r = app
+        .post(
+            "/api/v1/auth/reset-password",
+            None,
+            json!({"token": token, "new_password": "smtp delivered passphrase"}),
+        )
+        .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
 }
 
@@ -165,7 +280,19 @@ async fn mail_failures_do_not_break_registration_or_reveal_accounts() {
     let app = TestApp::spawn_with(&[("SMTP_URL", "smtp://127.0.0.1:1")]).await;
     let r = app.register("vic@example.com", "vic", PASSWORD).await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
-    let a = app.post("/api/v1/auth/forgot-password", None, json!({"email": "vic@example.com"})).await;
-    let b = app.post("/api/v1/auth/forgot-password", None, json!({"email": "nobody@example.com"})).await;
+    let a = app
+        .post(
+            "/api/v1/auth/forgot-password",
+            None,
+            json!({"email": "vic@example.com"}),
+        )
+        .await;
+    let b = app
+        .post(
+            "/api/v1/auth/forgot-password",
+            None,
+            json!({"email": "nobody@example.com"}),
+        )
+        .await;
     assert_eq!((a.status, a.text), (b.status, b.text));
 }

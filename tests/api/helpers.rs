@@ -30,8 +30,17 @@ impl Resp {
     /// Asserts the documented error shape and returns the code.
     pub fn error_code(&self) -> &str {
         let err = &self.body["error"];
-        assert!(err.is_object(), "not an error body ({}): {}", self.status, self.text);
-        assert!(err["message"].is_string(), "error without message: {}", self.text);
+        assert!(
+            err.is_object(),
+            "not an error body ({}): {}",
+            self.status,
+            self.text
+        );
+        assert!(
+            err["message"].is_string(),
+            "error without message: {}",
+            self.text
+        );
         err["code"].as_str().expect("error code")
     }
 }
@@ -43,7 +52,8 @@ impl TestApp {
 
     pub async fn spawn_with(overrides: &[(&str, &str)]) -> Self {
         let db = TestDb::new();
-        let data_dir = std::env::temp_dir().join(format!("muse-e2e-{}", uuid::Uuid::new_v4().simple()));
+        let data_dir =
+            std::env::temp_dir().join(format!("muse-e2e-{}", uuid::Uuid::new_v4().simple()));
         let mut vars: HashMap<String, String> = [
             ("MUSE_DATA_DIR", data_dir.to_str().unwrap()),
             ("DATABASE_URL", db.url.as_str()),
@@ -60,9 +70,12 @@ impl TestApp {
         }
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
-        vars.entry("PUBLIC_URL".into()).or_insert(format!("http://127.0.0.1:{port}"));
+        vars.entry("PUBLIC_URL".into())
+            .or_insert(format!("http://127.0.0.1:{port}"));
         let config = Config::from_vars(&vars).unwrap();
-        let running = muse_server::server::start(config.clone(), listener).await.unwrap();
+        let running = muse_server::server::start(config.clone(), listener)
+            .await
+            .unwrap();
         actix_web::rt::spawn(running.server);
         TestApp {
             base: format!("http://127.0.0.1:{port}"),
@@ -77,8 +90,16 @@ impl TestApp {
         }
     }
 
-    pub async fn call(&self, method: Method, path: &str, token: Option<&str>, body: Option<Value>) -> Resp {
-        let mut req = self.client.request(method, format!("{}{}", self.base, path));
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> Resp {
+        let mut req = self
+            .client
+            .request(method, format!("{}{}", self.base, path));
         if let Some(t) = token {
             req = req.bearer_auth(t);
         }
@@ -93,7 +114,12 @@ impl TestApp {
         let headers = res.headers().clone();
         let text = res.text().await.unwrap();
         let body = serde_json::from_str(&text).unwrap_or(Value::Null);
-        Resp { status, headers, body, text }
+        Resp {
+            status,
+            headers,
+            body,
+            text,
+        }
     }
 
     pub async fn get(&self, path: &str, token: Option<&str>) -> Resp {
@@ -105,12 +131,21 @@ impl TestApp {
     }
 
     pub async fn register(&self, email: &str, username: &str, password: &str) -> Resp {
-        self.post("/api/v1/auth/register", None, json!({"email": email, "username": username, "password": password}))
-            .await
+        self.post(
+            "/api/v1/auth/register",
+            None,
+            json!({"email": email, "username": username, "password": password}),
+        )
+        .await
     }
 
     pub async fn login(&self, email: &str, password: &str) -> Resp {
-        self.post("/api/v1/auth/login", None, json!({"email": email, "password": password})).await
+        self.post(
+            "/api/v1/auth/login",
+            None,
+            json!({"email": email, "password": password}),
+        )
+        .await
     }
 
     /// Registers `name@example.com` and logs in; returns the login body.
@@ -166,7 +201,12 @@ impl TestApp {
 pub fn token_from(body: &str, link_path: &str) -> Option<String> {
     let marker = format!("{link_path}?token=");
     let start = body.find(&marker)? + marker.len();
-    Some(body[start..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_').collect())
+    Some(
+        body[start..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+            .collect(),
+    )
 }
 
 pub fn access(login: &Value) -> String {

@@ -1,3 +1,5 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 //! End-to-end tests: the real server on 127.0.0.1:0, its own database
 //! (SQLite, or a fresh PostgreSQL database when TEST_DATABASE_URL is set),
 //! spoken to over HTTP.

@@ -7,7 +7,10 @@ use crate::helpers::*;
 async fn root_info_and_health() {
     let app = TestApp::spawn().await;
     let root = app.get("/", None).await;
-    assert_eq!((root.status, root.body["name"].as_str()), (StatusCode::OK, Some("Muse")));
+    assert_eq!(
+        (root.status, root.body["name"].as_str()),
+        (StatusCode::OK, Some("Muse"))
+    );
     let info = app.get("/api/v1/info", None).await;
     assert_eq!(info.body["api_version"], "v1");
     assert_eq!(info.body["mail"], "outbox");
@@ -24,15 +27,23 @@ async fn root_info_and_health() {
 async fn health_is_503_when_the_database_is_down() {
     let app = TestApp::spawn().await;
     // Same configuration, but a database nobody listens to.
-    let db = muse_persistence::Database::connect_lazy("postgres://muse:pw@127.0.0.1:1/muse", 1).unwrap();
+    let db =
+        muse_persistence::Database::connect_lazy("postgres://muse:pw@127.0.0.1:1/muse", 1).unwrap();
     let state = muse_server::build_state(app.config.clone(), db).unwrap();
     let service = atest::init_service(muse_server::build_app(state)).await;
-    let res = atest::call_service(&service, atest::TestRequest::get().uri("/health").to_request()).await;
+    let res = atest::call_service(
+        &service,
+        atest::TestRequest::get().uri("/health").to_request(),
+    )
+    .await;
     assert_eq!(res.status().as_u16(), 503);
     let body: serde_json::Value = atest::read_body_json(res).await;
     assert_eq!(body["status"], "unavailable");
     assert_eq!(body["checks"]["database"]["status"], "unavailable");
-    assert!(!body.to_string().contains("pw"), "no connection details leak: {body}");
+    assert!(
+        !body.to_string().contains("pw"),
+        "no connection details leak: {body}"
+    );
 
     // A request that needs the database is a clean 503 too.
     let req = atest::TestRequest::post()
@@ -51,39 +62,91 @@ async fn metrics_expose_requests_by_route_template() {
     let token = access(&app.user("walt").await);
     app.get("/api/v1/auth/me", Some(&token)).await;
     app.get("/api/v1/does-not-exist", None).await;
-    let r = app.client.get(format!("{}/metrics", app.base)).send().await.unwrap();
-    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));
+    let r = app
+        .client
+        .get(format!("{}/metrics", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
     let text = r.text().await.unwrap();
-    assert!(text.contains(r#"http_requests_total{method="GET",route="/api/v1/auth/me",status="200"}"#), "{text}");
+    assert!(
+        text.contains(r#"http_requests_total{method="GET",route="/api/v1/auth/me",status="200"}"#),
+        "{text}"
+    );
     assert!(text.contains(r#"route="<unmatched>",status="404""#));
     assert!(text.contains("http_request_duration_seconds_bucket{"));
-    assert!(text.contains("process_resident_memory_bytes") || text.contains("process_cpu_seconds_total"), "process metrics");
+    assert!(
+        text.contains("process_resident_memory_bytes")
+            || text.contains("process_cpu_seconds_total"),
+        "process metrics"
+    );
     assert!(!text.contains(&token));
 }
 
 #[actix_web::test]
 async fn request_ids_are_returned_and_propagated() {
     let app = TestApp::spawn().await;
-    let r = app.client.get(format!("{}/health", app.base)).send().await.unwrap();
+    let r = app
+        .client
+        .get(format!("{}/health", app.base))
+        .send()
+        .await
+        .unwrap();
     let generated = r.headers()["x-request-id"].to_str().unwrap().to_string();
     assert_eq!(generated.len(), 36);
-    let r = app.client.get(format!("{}/nope", app.base)).header("x-request-id", "abc-123").send().await.unwrap();
+    let r = app
+        .client
+        .get(format!("{}/nope", app.base))
+        .header("x-request-id", "abc-123")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.headers()["x-request-id"], "abc-123");
-    let r = app.client.get(format!("{}/health", app.base)).header("x-request-id", "bad id with spaces").send().await.unwrap();
+    let r = app
+        .client
+        .get(format!("{}/health", app.base))
+        .header("x-request-id", "bad id with spaces")
+        .send()
+        .await
+        .unwrap();
     assert_ne!(r.headers()["x-request-id"], "bad id with spaces");
 }
 
 #[actix_web::test]
 async fn docs_are_served_offline() {
     let app = TestApp::spawn().await;
-    let r = app.client.get(format!("{}/docs", app.base)).send().await.unwrap();
+    let r = app
+        .client
+        .get(format!("{}/docs", app.base))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::PERMANENT_REDIRECT);
-    for path in ["/docs/", "/docs/swagger-ui.css", "/docs/swagger-ui-bundle.js", "/docs/swagger-initializer.js", "/redoc", "/redoc/redoc.standalone.js"] {
-        let r = app.client.get(format!("{}{path}", app.base)).send().await.unwrap();
+    for path in [
+        "/docs/",
+        "/docs/swagger-ui.css",
+        "/docs/swagger-ui-bundle.js",
+        "/docs/swagger-initializer.js",
+        "/redoc",
+        "/redoc/redoc.standalone.js",
+    ] {
+        let r = app
+            .client
+            .get(format!("{}{path}", app.base))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), StatusCode::OK, "{path}");
         let text = r.text().await.unwrap();
         if path == "/docs/" || path == "/redoc" {
-            assert!(!text.contains("cdn.") && !text.contains("fonts.googleapis"), "{path} reaches a CDN");
+            assert!(
+                !text.contains("cdn.") && !text.contains("fonts.googleapis"),
+                "{path} reaches a CDN"
+            );
         }
         assert!(text.len() > 200, "{path}");
     }
@@ -95,7 +158,8 @@ async fn docs_are_served_offline() {
 #[test]
 fn openapi_snapshot_matches_docs_openapi_json() {
     use utoipa::OpenApi;
-    let current = serde_json::to_string_pretty(&muse_server::openapi::ApiDoc::openapi()).unwrap() + "\n";
+    let current =
+        serde_json::to_string_pretty(&muse_server::openapi::ApiDoc::openapi()).unwrap() + "\n";
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/openapi.json");
     if std::env::var("UPDATE_SNAPSHOTS").is_ok() {
         std::fs::write(&path, &current).unwrap();
@@ -112,7 +176,10 @@ async fn cors_allows_only_configured_origins() {
     let app = TestApp::spawn_with(&[("CORS_ORIGINS", "https://app.example.com")]).await;
     let r = app
         .client
-        .request(reqwest::Method::OPTIONS, format!("{}/api/v1/auth/login", app.base))
+        .request(
+            reqwest::Method::OPTIONS,
+            format!("{}/api/v1/auth/login", app.base),
+        )
         .header("origin", "https://app.example.com")
         .header("access-control-request-method", "POST")
         .header("access-control-request-headers", "content-type")
@@ -120,8 +187,17 @@ async fn cors_allows_only_configured_origins() {
         .await
         .unwrap();
     assert!(r.status().is_success(), "{}", r.status());
-    assert_eq!(r.headers()["access-control-allow-origin"], "https://app.example.com");
-    let r = app.client.get(format!("{}/health", app.base)).header("origin", "https://evil.example.com").send().await.unwrap();
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "https://app.example.com"
+    );
+    let r = app
+        .client
+        .get(format!("{}/health", app.base))
+        .header("origin", "https://evil.example.com")
+        .send()
+        .await
+        .unwrap();
     assert!(r.headers().get("access-control-allow-origin").is_none());
     let r = TestApp::read(r).await;
     if r.status != StatusCode::OK {

@@ -39,7 +39,10 @@ pub fn build_state(config: Config, db: Database) -> Result<AppState, StartError>
     let secret = config.resolve_jwt_secret()?;
     let (mailer, mail_transport): (Arc<dyn Mailer>, &'static str) = match &config.smtp_url {
         Some(url) => (Arc::new(SmtpMailer::new(url, &config.mail_from)?), "smtp"),
-        None => (Arc::new(OutboxMailer::new(config.outbox_dir(), &config.mail_from)), "outbox"),
+        None => (
+            Arc::new(OutboxMailer::new(config.outbox_dir(), &config.mail_from)),
+            "outbox",
+        ),
     };
     let auth_config = AuthConfig {
         access_ttl_secs: config.access_token_ttl_secs,
@@ -73,7 +76,11 @@ pub fn build_state(config: Config, db: Database) -> Result<AppState, StartError>
 fn cors(origins: &[String]) -> Cors {
     let base = Cors::default()
         .allowed_methods(vec!["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
-        .allowed_headers(vec![http::header::AUTHORIZATION, http::header::CONTENT_TYPE, http::header::ACCEPT])
+        .allowed_headers(vec![
+            http::header::AUTHORIZATION,
+            http::header::CONTENT_TYPE,
+            http::header::ACCEPT,
+        ])
         .expose_headers(vec!["x-request-id", "retry-after"])
         .max_age(3600);
     if origins.iter().any(|o| o == "*") {
@@ -99,7 +106,11 @@ pub fn build_app(
     let cors = cors(&state.config.cors_origins);
     App::new()
         .app_data(web::Data::new(state))
-        .app_data(web::JsonConfig::default().limit(limit).error_handler(error::json_error))
+        .app_data(
+            web::JsonConfig::default()
+                .limit(limit)
+                .error_handler(error::json_error),
+        )
         .app_data(web::PayloadConfig::default().limit(limit))
         .app_data(web::PathConfig::default().error_handler(error::path_error))
         .app_data(web::QueryConfig::default().error_handler(error::query_error))
@@ -116,7 +127,8 @@ pub fn build_app(
 /// Creates the first admin from `ADMIN_EMAIL`/`ADMIN_PASSWORD` when no
 /// account has that email yet. Blocking.
 pub fn bootstrap_admin(state: &AppState) -> Result<(), StartError> {
-    let (Some(email), Some(password)) = (&state.config.admin_email, &state.config.admin_password) else {
+    let (Some(email), Some(password)) = (&state.config.admin_email, &state.config.admin_password)
+    else {
         return Ok(());
     };
     let repo = state.auth.repository();

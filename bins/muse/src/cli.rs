@@ -64,7 +64,11 @@ pub fn run(cli: Cli) -> ExitCode {
         }
         Command::Migrate => match open_database(&config) {
             Ok(db) => {
-                let _ = writeln!(std::io::stdout(), "migrations applied ({} database)", db.backend().name());
+                let _ = writeln!(
+                    std::io::stdout(),
+                    "migrations applied ({} database)",
+                    db.backend().name()
+                );
                 ExitCode::SUCCESS
             }
             Err(e) => fail(e),
@@ -88,7 +92,13 @@ pub fn run(cli: Cli) -> ExitCode {
             };
             match state.auth.create_admin(&email, &username, &password) {
                 Ok(user) => {
-                    let _ = writeln!(std::io::stdout(), "created admin {} <{}> ({})", user.username, user.email, user.id);
+                    let _ = writeln!(
+                        std::io::stdout(),
+                        "created admin {} <{}> ({})",
+                        user.username,
+                        user.email,
+                        user.id
+                    );
                     ExitCode::SUCCESS
                 }
                 Err(e) => fail(format!("cannot create the admin: {}", describe(e))),

@@ -110,8 +110,16 @@ impl Config {
     /// Builds the configuration from a map of variables (defaults for the
     /// missing ones).
     pub fn from_vars(vars: &HashMap<String, String>) -> Result<Self, ConfigError> {
-        let get = |k: &str| vars.get(k).map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
-        let env = match get("MUSE_ENV").as_deref().map(str::to_ascii_lowercase).as_deref() {
+        let get = |k: &str| {
+            vars.get(k)
+                .map(|v| v.trim().to_string())
+                .filter(|v| !v.is_empty())
+        };
+        let env = match get("MUSE_ENV")
+            .as_deref()
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
             None | Some("development") | Some("dev") => Environment::Development,
             Some("production") | Some("prod") => Environment::Production,
             Some(other) => {
@@ -125,9 +133,16 @@ impl Config {
         let port: u16 = parse(&get, "PORT", 8000)?;
         let data_dir = PathBuf::from(get("MUSE_DATA_DIR").unwrap_or_else(|| "./data".into()));
         let database_url = Secret::new(
-            get("DATABASE_URL").unwrap_or_else(|| format!("sqlite://{}", data_dir.join("muse.db").display())),
+            get("DATABASE_URL")
+                .unwrap_or_else(|| format!("sqlite://{}", data_dir.join("muse.db").display())),
         );
-        let workers: usize = parse(&get, "WORKERS", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2))?;
+        let workers: usize = parse(
+            &get,
+            "WORKERS",
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2),
+        )?;
         let bcrypt_cost: u32 = parse(&get, "BCRYPT_COST", 12)?;
         if !(4..=31).contains(&bcrypt_cost) {
             return Err(ConfigError::Invalid {
@@ -153,7 +168,11 @@ impl Config {
         };
         let public_url = get("PUBLIC_URL")
             .unwrap_or_else(|| {
-                let h = if host == "0.0.0.0" || host == "::" { "127.0.0.1" } else { host.as_str() };
+                let h = if host == "0.0.0.0" || host == "::" {
+                    "127.0.0.1"
+                } else {
+                    host.as_str()
+                };
                 format!("http://{h}:{port}")
             })
             .trim_end_matches('/')
@@ -167,10 +186,21 @@ impl Config {
             jwt_issuer: get("JWT_ISSUER").unwrap_or_else(|| "muse".into()),
             jwt_audience: get("JWT_AUDIENCE").unwrap_or_else(|| "muse-api".into()),
             access_token_ttl_secs: parse_range(&get, "ACCESS_TOKEN_TTL_SECS", 900, 60, 86_400)?,
-            refresh_token_ttl_secs: parse_range(&get, "REFRESH_TOKEN_TTL_SECS", 30 * 86_400, 300, 365 * 86_400)?,
+            refresh_token_ttl_secs: parse_range(
+                &get,
+                "REFRESH_TOKEN_TTL_SECS",
+                30 * 86_400,
+                300,
+                365 * 86_400,
+            )?,
             bcrypt_cost,
             cors_origins: get("CORS_ORIGINS")
-                .map(|v| v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect())
+                .map(|v| {
+                    v.split(',')
+                        .map(|s| s.trim().to_string())
+                        .filter(|s| !s.is_empty())
+                        .collect()
+                })
                 .unwrap_or_default(),
             log_format,
             smtp_url: get("SMTP_URL").map(Secret::new),
@@ -183,7 +213,13 @@ impl Config {
             trust_proxy_headers: parse_bool(&get, "TRUST_PROXY_HEADERS", false)?,
             login_max_failures_per_account: parse(&get, "LOGIN_MAX_FAILURES_PER_ACCOUNT", 5)?,
             login_max_failures_per_ip: parse(&get, "LOGIN_MAX_FAILURES_PER_IP", 20)?,
-            login_failure_window_secs: parse_range(&get, "LOGIN_FAILURE_WINDOW_SECS", 900, 1, 86_400)?,
+            login_failure_window_secs: parse_range(
+                &get,
+                "LOGIN_FAILURE_WINDOW_SECS",
+                900,
+                1,
+                86_400,
+            )?,
             host,
             data_dir,
             database_url,
@@ -304,7 +340,11 @@ fn parse_range(
     Ok(v)
 }
 
-fn parse_bool(get: &impl Fn(&str) -> Option<String>, var: &'static str, default: bool) -> Result<bool, ConfigError> {
+fn parse_bool(
+    get: &impl Fn(&str) -> Option<String>,
+    var: &'static str,
+    default: bool,
+) -> Result<bool, ConfigError> {
     match get(var).map(|v| v.to_ascii_lowercase()).as_deref() {
         None => Ok(default),
         Some("1" | "true" | "yes" | "on") => Ok(true),
@@ -321,7 +361,10 @@ mod tests {
     use super::*;
 
     fn vars(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -336,7 +379,14 @@ mod tests {
 
     #[test]
     fn bad_values_name_the_variable() {
-        for (k, v) in [("PORT", "eighty"), ("BCRYPT_COST", "3"), ("MUSE_ENV", "staging"), ("LOG_FORMAT", "xml"), ("TRUST_PROXY_HEADERS", "maybe"), ("ACCESS_TOKEN_TTL_SECS", "5")] {
+        for (k, v) in [
+            ("PORT", "eighty"),
+            ("BCRYPT_COST", "3"),
+            ("MUSE_ENV", "staging"),
+            ("LOG_FORMAT", "xml"),
+            ("TRUST_PROXY_HEADERS", "maybe"),
+            ("ACCESS_TOKEN_TTL_SECS", "5"),
+        ] {
             let err = Config::from_vars(&vars(&[(k, v)])).unwrap_err().to_string();
             assert!(err.starts_with(k), "{err}");
         }
@@ -352,8 +402,14 @@ mod tests {
             Config::from_vars(&v).unwrap().resolve_jwt_secret()
         };
         assert!(matches!(prod(None), Err(ConfigError::WeakSecret(_))));
-        assert!(matches!(prod(Some("short-secret")), Err(ConfigError::WeakSecret(_))));
-        assert!(matches!(prod(Some(&"a".repeat(40))), Err(ConfigError::WeakSecret(_))));
+        assert!(matches!(
+            prod(Some("short-secret")),
+            Err(ConfigError::WeakSecret(_))
+        ));
+        assert!(matches!(
+            prod(Some(&"a".repeat(40))),
+            Err(ConfigError::WeakSecret(_))
+        ));
         assert!(prod(Some("Zr8m2v9Qx1LkT7pW4sYb6Nf3Hc0Jd5Ug")).is_ok());
     }
 
@@ -368,7 +424,10 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(dir.join("jwt_secret")).unwrap().permissions().mode();
+            let mode = std::fs::metadata(dir.join("jwt_secret"))
+                .unwrap()
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
         let _ = std::fs::remove_dir_all(dir);
@@ -384,7 +443,12 @@ mod tests {
         ]))
         .unwrap();
         let dbg = format!("{c:?}");
-        for s in ["super-secret-value", "hunter2", "admin-password-xyz", "dbpass-xyz"] {
+        for s in [
+            "super-secret-value",
+            "hunter2",
+            "admin-password-xyz",
+            "dbpass-xyz",
+        ] {
             assert!(!dbg.contains(s), "{s} leaked");
         }
     }

@@ -44,7 +44,13 @@ pub struct ApiError {
 
 impl std::fmt::Display for ApiError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} {}: {}", self.status.as_u16(), self.code, self.message)
+        write!(
+            f,
+            "{} {}: {}",
+            self.status.as_u16(),
+            self.code,
+            self.message
+        )
     }
 }
 
@@ -84,12 +90,20 @@ impl ApiError {
     /// about internals.
     pub fn internal(context: &str, error: impl std::fmt::Display) -> Self {
         tracing::error!(error = %error, "{context}");
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", "an unexpected error occurred")
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_error",
+            "an unexpected error occurred",
+        )
     }
 
     pub fn unavailable(context: &str, error: impl std::fmt::Display) -> Self {
         tracing::error!(error = %error, "{context}");
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", "the service is temporarily unavailable; retry later")
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "service_unavailable",
+            "the service is temporarily unavailable; retry later",
+        )
     }
 
     fn body(&self) -> ErrorBody {
@@ -126,14 +140,20 @@ impl From<AuthError> for ApiError {
         use StatusCode as S;
         let msg = e.to_string();
         match e {
-            AuthError::Validation(fields) => ApiError::new(S::UNPROCESSABLE_ENTITY, "validation_failed", msg)
-                .with_details(json!({ "fields": fields })),
+            AuthError::Validation(fields) => {
+                ApiError::new(S::UNPROCESSABLE_ENTITY, "validation_failed", msg)
+                    .with_details(json!({ "fields": fields }))
+            }
             AuthError::EmailTaken => ApiError::new(S::CONFLICT, "email_taken", msg),
             AuthError::UsernameTaken => ApiError::new(S::CONFLICT, "username_taken", msg),
-            AuthError::InvalidCredentials => ApiError::new(S::UNAUTHORIZED, "invalid_credentials", msg),
+            AuthError::InvalidCredentials => {
+                ApiError::new(S::UNAUTHORIZED, "invalid_credentials", msg)
+            }
             AuthError::Unauthenticated => ApiError::new(S::UNAUTHORIZED, "unauthorized", msg),
             AuthError::TokenExpired => ApiError::new(S::UNAUTHORIZED, "token_expired", msg),
-            AuthError::InvalidRefreshToken => ApiError::new(S::UNAUTHORIZED, "invalid_refresh_token", msg),
+            AuthError::InvalidRefreshToken => {
+                ApiError::new(S::UNAUTHORIZED, "invalid_refresh_token", msg)
+            }
             AuthError::InvalidEmailToken => ApiError::new(S::BAD_REQUEST, "invalid_token", msg),
             AuthError::Suspended => ApiError::new(S::FORBIDDEN, "account_suspended", msg),
             AuthError::Throttled { retry_after_secs } => ApiError {
@@ -144,7 +164,9 @@ impl From<AuthError> for ApiError {
             AuthError::SessionRequired => ApiError::new(S::BAD_REQUEST, "session_required", msg),
             AuthError::ApiKeyNotFound => ApiError::new(S::NOT_FOUND, "not_found", msg),
             AuthError::TooManyApiKeys(_) => ApiError::new(S::CONFLICT, "api_key_limit", msg),
-            AuthError::Repository(RepoError::Unavailable(e)) => ApiError::unavailable("database unavailable", e),
+            AuthError::Repository(RepoError::Unavailable(e)) => {
+                ApiError::unavailable("database unavailable", e)
+            }
             AuthError::Repository(e) => ApiError::internal("repository error", e),
             AuthError::Internal(e) => ApiError::internal("internal error", e),
         }
@@ -166,14 +188,17 @@ pub fn json_error(err: JsonPayloadError, _req: &HttpRequest) -> actix_web::Error
             "unsupported_media_type",
             "expected a JSON body with Content-Type: application/json",
         ),
-        JsonPayloadError::Overflow { limit } | JsonPayloadError::OverflowKnownLength { limit, .. } => ApiError::new(
+        JsonPayloadError::Overflow { limit }
+        | JsonPayloadError::OverflowKnownLength { limit, .. } => ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "payload_too_large",
             format!("the body is larger than the limit of {limit} bytes"),
         ),
-        JsonPayloadError::Deserialize(e) if e.is_data() => {
-            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_body", format!("the JSON body does not match the expected shape: {e}"))
-        }
+        JsonPayloadError::Deserialize(e) if e.is_data() => ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_body",
+            format!("the JSON body does not match the expected shape: {e}"),
+        ),
         JsonPayloadError::Deserialize(e) => {
             ApiError::bad_request("malformed_json", format!("the body is not valid JSON: {e}"))
         }
@@ -183,11 +208,19 @@ pub fn json_error(err: JsonPayloadError, _req: &HttpRequest) -> actix_web::Error
 }
 
 pub fn path_error(err: PathError, _req: &HttpRequest) -> actix_web::Error {
-    ApiError::bad_request("invalid_path_parameter", format!("invalid path parameter: {err}")).into()
+    ApiError::bad_request(
+        "invalid_path_parameter",
+        format!("invalid path parameter: {err}"),
+    )
+    .into()
 }
 
 pub fn query_error(err: QueryPayloadError, _req: &HttpRequest) -> actix_web::Error {
-    ApiError::bad_request("invalid_query_parameter", format!("invalid query parameter: {err}")).into()
+    ApiError::bad_request(
+        "invalid_query_parameter",
+        format!("invalid query parameter: {err}"),
+    )
+    .into()
 }
 
 /// Default service: unknown routes.
@@ -232,7 +265,10 @@ pub async fn json_errors(
                 return Err(e);
             }
             let status = rendered.status();
-            let body = shaped(status, status.canonical_reason().unwrap_or("error").to_string());
+            let body = shaped(
+                status,
+                status.canonical_reason().unwrap_or("error").to_string(),
+            );
             return Err(actix_web::error::InternalError::from_response(e.to_string(), body).into());
         }
     };
@@ -258,7 +294,9 @@ fn is_json(headers: &header::HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/json") || v.starts_with("application/problem+json"))
+        .is_some_and(|v| {
+            v.starts_with("application/json") || v.starts_with("application/problem+json")
+        })
 }
 
 fn shaped(status: StatusCode, message: String) -> HttpResponse {
@@ -269,7 +307,9 @@ fn shaped(status: StatusCode, message: String) -> HttpResponse {
             details: None,
         },
     });
-    res.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     res
 }

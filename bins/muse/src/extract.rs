@@ -21,20 +21,20 @@ pub struct CurrentUser(pub Principal);
 pub struct AdminUser(pub Principal);
 
 fn bearer(req: &HttpRequest) -> Result<String, ApiError> {
-    let value = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .ok_or_else(|| ApiError::unauthorized("missing Authorization header (expected: Bearer <token>)"))?;
+    let value = req.headers().get(header::AUTHORIZATION).ok_or_else(|| {
+        ApiError::unauthorized("missing Authorization header (expected: Bearer <token>)")
+    })?;
     let value = value
         .to_str()
         .map_err(|_| ApiError::unauthorized("malformed Authorization header"))?;
-    let (scheme, token) = value
-        .trim()
-        .split_once(' ')
-        .ok_or_else(|| ApiError::unauthorized("malformed Authorization header (expected: Bearer <token>)"))?;
+    let (scheme, token) = value.trim().split_once(' ').ok_or_else(|| {
+        ApiError::unauthorized("malformed Authorization header (expected: Bearer <token>)")
+    })?;
     let token = token.trim();
     if !scheme.eq_ignore_ascii_case("bearer") || token.is_empty() || token.len() > 4096 {
-        return Err(ApiError::unauthorized("malformed Authorization header (expected: Bearer <token>)"));
+        return Err(ApiError::unauthorized(
+            "malformed Authorization header (expected: Bearer <token>)",
+        ));
     }
     Ok(token.to_string())
 }

@@ -19,15 +19,23 @@ pub struct OutboxMailer {
 
 impl OutboxMailer {
     pub fn new(dir: PathBuf, from: &str) -> Self {
-        Self { dir, from: from.to_string() }
+        Self {
+            dir,
+            from: from.to_string(),
+        }
     }
 }
 
 impl Mailer for OutboxMailer {
     fn send(&self, email: &OutgoingEmail) -> Result<(), MailError> {
-        std::fs::create_dir_all(&self.dir).map_err(|e| MailError(format!("outbox {}: {e}", self.dir.display())))?;
+        std::fs::create_dir_all(&self.dir)
+            .map_err(|e| MailError(format!("outbox {}: {e}", self.dir.display())))?;
         let now = chrono::Utc::now();
-        let name = format!("{}-{}.eml", now.format("%Y%m%dT%H%M%S%.3fZ"), uuid::Uuid::new_v4().simple());
+        let name = format!(
+            "{}-{}.eml",
+            now.format("%Y%m%dT%H%M%S%.3fZ"),
+            uuid::Uuid::new_v4().simple()
+        );
         let path = self.dir.join(name);
         let content = format!(
             "From: {}\nTo: {}\nSubject: {}\nDate: {}\nContent-Type: text/plain; charset=utf-8\n\n{}",
@@ -37,7 +45,8 @@ impl Mailer for OutboxMailer {
             now.to_rfc2822(),
             email.body
         );
-        std::fs::write(&path, content).map_err(|e| MailError(format!("outbox {}: {e}", path.display())))?;
+        std::fs::write(&path, content)
+            .map_err(|e| MailError(format!("outbox {}: {e}", path.display())))?;
         tracing::info!(path = %path.display(), subject = %email.subject, "email written to the outbox");
         Ok(())
     }
@@ -52,7 +61,9 @@ pub struct SmtpMailer {
 
 impl std::fmt::Debug for SmtpMailer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SmtpMailer").field("from", &self.from.to_string()).finish()
+        f.debug_struct("SmtpMailer")
+            .field("from", &self.from.to_string())
+            .finish()
     }
 }
 

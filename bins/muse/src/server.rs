@@ -55,7 +55,10 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Running, Sta
 pub async fn serve(config: Config) -> Result<(), StartError> {
     let bind = config.bind_addr();
     let listener = TcpListener::bind(&bind).map_err(|e| {
-        StartError::Io(std::io::Error::new(e.kind(), format!("cannot listen on {bind}: {e}")))
+        StartError::Io(std::io::Error::new(
+            e.kind(),
+            format!("cannot listen on {bind}: {e}"),
+        ))
     })?;
     let running = start(config, listener).await?;
     tracing::info!(addr = %running.addr, "Muse is listening; docs at http://{}/docs/", running.addr);

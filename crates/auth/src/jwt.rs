@@ -123,10 +123,16 @@ mod tests {
 
         let mut c = claims(4_102_444_800);
         c.aud = "elsewhere".into();
-        assert!(matches!(k.verify(&k.sign(&c).unwrap()), Err(AuthError::Unauthenticated)));
+        assert!(matches!(
+            k.verify(&k.sign(&c).unwrap()),
+            Err(AuthError::Unauthenticated)
+        ));
         let mut c = claims(4_102_444_800);
         c.iss = "someone-else".into();
-        assert!(matches!(k.verify(&k.sign(&c).unwrap()), Err(AuthError::Unauthenticated)));
+        assert!(matches!(
+            k.verify(&k.sign(&c).unwrap()),
+            Err(AuthError::Unauthenticated)
+        ));
 
         let other_key = JwtKeys::new(&Secret::new("x".repeat(32)), "muse", "muse-api");
         let t = other_key.sign(&claims(4_102_444_800)).unwrap();

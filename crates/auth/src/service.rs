@@ -129,7 +129,14 @@ impl AuthService {
         self.clock.now_ms()
     }
 
-    fn audit(&self, user_id: Option<Uuid>, event: &str, subject: Option<&str>, ctx: &RequestContext, detail: Option<serde_json::Value>) {
+    fn audit(
+        &self,
+        user_id: Option<Uuid>,
+        event: &str,
+        subject: Option<&str>,
+        ctx: &RequestContext,
+        detail: Option<serde_json::Value>,
+    ) {
         let row = AuditEvent {
             id: Uuid::now_v7(),
             user_id,
@@ -172,11 +179,15 @@ impl AuthService {
         role: Role,
     ) -> Result<User, AuthError> {
         let mut errors = Vec::new();
-        let email = validate::normalize_email(email).map_err(|e| errors.push(e)).ok();
+        let email = validate::normalize_email(email)
+            .map_err(|e| errors.push(e))
+            .ok();
         let username = validate::normalize_username(username)
             .map_err(|e| errors.push(e))
             .ok();
-        if let Err(e) = validate::check_password("password", password, email.as_deref(), username.as_deref()) {
+        if let Err(e) =
+            validate::check_password("password", password, email.as_deref(), username.as_deref())
+        {
             errors.push(e);
         }
         let (Some(email), Some(username), true) = (email, username, errors.is_empty()) else {
@@ -203,7 +214,9 @@ impl AuthService {
         };
         match self.repo.create_user(&user) {
             Ok(()) => Ok(user),
-            Err(RepoError::Conflict(what)) if what.contains("username") => Err(AuthError::UsernameTaken),
+            Err(RepoError::Conflict(what)) if what.contains("username") => {
+                Err(AuthError::UsernameTaken)
+            }
             Err(RepoError::Conflict(_)) => Err(AuthError::EmailTaken),
             Err(e) => Err(e.into()),
         }
@@ -211,35 +224,63 @@ impl AuthService {
 
     /// Creates an admin account (CLI and first-start bootstrap). The email
     /// counts as verified.
-    pub fn create_admin(&self, email: &str, username: &str, password: &str) -> Result<User, AuthError> {
+    pub fn create_admin(
+        &self,
+        email: &str,
+        username: &str,
+        password: &str,
+    ) -> Result<User, AuthError> {
         let mut user = self.create_user(email, username, password, Role::Admin)?;
         let now = self.now();
         self.repo.mark_email_verified(user.id, now)?;
         user.email_verified_at = Some(now);
-        self.audit(Some(user.id), audit::ADMIN_CREATED, None, &RequestContext::default(), None);
+        self.audit(
+            Some(user.id),
+            audit::ADMIN_CREATED,
+            None,
+            &RequestContext::default(),
+            None,
+        );
         Ok(user)
     }
 
     // ----- login, refresh, logout ---------------------------------------
 
-    fn throttle_wait(&self, query: AuditQuery<'_>, max: u32, now: i64) -> Result<Option<u64>, AuthError> {
+    fn throttle_wait(
+        &self,
+        query: AuditQuery<'_>,
+        max: u32,
+        now: i64,
+    ) -> Result<Option<u64>, AuthError> {
         if max == 0 {
             return Ok(None);
         }
         let window_ms = self.config.throttle.window_secs * 1000;
-        let times = self.repo.audit_times_since(audit::LOGIN_FAILED, query, now - window_ms, i64::from(max))?;
+        let times = self.repo.audit_times_since(
+            audit::LOGIN_FAILED,
+            query,
+            now - window_ms,
+            i64::from(max),
+        )?;
         if times.len() < max as usize {
             return Ok(None);
         }
         // The oldest of the last `max` failures must leave the window.
         let oldest = times.first().copied().unwrap_or(now);
         let wait_ms = (oldest + window_ms - now).max(1000);
-        Ok(Some(u64::try_from(wait_ms.div_euclid(1000) + 1).unwrap_or(1)))
+        Ok(Some(
+            u64::try_from(wait_ms.div_euclid(1000) + 1).unwrap_or(1),
+        ))
     }
 
     /// Checks credentials and opens a session. Throttled per account and
     /// per IP *before* any bcrypt work.
-    pub fn login(&self, email: &str, password: &str, ctx: &RequestContext) -> Result<TokenPair, AuthError> {
+    pub fn login(
+        &self,
+        email: &str,
+        password: &str,
+        ctx: &RequestContext,
+    ) -> Result<TokenPair, AuthError> {
         // Something that is not an email cannot match an account; it still
         // costs a bcrypt run and counts against the client's address.
         let email = validate::normalize_email(email).ok();
@@ -264,9 +305,10 @@ impl AuthService {
             Some(u) => verify_password(password, &u.password_hash),
             None => {
                 // Same work as for a real account, so timing tells nothing.
-                let dummy = self
-                    .dummy_hash
-                    .get_or_init(|| hash_password("muse-dummy-password", self.config.bcrypt_cost).unwrap_or_default());
+                let dummy = self.dummy_hash.get_or_init(|| {
+                    hash_password("muse-dummy-password", self.config.bcrypt_cost)
+                        .unwrap_or_default()
+                });
                 let _ = verify_password(password, dummy);
                 false
             }
@@ -274,16 +316,34 @@ impl AuthService {
         let user = match (user, ok) {
             (Some(u), true) => u,
             (u, _) => {
-                self.audit(u.map(|u| u.id), audit::LOGIN_FAILED, email.as_deref(), ctx, None);
+                self.audit(
+                    u.map(|u| u.id),
+                    audit::LOGIN_FAILED,
+                    email.as_deref(),
+                    ctx,
+                    None,
+                );
                 return Err(AuthError::InvalidCredentials);
             }
         };
         if user.status == UserStatus::Suspended {
-            self.audit(Some(user.id), audit::LOGIN_FAILED, email.as_deref(), ctx, Some(json!({"reason": "suspended"})));
+            self.audit(
+                Some(user.id),
+                audit::LOGIN_FAILED,
+                email.as_deref(),
+                ctx,
+                Some(json!({"reason": "suspended"})),
+            );
             return Err(AuthError::Suspended);
         }
         let pair = self.open_session(user, ctx)?;
-        self.audit(Some(pair.user.id), audit::LOGIN_SUCCEEDED, email.as_deref(), ctx, None);
+        self.audit(
+            Some(pair.user.id),
+            audit::LOGIN_SUCCEEDED,
+            email.as_deref(),
+            ctx,
+            None,
+        );
         Ok(pair)
     }
 
@@ -297,7 +357,10 @@ impl AuthService {
             revoked_at: None,
             revoked_reason: None,
             ip: ctx.ip.clone(),
-            user_agent: ctx.user_agent.as_ref().map(|ua| ua.chars().take(256).collect()),
+            user_agent: ctx
+                .user_agent
+                .as_ref()
+                .map(|ua| ua.chars().take(256).collect()),
         };
         let (refresh, refresh_secret) = self.new_refresh_token(session.id, session.expires_at);
         self.repo.create_session(&session, &refresh)?;
@@ -317,7 +380,12 @@ impl AuthService {
         (row, secret)
     }
 
-    fn issue(&self, user: User, session: &Session, refresh_secret: String) -> Result<TokenPair, AuthError> {
+    fn issue(
+        &self,
+        user: User,
+        session: &Session,
+        refresh_secret: String,
+    ) -> Result<TokenPair, AuthError> {
         let now_s = self.clock.now_secs();
         let claims = Claims {
             iss: self.jwt.issuer().to_string(),
@@ -339,7 +407,11 @@ impl AuthService {
 
     /// Exchanges a refresh token for a new pair. Each refresh token works
     /// once; presenting a used one revokes its whole session.
-    pub fn refresh(&self, refresh_token: &str, ctx: &RequestContext) -> Result<TokenPair, AuthError> {
+    pub fn refresh(
+        &self,
+        refresh_token: &str,
+        ctx: &RequestContext,
+    ) -> Result<TokenPair, AuthError> {
         let now = self.now();
         let token = self
             .repo
@@ -353,8 +425,15 @@ impl AuthService {
             return Err(AuthError::InvalidRefreshToken);
         }
         if token.used_at.is_some() || !self.repo.consume_refresh_token(token.id, now)? {
-            self.repo.revoke_session(session.id, now, "refresh_token_reuse")?;
-            self.audit(Some(user.id), audit::REFRESH_REUSED, None, ctx, Some(json!({"session_id": session.id})));
+            self.repo
+                .revoke_session(session.id, now, "refresh_token_reuse")?;
+            self.audit(
+                Some(user.id),
+                audit::REFRESH_REUSED,
+                None,
+                ctx,
+                Some(json!({"session_id": session.id})),
+            );
             return Err(AuthError::InvalidRefreshToken);
         }
         if token.expires_at <= now || session.expires_at <= now {
@@ -374,7 +453,8 @@ impl AuthService {
         let AuthMethod::Session { session_id, .. } = &principal.method else {
             return Err(AuthError::SessionRequired);
         };
-        self.repo.revoke_session(*session_id, self.now(), "logout")?;
+        self.repo
+            .revoke_session(*session_id, self.now(), "logout")?;
         self.audit(Some(principal.user.id), audit::LOGOUT, None, ctx, None);
         Ok(())
     }
@@ -443,7 +523,8 @@ impl AuthService {
         expires_in_days: Option<u32>,
         ctx: &RequestContext,
     ) -> Result<NewApiKey, AuthError> {
-        let name = validate::check_api_key_name(name).map_err(|e| AuthError::Validation(vec![e]))?;
+        let name =
+            validate::check_api_key_name(name).map_err(|e| AuthError::Validation(vec![e]))?;
         if let Some(d) = expires_in_days {
             if !(1..=3650).contains(&d) {
                 return Err(AuthError::Validation(vec![FieldError::new(
@@ -472,7 +553,13 @@ impl AuthService {
             revoked_at: None,
         };
         self.repo.create_api_key(&key)?;
-        self.audit(Some(user_id), audit::API_KEY_CREATED, None, ctx, Some(json!({"key_id": key.id, "name": key.name})));
+        self.audit(
+            Some(user_id),
+            audit::API_KEY_CREATED,
+            None,
+            ctx,
+            Some(json!({"key_id": key.id, "name": key.name})),
+        );
         Ok(NewApiKey { key, secret })
     }
 
@@ -481,17 +568,36 @@ impl AuthService {
     }
 
     /// Revokes one of the caller's keys; another user's key id is "not found".
-    pub fn revoke_api_key(&self, principal: &Principal, key_id: Uuid, ctx: &RequestContext) -> Result<(), AuthError> {
-        if !self.repo.revoke_api_key(principal.user.id, key_id, self.now())? {
+    pub fn revoke_api_key(
+        &self,
+        principal: &Principal,
+        key_id: Uuid,
+        ctx: &RequestContext,
+    ) -> Result<(), AuthError> {
+        if !self
+            .repo
+            .revoke_api_key(principal.user.id, key_id, self.now())?
+        {
             return Err(AuthError::ApiKeyNotFound);
         }
-        self.audit(Some(principal.user.id), audit::API_KEY_REVOKED, None, ctx, Some(json!({"key_id": key_id})));
+        self.audit(
+            Some(principal.user.id),
+            audit::API_KEY_REVOKED,
+            None,
+            ctx,
+            Some(json!({"key_id": key_id})),
+        );
         Ok(())
     }
 
     // ----- email verification and password reset ------------------------
 
-    fn new_email_token(&self, user_id: Uuid, purpose: EmailTokenPurpose, ttl_secs: i64) -> Result<String, AuthError> {
+    fn new_email_token(
+        &self,
+        user_id: Uuid,
+        purpose: EmailTokenPurpose,
+        ttl_secs: i64,
+    ) -> Result<String, AuthError> {
         let secret = random_token(32);
         let now = self.now();
         self.repo.create_email_token(&EmailToken {
@@ -511,7 +617,11 @@ impl AuthService {
         if user.email_verified_at.is_some() {
             return Ok(());
         }
-        let token = self.new_email_token(user.id, EmailTokenPurpose::VerifyEmail, self.config.verify_email_ttl_secs)?;
+        let token = self.new_email_token(
+            user.id,
+            EmailTokenPurpose::VerifyEmail,
+            self.config.verify_email_ttl_secs,
+        )?;
         let base = &self.config.public_url;
         let body = format!(
             "Hello {name},\n\nconfirm your email address for Muse by opening this link:\n\n  {base}/verify-email?token={token}\n\n\
@@ -550,11 +660,21 @@ impl AuthService {
         let user = match self.repo.user_by_email(&email)? {
             Some(u) if u.status == UserStatus::Active => u,
             _ => {
-                self.audit(None, audit::PASSWORD_RESET_REQUESTED, Some(&email), ctx, Some(json!({"account": false})));
+                self.audit(
+                    None,
+                    audit::PASSWORD_RESET_REQUESTED,
+                    Some(&email),
+                    ctx,
+                    Some(json!({"account": false})),
+                );
                 return Ok(());
             }
         };
-        let token = self.new_email_token(user.id, EmailTokenPurpose::ResetPassword, self.config.reset_password_ttl_secs)?;
+        let token = self.new_email_token(
+            user.id,
+            EmailTokenPurpose::ResetPassword,
+            self.config.reset_password_ttl_secs,
+        )?;
         let base = &self.config.public_url;
         let body = format!(
             "Hello {name},\n\nsomeone (hopefully you) asked to reset your Muse password. Choose a new one here:\n\n  \
@@ -572,12 +692,23 @@ impl AuthService {
         if let Err(e) = sent {
             tracing::error!(error = %e, user_id = %user.id, "password reset email not sent");
         }
-        self.audit(Some(user.id), audit::PASSWORD_RESET_REQUESTED, Some(&email), ctx, None);
+        self.audit(
+            Some(user.id),
+            audit::PASSWORD_RESET_REQUESTED,
+            Some(&email),
+            ctx,
+            None,
+        );
         Ok(())
     }
 
     /// Sets a new password from a reset token and revokes every session.
-    pub fn reset_password(&self, token: &str, new_password: &str, ctx: &RequestContext) -> Result<(), AuthError> {
+    pub fn reset_password(
+        &self,
+        token: &str,
+        new_password: &str,
+        ctx: &RequestContext,
+    ) -> Result<(), AuthError> {
         validate::check_password("new_password", new_password, None, None)
             .map_err(|e| AuthError::Validation(vec![e]))?;
         let hash = hash_password(new_password, self.config.bcrypt_cost)?;
@@ -590,7 +721,11 @@ impl AuthService {
     }
 
     /// Audit events of one user (or all, for admins), newest first.
-    pub fn audit_log(&self, user_id: Option<Uuid>, page: PageRequest) -> Result<Page<AuditEvent>, AuthError> {
+    pub fn audit_log(
+        &self,
+        user_id: Option<Uuid>,
+        page: PageRequest,
+    ) -> Result<Page<AuditEvent>, AuthError> {
         Ok(self.repo.list_audit(user_id, page)?)
     }
 }

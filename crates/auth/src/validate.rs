@@ -60,7 +60,7 @@ pub fn normalize_email(raw: &str) -> Result<String, FieldError> {
 pub fn normalize_username(raw: &str) -> Result<String, FieldError> {
     let name = raw.trim().to_ascii_lowercase();
     let len = name.chars().count();
-    if len < USERNAME_MIN_CHARS || len > USERNAME_MAX_CHARS {
+    if !(USERNAME_MIN_CHARS..=USERNAME_MAX_CHARS).contains(&len) {
         return Err(FieldError::new(
             "username",
             "invalid_length",
@@ -158,19 +158,42 @@ mod tests {
     #[test]
     fn common_list_is_sorted_for_binary_search() {
         assert!(COMMON_PASSWORDS.windows(2).all(|w| w[0] < w[1]));
-        assert!(COMMON_PASSWORDS.iter().all(|p| p.len() >= PASSWORD_MIN_CHARS));
+        assert!(COMMON_PASSWORDS
+            .iter()
+            .all(|p| p.len() >= PASSWORD_MIN_CHARS));
     }
 
     #[test]
     fn emails() {
-        assert_eq!(normalize_email("  Ada@Example.COM ").unwrap(), "ada@example.com");
-        assert_eq!(normalize_email("a.b+tag@sub.example.io").unwrap(), "a.b+tag@sub.example.io");
-        for bad in ["", "ada", "ada@", "@example.com", "ada@example", "ada@@example.com",
-            "a da@example.com", "ada@exa_mple.com", "ada@-example.com", "ada.@example.com",
-            "ada@example..com"] {
+        assert_eq!(
+            normalize_email("  Ada@Example.COM ").unwrap(),
+            "ada@example.com"
+        );
+        assert_eq!(
+            normalize_email("a.b+tag@sub.example.io").unwrap(),
+            "a.b+tag@sub.example.io"
+        );
+        for bad in [
+            "",
+            "ada",
+            "ada@",
+            "@example.com",
+            "ada@example",
+            "ada@@example.com",
+            "a da@example.com",
+            "ada@exa_mple.com",
+            "ada@-example.com",
+            "ada.@example.com",
+            "ada@example..com",
+        ] {
             assert!(normalize_email(bad).is_err(), "{bad} should be refused");
         }
-        assert_eq!(normalize_email(&format!("{}@example.com", "a".repeat(250))).unwrap_err().code, "too_long");
+        assert_eq!(
+            normalize_email(&format!("{}@example.com", "a".repeat(250)))
+                .unwrap_err()
+                .code,
+            "too_long"
+        );
     }
 
     #[test]
@@ -185,16 +208,40 @@ mod tests {
     fn passwords() {
         assert!(check_password("password", "correct horse battery", None, None).is_ok());
         assert!(check_password("password", "ünïcödé-pässwörd", None, None).is_ok());
-        assert_eq!(check_password("password", "short", None, None).unwrap_err().code, "too_short");
-        assert_eq!(check_password("password", &"x".repeat(129), None, None).unwrap_err().code, "too_long");
-        assert!(check_password("password", &"x".repeat(128), None, None).is_ok());
-        assert_eq!(check_password("password", "Password123", None, None).unwrap_err().code, "too_common");
         assert_eq!(
-            check_password("password", "adalovelace", Some("adalovelace@example.com"), None).unwrap_err().code,
+            check_password("password", "short", None, None)
+                .unwrap_err()
+                .code,
+            "too_short"
+        );
+        assert_eq!(
+            check_password("password", &"x".repeat(129), None, None)
+                .unwrap_err()
+                .code,
+            "too_long"
+        );
+        assert!(check_password("password", &"x".repeat(128), None, None).is_ok());
+        assert_eq!(
+            check_password("password", "Password123", None, None)
+                .unwrap_err()
+                .code,
+            "too_common"
+        );
+        assert_eq!(
+            check_password(
+                "password",
+                "adalovelace",
+                Some("adalovelace@example.com"),
+                None
+            )
+            .unwrap_err()
+            .code,
             "matches_identity"
         );
         assert_eq!(
-            check_password("password", "ada_the_dev", None, Some("ada_the_dev")).unwrap_err().code,
+            check_password("password", "ada_the_dev", None, Some("ada_the_dev"))
+                .unwrap_err()
+                .code,
             "matches_identity"
         );
     }

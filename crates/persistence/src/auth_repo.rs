@@ -21,7 +21,9 @@ impl DieselAuthRepository {
     }
 
     fn conn(&self) -> RepoResult<crate::db::PooledConn> {
-        self.db.get().map_err(|e| RepoError::Unavailable(e.to_string()))
+        self.db
+            .get()
+            .map_err(|e| RepoError::Unavailable(e.to_string()))
     }
 }
 
@@ -83,7 +85,8 @@ impl UserRow {
     fn into_domain(self) -> RepoResult<User> {
         Ok(User {
             id: uuid(&self.id)?,
-            role: Role::parse(&self.role).ok_or_else(|| RepoError::Corrupt(format!("role {:?}", self.role)))?,
+            role: Role::parse(&self.role)
+                .ok_or_else(|| RepoError::Corrupt(format!("role {:?}", self.role)))?,
             status: UserStatus::parse(&self.status)
                 .ok_or_else(|| RepoError::Corrupt(format!("status {:?}", self.status)))?,
             email: self.email,
@@ -271,7 +274,9 @@ impl AuditRow {
 
 impl AuthRepository for DieselAuthRepository {
     fn ping(&self) -> RepoResult<()> {
-        self.db.ping().map_err(|e| RepoError::Unavailable(e.to_string()))
+        self.db
+            .ping()
+            .map_err(|e| RepoError::Unavailable(e.to_string()))
     }
 
     fn create_user(&self, user: &User) -> RepoResult<()> {
@@ -339,11 +344,18 @@ impl AuthRepository for DieselAuthRepository {
 
     fn mark_email_verified(&self, id: Uuid, now: i64) -> RepoResult<()> {
         let mut conn = self.conn()?;
-        diesel::update(users::table.find(id.to_string()).filter(users::email_verified_at.is_null()))
-            .set((users::email_verified_at.eq(Some(now)), users::updated_at.eq(now)))
-            .execute(&mut *conn)
-            .map(|_| ())
-            .map_err(map_err)
+        diesel::update(
+            users::table
+                .find(id.to_string())
+                .filter(users::email_verified_at.is_null()),
+        )
+        .set((
+            users::email_verified_at.eq(Some(now)),
+            users::updated_at.eq(now),
+        ))
+        .execute(&mut *conn)
+        .map(|_| ())
+        .map_err(map_err)
     }
 
     fn count_users_with_role(&self, role: Role) -> RepoResult<u64> {
@@ -379,7 +391,8 @@ impl AuthRepository for DieselAuthRepository {
             .first(&mut *conn)
             .optional()
             .map_err(map_err)?;
-        row.map(|(s, u)| Ok((s.into_domain()?, u.into_domain()?))).transpose()
+        row.map(|(s, u)| Ok((s.into_domain()?, u.into_domain()?)))
+            .transpose()
     }
 
     fn refresh_token_by_hash(&self, token_hash: &str) -> RepoResult<Option<RefreshToken>> {
@@ -423,7 +436,10 @@ impl AuthRepository for DieselAuthRepository {
                 .find(session_id.to_string())
                 .filter(sessions::revoked_at.is_null()),
         )
-        .set((sessions::revoked_at.eq(Some(now)), sessions::revoked_reason.eq(Some(reason))))
+        .set((
+            sessions::revoked_at.eq(Some(now)),
+            sessions::revoked_reason.eq(Some(reason)),
+        ))
         .execute(&mut *conn)
         .map(|_| ())
         .map_err(map_err)
@@ -436,7 +452,10 @@ impl AuthRepository for DieselAuthRepository {
                 .filter(sessions::user_id.eq(user_id.to_string()))
                 .filter(sessions::revoked_at.is_null()),
         )
-        .set((sessions::revoked_at.eq(Some(now)), sessions::revoked_reason.eq(Some(reason))))
+        .set((
+            sessions::revoked_at.eq(Some(now)),
+            sessions::revoked_reason.eq(Some(reason)),
+        ))
         .execute(&mut *conn)
         .map_err(map_err)?;
         Ok(n as u64)
@@ -474,7 +493,8 @@ impl AuthRepository for DieselAuthRepository {
             .first(&mut *conn)
             .optional()
             .map_err(map_err)?;
-        row.map(|(k, u)| Ok((k.into_domain()?, u.into_domain()?))).transpose()
+        row.map(|(k, u)| Ok((k.into_domain()?, u.into_domain()?)))
+            .transpose()
     }
 
     fn touch_api_key(&self, id: Uuid, now: i64) -> RepoResult<()> {
@@ -547,7 +567,12 @@ impl AuthRepository for DieselAuthRepository {
             .transpose()
     }
 
-    fn reset_password(&self, token_hash: &str, new_password_hash: &str, now: i64) -> RepoResult<Option<Uuid>> {
+    fn reset_password(
+        &self,
+        token_hash: &str,
+        new_password_hash: &str,
+        now: i64,
+    ) -> RepoResult<Option<Uuid>> {
         let mut conn = self.conn()?;
         let purpose = EmailTokenPurpose::ResetPassword.as_str();
         let result: Result<Option<String>, DieselError> = conn.transaction(|c| {
@@ -569,14 +594,20 @@ impl AuthRepository for DieselAuthRepository {
                 .select(email_tokens::user_id)
                 .first(c)?;
             diesel::update(users::table.find(&user_id))
-                .set((users::password_hash.eq(new_password_hash), users::updated_at.eq(now)))
+                .set((
+                    users::password_hash.eq(new_password_hash),
+                    users::updated_at.eq(now),
+                ))
                 .execute(c)?;
             diesel::update(
                 sessions::table
                     .filter(sessions::user_id.eq(&user_id))
                     .filter(sessions::revoked_at.is_null()),
             )
-            .set((sessions::revoked_at.eq(Some(now)), sessions::revoked_reason.eq(Some("password_reset"))))
+            .set((
+                sessions::revoked_at.eq(Some(now)),
+                sessions::revoked_reason.eq(Some("password_reset")),
+            ))
             .execute(c)?;
             // Other outstanding reset links die with this one.
             diesel::update(
@@ -609,7 +640,13 @@ impl AuthRepository for DieselAuthRepository {
             .map_err(map_err)
     }
 
-    fn audit_times_since(&self, event: &str, query: AuditQuery<'_>, since: i64, limit: i64) -> RepoResult<Vec<i64>> {
+    fn audit_times_since(
+        &self,
+        event: &str,
+        query: AuditQuery<'_>,
+        since: i64,
+        limit: i64,
+    ) -> RepoResult<Vec<i64>> {
         let mut conn = self.conn()?;
         let mut q = audit_events::table
             .filter(audit_events::event.eq(event))

@@ -19,7 +19,9 @@ pub type PooledConn = r2d2::PooledConnection<Manager>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
-    #[error("unsupported DATABASE_URL scheme in {0:?}: use sqlite://PATH or postgres://USER@HOST/DB")]
+    #[error(
+        "unsupported DATABASE_URL scheme in {0:?}: use sqlite://PATH or postgres://USER@HOST/DB"
+    )]
     UnknownScheme(String),
     #[error("cannot open the database: {0}")]
     Connect(String),
@@ -68,7 +70,10 @@ impl Backend {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             return Ok(Backend::Postgres(url.to_string()));
         }
-        if let Some(rest) = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")) {
+        if let Some(rest) = url
+            .strip_prefix("sqlite://")
+            .or_else(|| url.strip_prefix("sqlite:"))
+        {
             let path = rest.split('?').next().unwrap_or_default();
             if path.is_empty() {
                 return Err(DbError::UnknownScheme(url.to_string()));
@@ -135,7 +140,9 @@ pub struct Database {
 
 impl std::fmt::Debug for Database {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Database").field("backend", &self.backend).finish()
+        f.debug_struct("Database")
+            .field("backend", &self.backend)
+            .finish()
     }
 }
 
@@ -176,7 +183,9 @@ impl Database {
     }
 
     pub fn get(&self) -> Result<PooledConn, DbError> {
-        self.pool.get().map_err(|e| DbError::Unavailable(e.to_string()))
+        self.pool
+            .get()
+            .map_err(|e| DbError::Unavailable(e.to_string()))
     }
 
     /// Applies the embedded migrations of this backend; returns how many ran.
@@ -184,7 +193,9 @@ impl Database {
         let mut conn = self.get()?;
         let applied = match &mut *conn {
             DbConnection::Sqlite(c) => c.run_pending_migrations(SQLITE_MIGRATIONS).map(|v| v.len()),
-            DbConnection::Pg(c) => c.run_pending_migrations(POSTGRES_MIGRATIONS).map(|v| v.len()),
+            DbConnection::Pg(c) => c
+                .run_pending_migrations(POSTGRES_MIGRATIONS)
+                .map(|v| v.len()),
         }
         .map_err(|e| DbError::Migration(e.to_string()))?;
         Ok(applied)
@@ -214,20 +225,48 @@ mod tests {
 
     #[test]
     fn parses_urls_by_scheme() {
-        assert_eq!(Backend::parse("sqlite://data/muse.db").unwrap(), Backend::Sqlite("data/muse.db".into()));
-        assert_eq!(Backend::parse("sqlite:///tmp/m.db").unwrap(), Backend::Sqlite("/tmp/m.db".into()));
-        assert_eq!(Backend::parse("sqlite:m.db").unwrap(), Backend::Sqlite("m.db".into()));
-        assert!(matches!(Backend::parse("postgresql://u@h/db").unwrap(), Backend::Postgres(_)));
-        for bad in ["mysql://root@localhost/db", "data/muse.db", "sqlite://", "http://x"] {
-            assert!(matches!(Backend::parse(bad), Err(DbError::UnknownScheme(_))), "{bad}");
+        assert_eq!(
+            Backend::parse("sqlite://data/muse.db").unwrap(),
+            Backend::Sqlite("data/muse.db".into())
+        );
+        assert_eq!(
+            Backend::parse("sqlite:///tmp/m.db").unwrap(),
+            Backend::Sqlite("/tmp/m.db".into())
+        );
+        assert_eq!(
+            Backend::parse("sqlite:m.db").unwrap(),
+            Backend::Sqlite("m.db".into())
+        );
+        assert!(matches!(
+            Backend::parse("postgresql://u@h/db").unwrap(),
+            Backend::Postgres(_)
+        ));
+        for bad in [
+            "mysql://root@localhost/db",
+            "data/muse.db",
+            "sqlite://",
+            "http://x",
+        ] {
+            assert!(
+                matches!(Backend::parse(bad), Err(DbError::UnknownScheme(_))),
+                "{bad}"
+            );
         }
     }
 
     #[test]
     fn redacts_passwords() {
-        assert_eq!(redact_url("postgres://muse:s3cret@db:5432/muse"), "postgres://muse:***@db:5432/muse");
-        assert_eq!(redact_url("postgres://muse@db/muse"), "postgres://muse@db/muse");
-        let e = Backend::parse("mysql://root:pw@h/db").unwrap_err().to_string();
+        assert_eq!(
+            redact_url("postgres://muse:s3cret@db:5432/muse"),
+            "postgres://muse:***@db:5432/muse"
+        );
+        assert_eq!(
+            redact_url("postgres://muse@db/muse"),
+            "postgres://muse@db/muse"
+        );
+        let e = Backend::parse("mysql://root:pw@h/db")
+            .unwrap_err()
+            .to_string();
         assert!(!e.contains("pw@"), "{e}");
     }
 }

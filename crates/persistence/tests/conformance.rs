@@ -1,3 +1,5 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 //! The same repository tests on every backend: SQLite always, PostgreSQL
 //! too when `TEST_DATABASE_URL` is set. Each test gets its own database.
 
@@ -70,12 +72,67 @@ fn migrations_are_idempotent_and_match_schema_rs() {
         let mut conn = db.get().unwrap();
         let c: &mut DbConnection = &mut conn;
         // Every column schema.rs declares must exist with a readable type.
-        users::table.select(users::all_columns).load::<(String, String, String, String, String, String, Option<i64>, i64, i64)>(c).unwrap();
-        sessions::table.select(sessions::all_columns).load::<(String, String, i64, i64, Option<i64>, Option<String>, Option<String>, Option<String>)>(c).unwrap();
-        refresh_tokens::table.select(refresh_tokens::all_columns).load::<(String, String, String, i64, i64, Option<i64>)>(c).unwrap();
-        api_keys::table.select(api_keys::all_columns).load::<(String, String, String, String, String, i64, Option<i64>, Option<i64>, Option<i64>)>(c).unwrap();
-        email_tokens::table.select(email_tokens::all_columns).load::<(String, String, String, String, i64, i64, Option<i64>)>(c).unwrap();
-        audit_events::table.select(audit_events::all_columns).load::<(String, Option<String>, String, Option<String>, Option<String>, Option<String>, i64)>(c).unwrap();
+        users::table
+            .select(users::all_columns)
+            .load::<(
+                String,
+                String,
+                String,
+                String,
+                String,
+                String,
+                Option<i64>,
+                i64,
+                i64,
+            )>(c)
+            .unwrap();
+        sessions::table
+            .select(sessions::all_columns)
+            .load::<(
+                String,
+                String,
+                i64,
+                i64,
+                Option<i64>,
+                Option<String>,
+                Option<String>,
+                Option<String>,
+            )>(c)
+            .unwrap();
+        refresh_tokens::table
+            .select(refresh_tokens::all_columns)
+            .load::<(String, String, String, i64, i64, Option<i64>)>(c)
+            .unwrap();
+        api_keys::table
+            .select(api_keys::all_columns)
+            .load::<(
+                String,
+                String,
+                String,
+                String,
+                String,
+                i64,
+                Option<i64>,
+                Option<i64>,
+                Option<i64>,
+            )>(c)
+            .unwrap();
+        email_tokens::table
+            .select(email_tokens::all_columns)
+            .load::<(String, String, String, String, i64, i64, Option<i64>)>(c)
+            .unwrap();
+        audit_events::table
+            .select(audit_events::all_columns)
+            .load::<(
+                String,
+                Option<String>,
+                String,
+                Option<String>,
+                Option<String>,
+                Option<String>,
+                i64,
+            )>(c)
+            .unwrap();
     });
 }
 
@@ -85,7 +142,10 @@ fn users_round_trip_and_duplicates_conflict() {
         let u = user("ada@example.com", "ada");
         repo.create_user(&u).unwrap();
         assert_eq!(repo.user_by_id(u.id).unwrap().unwrap(), u);
-        assert_eq!(repo.user_by_email("ada@example.com").unwrap().unwrap().id, u.id);
+        assert_eq!(
+            repo.user_by_email("ada@example.com").unwrap().unwrap().id,
+            u.id
+        );
         assert_eq!(repo.user_by_username("ada").unwrap().unwrap().id, u.id);
         assert!(repo.user_by_email("nobody@example.com").unwrap().is_none());
 
@@ -98,15 +158,25 @@ fn users_round_trip_and_duplicates_conflict() {
             other => panic!("expected conflict, got {other:?}"),
         }
 
-        assert!(repo.set_user_status(u.id, UserStatus::Suspended, 2_000).unwrap());
+        assert!(repo
+            .set_user_status(u.id, UserStatus::Suspended, 2_000)
+            .unwrap());
         assert!(repo.set_user_role(u.id, Role::Admin, 2_000).unwrap());
-        assert!(!repo.set_user_role(Uuid::now_v7(), Role::Admin, 2_000).unwrap());
+        assert!(!repo
+            .set_user_role(Uuid::now_v7(), Role::Admin, 2_000)
+            .unwrap());
         let back = repo.user_by_id(u.id).unwrap().unwrap();
-        assert_eq!((back.status, back.role, back.updated_at), (UserStatus::Suspended, Role::Admin, 2_000));
+        assert_eq!(
+            (back.status, back.role, back.updated_at),
+            (UserStatus::Suspended, Role::Admin, 2_000)
+        );
         assert_eq!(repo.count_users_with_role(Role::Admin).unwrap(), 1);
         repo.mark_email_verified(u.id, 3_000).unwrap();
         repo.mark_email_verified(u.id, 4_000).unwrap();
-        assert_eq!(repo.user_by_id(u.id).unwrap().unwrap().email_verified_at, Some(3_000));
+        assert_eq!(
+            repo.user_by_id(u.id).unwrap().unwrap().email_verified_at,
+            Some(3_000)
+        );
     });
 }
 
@@ -129,7 +199,10 @@ fn refresh_tokens_are_consumed_exactly_once_under_concurrency() {
         repo.create_session(&s, &t).unwrap();
         let (got_s, got_u) = repo.session_with_user(s.id).unwrap().unwrap();
         assert_eq!((got_s, got_u.id), (s.clone(), u.id));
-        assert_eq!(repo.refresh_token_by_hash(&t.token_hash).unwrap().unwrap(), t);
+        assert_eq!(
+            repo.refresh_token_by_hash(&t.token_hash).unwrap().unwrap(),
+            t
+        );
 
         let barrier = Arc::new(Barrier::new(4));
         let wins: usize = std::thread::scope(|scope| {
@@ -142,18 +215,33 @@ fn refresh_tokens_are_consumed_exactly_once_under_concurrency() {
                     })
                 })
                 .collect();
-            handles.into_iter().map(|h| usize::from(h.join().unwrap())).sum()
+            handles
+                .into_iter()
+                .map(|h| usize::from(h.join().unwrap()))
+                .sum()
         });
         assert_eq!(wins, 1);
-        assert_eq!(repo.refresh_token_by_hash(&t.token_hash).unwrap().unwrap().used_at, Some(2_000));
+        assert_eq!(
+            repo.refresh_token_by_hash(&t.token_hash)
+                .unwrap()
+                .unwrap()
+                .used_at,
+            Some(2_000)
+        );
 
         let (_, next) = session(u.id);
-        let next = RefreshToken { session_id: s.id, ..next };
+        let next = RefreshToken {
+            session_id: s.id,
+            ..next
+        };
         repo.insert_refresh_token(&next).unwrap();
         repo.revoke_session(s.id, 3_000, "logout").unwrap();
         repo.revoke_session(s.id, 4_000, "again").unwrap();
         let (after, _) = repo.session_with_user(s.id).unwrap().unwrap();
-        assert_eq!((after.revoked_at, after.revoked_reason.as_deref()), (Some(3_000), Some("logout")));
+        assert_eq!(
+            (after.revoked_at, after.revoked_reason.as_deref()),
+            (Some(3_000), Some("logout"))
+        );
 
         let (s2, t2) = session(u.id);
         let (s3, t3) = session(u.id);
@@ -188,11 +276,24 @@ fn api_keys_are_scoped_to_their_owner() {
         let (k, u) = repo.api_key_with_user("kh-1").unwrap().unwrap();
         assert_eq!((k.id, u.id), (key.id, a.id));
         repo.touch_api_key(key.id, 1_500).unwrap();
-        assert_eq!(repo.api_key_with_user("kh-1").unwrap().unwrap().0.last_used_at, Some(1_500));
+        assert_eq!(
+            repo.api_key_with_user("kh-1")
+                .unwrap()
+                .unwrap()
+                .0
+                .last_used_at,
+            Some(1_500)
+        );
 
-        assert!(!repo.revoke_api_key(b.id, key.id, 2_000).unwrap(), "another user cannot revoke it");
+        assert!(
+            !repo.revoke_api_key(b.id, key.id, 2_000).unwrap(),
+            "another user cannot revoke it"
+        );
         assert!(repo.revoke_api_key(a.id, key.id, 2_000).unwrap());
-        assert!(!repo.revoke_api_key(a.id, key.id, 2_000).unwrap(), "already revoked");
+        assert!(
+            !repo.revoke_api_key(a.id, key.id, 2_000).unwrap(),
+            "already revoked"
+        );
         assert!(repo.active_api_keys(a.id).unwrap().is_empty());
     });
 }
@@ -211,24 +312,77 @@ fn email_tokens_are_single_use_and_expire() {
             expires_at,
             used_at: None,
         };
-        repo.create_email_token(&tok("v1", EmailTokenPurpose::VerifyEmail, 5_000)).unwrap();
-        repo.create_email_token(&tok("v2", EmailTokenPurpose::VerifyEmail, 1_500)).unwrap();
-        assert!(repo.consume_email_token("v1", EmailTokenPurpose::ResetPassword, 2_000).unwrap().is_none(), "wrong purpose");
-        assert_eq!(repo.consume_email_token("v1", EmailTokenPurpose::VerifyEmail, 2_000).unwrap().unwrap().user_id, u.id);
-        assert!(repo.consume_email_token("v1", EmailTokenPurpose::VerifyEmail, 2_000).unwrap().is_none(), "single use");
-        assert!(repo.consume_email_token("v2", EmailTokenPurpose::VerifyEmail, 2_000).unwrap().is_none(), "expired");
+        repo.create_email_token(&tok("v1", EmailTokenPurpose::VerifyEmail, 5_000))
+            .unwrap();
+        repo.create_email_token(&tok("v2", EmailTokenPurpose::VerifyEmail, 1_500))
+            .unwrap();
+        assert!(
+            repo.consume_email_token("v1", EmailTokenPurpose::ResetPassword, 2_000)
+                .unwrap()
+                .is_none(),
+            "wrong purpose"
+        );
+        assert_eq!(
+            repo.consume_email_token("v1", EmailTokenPurpose::VerifyEmail, 2_000)
+                .unwrap()
+                .unwrap()
+                .user_id,
+            u.id
+        );
+        assert!(
+            repo.consume_email_token("v1", EmailTokenPurpose::VerifyEmail, 2_000)
+                .unwrap()
+                .is_none(),
+            "single use"
+        );
+        assert!(
+            repo.consume_email_token("v2", EmailTokenPurpose::VerifyEmail, 2_000)
+                .unwrap()
+                .is_none(),
+            "expired"
+        );
 
         let (s, t) = session(u.id);
         repo.create_session(&s, &t).unwrap();
-        repo.create_email_token(&tok("r1", EmailTokenPurpose::ResetPassword, 5_000)).unwrap();
-        repo.create_email_token(&tok("r2", EmailTokenPurpose::ResetPassword, 5_000)).unwrap();
-        assert!(repo.reset_password("nope", "$2b$new", 2_000).unwrap().is_none());
-        assert_eq!(repo.reset_password("r1", "$2b$new", 2_000).unwrap(), Some(u.id));
-        assert_eq!(repo.user_by_id(u.id).unwrap().unwrap().password_hash, "$2b$new");
-        assert!(repo.session_with_user(s.id).unwrap().unwrap().0.revoked_at.is_some());
-        assert!(repo.reset_password("r1", "$2b$again", 2_500).unwrap().is_none(), "single use");
-        assert!(repo.reset_password("r2", "$2b$again", 2_500).unwrap().is_none(), "sibling links die too");
-        assert_eq!(repo.user_by_id(u.id).unwrap().unwrap().password_hash, "$2b$new");
+        repo.create_email_token(&tok("r1", EmailTokenPurpose::ResetPassword, 5_000))
+            .unwrap();
+        repo.create_email_token(&tok("r2", EmailTokenPurpose::ResetPassword, 5_000))
+            .unwrap();
+        assert!(repo
+            .reset_password("nope", "$2b$new", 2_000)
+            .unwrap()
+            .is_none());
+        assert_eq!(
+            repo.reset_password("r1", "$2b$new", 2_000).unwrap(),
+            Some(u.id)
+        );
+        assert_eq!(
+            repo.user_by_id(u.id).unwrap().unwrap().password_hash,
+            "$2b$new"
+        );
+        assert!(repo
+            .session_with_user(s.id)
+            .unwrap()
+            .unwrap()
+            .0
+            .revoked_at
+            .is_some());
+        assert!(
+            repo.reset_password("r1", "$2b$again", 2_500)
+                .unwrap()
+                .is_none(),
+            "single use"
+        );
+        assert!(
+            repo.reset_password("r2", "$2b$again", 2_500)
+                .unwrap()
+                .is_none(),
+            "sibling links die too"
+        );
+        assert_eq!(
+            repo.user_by_id(u.id).unwrap().unwrap().password_hash,
+            "$2b$new"
+        );
     });
 }
 
@@ -237,9 +391,13 @@ fn audit_log_queries() {
     each_backend(|_, repo| {
         let u = user("d@example.com", "ddd");
         repo.create_user(&u).unwrap();
-        for (i, (subject, ip)) in [("x@example.com", "10.0.0.1"), ("x@example.com", "10.0.0.2"), ("y@example.com", "10.0.0.1")]
-            .into_iter()
-            .enumerate()
+        for (i, (subject, ip)) in [
+            ("x@example.com", "10.0.0.1"),
+            ("x@example.com", "10.0.0.2"),
+            ("y@example.com", "10.0.0.1"),
+        ]
+        .into_iter()
+        .enumerate()
         {
             repo.record_audit(&AuditEvent {
                 id: Uuid::now_v7(),
@@ -252,17 +410,39 @@ fn audit_log_queries() {
             })
             .unwrap();
         }
-        let times = repo.audit_times_since(audit::LOGIN_FAILED, AuditQuery::Subject("x@example.com"), 0, 10).unwrap();
+        let times = repo
+            .audit_times_since(
+                audit::LOGIN_FAILED,
+                AuditQuery::Subject("x@example.com"),
+                0,
+                10,
+            )
+            .unwrap();
         assert_eq!(times, vec![1_000, 1_100]);
-        assert_eq!(repo.audit_times_since(audit::LOGIN_FAILED, AuditQuery::Ip("10.0.0.1"), 1_050, 10).unwrap(), vec![1_200]);
-        assert_eq!(repo.audit_times_since(audit::LOGIN_FAILED, AuditQuery::Ip("10.0.0.1"), 0, 1).unwrap(), vec![1_200]);
-        assert!(repo.audit_times_since(audit::LOGOUT, AuditQuery::Ip("10.0.0.1"), 0, 10).unwrap().is_empty());
+        assert_eq!(
+            repo.audit_times_since(audit::LOGIN_FAILED, AuditQuery::Ip("10.0.0.1"), 1_050, 10)
+                .unwrap(),
+            vec![1_200]
+        );
+        assert_eq!(
+            repo.audit_times_since(audit::LOGIN_FAILED, AuditQuery::Ip("10.0.0.1"), 0, 1)
+                .unwrap(),
+            vec![1_200]
+        );
+        assert!(repo
+            .audit_times_since(audit::LOGOUT, AuditQuery::Ip("10.0.0.1"), 0, 10)
+            .unwrap()
+            .is_empty());
 
-        let page = repo.list_audit(None, PageRequest::new(Some(1), Some(2))).unwrap();
+        let page = repo
+            .list_audit(None, PageRequest::new(Some(1), Some(2)))
+            .unwrap();
         assert_eq!((page.total, page.items.len()), (3, 2));
         assert_eq!(page.items[0].created_at, 1_200);
         assert_eq!(page.items[0].detail, Some(serde_json::json!({"i": 2})));
-        let page2 = repo.list_audit(None, PageRequest::new(Some(2), Some(2))).unwrap();
+        let page2 = repo
+            .list_audit(None, PageRequest::new(Some(2), Some(2)))
+            .unwrap();
         assert_eq!(page2.items.len(), 1);
         let mine = repo.list_audit(Some(u.id), PageRequest::default()).unwrap();
         assert_eq!((mine.total, mine.items[0].user_id), (1, Some(u.id)));
@@ -271,7 +451,10 @@ fn audit_log_queries() {
 
 #[test]
 fn bad_urls_are_clear_errors() {
-    assert!(matches!(Database::connect("mysql://root@localhost/x", 1), Err(DbError::UnknownScheme(_))));
+    assert!(matches!(
+        Database::connect("mysql://root@localhost/x", 1),
+        Err(DbError::UnknownScheme(_))
+    ));
     // Nothing listens on port 1: a clear connect error, not a hang.
     let err = Database::connect("postgres://muse:pw@127.0.0.1:1/muse", 1).unwrap_err();
     assert!(matches!(err, DbError::Connect(_)), "{err}");

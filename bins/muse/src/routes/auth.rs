@@ -20,7 +20,11 @@ pub fn config(cfg: &mut web::ServiceConfig) {
             .service(web::resource("/logout").post(logout))
             .service(web::resource("/me").get(me))
             .service(web::resource("/profile").get(me))
-            .service(web::resource("/api-keys").post(create_api_key).get(list_api_keys))
+            .service(
+                web::resource("/api-keys")
+                    .post(create_api_key)
+                    .get(list_api_keys),
+            )
             .service(web::resource("/api-keys/{key_id}").delete(delete_api_key))
             .service(web::resource("/verify-email/{token}").post(verify_email))
             .service(web::resource("/resend-verification").post(resend_verification))
@@ -173,7 +177,9 @@ pub struct MessageResponse {
 }
 
 fn message(m: &str) -> MessageResponse {
-    MessageResponse { message: m.to_string() }
+    MessageResponse {
+        message: m.to_string(),
+    }
 }
 
 /// Create an account. A verification link is emailed.
@@ -237,7 +243,11 @@ pub async fn refresh(
         (status = 400, description = "session_required (called with an API key)", body = ErrorBody),
         (status = 401, body = ErrorBody),
     ))]
-pub async fn logout(state: web::Data<AppState>, user: CurrentUser, ctx: ClientContext) -> Result<HttpResponse, ApiError> {
+pub async fn logout(
+    state: web::Data<AppState>,
+    user: CurrentUser,
+    ctx: ClientContext,
+) -> Result<HttpResponse, ApiError> {
     let auth = state.auth.clone();
     blocking(move || auth.logout(&user.0, &ctx.0)).await?;
     Ok(HttpResponse::NoContent().finish())
@@ -265,7 +275,8 @@ pub async fn create_api_key(
 ) -> Result<HttpResponse, ApiError> {
     let auth = state.auth.clone();
     let b = body.into_inner();
-    let created = blocking(move || auth.create_api_key(&user.0, &b.name, b.expires_in_days, &ctx.0)).await?;
+    let created =
+        blocking(move || auth.create_api_key(&user.0, &b.name, b.expires_in_days, &ctx.0)).await?;
     Ok(HttpResponse::Created().json(CreatedApiKey {
         info: ApiKeyInfo::from(&created.key),
         key: created.secret,
@@ -275,7 +286,10 @@ pub async fn create_api_key(
 /// The caller's active API keys, newest first (at most 50 exist).
 #[utoipa::path(get, path = "/api/v1/auth/api-keys", tag = "auth", security(("bearer" = [])),
     responses((status = 200, body = ApiKeyList), (status = 401, body = ErrorBody)))]
-pub async fn list_api_keys(state: web::Data<AppState>, user: CurrentUser) -> Result<web::Json<ApiKeyList>, ApiError> {
+pub async fn list_api_keys(
+    state: web::Data<AppState>,
+    user: CurrentUser,
+) -> Result<web::Json<ApiKeyList>, ApiError> {
     let auth = state.auth.clone();
     let keys = blocking(move || auth.list_api_keys(&user.0)).await?;
     Ok(web::Json(ApiKeyList {
@@ -317,11 +331,18 @@ pub async fn verify_email(
 /// Email a new verification link to the caller.
 #[utoipa::path(post, path = "/api/v1/auth/resend-verification", tag = "auth", security(("bearer" = [])),
     responses((status = 202, body = MessageResponse), (status = 401, body = ErrorBody)))]
-pub async fn resend_verification(state: web::Data<AppState>, user: CurrentUser) -> Result<HttpResponse, ApiError> {
+pub async fn resend_verification(
+    state: web::Data<AppState>,
+    user: CurrentUser,
+) -> Result<HttpResponse, ApiError> {
     let auth = state.auth.clone();
     let already = user.0.user.email_verified_at.is_some();
     blocking(move || auth.send_verification(&user.0.user)).await?;
-    let msg = if already { "email already verified" } else { "verification email sent" };
+    let msg = if already {
+        "email already verified"
+    } else {
+        "verification email sent"
+    };
     Ok(HttpResponse::Accepted().json(message(msg)))
 }
 

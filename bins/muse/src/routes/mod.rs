@@ -9,7 +9,9 @@ use actix_web::web;
 use crate::error::ApiError;
 
 /// Runs blocking domain work (diesel, bcrypt) on the blocking pool.
-pub async fn blocking<T, E>(f: impl FnOnce() -> Result<T, E> + Send + 'static) -> Result<T, ApiError>
+pub async fn blocking<T, E>(
+    f: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, ApiError>
 where
     T: Send + 'static,
     E: Into<ApiError> + Send + 'static,

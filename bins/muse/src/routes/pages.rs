@@ -10,7 +10,8 @@ pub fn config(cfg: &mut web::ServiceConfig) {
         .service(web::resource("/verify-email").get(verify_email_page));
 }
 
-const STYLE: &str = "body{font-family:system-ui,sans-serif;max-width:28rem;margin:4rem auto;padding:0 1rem}\
+const STYLE: &str =
+    "body{font-family:system-ui,sans-serif;max-width:28rem;margin:4rem auto;padding:0 1rem}\
 input,button{font:inherit;padding:.5rem;width:100%;box-sizing:border-box;margin:.25rem 0}\
 #out{margin-top:1rem;white-space:pre-wrap}";
 

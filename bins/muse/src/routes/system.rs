@@ -63,14 +63,23 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
     let result = web::block(move || db.ping()).await;
     let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
     let (ok, db_check) = match result {
-        Ok(Ok(())) => (true, json!({"status": "ok", "backend": backend, "latency_ms": latency_ms})),
+        Ok(Ok(())) => (
+            true,
+            json!({"status": "ok", "backend": backend, "latency_ms": latency_ms}),
+        ),
         Ok(Err(e)) => {
             tracing::error!(error = %e, "health check: database unavailable");
-            (false, json!({"status": "unavailable", "backend": backend, "error": "the database did not answer"}))
+            (
+                false,
+                json!({"status": "unavailable", "backend": backend, "error": "the database did not answer"}),
+            )
         }
         Err(e) => {
             tracing::error!(error = %e, "health check task failed");
-            (false, json!({"status": "unavailable", "backend": backend, "error": "health check failed"}))
+            (
+                false,
+                json!({"status": "unavailable", "backend": backend, "error": "health check failed"}),
+            )
         }
     };
     let report = HealthReport {
@@ -79,7 +88,11 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
         uptime_secs: state.started.elapsed().as_secs(),
         checks: json!({ "database": db_check }),
     };
-    let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     HttpResponse::build(status)
         .insert_header(("cache-control", "no-store"))
         .json(report)
