@@ -31,6 +31,8 @@ pub struct Running {
 pub async fn start(config: Config, listener: TcpListener) -> Result<Running, StartError> {
     let workers = config.workers;
     let state = web::block(move || -> Result<_, StartError> {
+        // Refuse a weak production secret before touching the database.
+        config.resolve_jwt_secret()?;
         let db = open_database(&config)?;
         let state = build_state(config, db)?;
         bootstrap_admin(&state)?;

@@ -28,7 +28,11 @@ fn muse(dir: &PathBuf) -> Command {
 fn migrate_creates_the_default_sqlite_database() {
     let dir = workdir();
     let out = muse(&dir).arg("migrate").output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("migrations applied (sqlite database)"));
     assert!(dir.join("data/muse.db").exists());
     let again = muse(&dir).arg("migrate").output().unwrap();
@@ -38,18 +42,29 @@ fn migrate_creates_the_default_sqlite_database() {
 #[test]
 fn unknown_database_scheme_is_a_clear_error() {
     let dir = workdir();
-    let out = muse(&dir).arg("migrate").env("DATABASE_URL", "mysql://root:hunter2@localhost/muse").output().unwrap();
+    let out = muse(&dir)
+        .arg("migrate")
+        .env("DATABASE_URL", "mysql://root:hunter2@localhost/muse")
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("unsupported DATABASE_URL scheme"), "{err}");
     assert!(!err.contains("hunter2"), "password leaked: {err}");
-    assert!(!dir.join("mysql:").exists() && !dir.join("data/muse.db").exists(), "no stray SQLite file");
+    assert!(
+        !dir.join("mysql:").exists() && !dir.join("data/muse.db").exists(),
+        "no stray SQLite file"
+    );
 }
 
 #[test]
 fn unreachable_postgres_is_a_clear_error() {
     let dir = workdir();
-    let out = muse(&dir).arg("migrate").env("DATABASE_URL", "postgres://muse:hunter2@127.0.0.1:1/muse").output().unwrap();
+    let out = muse(&dir)
+        .arg("migrate")
+        .env("DATABASE_URL", "postgres://muse:hunter2@127.0.0.1:1/muse")
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cannot open the database"), "{err}");
@@ -61,7 +76,10 @@ fn production_refuses_a_weak_or_missing_secret() {
     let dir = workdir();
     for secret in [None, Some("too-short")] {
         let mut cmd = muse(&dir);
-        cmd.arg("serve").env("MUSE_ENV", "production").env("BCRYPT_COST", "12").env("PORT", "0");
+        cmd.arg("serve")
+            .env("MUSE_ENV", "production")
+            .env("BCRYPT_COST", "12")
+            .env("PORT", "0");
         if let Some(s) = secret {
             cmd.env("JWT_SECRET", s);
         }
@@ -86,17 +104,33 @@ fn admin_create_reads_the_password_from_stdin() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        child.stdin.take().unwrap().write_all(b"a strong admin passphrase\n").unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(b"a strong admin passphrase\n")
+            .unwrap();
         child.wait_with_output().unwrap()
     };
     let out = create("root@example.com");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("created admin root <root@example.com>"));
     let out = create("root@example.com");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
     let weak = muse(&dir)
-        .args(["admin", "create", "--email", "x@example.com", "--username", "xadmin"])
+        .args([
+            "admin",
+            "create",
+            "--email",
+            "x@example.com",
+            "--username",
+            "xadmin",
+        ])
         .env("MUSE_ADMIN_PASSWORD", "password123")
         .output()
         .unwrap();
@@ -106,7 +140,11 @@ fn admin_create_reads_the_password_from_stdin() {
 
 fn http_get(addr: &str, path: &str) -> String {
     let mut s = TcpStream::connect(addr).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     out
@@ -128,8 +166,12 @@ fn serve_logs_json_and_stops_gracefully_on_sigterm() {
     let mut addr = None;
     while addr.is_none() && Instant::now() < deadline {
         let Some(Ok(line)) = lines.next() else { break };
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|_| panic!("not a JSON log line: {line}"));
-        if v["fields"]["message"].as_str().is_some_and(|m| m.starts_with("Muse is listening")) {
+        let v: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|_| panic!("not a JSON log line: {line}"));
+        if v["fields"]["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("Muse is listening"))
+        {
             addr = v["fields"]["addr"].as_str().map(str::to_string);
         }
     }
@@ -138,7 +180,10 @@ fn serve_logs_json_and_stops_gracefully_on_sigterm() {
     assert!(res.starts_with("HTTP/1.1 200"), "{res}");
     // Request logs are JSON lines with the request id.
     let rest = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>());
-    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(status.success());
     let deadline = Instant::now() + Duration::from_secs(40);
     loop {
@@ -156,6 +201,10 @@ fn serve_logs_json_and_stops_gracefully_on_sigterm() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(finished.len(), 1, "{rest:?}");
-    assert!(finished[0]["span"]["request_id"].is_string(), "{:?}", finished[0]);
+    assert!(
+        finished[0]["span"]["request_id"].is_string(),
+        "{:?}",
+        finished[0]
+    );
     assert_eq!(finished[0]["fields"]["status"], 200);
 }

@@ -462,3 +462,62 @@ fn bad_urls_are_clear_errors() {
     let lazy = Database::connect_lazy("postgres://127.0.0.1:1/muse", 1).unwrap();
     assert!(matches!(lazy.ping(), Err(DbError::Unavailable(_))));
 }
+
+/// Parses `schema.rs`: table name → [(column, nullable)].
+fn declared_schema() -> Vec<(String, Vec<(String, bool)>)> {
+    let src = include_str!("../src/schema.rs");
+    let mut tables = Vec::new();
+    let mut current: Option<(String, Vec<(String, bool)>)> = None;
+    for line in src.lines().map(str::trim) {
+        if let Some((name, _)) = line
+            .split_once(" (")
+            .filter(|_| line.ends_with('{') && current.is_none())
+        {
+            if !name.contains(' ') {
+                current = Some((name.to_string(), Vec::new()));
+            }
+        } else if let Some((col, ty)) = line.split_once(" -> ") {
+            if let Some((_, cols)) = current.as_mut() {
+                cols.push((col.to_string(), ty.starts_with("Nullable<")));
+            }
+        } else if line == "}" {
+            if let Some(t) = current.take() {
+                tables.push(t);
+            }
+        }
+    }
+    tables
+}
+
+#[derive(QueryableByName)]
+struct ColumnInfo {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    name: String,
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    nullable: bool,
+}
+
+#[test]
+fn schema_rs_matches_the_migrated_databases_exactly() {
+    let declared = declared_schema();
+    assert_eq!(declared.len(), 6, "parsed {declared:?}");
+    each_backend(|db, _| {
+        let mut conn = db.get().unwrap();
+        for (table, columns) in &declared {
+            let sql = match &*conn {
+                DbConnection::Sqlite(_) => format!("SELECT name, \"notnull\" = 0 AND pk = 0 AS nullable FROM pragma_table_info('{table}') ORDER BY cid"),
+                DbConnection::Pg(_) => format!(
+                    "SELECT column_name::text AS name, is_nullable = 'YES' AS nullable FROM information_schema.columns \
+                     WHERE table_schema = current_schema() AND table_name = '{table}' ORDER BY ordinal_position"
+                ),
+            };
+            let actual: Vec<(String, bool)> = diesel::sql_query(sql)
+                .load::<ColumnInfo>(&mut *conn)
+                .unwrap()
+                .into_iter()
+                .map(|c| (c.name, c.nullable))
+                .collect();
+            assert_eq!(&actual, columns, "table {table} on {}", db.backend().name());
+        }
+    });
+}

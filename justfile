@@ -1,0 +1,36 @@
+# Muse — the two commands that matter are `just run` and `just test`.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+default:
+    @just --list
+
+# Start Muse on SQLite (./data/muse.db), http://127.0.0.1:8000, docs at /docs/
+run *ARGS:
+    ./scripts/ensure-system-deps.sh
+    cargo run -p muse-server --bin muse -- {{ARGS}}
+
+# fmt, clippy -D warnings, dependency rules, and every test (PostgreSQL too when TEST_DATABASE_URL is set)
+test: lint
+    ./scripts/check-domain-deps.sh
+    cargo test --workspace --no-fail-fast
+
+# Formatting and clippy, warnings are errors
+lint:
+    ./scripts/ensure-system-deps.sh
+    cargo fmt --all --check
+    cargo clippy --workspace --all-targets -- -D warnings
+
+# Release build, then wrk from a second process: /health, /auth/me (SQLite and PostgreSQL), /auth/login
+bench:
+    ./scripts/ensure-system-deps.sh
+    cargo build --release -p muse-server --bin muse
+    python3 scripts/bench.py
+
+# Rewrite docs/openapi.json from the handlers (review the diff)
+openapi:
+    UPDATE_SNAPSHOTS=1 cargo test -p muse-tests --test api openapi_snapshot
+
+# Apply migrations and exit
+migrate:
+    cargo run -p muse-server --bin muse -- migrate
