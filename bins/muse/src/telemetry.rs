@@ -119,8 +119,10 @@ pub async fn observe(
     let id = request_id(&req);
     req.extensions_mut().insert(RequestId(id.clone()));
     let method = req.method().to_string();
-    let span =
-        tracing::info_span!("request", request_id = %id, method = %method, path = %req.path());
+    // The raw path can carry secrets (`/verify-email/{token}`): logs get the
+    // route template, and the raw path only when no route matched.
+    let raw_path: String = req.path().chars().take(256).collect();
+    let span = tracing::info_span!("request", request_id = %id, method = %method);
     let start = Instant::now();
     metrics::gauge!("http_requests_in_flight").increment(1.0);
     let result = next.call(req).instrument(span.clone()).await;
@@ -135,17 +137,23 @@ pub async fn observe(
             return Err(e);
         }
     };
-    let route = res
-        .request()
-        .match_pattern()
-        .unwrap_or_else(|| "<unmatched>".to_string());
-    record(method, route, res.status().as_u16(), elapsed.as_secs_f64());
+    let pattern = res.request().match_pattern();
+    let route = pattern.clone().unwrap_or_else(|| "<unmatched>".to_string());
+    record(
+        method,
+        route.clone(),
+        res.status().as_u16(),
+        elapsed.as_secs_f64(),
+    );
     if let Ok(v) = HeaderValue::from_str(&id) {
         res.headers_mut()
             .insert(HeaderName::from_static(REQUEST_ID_HEADER), v);
     }
+    let path = pattern.is_none().then_some(raw_path.as_str());
     span.in_scope(|| {
         tracing::info!(
+            route = %route,
+            path,
             status = res.status().as_u16(),
             latency_ms = elapsed.as_secs_f64() * 1000.0,
             "request finished"

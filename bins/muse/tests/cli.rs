@@ -7,15 +7,31 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn workdir() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("muse-cli-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// A scratch directory, removed when dropped.
+struct Work(PathBuf);
+
+impl std::ops::Deref for Work {
+    type Target = PathBuf;
+    fn deref(&self) -> &PathBuf {
+        &self.0
+    }
 }
 
-fn muse(dir: &PathBuf) -> Command {
+impl Drop for Work {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn workdir() -> Work {
+    let dir = std::env::temp_dir().join(format!("muse-cli-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    Work(dir)
+}
+
+fn muse(dir: &Work) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_muse"));
-    cmd.current_dir(dir)
+    cmd.current_dir(&dir.0)
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("MUSE_DATA_DIR", dir.join("data"))
@@ -138,11 +154,11 @@ fn admin_create_reads_the_password_from_stdin() {
     assert!(String::from_utf8_lossy(&weak.stderr).contains("too common"));
 }
 
-fn http_get(addr: &str, path: &str) -> String {
+fn http(addr: &str, method: &str, path: &str) -> String {
     let mut s = TcpStream::connect(addr).unwrap();
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     )
     .unwrap();
     let mut out = String::new();
@@ -176,8 +192,10 @@ fn serve_logs_json_and_stops_gracefully_on_sigterm() {
         }
     }
     let addr = addr.expect("server announced its address");
-    let res = http_get(&addr, "/health");
+    let res = http(&addr, "GET", "/health");
     assert!(res.starts_with("HTTP/1.1 200"), "{res}");
+    let res = http(&addr, "POST", "/api/v1/auth/verify-email/secret-token-xyz");
+    assert!(res.starts_with("HTTP/1.1 400"), "{res}");
     // Request logs are JSON lines with the request id.
     let rest = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>());
     let status = Command::new("kill")
@@ -200,11 +218,19 @@ fn serve_logs_json_and_stops_gracefully_on_sigterm() {
         .filter(|l| l.contains("request finished"))
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(finished.len(), 1, "{rest:?}");
+    assert_eq!(finished.len(), 2, "{rest:?}");
     assert!(
         finished[0]["span"]["request_id"].is_string(),
         "{:?}",
         finished[0]
     );
     assert_eq!(finished[0]["fields"]["status"], 200);
+    assert_eq!(
+        finished[1]["fields"]["route"],
+        "/api/v1/auth/verify-email/{token}"
+    );
+    assert!(
+        rest.iter().all(|l| !l.contains("secret-token-xyz")),
+        "a token reached the logs"
+    );
 }
