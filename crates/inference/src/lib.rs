@@ -1,0 +1,38 @@
+//! One [`LlmProvider`] trait over remote model APIs (OpenAI and any
+//! OpenAI-compatible server, Anthropic, Google Gemini), with typed errors,
+//! retries with backoff, fallback chains and a price table.
+//!
+//! Status: remote providers, retries, fallbacks and prices are here; local
+//! ONNX models, the model registry and the HTTP wiring are not yet (see the
+//! inference issue).
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), muse_inference::InferenceError> {
+//! use futures::StreamExt;
+//! use muse_inference::{GenerateRequest, LlmProvider, Message, StreamEvent};
+//! let provider = muse_inference::providers::anthropic::AnthropicProvider::new(
+//!     muse_inference::providers::anthropic::AnthropicConfig::new("sk-ant-…"),
+//! )?;
+//! let request = GenerateRequest::new("claude-3-5-haiku-latest", vec![Message::user("Hi!")]);
+//! let mut stream = provider.stream(&request).await?;
+//! while let Some(event) = stream.next().await {
+//!     match event? {
+//!         StreamEvent::Delta(text) => print!("{text}"),
+//!         StreamEvent::Done(summary) => println!("\n{:?}", summary.usage),
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+
+pub mod error;
+pub mod pricing;
+pub mod providers;
+pub mod resilience;
+mod sse;
+pub mod testing;
+pub mod types;
+
+pub use error::InferenceError;
+pub use pricing::{Price, PriceTable};
+pub use resilience::{Fallback, RetryPolicy, Retrying};
+pub use types::*;

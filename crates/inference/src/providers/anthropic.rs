@@ -1,0 +1,246 @@
+//! Anthropic Messages API (`POST /v1/messages`), native: `x-api-key`,
+//! `anthropic-version`, top-level `system`, SSE events `message_start` …
+//! `message_stop` with usage.
+
+use std::time::Instant;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use muse_core::Secret;
+use serde_json::{json, Value};
+
+use super::{check_model_name, drive, error_parts, http_client, Step, StreamParser, Timeouts};
+use crate::error::{retry_after, InferenceError};
+use crate::sse::{events, SseEvent};
+use crate::types::*;
+
+pub const DEFAULT_BASE_URL: &str = "https://api.anthropic.com";
+pub const API_VERSION: &str = "2023-06-01";
+
+#[derive(Debug, Clone)]
+pub struct AnthropicConfig {
+    pub api_key: Secret<String>,
+    /// Without a trailing slash; `/v1/messages` is appended.
+    pub base_url: String,
+    /// `max_tokens` is mandatory for Anthropic: used when the request has none.
+    pub default_max_tokens: u32,
+    pub timeouts: Timeouts,
+}
+
+impl AnthropicConfig {
+    pub fn new(api_key: impl Into<String>) -> Self {
+        Self {
+            api_key: Secret::new(api_key.into()),
+            base_url: DEFAULT_BASE_URL.to_string(),
+            default_max_tokens: 1024,
+            timeouts: Timeouts::default(),
+        }
+    }
+}
+
+pub struct AnthropicProvider {
+    client: reqwest::Client,
+    config: AnthropicConfig,
+}
+
+impl AnthropicProvider {
+    pub fn new(config: AnthropicConfig) -> Result<Self, InferenceError> {
+        Ok(Self { client: http_client(&config.timeouts)?, config })
+    }
+
+    fn body(&self, request: &GenerateRequest, stream: bool) -> Value {
+        let messages: Vec<Value> = request
+            .messages
+            .iter()
+            .filter(|m| m.role != Role::System)
+            .map(|m| {
+                let role = if m.role == Role::Assistant { "assistant" } else { "user" };
+                json!({"role": role, "content": m.content})
+            })
+            .collect();
+        let mut body = json!({
+            "model": request.model,
+            "messages": messages,
+            "max_tokens": request.max_tokens.unwrap_or(self.config.default_max_tokens),
+            "stream": stream,
+        });
+        if let Some(system) = request.system_prompt() {
+            body["system"] = json!(system);
+        }
+        if let Some(t) = request.temperature {
+            body["temperature"] = json!(t);
+        }
+        if let Some(p) = request.top_p {
+            body["top_p"] = json!(p);
+        }
+        if !request.stop.is_empty() {
+            body["stop_sequences"] = json!(request.stop);
+        }
+        body
+    }
+
+    async fn send(&self, request: &GenerateRequest, stream: bool) -> Result<reqwest::Response, InferenceError> {
+        check_model_name(&request.model)?;
+        let mut builder = self
+            .client
+            .post(format!("{}/v1/messages", self.config.base_url))
+            .header("x-api-key", self.config.api_key.expose())
+            .header("anthropic-version", API_VERSION)
+            .json(&self.body(request, stream));
+        builder = if stream {
+            builder.header("accept", "text/event-stream")
+        } else {
+            builder.timeout(self.config.timeouts.request)
+        };
+        let send = builder.send();
+        let response = if stream {
+            tokio::time::timeout(self.config.timeouts.first_token, send)
+                .await
+                .map_err(|_| InferenceError::Timeout)?
+        } else {
+            send.await
+        }
+        .map_err(|e| InferenceError::from_reqwest(&e))?;
+        if response.status().is_success() {
+            return Ok(response);
+        }
+        let (status, headers, body) = error_parts(response).await;
+        Err(map_error(status, &headers, &body))
+    }
+}
+
+/// Anthropic error bodies: `{"type":"error","error":{"type","message"}}`.
+fn map_error(status: u16, headers: &reqwest::header::HeaderMap, body: &str) -> InferenceError {
+    let v: Value = serde_json::from_str(body).unwrap_or(Value::Null);
+    let kind = v["error"]["type"].as_str().unwrap_or_default();
+    let message = v["error"]["message"].as_str().map(str::to_string).unwrap_or_else(|| format!("HTTP {status}"));
+    map_kind(Some(status), kind, message, retry_after(headers))
+}
+
+fn map_kind(status: Option<u16>, kind: &str, message: String, retry: Option<std::time::Duration>) -> InferenceError {
+    let lower = message.to_lowercase();
+    match (status, kind) {
+        (_, "rate_limit_error") | (Some(429), _) => InferenceError::RateLimited { retry_after: retry, message },
+        (_, "authentication_error" | "permission_error") | (Some(401 | 403), _) => InferenceError::Auth(message),
+        (_, "not_found_error") | (Some(404), _) => InferenceError::ModelNotFound(message),
+        (_, "invalid_request_error") | (Some(400 | 413 | 422), _)
+            if lower.contains("prompt is too long") || (lower.contains("context") && lower.contains("exceed")) =>
+        {
+            InferenceError::ContextTooLong(message)
+        }
+        (_, "invalid_request_error" | "request_too_large") | (Some(400 | 413 | 422), _) => InferenceError::BadRequest(message),
+        (_, "overloaded_error") => InferenceError::Upstream { status: status.or(Some(529)), message },
+        (s, _) => InferenceError::Upstream { status: s, message },
+    }
+}
+
+fn finish(reason: Option<&str>) -> FinishReason {
+    match reason {
+        Some("end_turn" | "stop_sequence") | None => FinishReason::Stop,
+        Some("max_tokens") => FinishReason::Length,
+        Some("refusal") => FinishReason::ContentFilter,
+        Some(other) => FinishReason::Other(other.to_string()),
+    }
+}
+
+#[async_trait]
+impl LlmProvider for AnthropicProvider {
+    fn id(&self) -> &str {
+        "anthropic"
+    }
+
+    async fn complete(&self, request: &GenerateRequest) -> Result<Completion, InferenceError> {
+        let started = Instant::now();
+        let response = self.send(request, false).await?;
+        let v: Value = response.json().await.map_err(|e| InferenceError::from_reqwest(&e))?;
+        let content = v["content"]
+            .as_array()
+            .ok_or_else(|| InferenceError::Protocol("no content in the response".into()))?;
+        let text: String = content
+            .iter()
+            .filter(|b| b["type"] == "text")
+            .filter_map(|b| b["text"].as_str())
+            .collect();
+        let usage = Usage {
+            prompt_tokens: v["usage"]["input_tokens"].as_u64().unwrap_or(0) as u32,
+            completion_tokens: v["usage"]["output_tokens"].as_u64().unwrap_or(0) as u32,
+        };
+        let total = started.elapsed();
+        Ok(Completion {
+            text,
+            summary: Summary {
+                model: v["model"].as_str().unwrap_or(&request.model).to_string(),
+                usage,
+                finish_reason: finish(v["stop_reason"].as_str()),
+                timing: Timing { time_to_first_token: Some(total), total },
+            },
+        })
+    }
+
+    async fn stream(&self, request: &GenerateRequest) -> Result<CompletionStream, InferenceError> {
+        let started = Instant::now();
+        let response = self.send(request, true).await?;
+        let parser = Parser { model: request.model.clone(), usage: Usage::default(), stop_reason: None };
+        Ok(drive(events(response).boxed(), parser, started, self.config.timeouts))
+    }
+}
+
+struct Parser {
+    model: String,
+    usage: Usage,
+    stop_reason: Option<String>,
+}
+
+impl StreamParser for Parser {
+    type Event = SseEvent;
+
+    fn event(&mut self, event: SseEvent) -> Result<Step, InferenceError> {
+        if event.event == "ping" || event.data.is_empty() {
+            return Ok(Step::Skip);
+        }
+        let v: Value = serde_json::from_str(&event.data)
+            .map_err(|e| InferenceError::Protocol(format!("malformed {} event: {e}", event.event)))?;
+        let kind = if event.event.is_empty() { v["type"].as_str().unwrap_or_default().to_string() } else { event.event };
+        match kind.as_str() {
+            "message_start" => {
+                if let Some(m) = v["message"]["model"].as_str() {
+                    self.model = m.to_string();
+                }
+                self.usage.prompt_tokens = v["message"]["usage"]["input_tokens"].as_u64().unwrap_or(0) as u32;
+                self.usage.completion_tokens = v["message"]["usage"]["output_tokens"].as_u64().unwrap_or(0) as u32;
+                Ok(Step::Skip)
+            }
+            "content_block_delta" => match v["delta"]["type"].as_str() {
+                Some("text_delta") => Ok(Step::Delta(v["delta"]["text"].as_str().unwrap_or_default().to_string())),
+                _ => Ok(Step::Skip),
+            },
+            "message_delta" => {
+                if let Some(r) = v["delta"]["stop_reason"].as_str() {
+                    self.stop_reason = Some(r.to_string());
+                }
+                if let Some(n) = v["usage"]["output_tokens"].as_u64() {
+                    self.usage.completion_tokens = n as u32;
+                }
+                if let Some(n) = v["usage"]["input_tokens"].as_u64() {
+                    self.usage.prompt_tokens = n as u32;
+                }
+                Ok(Step::Skip)
+            }
+            "message_stop" => Ok(Step::Done {
+                model: self.model.clone(),
+                usage: self.usage,
+                finish_reason: finish(self.stop_reason.as_deref()),
+            }),
+            "error" => {
+                let kind = v["error"]["type"].as_str().unwrap_or_default();
+                let message = v["error"]["message"].as_str().unwrap_or("stream error").to_string();
+                Err(map_kind(None, kind, message, None))
+            }
+            _ => Ok(Step::Skip),
+        }
+    }
+
+    fn end(&mut self) -> Result<Step, InferenceError> {
+        Err(InferenceError::Protocol("the stream was cut before message_stop".into()))
+    }
+}

@@ -1,0 +1,230 @@
+//! Google Gemini API, native: `models/{model}:generateContent` and
+//! `:streamGenerateContent?alt=sse`, key in the `x-goog-api-key` header
+//! (never in the URL), `usageMetadata` for usage.
+
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use muse_core::Secret;
+use serde_json::{json, Value};
+
+use super::{check_model_name, drive, error_parts, http_client, Step, StreamParser, Timeouts};
+use crate::error::{retry_after, InferenceError};
+use crate::sse::{events, SseEvent};
+use crate::types::*;
+
+pub const DEFAULT_BASE_URL: &str = "https://generativelanguage.googleapis.com";
+
+#[derive(Debug, Clone)]
+pub struct GeminiConfig {
+    pub api_key: Secret<String>,
+    /// Without a trailing slash; `/v1beta/models/…` is appended.
+    pub base_url: String,
+    pub timeouts: Timeouts,
+}
+
+impl GeminiConfig {
+    pub fn new(api_key: impl Into<String>) -> Self {
+        Self { api_key: Secret::new(api_key.into()), base_url: DEFAULT_BASE_URL.to_string(), timeouts: Timeouts::default() }
+    }
+}
+
+pub struct GeminiProvider {
+    client: reqwest::Client,
+    config: GeminiConfig,
+}
+
+fn body(request: &GenerateRequest) -> Value {
+    let contents: Vec<Value> = request
+        .messages
+        .iter()
+        .filter(|m| m.role != Role::System)
+        .map(|m| {
+            let role = if m.role == Role::Assistant { "model" } else { "user" };
+            json!({"role": role, "parts": [{"text": m.content}]})
+        })
+        .collect();
+    let mut config = serde_json::Map::new();
+    if let Some(t) = request.temperature {
+        config.insert("temperature".into(), json!(t));
+    }
+    if let Some(p) = request.top_p {
+        config.insert("topP".into(), json!(p));
+    }
+    if let Some(m) = request.max_tokens {
+        config.insert("maxOutputTokens".into(), json!(m));
+    }
+    if !request.stop.is_empty() {
+        config.insert("stopSequences".into(), json!(request.stop));
+    }
+    if let Some(s) = request.seed {
+        config.insert("seed".into(), json!(s));
+    }
+    let mut body = json!({"contents": contents});
+    if !config.is_empty() {
+        body["generationConfig"] = Value::Object(config);
+    }
+    if let Some(system) = request.system_prompt() {
+        body["systemInstruction"] = json!({"parts": [{"text": system}]});
+    }
+    body
+}
+
+/// `{"error": {"code", "message", "status", "details"}}`.
+fn map_error(status: u16, headers: &reqwest::header::HeaderMap, body: &str) -> InferenceError {
+    let v: Value = serde_json::from_str(body).unwrap_or(Value::Null);
+    let err = if v.is_array() { &v[0]["error"] } else { &v["error"] };
+    let kind = err["status"].as_str().unwrap_or_default();
+    let message = err["message"].as_str().map(str::to_string).unwrap_or_else(|| format!("HTTP {status}"));
+    let lower = message.to_lowercase();
+    match (status, kind) {
+        (429, _) | (_, "RESOURCE_EXHAUSTED") => {
+            // Retry-After, or the RetryInfo detail ("retryDelay": "7s").
+            let from_body = err["details"].as_array().and_then(|d| {
+                d.iter().find_map(|x| x["retryDelay"].as_str()).and_then(|s| s.trim_end_matches('s').parse::<f64>().ok())
+            });
+            let retry = retry_after(headers).or(from_body.filter(|s| s.is_finite() && *s >= 0.0).map(Duration::from_secs_f64));
+            InferenceError::RateLimited { retry_after: retry, message }
+        }
+        (401 | 403, _) | (_, "UNAUTHENTICATED" | "PERMISSION_DENIED") => InferenceError::Auth(message),
+        (404, _) | (_, "NOT_FOUND") => InferenceError::ModelNotFound(message),
+        (400, _) if lower.contains("token") && (lower.contains("exceed") || lower.contains("too long")) => {
+            InferenceError::ContextTooLong(message)
+        }
+        (400 | 413 | 422, _) => InferenceError::BadRequest(message),
+        (s, _) => InferenceError::Upstream { status: Some(s), message },
+    }
+}
+
+fn finish(reason: Option<&str>) -> Option<FinishReason> {
+    reason.map(|r| match r {
+        "STOP" => FinishReason::Stop,
+        "MAX_TOKENS" => FinishReason::Length,
+        "SAFETY" | "RECITATION" | "BLOCKLIST" | "PROHIBITED_CONTENT" | "SPII" => FinishReason::ContentFilter,
+        other => FinishReason::Other(other.to_lowercase()),
+    })
+}
+
+fn usage(v: &Value) -> Option<Usage> {
+    let u = v.get("usageMetadata")?;
+    Some(Usage {
+        prompt_tokens: u["promptTokenCount"].as_u64().unwrap_or(0) as u32,
+        completion_tokens: u["candidatesTokenCount"].as_u64().unwrap_or(0) as u32,
+    })
+}
+
+fn text_of(v: &Value) -> String {
+    v["candidates"][0]["content"]["parts"]
+        .as_array()
+        .map(|parts| parts.iter().filter_map(|p| p["text"].as_str()).collect())
+        .unwrap_or_default()
+}
+
+impl GeminiProvider {
+    pub fn new(config: GeminiConfig) -> Result<Self, InferenceError> {
+        Ok(Self { client: http_client(&config.timeouts)?, config })
+    }
+
+    async fn send(&self, request: &GenerateRequest, stream: bool) -> Result<reqwest::Response, InferenceError> {
+        check_model_name(&request.model)?;
+        let action = if stream { "streamGenerateContent?alt=sse" } else { "generateContent" };
+        let url = format!("{}/v1beta/models/{}:{action}", self.config.base_url, request.model);
+        let mut builder = self
+            .client
+            .post(url)
+            .header("x-goog-api-key", self.config.api_key.expose())
+            .json(&body(request));
+        if !stream {
+            builder = builder.timeout(self.config.timeouts.request);
+        }
+        let send = builder.send();
+        let response = if stream {
+            tokio::time::timeout(self.config.timeouts.first_token, send)
+                .await
+                .map_err(|_| InferenceError::Timeout)?
+        } else {
+            send.await
+        }
+        .map_err(|e| InferenceError::from_reqwest(&e))?;
+        if response.status().is_success() {
+            return Ok(response);
+        }
+        let (status, headers, body) = error_parts(response).await;
+        Err(map_error(status, &headers, &body))
+    }
+}
+
+#[async_trait]
+impl LlmProvider for GeminiProvider {
+    fn id(&self) -> &str {
+        "gemini"
+    }
+
+    async fn complete(&self, request: &GenerateRequest) -> Result<Completion, InferenceError> {
+        let started = Instant::now();
+        let response = self.send(request, false).await?;
+        let v: Value = response.json().await.map_err(|e| InferenceError::from_reqwest(&e))?;
+        if v["candidates"].as_array().is_none_or(|c| c.is_empty()) {
+            let reason = v["promptFeedback"]["blockReason"].as_str().unwrap_or("no candidates");
+            return Err(InferenceError::BadRequest(format!("the prompt was refused: {reason}")));
+        }
+        let total = started.elapsed();
+        Ok(Completion {
+            text: text_of(&v),
+            summary: Summary {
+                model: v["modelVersion"].as_str().unwrap_or(&request.model).to_string(),
+                usage: usage(&v).unwrap_or_default(),
+                finish_reason: finish(v["candidates"][0]["finishReason"].as_str()).unwrap_or(FinishReason::Stop),
+                timing: Timing { time_to_first_token: Some(total), total },
+            },
+        })
+    }
+
+    async fn stream(&self, request: &GenerateRequest) -> Result<CompletionStream, InferenceError> {
+        let started = Instant::now();
+        let response = self.send(request, true).await?;
+        let parser = Parser { model: request.model.clone(), usage: Usage::default(), finish: None };
+        Ok(drive(events(response).boxed(), parser, started, self.config.timeouts))
+    }
+}
+
+/// Gemini streams `GenerateContentResponse` chunks and simply ends: the
+/// stream is complete when a chunk carried a `finishReason`.
+struct Parser {
+    model: String,
+    usage: Usage,
+    finish: Option<FinishReason>,
+}
+
+impl StreamParser for Parser {
+    type Event = SseEvent;
+
+    fn event(&mut self, event: SseEvent) -> Result<Step, InferenceError> {
+        if event.data.trim().is_empty() {
+            return Ok(Step::Skip);
+        }
+        let v: Value = serde_json::from_str(&event.data)
+            .map_err(|e| InferenceError::Protocol(format!("malformed stream chunk: {e}")))?;
+        if v.get("error").is_some() {
+            return Err(map_error(v["error"]["code"].as_u64().unwrap_or(500) as u16, &Default::default(), &event.data));
+        }
+        if let Some(u) = usage(&v) {
+            self.usage = u;
+        }
+        if let Some(m) = v["modelVersion"].as_str() {
+            self.model = m.to_string();
+        }
+        if let Some(f) = finish(v["candidates"][0]["finishReason"].as_str()) {
+            self.finish = Some(f);
+        }
+        Ok(Step::Delta(text_of(&v)))
+    }
+
+    fn end(&mut self) -> Result<Step, InferenceError> {
+        match self.finish.take() {
+            Some(finish_reason) => Ok(Step::Done { model: self.model.clone(), usage: self.usage, finish_reason }),
+            None => Err(InferenceError::Protocol("the stream was cut before a finishReason".into())),
+        }
+    }
+}

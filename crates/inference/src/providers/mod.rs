@@ -1,0 +1,152 @@
+//! The remote providers and what they share: timeouts and the streaming
+//! driver that turns protocol events into [`StreamEvent`]s.
+
+pub mod anthropic;
+pub mod gemini;
+pub mod openai;
+
+use std::time::{Duration, Instant};
+
+use futures::{Stream, StreamExt};
+
+use crate::error::InferenceError;
+use crate::types::*;
+
+/// Time limits of one provider.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub connect: Duration,
+    /// Whole non-streamed call.
+    pub request: Duration,
+    /// From sending a streamed request to its first token.
+    pub first_token: Duration,
+    /// Between two events of a stream.
+    pub idle: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            connect: Duration::from_secs(10),
+            request: Duration::from_secs(120),
+            first_token: Duration::from_secs(60),
+            idle: Duration::from_secs(60),
+        }
+    }
+}
+
+pub(crate) fn http_client(timeouts: &Timeouts) -> Result<reqwest::Client, InferenceError> {
+    reqwest::Client::builder()
+        .connect_timeout(timeouts.connect)
+        .build()
+        .map_err(|e| InferenceError::NotConfigured(format!("HTTP client: {e}")))
+}
+
+/// Model names go into URL paths: allow only what real names use.
+pub(crate) fn check_model_name(model: &str) -> Result<(), InferenceError> {
+    let ok = !model.is_empty()
+        && model.len() <= 200
+        && model
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':' | '/' | '@'))
+        && !model.contains("..");
+    if ok {
+        Ok(())
+    } else {
+        Err(InferenceError::BadRequest(format!("invalid model name {model:?}")))
+    }
+}
+
+/// What a protocol parser makes of one event.
+pub(crate) enum Step {
+    Skip,
+    Delta(String),
+    Done { model: String, usage: Usage, finish_reason: FinishReason },
+}
+
+/// A protocol's streaming state machine.
+pub(crate) trait StreamParser: Send + 'static {
+    type Event: Send;
+    fn event(&mut self, event: Self::Event) -> Result<Step, InferenceError>;
+    /// The transport ended. Protocols with an explicit end event answer an
+    /// error here (the stream was cut).
+    fn end(&mut self) -> Result<Step, InferenceError>;
+}
+
+struct Drive<S, P> {
+    events: S,
+    parser: P,
+    started: Instant,
+    first_token: Option<Duration>,
+    timeouts: Timeouts,
+    finished: bool,
+}
+
+/// Runs `parser` over `events` with the first-token and idle timeouts, and
+/// fills in the timing of the final event. Dropping the result drops the
+/// transport (closing the connection).
+pub(crate) fn drive<S, P>(events: S, parser: P, started: Instant, timeouts: Timeouts) -> CompletionStream
+where
+    S: Stream<Item = Result<P::Event, InferenceError>> + Send + Unpin + 'static,
+    P: StreamParser,
+{
+    let state = Drive { events, parser, started, first_token: None, timeouts, finished: false };
+    futures::stream::unfold(state, |mut st| async move {
+        if st.finished {
+            return None;
+        }
+        loop {
+            let limit = if st.first_token.is_none() {
+                st.timeouts.first_token.saturating_sub(st.started.elapsed())
+            } else {
+                st.timeouts.idle
+            };
+            let step = match tokio::time::timeout(limit, st.events.next()).await {
+                Err(_) => Err(InferenceError::Timeout),
+                Ok(None) => st.parser.end(),
+                Ok(Some(Err(e))) => Err(e),
+                Ok(Some(Ok(ev))) => st.parser.event(ev),
+            };
+            match step {
+                Ok(Step::Skip) => continue,
+                Ok(Step::Delta(text)) if text.is_empty() => continue,
+                Ok(Step::Delta(text)) => {
+                    st.first_token.get_or_insert_with(|| st.started.elapsed());
+                    return Some((Ok(StreamEvent::Delta(text)), st));
+                }
+                Ok(Step::Done { model, usage, finish_reason }) => {
+                    st.finished = true;
+                    let timing = Timing { time_to_first_token: st.first_token, total: st.started.elapsed() };
+                    return Some((Ok(StreamEvent::Done(Summary { model, usage, finish_reason, timing })), st));
+                }
+                Err(e) => {
+                    st.finished = true;
+                    return Some((Err(e), st));
+                }
+            }
+        }
+    })
+    .boxed()
+}
+
+/// Reads an error response into a status, headers and (bounded) body text.
+pub(crate) async fn error_parts(response: reqwest::Response) -> (u16, reqwest::header::HeaderMap, String) {
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response.text().await.unwrap_or_default();
+    let body: String = body.chars().take(2000).collect();
+    (status, headers, body)
+}
+
+/// Collects a stream into one completion (used by tests and callers that
+/// want both shapes from one code path).
+pub async fn collect(mut stream: CompletionStream) -> Result<Completion, InferenceError> {
+    let mut text = String::new();
+    while let Some(event) = stream.next().await {
+        match event? {
+            StreamEvent::Delta(t) => text.push_str(&t),
+            StreamEvent::Done(summary) => return Ok(Completion { text, summary }),
+        }
+    }
+    Err(InferenceError::Protocol("the stream ended without a final event".into()))
+}

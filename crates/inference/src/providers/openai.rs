@@ -1,0 +1,240 @@
+//! OpenAI and any OpenAI-compatible server (vLLM, Ollama, LM Studio, …)
+//! through async-openai, with a configurable base URL. Streams ask for
+//! usage (`stream_options.include_usage`).
+
+use std::time::Instant;
+
+use async_openai::config::OpenAIConfig as ClientConfig;
+use async_openai::error::OpenAIError;
+use async_openai::types::chat::{
+    ChatCompletionRequestAssistantMessage, ChatCompletionRequestMessage, ChatCompletionRequestSystemMessage,
+    ChatCompletionRequestUserMessage, ChatCompletionStreamOptions, CreateChatCompletionRequest,
+    CreateChatCompletionStreamResponse, FinishReason as OpenAiFinish, StopConfiguration,
+};
+use async_openai::Client;
+use async_trait::async_trait;
+use futures::StreamExt;
+use muse_core::Secret;
+
+use super::{check_model_name, drive, http_client, Step, StreamParser, Timeouts};
+use crate::error::InferenceError;
+use crate::types::*;
+
+pub const DEFAULT_BASE_URL: &str = "https://api.openai.com/v1";
+
+#[derive(Debug, Clone)]
+pub struct OpenAiConfig {
+    /// `openai`, or the operator's name for a compatible server (`vllm`, `ollama`, …).
+    pub id: String,
+    pub api_key: Secret<String>,
+    /// Up to and including `/v1`.
+    pub base_url: String,
+    /// OpenAI itself wants `max_completion_tokens`; most compatible servers
+    /// only know `max_tokens`.
+    pub use_max_completion_tokens: bool,
+    pub timeouts: Timeouts,
+}
+
+impl OpenAiConfig {
+    /// The OpenAI API.
+    pub fn openai(api_key: impl Into<String>) -> Self {
+        Self {
+            id: "openai".into(),
+            api_key: Secret::new(api_key.into()),
+            base_url: DEFAULT_BASE_URL.into(),
+            use_max_completion_tokens: true,
+            timeouts: Timeouts::default(),
+        }
+    }
+
+    /// An OpenAI-compatible server at `base_url` (e.g. `http://localhost:8000/v1`).
+    pub fn compatible(id: impl Into<String>, base_url: impl Into<String>, api_key: impl Into<String>) -> Self {
+        Self {
+            id: id.into(),
+            api_key: Secret::new(api_key.into()),
+            base_url: base_url.into(),
+            use_max_completion_tokens: false,
+            timeouts: Timeouts::default(),
+        }
+    }
+}
+
+pub struct OpenAiProvider {
+    client: Client<ClientConfig>,
+    config: OpenAiConfig,
+}
+
+impl OpenAiProvider {
+    pub fn new(config: OpenAiConfig) -> Result<Self, InferenceError> {
+        let client_config = ClientConfig::new()
+            .with_api_base(config.base_url.trim_end_matches('/'))
+            .with_api_key(config.api_key.expose().clone());
+        let client = Client::with_config(client_config).with_http_client(http_client(&config.timeouts)?);
+        Ok(Self { client, config })
+    }
+
+    // `seed` and `max_tokens` are deprecated by OpenAI but are what
+    // compatible servers (vLLM, Ollama, …) understand.
+    #[allow(deprecated)]
+    fn request(&self, request: &GenerateRequest, stream: bool) -> Result<CreateChatCompletionRequest, InferenceError> {
+        check_model_name(&request.model)?;
+        let messages = request
+            .messages
+            .iter()
+            .map(|m| match m.role {
+                Role::System => ChatCompletionRequestMessage::System(ChatCompletionRequestSystemMessage::from(m.content.as_str())),
+                Role::User => ChatCompletionRequestMessage::User(ChatCompletionRequestUserMessage::from(m.content.as_str())),
+                Role::Assistant => {
+                    ChatCompletionRequestMessage::Assistant(ChatCompletionRequestAssistantMessage::from(m.content.as_str()))
+                }
+            })
+            .collect();
+        let mut req = CreateChatCompletionRequest {
+            model: request.model.clone(),
+            messages,
+            temperature: request.temperature,
+            top_p: request.top_p,
+            seed: request.seed.map(|s| s as i64),
+            stop: (!request.stop.is_empty()).then(|| StopConfiguration::StringArray(request.stop.clone())),
+            ..Default::default()
+        };
+        if self.config.use_max_completion_tokens {
+            req.max_completion_tokens = request.max_tokens;
+        } else {
+            req.max_tokens = request.max_tokens;
+        }
+        if stream {
+            req.stream = Some(true);
+            req.stream_options = Some(ChatCompletionStreamOptions { include_usage: Some(true), include_obfuscation: None });
+        }
+        Ok(req)
+    }
+}
+
+/// async-openai errors → typed errors. (async-openai does not expose the
+/// response headers, so a 429 from this provider carries no Retry-After and
+/// is retried with exponential backoff.)
+fn map_error(e: OpenAIError) -> InferenceError {
+    match e {
+        OpenAIError::ApiError(api) => {
+            let status = api.status_code.as_u16();
+            let message = api.api_error.message.clone();
+            let code = api.api_error.code.clone().unwrap_or_default();
+            match status {
+                429 => InferenceError::RateLimited { retry_after: None, message },
+                401 | 403 => InferenceError::Auth(message),
+                404 => InferenceError::ModelNotFound(message),
+                400 | 413 | 422 if code == "context_length_exceeded" || message.contains("maximum context length") => {
+                    InferenceError::ContextTooLong(message)
+                }
+                400 | 413 | 422 => InferenceError::BadRequest(message),
+                s => InferenceError::Upstream { status: Some(s), message },
+            }
+        }
+        OpenAIError::Reqwest(e) => InferenceError::from_reqwest(&e),
+        OpenAIError::JSONDeserialize(e, _) => InferenceError::Protocol(format!("unreadable response: {e}")),
+        OpenAIError::StreamError(e) => InferenceError::Protocol(format!("broken event stream: {e}")),
+        OpenAIError::InvalidArgument(m) => InferenceError::BadRequest(m),
+        other => InferenceError::Upstream { status: None, message: other.to_string() },
+    }
+}
+
+fn finish(reason: Option<OpenAiFinish>) -> FinishReason {
+    match reason {
+        Some(OpenAiFinish::Stop) | None => FinishReason::Stop,
+        Some(OpenAiFinish::Length) => FinishReason::Length,
+        Some(OpenAiFinish::ContentFilter) => FinishReason::ContentFilter,
+        Some(OpenAiFinish::ToolCalls) => FinishReason::Other("tool_calls".into()),
+        Some(OpenAiFinish::FunctionCall) => FinishReason::Other("function_call".into()),
+    }
+}
+
+#[async_trait]
+impl LlmProvider for OpenAiProvider {
+    fn id(&self) -> &str {
+        &self.config.id
+    }
+
+    async fn complete(&self, request: &GenerateRequest) -> Result<Completion, InferenceError> {
+        let started = Instant::now();
+        let req = self.request(request, false)?;
+        let response = tokio::time::timeout(self.config.timeouts.request, self.client.chat().create(req))
+            .await
+            .map_err(|_| InferenceError::Timeout)?
+            .map_err(map_error)?;
+        let choice = response
+            .choices
+            .into_iter()
+            .next()
+            .ok_or_else(|| InferenceError::Protocol("no choices in the response".into()))?;
+        let usage = response
+            .usage
+            .map(|u| Usage { prompt_tokens: u.prompt_tokens, completion_tokens: u.completion_tokens })
+            .unwrap_or_default();
+        let total = started.elapsed();
+        Ok(Completion {
+            text: choice.message.content.unwrap_or_default(),
+            summary: Summary {
+                model: response.model,
+                usage,
+                finish_reason: finish(choice.finish_reason),
+                timing: Timing { time_to_first_token: Some(total), total },
+            },
+        })
+    }
+
+    async fn stream(&self, request: &GenerateRequest) -> Result<CompletionStream, InferenceError> {
+        let started = Instant::now();
+        let req = self.request(request, true)?;
+        let stream = tokio::time::timeout(self.config.timeouts.first_token, self.client.chat().create_stream(req))
+            .await
+            .map_err(|_| InferenceError::Timeout)?
+            .map_err(map_error)?;
+        let events = stream.map(|r| r.map_err(map_error)).boxed();
+        let parser = Parser { model: request.model.clone(), usage: None, finish: None };
+        Ok(drive(events, parser, started, self.config.timeouts))
+    }
+}
+
+struct Parser {
+    model: String,
+    usage: Option<Usage>,
+    finish: Option<FinishReason>,
+}
+
+impl StreamParser for Parser {
+    type Event = CreateChatCompletionStreamResponse;
+
+    fn event(&mut self, chunk: CreateChatCompletionStreamResponse) -> Result<Step, InferenceError> {
+        if !chunk.model.is_empty() {
+            self.model = chunk.model.clone();
+        }
+        if let Some(u) = chunk.usage {
+            self.usage = Some(Usage { prompt_tokens: u.prompt_tokens, completion_tokens: u.completion_tokens });
+        }
+        let mut text = String::new();
+        for choice in chunk.choices {
+            if let Some(t) = choice.delta.content {
+                text.push_str(&t);
+            }
+            if choice.finish_reason.is_some() {
+                self.finish = Some(finish(choice.finish_reason));
+            }
+        }
+        Ok(Step::Delta(text))
+    }
+
+    /// async-openai ends the stream at `data: [DONE]`. Without a finish
+    /// reason the stream was cut; without usage (servers that ignore
+    /// `include_usage`) the usage is reported as zero.
+    fn end(&mut self) -> Result<Step, InferenceError> {
+        match self.finish.take() {
+            Some(finish_reason) => Ok(Step::Done {
+                model: self.model.clone(),
+                usage: self.usage.unwrap_or_default(),
+                finish_reason,
+            }),
+            None => Err(InferenceError::Protocol("the stream was cut before a finish reason".into())),
+        }
+    }
+}
