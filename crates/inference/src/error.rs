@@ -9,7 +9,10 @@ pub enum InferenceError {
     #[error("the provider refused the credentials: {0}")]
     Auth(String),
     #[error("rate limited by the provider{}", retry_after.map(|d| format!(" (retry after {} s)", d.as_secs_f32())).unwrap_or_default())]
-    RateLimited { retry_after: Option<Duration>, message: String },
+    RateLimited {
+        retry_after: Option<Duration>,
+        message: String,
+    },
     #[error("the prompt is longer than the model's context: {0}")]
     ContextTooLong(String),
     #[error("unknown model: {0}")]
@@ -17,7 +20,10 @@ pub enum InferenceError {
     #[error("the provider did not answer in time")]
     Timeout,
     #[error("provider error{}: {message}", status.map(|s| format!(" (HTTP {s})")).unwrap_or_default())]
-    Upstream { status: Option<u16>, message: String },
+    Upstream {
+        status: Option<u16>,
+        message: String,
+    },
     #[error("cannot reach the provider: {0}")]
     Connection(String),
     #[error("the provider sent something unexpected: {0}")]
@@ -44,7 +50,11 @@ impl InferenceError {
 
     /// Worth trying on another model of a fallback chain.
     pub fn allows_fallback(&self) -> bool {
-        self.is_retryable() || matches!(self, InferenceError::ModelNotFound(_) | InferenceError::NotConfigured(_))
+        self.is_retryable()
+            || matches!(
+                self,
+                InferenceError::ModelNotFound(_) | InferenceError::NotConfigured(_)
+            )
     }
 
     pub fn from_reqwest(e: &reqwest::Error) -> Self {
@@ -82,7 +92,11 @@ pub(crate) fn strip_url(message: &str) -> String {
 
 /// Parses `Retry-After` (seconds; HTTP dates are treated as absent).
 pub(crate) fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
-    let v = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim();
+    let v = headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
     v.parse::<f64>()
         .ok()
         .filter(|s| s.is_finite() && *s >= 0.0)
@@ -95,9 +109,21 @@ mod tests {
 
     #[test]
     fn retryability() {
-        assert!(InferenceError::Upstream { status: Some(503), message: String::new() }.is_retryable());
-        assert!(!InferenceError::Upstream { status: Some(418), message: String::new() }.is_retryable());
-        assert!(InferenceError::RateLimited { retry_after: None, message: String::new() }.is_retryable());
+        assert!(InferenceError::Upstream {
+            status: Some(503),
+            message: String::new()
+        }
+        .is_retryable());
+        assert!(!InferenceError::Upstream {
+            status: Some(418),
+            message: String::new()
+        }
+        .is_retryable());
+        assert!(InferenceError::RateLimited {
+            retry_after: None,
+            message: String::new()
+        }
+        .is_retryable());
         assert!(!InferenceError::Auth(String::new()).is_retryable());
         assert!(!InferenceError::ContextTooLong(String::new()).allows_fallback());
         assert!(InferenceError::ModelNotFound(String::new()).allows_fallback());

@@ -33,7 +33,8 @@ pub struct PriceTable {
 const BUILTIN: &str = include_str!("../prices.json");
 
 fn parse(json: &str) -> Result<HashMap<String, Price>, String> {
-    let raw: HashMap<String, serde_json::Value> = serde_json::from_str(json).map_err(|e| e.to_string())?;
+    let raw: HashMap<String, serde_json::Value> =
+        serde_json::from_str(json).map_err(|e| e.to_string())?;
     let mut out = HashMap::new();
     for (key, value) in raw {
         if key.starts_with('_') {
@@ -63,9 +64,12 @@ impl PriceTable {
     /// The built-in table with the entries of a JSON file of the same shape
     /// layered on top (new models, or corrected prices).
     pub fn with_overrides(mut self, path: &Path) -> Result<Self, InferenceError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| InferenceError::NotConfigured(format!("price file {}: {e}", path.display())))?;
-        let extra = parse(&text).map_err(|e| InferenceError::NotConfigured(format!("price file {}: {e}", path.display())))?;
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            InferenceError::NotConfigured(format!("price file {}: {e}", path.display()))
+        })?;
+        let extra = parse(&text).map_err(|e| {
+            InferenceError::NotConfigured(format!("price file {}: {e}", path.display()))
+        })?;
         self.prices.extend(extra);
         Ok(self)
     }
@@ -109,7 +113,9 @@ fn strip_date_suffix(model: &str) -> Option<&str> {
         && parts[0].len() == 2
         && parts[1].len() == 2
         && parts[2].len() == 4
-        && parts[..3].iter().all(|p| p.chars().all(|c| c.is_ascii_digit()))
+        && parts[..3]
+            .iter()
+            .all(|p| p.chars().all(|c| c.is_ascii_digit()))
     {
         return Some(parts[3]);
     }
@@ -124,12 +130,30 @@ mod tests {
     fn builtin_table_parses_and_prices_calls() {
         let t = PriceTable::builtin();
         assert!(t.len() >= 15);
-        let usage = Usage { prompt_tokens: 1_000_000, completion_tokens: 500_000 };
-        assert_eq!(t.cost("openai", "gpt-4o-mini", &usage), Some(0.15 + 0.3));
-        assert_eq!(t.cost("openai", "gpt-4o-2024-08-06", &usage), Some(2.5 + 5.0));
-        assert_eq!(t.cost("anthropic", "claude-3-haiku-20240307", &usage), Some(0.25 + 0.625));
-        assert_eq!(t.cost("openai", "my-finetune", &usage), None, "unknown is unknown, not 0");
-        assert_eq!(t.cost("anthropic", "gpt-4o", &usage), None, "prices are per provider");
+        let usage = Usage {
+            prompt_tokens: 1_000_000,
+            completion_tokens: 500_000,
+        };
+        let close = |a: Option<f64>, b: f64| a.is_some_and(|a| (a - b).abs() < 1e-9);
+        assert!(close(t.cost("openai", "gpt-4o-mini", &usage), 0.15 + 0.3));
+        assert!(close(
+            t.cost("openai", "gpt-4o-2024-08-06", &usage),
+            2.5 + 5.0
+        ));
+        assert!(close(
+            t.cost("anthropic", "claude-3-haiku-20240307", &usage),
+            0.25 + 0.625
+        ));
+        assert_eq!(
+            t.cost("openai", "my-finetune", &usage),
+            None,
+            "unknown is unknown, not 0"
+        );
+        assert_eq!(
+            t.cost("anthropic", "gpt-4o", &usage),
+            None,
+            "prices are per provider"
+        );
     }
 
     #[test]
@@ -140,11 +164,27 @@ mod tests {
         std::fs::write(&good, r#"{"openai/gpt-4o": {"input_per_million": 1, "output_per_million": 2}, "vllm/llama": {"input_per_million": 0, "output_per_million": 0}}"#).unwrap();
         let t = PriceTable::builtin().with_overrides(&good).unwrap();
         assert_eq!(t.price("openai", "gpt-4o").unwrap().output_per_million, 2.0);
-        assert_eq!(t.cost("vllm", "llama", &Usage { prompt_tokens: 10, completion_tokens: 10 }), Some(0.0));
+        assert_eq!(
+            t.cost(
+                "vllm",
+                "llama",
+                &Usage {
+                    prompt_tokens: 10,
+                    completion_tokens: 10
+                }
+            ),
+            Some(0.0)
+        );
         let bad = dir.join("bad.json");
-        std::fs::write(&bad, r#"{"openai/gpt-4o": {"input_per_million": -1, "output_per_million": 2}}"#).unwrap();
+        std::fs::write(
+            &bad,
+            r#"{"openai/gpt-4o": {"input_per_million": -1, "output_per_million": 2}}"#,
+        )
+        .unwrap();
         assert!(PriceTable::builtin().with_overrides(&bad).is_err());
-        assert!(PriceTable::builtin().with_overrides(&dir.join("missing.json")).is_err());
+        assert!(PriceTable::builtin()
+            .with_overrides(&dir.join("missing.json"))
+            .is_err());
         let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -34,7 +34,10 @@ impl Default for RetryPolicy {
 
 impl RetryPolicy {
     pub fn none() -> Self {
-        Self { max_retries: 0, ..Self::default() }
+        Self {
+            max_retries: 0,
+            ..Self::default()
+        }
     }
 
     /// The wait before retry number `attempt` (1-based) after `error`, or
@@ -43,10 +46,17 @@ impl RetryPolicy {
         if attempt > self.max_retries || !error.is_retryable() {
             return None;
         }
-        if let InferenceError::RateLimited { retry_after: Some(d), .. } = error {
+        if let InferenceError::RateLimited {
+            retry_after: Some(d),
+            ..
+        } = error
+        {
             return (*d <= self.max_retry_after).then_some(*d);
         }
-        let exp = self.base_delay.saturating_mul(2u32.saturating_pow(attempt - 1)).min(self.max_delay);
+        let exp = self
+            .base_delay
+            .saturating_mul(2u32.saturating_pow(attempt - 1))
+            .min(self.max_delay);
         // Full jitter in [exp/2, exp].
         let half = exp / 2;
         let jitter = rand::thread_rng().gen_range(0..=half.as_millis().max(1) as u64);
@@ -80,7 +90,9 @@ impl<P: LlmProvider> LlmProvider for Retrying<P> {
                 Ok(c) => return Ok(c),
                 Err(e) => {
                     attempt += 1;
-                    let Some(wait) = self.policy.delay(attempt, &e) else { return Err(e) };
+                    let Some(wait) = self.policy.delay(attempt, &e) else {
+                        return Err(e);
+                    };
                     tracing::warn!(provider = self.inner.id(), attempt, wait_ms = wait.as_millis() as u64, error = %e, "retrying");
                     tokio::time::sleep(wait).await;
                 }
@@ -96,14 +108,18 @@ impl<P: LlmProvider> LlmProvider for Retrying<P> {
                     // Nothing was sent to the caller yet: still safe to retry.
                     Some(Err(e)) => e,
                     Some(Ok(first)) => {
-                        return Ok(futures::stream::once(async { Ok(first) }).chain(stream).boxed());
+                        return Ok(futures::stream::once(async { Ok(first) })
+                            .chain(stream)
+                            .boxed());
                     }
                     None => InferenceError::Protocol("the stream ended before any event".into()),
                 },
                 Err(e) => e,
             };
             attempt += 1;
-            let Some(wait) = self.policy.delay(attempt, &error) else { return Err(error) };
+            let Some(wait) = self.policy.delay(attempt, &error) else {
+                return Err(error);
+            };
             tracing::warn!(provider = self.inner.id(), attempt, wait_ms = wait.as_millis() as u64, error = %error, "retrying stream");
             tokio::time::sleep(wait).await;
         }
@@ -122,10 +138,16 @@ impl Fallback {
         Self { chain }
     }
 
-    pub async fn complete(&self, request: &GenerateRequest) -> Result<(String, Completion), InferenceError> {
+    pub async fn complete(
+        &self,
+        request: &GenerateRequest,
+    ) -> Result<(String, Completion), InferenceError> {
         let mut last = InferenceError::NotConfigured("empty fallback chain".into());
         for (provider, model) in &self.chain {
-            let req = GenerateRequest { model: model.clone(), ..request.clone() };
+            let req = GenerateRequest {
+                model: model.clone(),
+                ..request.clone()
+            };
             match provider.complete(&req).await {
                 Ok(c) => return Ok((provider.id().to_string(), c)),
                 Err(e) if e.allows_fallback() => {
@@ -138,10 +160,16 @@ impl Fallback {
         Err(last)
     }
 
-    pub async fn stream(&self, request: &GenerateRequest) -> Result<(String, CompletionStream), InferenceError> {
+    pub async fn stream(
+        &self,
+        request: &GenerateRequest,
+    ) -> Result<(String, CompletionStream), InferenceError> {
         let mut last = InferenceError::NotConfigured("empty fallback chain".into());
         for (provider, model) in &self.chain {
-            let req = GenerateRequest { model: model.clone(), ..request.clone() };
+            let req = GenerateRequest {
+                model: model.clone(),
+                ..request.clone()
+            };
             let error = match provider.stream(&req).await {
                 Ok(mut s) => match s.next().await {
                     Some(Ok(first)) => {

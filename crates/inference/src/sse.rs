@@ -11,9 +11,20 @@ pub(crate) struct SseEvent {
     pub data: String,
 }
 
-pub(crate) fn events(response: reqwest::Response) -> impl Stream<Item = Result<SseEvent, InferenceError>> + Send {
-    response.bytes_stream().eventsource().map(|item| match item {
-        Ok(e) => Ok(SseEvent { event: e.event, data: e.data }),
-        Err(e) => Err(InferenceError::Protocol(format!("broken event stream: {}", strip_url(&e.to_string())))),
-    })
+pub(crate) fn events(
+    response: reqwest::Response,
+) -> impl Stream<Item = Result<SseEvent, InferenceError>> + Send {
+    response
+        .bytes_stream()
+        .eventsource()
+        .map(|item| match item {
+            Ok(e) => Ok(SseEvent {
+                event: e.event,
+                data: e.data,
+            }),
+            Err(e) => Err(InferenceError::Protocol(format!(
+                "broken event stream: {}",
+                strip_url(&e.to_string())
+            ))),
+        })
 }

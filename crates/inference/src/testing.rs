@@ -27,7 +27,10 @@ impl EchoProvider {
 
     /// Fails the next calls with these errors, then behaves.
     pub fn failing_with(errors: Vec<InferenceError>) -> Self {
-        Self { failures: Mutex::new(errors.into()), calls: Mutex::new(0) }
+        Self {
+            failures: Mutex::new(errors.into()),
+            calls: Mutex::new(0),
+        }
     }
 
     /// How many calls reached this provider.
@@ -63,7 +66,11 @@ impl EchoProvider {
                 finish = FinishReason::Length;
             }
         }
-        let prompt_tokens: usize = request.messages.iter().map(|m| m.content.split_whitespace().count()).sum();
+        let prompt_tokens: usize = request
+            .messages
+            .iter()
+            .map(|m| m.content.split_whitespace().count())
+            .sum();
         let usage = Usage {
             prompt_tokens: u32::try_from(prompt_tokens).unwrap_or(u32::MAX),
             completion_tokens: u32::try_from(words.len()).unwrap_or(u32::MAX),
@@ -89,7 +96,10 @@ impl LlmProvider for EchoProvider {
                 model: request.model.clone(),
                 usage,
                 finish_reason,
-                timing: Timing { time_to_first_token: Some(elapsed), total: elapsed },
+                timing: Timing {
+                    time_to_first_token: Some(elapsed),
+                    total: elapsed,
+                },
             },
         })
     }
@@ -100,17 +110,23 @@ impl LlmProvider for EchoProvider {
         let (words, usage, finish_reason) = Self::answer(request);
         let model = request.model.clone();
         let n = words.len();
-        let deltas = words
-            .into_iter()
-            .enumerate()
-            .map(move |(i, w)| Ok(StreamEvent::Delta(if i + 1 < n { format!("{w} ") } else { w })));
+        let deltas = words.into_iter().enumerate().map(move |(i, w)| {
+            Ok(StreamEvent::Delta(if i + 1 < n {
+                format!("{w} ")
+            } else {
+                w
+            }))
+        });
         let done = futures::stream::once(async move {
             let total = start.elapsed();
             Ok(StreamEvent::Done(Summary {
                 model,
                 usage,
                 finish_reason,
-                timing: Timing { time_to_first_token: Some(total.min(Duration::from_millis(1))), total },
+                timing: Timing {
+                    time_to_first_token: Some(total.min(Duration::from_millis(1))),
+                    total,
+                },
             }))
         });
         Ok(futures::stream::iter(deltas).chain(done).boxed())

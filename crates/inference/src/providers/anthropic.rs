@@ -45,7 +45,10 @@ pub struct AnthropicProvider {
 
 impl AnthropicProvider {
     pub fn new(config: AnthropicConfig) -> Result<Self, InferenceError> {
-        Ok(Self { client: http_client(&config.timeouts)?, config })
+        Ok(Self {
+            client: http_client(&config.timeouts)?,
+            config,
+        })
     }
 
     fn body(&self, request: &GenerateRequest, stream: bool) -> Value {
@@ -54,7 +57,11 @@ impl AnthropicProvider {
             .iter()
             .filter(|m| m.role != Role::System)
             .map(|m| {
-                let role = if m.role == Role::Assistant { "assistant" } else { "user" };
+                let role = if m.role == Role::Assistant {
+                    "assistant"
+                } else {
+                    "user"
+                };
                 json!({"role": role, "content": m.content})
             })
             .collect();
@@ -79,7 +86,11 @@ impl AnthropicProvider {
         body
     }
 
-    async fn send(&self, request: &GenerateRequest, stream: bool) -> Result<reqwest::Response, InferenceError> {
+    async fn send(
+        &self,
+        request: &GenerateRequest,
+        stream: bool,
+    ) -> Result<reqwest::Response, InferenceError> {
         check_model_name(&request.model)?;
         let mut builder = self
             .client
@@ -113,23 +124,42 @@ impl AnthropicProvider {
 fn map_error(status: u16, headers: &reqwest::header::HeaderMap, body: &str) -> InferenceError {
     let v: Value = serde_json::from_str(body).unwrap_or(Value::Null);
     let kind = v["error"]["type"].as_str().unwrap_or_default();
-    let message = v["error"]["message"].as_str().map(str::to_string).unwrap_or_else(|| format!("HTTP {status}"));
+    let message = v["error"]["message"]
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("HTTP {status}"));
     map_kind(Some(status), kind, message, retry_after(headers))
 }
 
-fn map_kind(status: Option<u16>, kind: &str, message: String, retry: Option<std::time::Duration>) -> InferenceError {
+fn map_kind(
+    status: Option<u16>,
+    kind: &str,
+    message: String,
+    retry: Option<std::time::Duration>,
+) -> InferenceError {
     let lower = message.to_lowercase();
     match (status, kind) {
-        (_, "rate_limit_error") | (Some(429), _) => InferenceError::RateLimited { retry_after: retry, message },
-        (_, "authentication_error" | "permission_error") | (Some(401 | 403), _) => InferenceError::Auth(message),
+        (_, "rate_limit_error") | (Some(429), _) => InferenceError::RateLimited {
+            retry_after: retry,
+            message,
+        },
+        (_, "authentication_error" | "permission_error") | (Some(401 | 403), _) => {
+            InferenceError::Auth(message)
+        }
         (_, "not_found_error") | (Some(404), _) => InferenceError::ModelNotFound(message),
         (_, "invalid_request_error") | (Some(400 | 413 | 422), _)
-            if lower.contains("prompt is too long") || (lower.contains("context") && lower.contains("exceed")) =>
+            if lower.contains("prompt is too long")
+                || (lower.contains("context") && lower.contains("exceed")) =>
         {
             InferenceError::ContextTooLong(message)
         }
-        (_, "invalid_request_error" | "request_too_large") | (Some(400 | 413 | 422), _) => InferenceError::BadRequest(message),
-        (_, "overloaded_error") => InferenceError::Upstream { status: status.or(Some(529)), message },
+        (_, "invalid_request_error" | "request_too_large") | (Some(400 | 413 | 422), _) => {
+            InferenceError::BadRequest(message)
+        }
+        (_, "overloaded_error") => InferenceError::Upstream {
+            status: status.or(Some(529)),
+            message,
+        },
         (s, _) => InferenceError::Upstream { status: s, message },
     }
 }
@@ -152,7 +182,10 @@ impl LlmProvider for AnthropicProvider {
     async fn complete(&self, request: &GenerateRequest) -> Result<Completion, InferenceError> {
         let started = Instant::now();
         let response = self.send(request, false).await?;
-        let v: Value = response.json().await.map_err(|e| InferenceError::from_reqwest(&e))?;
+        let v: Value = response
+            .json()
+            .await
+            .map_err(|e| InferenceError::from_reqwest(&e))?;
         let content = v["content"]
             .as_array()
             .ok_or_else(|| InferenceError::Protocol("no content in the response".into()))?;
@@ -172,7 +205,10 @@ impl LlmProvider for AnthropicProvider {
                 model: v["model"].as_str().unwrap_or(&request.model).to_string(),
                 usage,
                 finish_reason: finish(v["stop_reason"].as_str()),
-                timing: Timing { time_to_first_token: Some(total), total },
+                timing: Timing {
+                    time_to_first_token: Some(total),
+                    total,
+                },
             },
         })
     }
@@ -180,8 +216,17 @@ impl LlmProvider for AnthropicProvider {
     async fn stream(&self, request: &GenerateRequest) -> Result<CompletionStream, InferenceError> {
         let started = Instant::now();
         let response = self.send(request, true).await?;
-        let parser = Parser { model: request.model.clone(), usage: Usage::default(), stop_reason: None };
-        Ok(drive(events(response).boxed(), parser, started, self.config.timeouts))
+        let parser = Parser {
+            model: request.model.clone(),
+            usage: Usage::default(),
+            stop_reason: None,
+        };
+        Ok(drive(
+            events(response).boxed(),
+            parser,
+            started,
+            self.config.timeouts,
+        ))
     }
 }
 
@@ -198,20 +243,29 @@ impl StreamParser for Parser {
         if event.event == "ping" || event.data.is_empty() {
             return Ok(Step::Skip);
         }
-        let v: Value = serde_json::from_str(&event.data)
-            .map_err(|e| InferenceError::Protocol(format!("malformed {} event: {e}", event.event)))?;
-        let kind = if event.event.is_empty() { v["type"].as_str().unwrap_or_default().to_string() } else { event.event };
+        let v: Value = serde_json::from_str(&event.data).map_err(|e| {
+            InferenceError::Protocol(format!("malformed {} event: {e}", event.event))
+        })?;
+        let kind = if event.event.is_empty() {
+            v["type"].as_str().unwrap_or_default().to_string()
+        } else {
+            event.event
+        };
         match kind.as_str() {
             "message_start" => {
                 if let Some(m) = v["message"]["model"].as_str() {
                     self.model = m.to_string();
                 }
-                self.usage.prompt_tokens = v["message"]["usage"]["input_tokens"].as_u64().unwrap_or(0) as u32;
-                self.usage.completion_tokens = v["message"]["usage"]["output_tokens"].as_u64().unwrap_or(0) as u32;
+                self.usage.prompt_tokens =
+                    v["message"]["usage"]["input_tokens"].as_u64().unwrap_or(0) as u32;
+                self.usage.completion_tokens =
+                    v["message"]["usage"]["output_tokens"].as_u64().unwrap_or(0) as u32;
                 Ok(Step::Skip)
             }
             "content_block_delta" => match v["delta"]["type"].as_str() {
-                Some("text_delta") => Ok(Step::Delta(v["delta"]["text"].as_str().unwrap_or_default().to_string())),
+                Some("text_delta") => Ok(Step::Delta(
+                    v["delta"]["text"].as_str().unwrap_or_default().to_string(),
+                )),
                 _ => Ok(Step::Skip),
             },
             "message_delta" => {
@@ -233,7 +287,10 @@ impl StreamParser for Parser {
             }),
             "error" => {
                 let kind = v["error"]["type"].as_str().unwrap_or_default();
-                let message = v["error"]["message"].as_str().unwrap_or("stream error").to_string();
+                let message = v["error"]["message"]
+                    .as_str()
+                    .unwrap_or("stream error")
+                    .to_string();
                 Err(map_kind(None, kind, message, None))
             }
             _ => Ok(Step::Skip),
@@ -241,6 +298,8 @@ impl StreamParser for Parser {
     }
 
     fn end(&mut self) -> Result<Step, InferenceError> {
-        Err(InferenceError::Protocol("the stream was cut before message_stop".into()))
+        Err(InferenceError::Protocol(
+            "the stream was cut before message_stop".into(),
+        ))
     }
 }

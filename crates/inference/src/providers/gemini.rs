@@ -26,7 +26,11 @@ pub struct GeminiConfig {
 
 impl GeminiConfig {
     pub fn new(api_key: impl Into<String>) -> Self {
-        Self { api_key: Secret::new(api_key.into()), base_url: DEFAULT_BASE_URL.to_string(), timeouts: Timeouts::default() }
+        Self {
+            api_key: Secret::new(api_key.into()),
+            base_url: DEFAULT_BASE_URL.to_string(),
+            timeouts: Timeouts::default(),
+        }
     }
 }
 
@@ -41,7 +45,11 @@ fn body(request: &GenerateRequest) -> Value {
         .iter()
         .filter(|m| m.role != Role::System)
         .map(|m| {
-            let role = if m.role == Role::Assistant { "model" } else { "user" };
+            let role = if m.role == Role::Assistant {
+                "model"
+            } else {
+                "user"
+            };
             json!({"role": role, "parts": [{"text": m.content}]})
         })
         .collect();
@@ -74,26 +82,48 @@ fn body(request: &GenerateRequest) -> Value {
 /// `{"error": {"code", "message", "status", "details"}}`.
 fn map_error(status: u16, headers: &reqwest::header::HeaderMap, body: &str) -> InferenceError {
     let v: Value = serde_json::from_str(body).unwrap_or(Value::Null);
-    let err = if v.is_array() { &v[0]["error"] } else { &v["error"] };
+    let err = if v.is_array() {
+        &v[0]["error"]
+    } else {
+        &v["error"]
+    };
     let kind = err["status"].as_str().unwrap_or_default();
-    let message = err["message"].as_str().map(str::to_string).unwrap_or_else(|| format!("HTTP {status}"));
+    let message = err["message"]
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("HTTP {status}"));
     let lower = message.to_lowercase();
     match (status, kind) {
         (429, _) | (_, "RESOURCE_EXHAUSTED") => {
             // Retry-After, or the RetryInfo detail ("retryDelay": "7s").
             let from_body = err["details"].as_array().and_then(|d| {
-                d.iter().find_map(|x| x["retryDelay"].as_str()).and_then(|s| s.trim_end_matches('s').parse::<f64>().ok())
+                d.iter()
+                    .find_map(|x| x["retryDelay"].as_str())
+                    .and_then(|s| s.trim_end_matches('s').parse::<f64>().ok())
             });
-            let retry = retry_after(headers).or(from_body.filter(|s| s.is_finite() && *s >= 0.0).map(Duration::from_secs_f64));
-            InferenceError::RateLimited { retry_after: retry, message }
+            let retry = retry_after(headers).or(from_body
+                .filter(|s| s.is_finite() && *s >= 0.0)
+                .map(Duration::from_secs_f64));
+            InferenceError::RateLimited {
+                retry_after: retry,
+                message,
+            }
         }
-        (401 | 403, _) | (_, "UNAUTHENTICATED" | "PERMISSION_DENIED") => InferenceError::Auth(message),
+        (401 | 403, _) | (_, "UNAUTHENTICATED" | "PERMISSION_DENIED") => {
+            InferenceError::Auth(message)
+        }
         (404, _) | (_, "NOT_FOUND") => InferenceError::ModelNotFound(message),
-        (400, _) if lower.contains("token") && (lower.contains("exceed") || lower.contains("too long")) => {
+        (400, _)
+            if lower.contains("token")
+                && (lower.contains("exceed") || lower.contains("too long")) =>
+        {
             InferenceError::ContextTooLong(message)
         }
         (400 | 413 | 422, _) => InferenceError::BadRequest(message),
-        (s, _) => InferenceError::Upstream { status: Some(s), message },
+        (s, _) => InferenceError::Upstream {
+            status: Some(s),
+            message,
+        },
     }
 }
 
@@ -101,7 +131,9 @@ fn finish(reason: Option<&str>) -> Option<FinishReason> {
     reason.map(|r| match r {
         "STOP" => FinishReason::Stop,
         "MAX_TOKENS" => FinishReason::Length,
-        "SAFETY" | "RECITATION" | "BLOCKLIST" | "PROHIBITED_CONTENT" | "SPII" => FinishReason::ContentFilter,
+        "SAFETY" | "RECITATION" | "BLOCKLIST" | "PROHIBITED_CONTENT" | "SPII" => {
+            FinishReason::ContentFilter
+        }
         other => FinishReason::Other(other.to_lowercase()),
     })
 }
@@ -123,13 +155,27 @@ fn text_of(v: &Value) -> String {
 
 impl GeminiProvider {
     pub fn new(config: GeminiConfig) -> Result<Self, InferenceError> {
-        Ok(Self { client: http_client(&config.timeouts)?, config })
+        Ok(Self {
+            client: http_client(&config.timeouts)?,
+            config,
+        })
     }
 
-    async fn send(&self, request: &GenerateRequest, stream: bool) -> Result<reqwest::Response, InferenceError> {
+    async fn send(
+        &self,
+        request: &GenerateRequest,
+        stream: bool,
+    ) -> Result<reqwest::Response, InferenceError> {
         check_model_name(&request.model)?;
-        let action = if stream { "streamGenerateContent?alt=sse" } else { "generateContent" };
-        let url = format!("{}/v1beta/models/{}:{action}", self.config.base_url, request.model);
+        let action = if stream {
+            "streamGenerateContent?alt=sse"
+        } else {
+            "generateContent"
+        };
+        let url = format!(
+            "{}/v1beta/models/{}:{action}",
+            self.config.base_url, request.model
+        );
         let mut builder = self
             .client
             .post(url)
@@ -164,19 +210,33 @@ impl LlmProvider for GeminiProvider {
     async fn complete(&self, request: &GenerateRequest) -> Result<Completion, InferenceError> {
         let started = Instant::now();
         let response = self.send(request, false).await?;
-        let v: Value = response.json().await.map_err(|e| InferenceError::from_reqwest(&e))?;
+        let v: Value = response
+            .json()
+            .await
+            .map_err(|e| InferenceError::from_reqwest(&e))?;
         if v["candidates"].as_array().is_none_or(|c| c.is_empty()) {
-            let reason = v["promptFeedback"]["blockReason"].as_str().unwrap_or("no candidates");
-            return Err(InferenceError::BadRequest(format!("the prompt was refused: {reason}")));
+            let reason = v["promptFeedback"]["blockReason"]
+                .as_str()
+                .unwrap_or("no candidates");
+            return Err(InferenceError::BadRequest(format!(
+                "the prompt was refused: {reason}"
+            )));
         }
         let total = started.elapsed();
         Ok(Completion {
             text: text_of(&v),
             summary: Summary {
-                model: v["modelVersion"].as_str().unwrap_or(&request.model).to_string(),
+                model: v["modelVersion"]
+                    .as_str()
+                    .unwrap_or(&request.model)
+                    .to_string(),
                 usage: usage(&v).unwrap_or_default(),
-                finish_reason: finish(v["candidates"][0]["finishReason"].as_str()).unwrap_or(FinishReason::Stop),
-                timing: Timing { time_to_first_token: Some(total), total },
+                finish_reason: finish(v["candidates"][0]["finishReason"].as_str())
+                    .unwrap_or(FinishReason::Stop),
+                timing: Timing {
+                    time_to_first_token: Some(total),
+                    total,
+                },
             },
         })
     }
@@ -184,8 +244,17 @@ impl LlmProvider for GeminiProvider {
     async fn stream(&self, request: &GenerateRequest) -> Result<CompletionStream, InferenceError> {
         let started = Instant::now();
         let response = self.send(request, true).await?;
-        let parser = Parser { model: request.model.clone(), usage: Usage::default(), finish: None };
-        Ok(drive(events(response).boxed(), parser, started, self.config.timeouts))
+        let parser = Parser {
+            model: request.model.clone(),
+            usage: Usage::default(),
+            finish: None,
+        };
+        Ok(drive(
+            events(response).boxed(),
+            parser,
+            started,
+            self.config.timeouts,
+        ))
     }
 }
 
@@ -207,7 +276,11 @@ impl StreamParser for Parser {
         let v: Value = serde_json::from_str(&event.data)
             .map_err(|e| InferenceError::Protocol(format!("malformed stream chunk: {e}")))?;
         if v.get("error").is_some() {
-            return Err(map_error(v["error"]["code"].as_u64().unwrap_or(500) as u16, &Default::default(), &event.data));
+            return Err(map_error(
+                v["error"]["code"].as_u64().unwrap_or(500) as u16,
+                &Default::default(),
+                &event.data,
+            ));
         }
         if let Some(u) = usage(&v) {
             self.usage = u;
@@ -223,8 +296,14 @@ impl StreamParser for Parser {
 
     fn end(&mut self) -> Result<Step, InferenceError> {
         match self.finish.take() {
-            Some(finish_reason) => Ok(Step::Done { model: self.model.clone(), usage: self.usage, finish_reason }),
-            None => Err(InferenceError::Protocol("the stream was cut before a finishReason".into())),
+            Some(finish_reason) => Ok(Step::Done {
+                model: self.model.clone(),
+                usage: self.usage,
+                finish_reason,
+            }),
+            None => Err(InferenceError::Protocol(
+                "the stream was cut before a finishReason".into(),
+            )),
         }
     }
 }

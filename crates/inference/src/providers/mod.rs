@@ -53,7 +53,9 @@ pub(crate) fn check_model_name(model: &str) -> Result<(), InferenceError> {
     if ok {
         Ok(())
     } else {
-        Err(InferenceError::BadRequest(format!("invalid model name {model:?}")))
+        Err(InferenceError::BadRequest(format!(
+            "invalid model name {model:?}"
+        )))
     }
 }
 
@@ -61,7 +63,11 @@ pub(crate) fn check_model_name(model: &str) -> Result<(), InferenceError> {
 pub(crate) enum Step {
     Skip,
     Delta(String),
-    Done { model: String, usage: Usage, finish_reason: FinishReason },
+    Done {
+        model: String,
+        usage: Usage,
+        finish_reason: FinishReason,
+    },
 }
 
 /// A protocol's streaming state machine.
@@ -85,12 +91,24 @@ struct Drive<S, P> {
 /// Runs `parser` over `events` with the first-token and idle timeouts, and
 /// fills in the timing of the final event. Dropping the result drops the
 /// transport (closing the connection).
-pub(crate) fn drive<S, P>(events: S, parser: P, started: Instant, timeouts: Timeouts) -> CompletionStream
+pub(crate) fn drive<S, P>(
+    events: S,
+    parser: P,
+    started: Instant,
+    timeouts: Timeouts,
+) -> CompletionStream
 where
     S: Stream<Item = Result<P::Event, InferenceError>> + Send + Unpin + 'static,
     P: StreamParser,
 {
-    let state = Drive { events, parser, started, first_token: None, timeouts, finished: false };
+    let state = Drive {
+        events,
+        parser,
+        started,
+        first_token: None,
+        timeouts,
+        finished: false,
+    };
     futures::stream::unfold(state, |mut st| async move {
         if st.finished {
             return None;
@@ -114,10 +132,25 @@ where
                     st.first_token.get_or_insert_with(|| st.started.elapsed());
                     return Some((Ok(StreamEvent::Delta(text)), st));
                 }
-                Ok(Step::Done { model, usage, finish_reason }) => {
+                Ok(Step::Done {
+                    model,
+                    usage,
+                    finish_reason,
+                }) => {
                     st.finished = true;
-                    let timing = Timing { time_to_first_token: st.first_token, total: st.started.elapsed() };
-                    return Some((Ok(StreamEvent::Done(Summary { model, usage, finish_reason, timing })), st));
+                    let timing = Timing {
+                        time_to_first_token: st.first_token,
+                        total: st.started.elapsed(),
+                    };
+                    return Some((
+                        Ok(StreamEvent::Done(Summary {
+                            model,
+                            usage,
+                            finish_reason,
+                            timing,
+                        })),
+                        st,
+                    ));
                 }
                 Err(e) => {
                     st.finished = true;
@@ -130,7 +163,9 @@ where
 }
 
 /// Reads an error response into a status, headers and (bounded) body text.
-pub(crate) async fn error_parts(response: reqwest::Response) -> (u16, reqwest::header::HeaderMap, String) {
+pub(crate) async fn error_parts(
+    response: reqwest::Response,
+) -> (u16, reqwest::header::HeaderMap, String) {
     let status = response.status().as_u16();
     let headers = response.headers().clone();
     let body = response.text().await.unwrap_or_default();
@@ -148,5 +183,7 @@ pub async fn collect(mut stream: CompletionStream) -> Result<Completion, Inferen
             StreamEvent::Done(summary) => return Ok(Completion { text, summary }),
         }
     }
-    Err(InferenceError::Protocol("the stream ended without a final event".into()))
+    Err(InferenceError::Protocol(
+        "the stream ended without a final event".into(),
+    ))
 }

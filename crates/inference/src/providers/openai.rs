@@ -6,10 +6,12 @@ use std::time::Instant;
 
 use async_openai::config::OpenAIConfig as ClientConfig;
 use async_openai::error::OpenAIError;
+use async_openai::middleware::HttpRequestFactory;
 use async_openai::types::chat::{
-    ChatCompletionRequestAssistantMessage, ChatCompletionRequestMessage, ChatCompletionRequestSystemMessage,
-    ChatCompletionRequestUserMessage, ChatCompletionStreamOptions, CreateChatCompletionRequest,
-    CreateChatCompletionStreamResponse, FinishReason as OpenAiFinish, StopConfiguration,
+    ChatCompletionRequestAssistantMessage, ChatCompletionRequestMessage,
+    ChatCompletionRequestSystemMessage, ChatCompletionRequestUserMessage,
+    ChatCompletionStreamOptions, CreateChatCompletionRequest, CreateChatCompletionStreamResponse,
+    FinishReason as OpenAiFinish, StopConfiguration,
 };
 use async_openai::Client;
 use async_trait::async_trait;
@@ -21,6 +23,11 @@ use crate::error::InferenceError;
 use crate::types::*;
 
 pub const DEFAULT_BASE_URL: &str = "https://api.openai.com/v1";
+
+tokio::task_local! {
+    /// The `Retry-After` of the last 429 seen by this task's request.
+    static RETRY_AFTER: std::cell::Cell<Option<std::time::Duration>>;
+}
 
 #[derive(Debug, Clone)]
 pub struct OpenAiConfig {
@@ -48,7 +55,11 @@ impl OpenAiConfig {
     }
 
     /// An OpenAI-compatible server at `base_url` (e.g. `http://localhost:8000/v1`).
-    pub fn compatible(id: impl Into<String>, base_url: impl Into<String>, api_key: impl Into<String>) -> Self {
+    pub fn compatible(
+        id: impl Into<String>,
+        base_url: impl Into<String>,
+        api_key: impl Into<String>,
+    ) -> Self {
         Self {
             id: id.into(),
             api_key: Secret::new(api_key.into()),
@@ -69,24 +80,48 @@ impl OpenAiProvider {
         let client_config = ClientConfig::new()
             .with_api_base(config.base_url.trim_end_matches('/'))
             .with_api_key(config.api_key.expose().clone());
-        let client = Client::with_config(client_config).with_http_client(http_client(&config.timeouts)?);
+        // Our own transport instead of async-openai's default one: no hidden
+        // retries (retrying is `Retrying`'s job, with one policy for every
+        // provider), and the `Retry-After` of a 429 is kept for it.
+        let http = http_client(&config.timeouts)?;
+        let transport = tower::service_fn(move |factory: HttpRequestFactory| {
+            let http = http.clone();
+            async move {
+                let request = factory.build().await?;
+                let response = http.execute(request).await.map_err(OpenAIError::Reqwest)?;
+                if response.status().as_u16() == 429 {
+                    let wait = crate::error::retry_after(response.headers());
+                    let _ = RETRY_AFTER.try_with(|cell| cell.set(wait));
+                }
+                Ok::<_, OpenAIError>(response)
+            }
+        });
+        let client = Client::with_config(client_config).with_http_service(transport);
         Ok(Self { client, config })
     }
 
     // `seed` and `max_tokens` are deprecated by OpenAI but are what
     // compatible servers (vLLM, Ollama, …) understand.
     #[allow(deprecated)]
-    fn request(&self, request: &GenerateRequest, stream: bool) -> Result<CreateChatCompletionRequest, InferenceError> {
+    fn request(
+        &self,
+        request: &GenerateRequest,
+        stream: bool,
+    ) -> Result<CreateChatCompletionRequest, InferenceError> {
         check_model_name(&request.model)?;
         let messages = request
             .messages
             .iter()
             .map(|m| match m.role {
-                Role::System => ChatCompletionRequestMessage::System(ChatCompletionRequestSystemMessage::from(m.content.as_str())),
-                Role::User => ChatCompletionRequestMessage::User(ChatCompletionRequestUserMessage::from(m.content.as_str())),
-                Role::Assistant => {
-                    ChatCompletionRequestMessage::Assistant(ChatCompletionRequestAssistantMessage::from(m.content.as_str()))
-                }
+                Role::System => ChatCompletionRequestMessage::System(
+                    ChatCompletionRequestSystemMessage::from(m.content.as_str()),
+                ),
+                Role::User => ChatCompletionRequestMessage::User(
+                    ChatCompletionRequestUserMessage::from(m.content.as_str()),
+                ),
+                Role::Assistant => ChatCompletionRequestMessage::Assistant(
+                    ChatCompletionRequestAssistantMessage::from(m.content.as_str()),
+                ),
             })
             .collect();
         let mut req = CreateChatCompletionRequest {
@@ -95,7 +130,8 @@ impl OpenAiProvider {
             temperature: request.temperature,
             top_p: request.top_p,
             seed: request.seed.map(|s| s as i64),
-            stop: (!request.stop.is_empty()).then(|| StopConfiguration::StringArray(request.stop.clone())),
+            stop: (!request.stop.is_empty())
+                .then(|| StopConfiguration::StringArray(request.stop.clone())),
             ..Default::default()
         };
         if self.config.use_max_completion_tokens {
@@ -105,15 +141,16 @@ impl OpenAiProvider {
         }
         if stream {
             req.stream = Some(true);
-            req.stream_options = Some(ChatCompletionStreamOptions { include_usage: Some(true), include_obfuscation: None });
+            req.stream_options = Some(ChatCompletionStreamOptions {
+                include_usage: Some(true),
+                include_obfuscation: None,
+            });
         }
         Ok(req)
     }
 }
 
-/// async-openai errors → typed errors. (async-openai does not expose the
-/// response headers, so a 429 from this provider carries no Retry-After and
-/// is retried with exponential backoff.)
+/// async-openai errors → typed errors. Call it inside a `RETRY_AFTER` scope.
 fn map_error(e: OpenAIError) -> InferenceError {
     match e {
         OpenAIError::ApiError(api) => {
@@ -121,21 +158,37 @@ fn map_error(e: OpenAIError) -> InferenceError {
             let message = api.api_error.message.clone();
             let code = api.api_error.code.clone().unwrap_or_default();
             match status {
-                429 => InferenceError::RateLimited { retry_after: None, message },
+                429 => InferenceError::RateLimited {
+                    retry_after: RETRY_AFTER.try_with(|cell| cell.get()).ok().flatten(),
+                    message,
+                },
                 401 | 403 => InferenceError::Auth(message),
                 404 => InferenceError::ModelNotFound(message),
-                400 | 413 | 422 if code == "context_length_exceeded" || message.contains("maximum context length") => {
+                400 | 413 | 422
+                    if code == "context_length_exceeded"
+                        || message.contains("maximum context length") =>
+                {
                     InferenceError::ContextTooLong(message)
                 }
                 400 | 413 | 422 => InferenceError::BadRequest(message),
-                s => InferenceError::Upstream { status: Some(s), message },
+                s => InferenceError::Upstream {
+                    status: Some(s),
+                    message,
+                },
             }
         }
         OpenAIError::Reqwest(e) => InferenceError::from_reqwest(&e),
-        OpenAIError::JSONDeserialize(e, _) => InferenceError::Protocol(format!("unreadable response: {e}")),
-        OpenAIError::StreamError(e) => InferenceError::Protocol(format!("broken event stream: {e}")),
+        OpenAIError::JSONDeserialize(e, _) => {
+            InferenceError::Protocol(format!("unreadable response: {e}"))
+        }
+        OpenAIError::StreamError(e) => {
+            InferenceError::Protocol(format!("broken event stream: {e}"))
+        }
         OpenAIError::InvalidArgument(m) => InferenceError::BadRequest(m),
-        other => InferenceError::Upstream { status: None, message: other.to_string() },
+        other => InferenceError::Upstream {
+            status: None,
+            message: other.to_string(),
+        },
     }
 }
 
@@ -158,10 +211,13 @@ impl LlmProvider for OpenAiProvider {
     async fn complete(&self, request: &GenerateRequest) -> Result<Completion, InferenceError> {
         let started = Instant::now();
         let req = self.request(request, false)?;
-        let response = tokio::time::timeout(self.config.timeouts.request, self.client.chat().create(req))
-            .await
-            .map_err(|_| InferenceError::Timeout)?
-            .map_err(map_error)?;
+        let call = async { self.client.chat().create(req).await.map_err(map_error) };
+        let response = tokio::time::timeout(
+            self.config.timeouts.request,
+            RETRY_AFTER.scope(Default::default(), call),
+        )
+        .await
+        .map_err(|_| InferenceError::Timeout)??;
         let choice = response
             .choices
             .into_iter()
@@ -169,7 +225,10 @@ impl LlmProvider for OpenAiProvider {
             .ok_or_else(|| InferenceError::Protocol("no choices in the response".into()))?;
         let usage = response
             .usage
-            .map(|u| Usage { prompt_tokens: u.prompt_tokens, completion_tokens: u.completion_tokens })
+            .map(|u| Usage {
+                prompt_tokens: u.prompt_tokens,
+                completion_tokens: u.completion_tokens,
+            })
             .unwrap_or_default();
         let total = started.elapsed();
         Ok(Completion {
@@ -178,7 +237,10 @@ impl LlmProvider for OpenAiProvider {
                 model: response.model,
                 usage,
                 finish_reason: finish(choice.finish_reason),
-                timing: Timing { time_to_first_token: Some(total), total },
+                timing: Timing {
+                    time_to_first_token: Some(total),
+                    total,
+                },
             },
         })
     }
@@ -186,12 +248,25 @@ impl LlmProvider for OpenAiProvider {
     async fn stream(&self, request: &GenerateRequest) -> Result<CompletionStream, InferenceError> {
         let started = Instant::now();
         let req = self.request(request, true)?;
-        let stream = tokio::time::timeout(self.config.timeouts.first_token, self.client.chat().create_stream(req))
-            .await
-            .map_err(|_| InferenceError::Timeout)?
-            .map_err(map_error)?;
+        let call = async {
+            self.client
+                .chat()
+                .create_stream(req)
+                .await
+                .map_err(map_error)
+        };
+        let stream = tokio::time::timeout(
+            self.config.timeouts.first_token,
+            RETRY_AFTER.scope(Default::default(), call),
+        )
+        .await
+        .map_err(|_| InferenceError::Timeout)??;
         let events = stream.map(|r| r.map_err(map_error)).boxed();
-        let parser = Parser { model: request.model.clone(), usage: None, finish: None };
+        let parser = Parser {
+            model: request.model.clone(),
+            usage: None,
+            finish: None,
+        };
         Ok(drive(events, parser, started, self.config.timeouts))
     }
 }
@@ -210,7 +285,10 @@ impl StreamParser for Parser {
             self.model = chunk.model.clone();
         }
         if let Some(u) = chunk.usage {
-            self.usage = Some(Usage { prompt_tokens: u.prompt_tokens, completion_tokens: u.completion_tokens });
+            self.usage = Some(Usage {
+                prompt_tokens: u.prompt_tokens,
+                completion_tokens: u.completion_tokens,
+            });
         }
         let mut text = String::new();
         for choice in chunk.choices {
@@ -234,7 +312,9 @@ impl StreamParser for Parser {
                 usage: self.usage.unwrap_or_default(),
                 finish_reason,
             }),
-            None => Err(InferenceError::Protocol("the stream was cut before a finish reason".into())),
+            None => Err(InferenceError::Protocol(
+                "the stream was cut before a finish reason".into(),
+            )),
         }
     }
 }
