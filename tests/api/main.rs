@@ -10,5 +10,6 @@ mod accounts;
 mod api_keys;
 mod email_flows;
 mod errors;
+mod models;
 mod system;
 mod tokens;

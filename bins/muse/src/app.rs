@@ -27,6 +27,8 @@ pub enum StartError {
     Database(#[from] muse_persistence::DbError),
     #[error("mail: {0}")]
     Mail(#[from] muse_auth::MailError),
+    #[error("model providers: {0}")]
+    Inference(#[from] muse_inference::InferenceError),
     #[error("admin bootstrap: {0}")]
     Admin(String),
     #[error("server: {0}")]
@@ -63,7 +65,9 @@ pub fn build_state(config: Config, db: Database) -> Result<AppState, StartError>
         JwtKeys::new(&secret, &config.jwt_issuer, &config.jwt_audience),
         auth_config,
     );
+    let models = crate::inference::build_registry(&config.llm)?;
     Ok(AppState {
+        models: Arc::new(models),
         config: Arc::new(config),
         db,
         auth: Arc::new(auth),
@@ -119,6 +123,7 @@ pub fn build_app(
         .wrap(from_fn(telemetry::observe))
         .configure(routes::system::config)
         .configure(routes::auth::config)
+        .configure(routes::ai::config)
         .configure(routes::pages::config)
         .configure(openapi::config)
         .default_service(web::to(error::not_found))

@@ -70,6 +70,38 @@ pub struct Config {
     pub login_max_failures_per_account: u32,
     pub login_max_failures_per_ip: u32,
     pub login_failure_window_secs: i64,
+    pub llm: LlmConfig,
+}
+
+/// One remote provider: key, base URL (operator-chosen only) and the
+/// models to expose.
+#[derive(Debug, Clone)]
+pub struct RemoteProviderConfig {
+    pub api_key: Secret<String>,
+    pub base_url: Option<String>,
+    pub models: Vec<String>,
+}
+
+/// An OpenAI-compatible server (vLLM, Ollama, LM Studio, …).
+#[derive(Debug, Clone)]
+pub struct CompatibleServerConfig {
+    pub name: String,
+    pub base_url: String,
+    pub api_key: Secret<String>,
+    pub models: Vec<String>,
+}
+
+/// Model providers, prices and call limits.
+#[derive(Debug, Clone)]
+pub struct LlmConfig {
+    pub openai: Option<RemoteProviderConfig>,
+    pub anthropic: Option<RemoteProviderConfig>,
+    pub gemini: Option<RemoteProviderConfig>,
+    pub compatible: Option<CompatibleServerConfig>,
+    pub prices_file: Option<PathBuf>,
+    pub max_retries: u32,
+    pub request_timeout_secs: u64,
+    pub first_token_timeout_secs: u64,
 }
 
 /// Secrets that ship in tutorials and must never protect a real server.
@@ -220,6 +252,7 @@ impl Config {
                 1,
                 86_400,
             )?,
+            llm: llm_config(&get)?,
             host,
             data_dir,
             database_url,
@@ -304,6 +337,100 @@ fn write_private(path: &Path, content: &str) -> std::io::Result<()> {
 #[cfg(not(unix))]
 fn write_private(path: &Path, content: &str) -> std::io::Result<()> {
     std::fs::write(path, content)
+}
+
+fn list(v: Option<String>, default: &[&str]) -> Vec<String> {
+    match v {
+        Some(v) => v
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect(),
+        None => default.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+fn check_url(var: &'static str, url: &str) -> Result<String, ConfigError> {
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        return Err(ConfigError::Invalid {
+            var,
+            message: format!("must be an http:// or https:// URL, got {url:?}"),
+        });
+    }
+    Ok(url.trim_end_matches('/').to_string())
+}
+
+fn llm_config(get: &impl Fn(&str) -> Option<String>) -> Result<LlmConfig, ConfigError> {
+    let remote = |prefix: &'static str,
+                  url_var: &'static str,
+                  models_var: &str,
+                  default_models: &[&str]|
+     -> Result<Option<RemoteProviderConfig>, ConfigError> {
+        let Some(key) = get(&format!("{prefix}_API_KEY")) else {
+            return Ok(None);
+        };
+        Ok(Some(RemoteProviderConfig {
+            api_key: Secret::new(key),
+            base_url: get(url_var).map(|u| check_url(url_var, &u)).transpose()?,
+            models: list(get(models_var), default_models),
+        }))
+    };
+    let compatible = match get("OPENAI_COMPATIBLE_BASE_URL") {
+        None => None,
+        Some(url) => {
+            let models = list(get("OPENAI_COMPATIBLE_MODELS"), &[]);
+            if models.is_empty() {
+                return Err(ConfigError::Invalid {
+                    var: "OPENAI_COMPATIBLE_MODELS",
+                    message: "list the models the server serves (comma-separated)".into(),
+                });
+            }
+            let name = get("OPENAI_COMPATIBLE_NAME").unwrap_or_else(|| "compatible".into());
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(ConfigError::Invalid {
+                    var: "OPENAI_COMPATIBLE_NAME",
+                    message: "letters, digits, '-' and '_' only".into(),
+                });
+            }
+            Some(CompatibleServerConfig {
+                name,
+                base_url: check_url("OPENAI_COMPATIBLE_BASE_URL", &url)?,
+                api_key: Secret::new(
+                    get("OPENAI_COMPATIBLE_API_KEY").unwrap_or_else(|| "none".into()),
+                ),
+                models,
+            })
+        }
+    };
+    Ok(LlmConfig {
+        openai: remote(
+            "OPENAI",
+            "OPENAI_BASE_URL",
+            "OPENAI_MODELS",
+            &["gpt-4o-mini", "gpt-4o"],
+        )?,
+        anthropic: remote(
+            "ANTHROPIC",
+            "ANTHROPIC_BASE_URL",
+            "ANTHROPIC_MODELS",
+            &["claude-3-5-haiku-latest", "claude-3-5-sonnet-latest"],
+        )?,
+        gemini: remote(
+            "GEMINI",
+            "GEMINI_BASE_URL",
+            "GEMINI_MODELS",
+            &["gemini-2.0-flash", "gemini-2.5-flash"],
+        )?,
+        compatible,
+        prices_file: get("MODEL_PRICES_FILE").map(PathBuf::from),
+        max_retries: parse(get, "LLM_MAX_RETRIES", 3)?,
+        request_timeout_secs: parse(get, "LLM_REQUEST_TIMEOUT_SECS", 120)?,
+        first_token_timeout_secs: parse(get, "LLM_FIRST_TOKEN_TIMEOUT_SECS", 60)?,
+    })
 }
 
 fn parse<T: std::str::FromStr>(
@@ -434,12 +561,53 @@ mod tests {
     }
 
     #[test]
+    fn providers_come_from_their_keys() {
+        let c = Config::from_vars(&HashMap::new()).unwrap();
+        assert!(
+            c.llm.openai.is_none()
+                && c.llm.anthropic.is_none()
+                && c.llm.gemini.is_none()
+                && c.llm.compatible.is_none()
+        );
+        let c = Config::from_vars(&vars(&[
+            ("GEMINI_API_KEY", "g"),
+            ("GEMINI_MODELS", "gemini-2.0-flash, gemini-1.5-pro"),
+            ("OPENAI_COMPATIBLE_BASE_URL", "http://127.0.0.1:11434/v1/"),
+            ("OPENAI_COMPATIBLE_NAME", "ollama"),
+            ("OPENAI_COMPATIBLE_MODELS", "llama3.2"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            c.llm.gemini.unwrap().models,
+            ["gemini-2.0-flash", "gemini-1.5-pro"]
+        );
+        let compat = c.llm.compatible.unwrap();
+        assert_eq!(
+            (compat.name.as_str(), compat.base_url.as_str()),
+            ("ollama", "http://127.0.0.1:11434/v1")
+        );
+        for (k, v) in [
+            ("OPENAI_COMPATIBLE_BASE_URL", "ftp://x"),
+            ("OPENAI_COMPATIBLE_BASE_URL", "http://x"),
+        ] {
+            assert!(Config::from_vars(&vars(&[(k, v)])).is_err());
+        }
+        assert!(Config::from_vars(&vars(&[
+            ("OPENAI_API_KEY", "k"),
+            ("OPENAI_BASE_URL", "file:///etc")
+        ]))
+        .is_err());
+    }
+
+    #[test]
     fn debug_output_redacts_secrets() {
         let c = Config::from_vars(&vars(&[
             ("JWT_SECRET", "super-secret-value-that-must-not-leak"),
             ("SMTP_URL", "smtp://user:hunter2@mail"),
             ("ADMIN_PASSWORD", "admin-password-xyz"),
             ("DATABASE_URL", "postgres://muse:dbpass-xyz@db/muse"),
+            ("OPENAI_API_KEY", "sk-openai-xyz"),
+            ("ANTHROPIC_API_KEY", "sk-ant-xyz"),
         ]))
         .unwrap();
         let dbg = format!("{c:?}");

@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod extract;
+pub mod inference;
 pub mod mail;
 pub mod openapi;
 pub mod routes;

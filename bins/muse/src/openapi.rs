@@ -8,7 +8,7 @@ use utoipa_redoc::{Redoc, Servable};
 use utoipa_swagger_ui::SwaggerUi;
 
 use crate::error::{ErrorBody, ErrorDetail};
-use crate::routes::{auth, system};
+use crate::routes::{ai, auth, system};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -23,12 +23,14 @@ use crate::routes::{auth, system};
         auth::register, auth::login, auth::refresh, auth::logout, auth::me,
         auth::create_api_key, auth::list_api_keys, auth::delete_api_key,
         auth::verify_email, auth::resend_verification, auth::forgot_password, auth::reset_password,
+        ai::list_models, ai::load_model, ai::unload_model,
     ),
     components(schemas(ErrorBody, ErrorDetail)),
     modifiers(&Security),
     tags(
         (name = "system", description = "Service information, health and metrics"),
         (name = "auth", description = "Accounts, sessions, API keys, email verification and password reset"),
+        (name = "ai", description = "Models and generation"),
     )
 )]
 pub struct ApiDoc;

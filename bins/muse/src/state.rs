@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use metrics_exporter_prometheus::PrometheusHandle;
 use muse_auth::AuthService;
+use muse_inference::ModelRegistry;
 use muse_persistence::Database;
 
 use crate::config::Config;
@@ -14,6 +15,7 @@ pub struct AppState {
     pub config: Arc<Config>,
     pub db: Database,
     pub auth: Arc<AuthService>,
+    pub models: Arc<ModelRegistry>,
     pub metrics: PrometheusHandle,
     pub started: Instant,
     /// `smtp` or `outbox`.

@@ -2,9 +2,9 @@
 //! OpenAI-compatible server, Anthropic, Google Gemini), with typed errors,
 //! retries with backoff, fallback chains and a price table.
 //!
-//! Status: remote providers, retries, fallbacks and prices are here; local
-//! ONNX models, the model registry and the HTTP wiring are not yet (see the
-//! inference issue).
+//! Status: remote providers, retries, fallbacks, prices and the model
+//! registry are here; local ONNX models are not yet (see the inference
+//! issue).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), muse_inference::InferenceError> {
@@ -27,6 +27,7 @@
 pub mod error;
 pub mod pricing;
 pub mod providers;
+pub mod registry;
 pub mod resilience;
 mod sse;
 pub mod testing;
@@ -34,5 +35,6 @@ pub mod types;
 
 pub use error::InferenceError;
 pub use pricing::{Price, PriceTable};
+pub use registry::{ModelInfo, ModelKind, ModelRegistry, PricedCompletion};
 pub use resilience::{Fallback, RetryPolicy, Retrying};
 pub use types::*;

@@ -14,6 +14,9 @@ use crate::types::Usage;
 pub struct Price {
     pub input_per_million: f64,
     pub output_per_million: f64,
+    /// The model's context window in tokens, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context_length: Option<u32>,
 }
 
 impl Price {

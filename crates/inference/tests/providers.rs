@@ -764,3 +764,76 @@ fn cost_of_a_call_from_the_price_table() {
     assert!((cost - (12.0 * 0.8 + 4.0 * 4.0) / 1e6).abs() < 1e-12);
     assert_eq!(t.cost("vllm", "ok", &usage), None);
 }
+
+#[test]
+fn registry_resolves_keys_prices_calls_and_records_metrics() {
+    use muse_inference::testing::EchoProvider;
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    metrics::with_local_recorder(&recorder, || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut prices = PriceTable::builtin();
+            prices.insert(
+                "test",
+                "echo",
+                Price {
+                    input_per_million: 1.0,
+                    output_per_million: 2.0,
+                    context_length: Some(4096),
+                },
+            );
+            let mut reg = ModelRegistry::new(prices, RetryPolicy::none());
+            reg.add_provider(
+                Arc::new(EchoProvider::new()),
+                &["echo".to_string(), "unpriced".to_string()],
+            );
+            assert_eq!(reg.provider_ids(), vec!["test"]);
+            let list = reg.list();
+            assert_eq!(
+                list.iter().map(|m| m.key.as_str()).collect::<Vec<_>>(),
+                ["test/echo", "test/unpriced"]
+            );
+            assert_eq!(list[0].context_length, Some(4096));
+            assert!(list[1].price.is_none());
+
+            let req = GenerateRequest::new("ignored", vec![Message::user("a b c")]);
+            let out = reg.complete("test/echo", &req).await.unwrap();
+            assert_eq!(out.completion.text, "echo: a b c");
+            assert_eq!(
+                out.completion.summary.model, "echo",
+                "the key's model is what the provider sees"
+            );
+            assert!((out.cost.unwrap() - (3.0 * 1.0 + 4.0 * 2.0) / 1e6).abs() < 1e-12);
+            assert_eq!(
+                reg.complete("test/unpriced", &req).await.unwrap().cost,
+                None
+            );
+            assert!(matches!(
+                reg.complete("test/nope", &req).await,
+                Err(InferenceError::ModelNotFound(_))
+            ));
+            let streamed = collect(reg.stream("test/echo", &req).await.unwrap())
+                .await
+                .unwrap();
+            assert_eq!(streamed.text, "echo: a b c");
+        });
+    });
+    let text = handle.render();
+    assert!(
+        text.contains(r#"llm_tokens_used_total{provider="test",model="echo",kind="prompt"} 6"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"llm_tokens_used_total{provider="test",model="echo",kind="completion"} 8"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"llm_cost_total_usd{provider="test",model="echo"} 0.000022"#),
+        "{text}"
+    );
+    assert!(text.contains("llm_time_to_first_token_seconds"), "{text}");
+}

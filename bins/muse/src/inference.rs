@@ -1,0 +1,63 @@
+//! Builds the model registry from the configuration.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use muse_inference::providers::anthropic::{AnthropicConfig, AnthropicProvider};
+use muse_inference::providers::gemini::{GeminiConfig, GeminiProvider};
+use muse_inference::providers::openai::{OpenAiConfig, OpenAiProvider};
+use muse_inference::providers::Timeouts;
+use muse_inference::{InferenceError, ModelRegistry, PriceTable, RetryPolicy};
+
+use crate::config::LlmConfig;
+
+pub fn build_registry(config: &LlmConfig) -> Result<ModelRegistry, InferenceError> {
+    let mut prices = PriceTable::builtin();
+    if let Some(path) = &config.prices_file {
+        prices = prices.with_overrides(path)?;
+    }
+    let retry = RetryPolicy {
+        max_retries: config.max_retries,
+        ..RetryPolicy::default()
+    };
+    let timeouts = Timeouts {
+        request: Duration::from_secs(config.request_timeout_secs.max(1)),
+        first_token: Duration::from_secs(config.first_token_timeout_secs.max(1)),
+        ..Timeouts::default()
+    };
+    let mut registry = ModelRegistry::new(prices, retry);
+    if let Some(c) = &config.openai {
+        let mut oc = OpenAiConfig::openai(c.api_key.expose().clone());
+        if let Some(url) = &c.base_url {
+            oc.base_url = url.clone();
+        }
+        oc.timeouts = timeouts;
+        registry.add_provider(Arc::new(OpenAiProvider::new(oc)?), &c.models);
+    }
+    if let Some(c) = &config.anthropic {
+        let mut ac = AnthropicConfig::new(c.api_key.expose().clone());
+        if let Some(url) = &c.base_url {
+            ac.base_url = url.clone();
+        }
+        ac.timeouts = timeouts;
+        registry.add_provider(Arc::new(AnthropicProvider::new(ac)?), &c.models);
+    }
+    if let Some(c) = &config.gemini {
+        let mut gc = GeminiConfig::new(c.api_key.expose().clone());
+        if let Some(url) = &c.base_url {
+            gc.base_url = url.clone();
+        }
+        gc.timeouts = timeouts;
+        registry.add_provider(Arc::new(GeminiProvider::new(gc)?), &c.models);
+    }
+    if let Some(c) = &config.compatible {
+        let mut cc = OpenAiConfig::compatible(
+            c.name.clone(),
+            c.base_url.clone(),
+            c.api_key.expose().clone(),
+        );
+        cc.timeouts = timeouts;
+        registry.add_provider(Arc::new(OpenAiProvider::new(cc)?), &c.models);
+    }
+    Ok(registry)
+}

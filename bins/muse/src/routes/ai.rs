@@ -1,0 +1,139 @@
+//! `/api/v1/ai`: the model registry. (Generation endpoints arrive with the
+//! prompts/ideas issue.)
+
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpResponse};
+use muse_inference::{ModelInfo, ModelKind};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::error::{ApiError, ErrorBody};
+use crate::extract::{AdminUser, CurrentUser};
+use crate::state::AppState;
+
+pub fn config(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::scope("/api/v1/ai")
+            .service(web::resource("/models").get(list_models))
+            .service(web::resource("/models/{model_key:.+}/load").post(load_model))
+            .service(web::resource("/models/{model_key:.+}/unload").post(unload_model)),
+    );
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ModelPrice {
+    /// USD per million prompt tokens.
+    pub input_per_million: f64,
+    /// USD per million completion tokens.
+    pub output_per_million: f64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ModelEntry {
+    /// `provider/model`: what requests name.
+    #[schema(example = "openai/gpt-4o-mini")]
+    pub key: String,
+    pub provider: String,
+    pub model: String,
+    /// `remote` or `local`.
+    pub kind: String,
+    pub context_length: Option<u32>,
+    /// Absent when the price is unknown (costs are then reported as unknown).
+    pub price: Option<ModelPrice>,
+    pub loaded: bool,
+}
+
+impl From<ModelInfo> for ModelEntry {
+    fn from(m: ModelInfo) -> Self {
+        Self {
+            key: m.key,
+            provider: m.provider,
+            model: m.model,
+            kind: match m.kind {
+                ModelKind::Remote => "remote".into(),
+                ModelKind::Local => "local".into(),
+            },
+            context_length: m.context_length,
+            price: m.price.map(|p| ModelPrice {
+                input_per_million: p.input_per_million,
+                output_per_million: p.output_per_million,
+            }),
+            loaded: m.loaded,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ModelList {
+    pub items: Vec<ModelEntry>,
+}
+
+/// Every model this server can run (configured remote providers).
+#[utoipa::path(get, path = "/api/v1/ai/models", tag = "ai", security(("bearer" = [])),
+    responses((status = 200, body = ModelList), (status = 401, body = ErrorBody)))]
+pub async fn list_models(state: web::Data<AppState>, _user: CurrentUser) -> web::Json<ModelList> {
+    web::Json(ModelList {
+        items: state
+            .models
+            .list()
+            .into_iter()
+            .map(ModelEntry::from)
+            .collect(),
+    })
+}
+
+fn loadable(state: &AppState, key: &str) -> Result<(), ApiError> {
+    let model = state.models.get(key).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "model_not_found",
+            format!("{key} is not in the model registry"),
+        )
+    })?;
+    match model.kind {
+        ModelKind::Remote => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "model_not_loadable",
+            format!("{key} runs at its provider: it is always available and cannot be loaded or unloaded"),
+        )),
+        ModelKind::Local => Err(ApiError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "not_implemented",
+            "local models are not supported by this version",
+        )),
+    }
+}
+
+/// Load a local model into memory (admin only). Remote models answer 409.
+#[utoipa::path(post, path = "/api/v1/ai/models/{model_key}/load", tag = "ai", security(("bearer" = [])),
+    params(("model_key" = String, Path, description = "provider/model")),
+    responses(
+        (status = 403, description = "not an admin", body = ErrorBody),
+        (status = 404, description = "model_not_found", body = ErrorBody),
+        (status = 409, description = "model_not_loadable (remote model)", body = ErrorBody),
+    ))]
+pub async fn load_model(
+    state: web::Data<AppState>,
+    _admin: AdminUser,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    loadable(&state, &path.into_inner())?;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+/// Unload a local model (admin only). Remote models answer 409.
+#[utoipa::path(post, path = "/api/v1/ai/models/{model_key}/unload", tag = "ai", security(("bearer" = [])),
+    params(("model_key" = String, Path, description = "provider/model")),
+    responses(
+        (status = 403, description = "not an admin", body = ErrorBody),
+        (status = 404, description = "model_not_found", body = ErrorBody),
+        (status = 409, description = "model_not_loadable (remote model)", body = ErrorBody),
+    ))]
+pub async fn unload_model(
+    state: web::Data<AppState>,
+    _admin: AdminUser,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    loadable(&state, &path.into_inner())?;
+    Ok(HttpResponse::NoContent().finish())
+}

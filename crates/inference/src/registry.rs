@@ -1,0 +1,276 @@
+//! The model registry: every model Muse can run, under a stable key
+//! (`provider/model`), with its provider, context length and price — and
+//! the one place calls go through, so every call is retried the same way,
+//! priced, and counted in the metrics.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use serde::Serialize;
+
+use crate::error::InferenceError;
+use crate::pricing::{Price, PriceTable};
+use crate::resilience::RetryPolicy;
+use crate::types::*;
+
+/// Where a model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelKind {
+    Remote,
+    Local,
+}
+
+/// What the registry says about one model.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ModelInfo {
+    /// `provider/model`, e.g. `openai/gpt-4o-mini`.
+    pub key: String,
+    pub provider: String,
+    /// The provider's own name for the model.
+    pub model: String,
+    pub kind: ModelKind,
+    pub context_length: Option<u32>,
+    /// `None`: the price is unknown (cost is reported as unknown, not 0).
+    pub price: Option<Price>,
+    /// Remote models are always ready; local ones once loaded.
+    pub loaded: bool,
+}
+
+/// A finished call with its price.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PricedCompletion {
+    pub completion: Completion,
+    /// USD, `None` when the model's price is unknown.
+    pub cost: Option<f64>,
+}
+
+struct Entry {
+    provider: Arc<dyn LlmProvider>,
+    model: String,
+}
+
+/// Models by key, the providers behind them, prices, and the retry policy.
+pub struct ModelRegistry {
+    entries: BTreeMap<String, Entry>,
+    providers: BTreeMap<String, Arc<dyn LlmProvider>>,
+    prices: PriceTable,
+    retry: RetryPolicy,
+}
+
+impl ModelRegistry {
+    pub fn new(prices: PriceTable, retry: RetryPolicy) -> Self {
+        Self {
+            entries: BTreeMap::new(),
+            providers: BTreeMap::new(),
+            prices,
+            retry,
+        }
+    }
+
+    /// Exposes `models` of `provider` as `provider.id()/model`.
+    pub fn add_provider(&mut self, provider: Arc<dyn LlmProvider>, models: &[String]) {
+        let id = provider.id().to_string();
+        for m in models {
+            self.entries.insert(
+                format!("{id}/{m}"),
+                Entry {
+                    provider: provider.clone(),
+                    model: m.clone(),
+                },
+            );
+        }
+        self.providers.insert(id, provider);
+    }
+
+    /// Provider ids, sorted.
+    pub fn provider_ids(&self) -> Vec<String> {
+        self.providers.keys().cloned().collect()
+    }
+
+    pub fn prices(&self) -> &PriceTable {
+        &self.prices
+    }
+
+    pub fn list(&self) -> Vec<ModelInfo> {
+        self.entries
+            .iter()
+            .map(|(key, e)| {
+                let price = self.prices.price(e.provider.id(), &e.model);
+                ModelInfo {
+                    key: key.clone(),
+                    provider: e.provider.id().to_string(),
+                    model: e.model.clone(),
+                    kind: ModelKind::Remote,
+                    context_length: price.and_then(|p| p.context_length),
+                    price,
+                    loaded: true,
+                }
+            })
+            .collect()
+    }
+
+    pub fn get(&self, key: &str) -> Option<ModelInfo> {
+        self.list().into_iter().find(|m| m.key == key)
+    }
+
+    fn entry(&self, key: &str) -> Result<&Entry, InferenceError> {
+        self.entries.get(key).ok_or_else(|| {
+            InferenceError::ModelNotFound(format!("{key} is not in the model registry"))
+        })
+    }
+
+    /// Runs a whole call on the model `key` (retried per the policy),
+    /// prices it and records the metrics.
+    pub async fn complete(
+        &self,
+        key: &str,
+        request: &GenerateRequest,
+    ) -> Result<PricedCompletion, InferenceError> {
+        let entry = self.entry(key)?;
+        let req = GenerateRequest {
+            model: entry.model.clone(),
+            ..request.clone()
+        };
+        let mut attempt = 0;
+        let completion = loop {
+            match entry.provider.complete(&req).await {
+                Ok(c) => break c,
+                Err(e) => {
+                    attempt += 1;
+                    record_error(entry.provider.id(), &entry.model, &e);
+                    let Some(wait) = self.retry.delay(attempt, &e) else {
+                        return Err(e);
+                    };
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        };
+        let cost = self
+            .prices
+            .cost(entry.provider.id(), &entry.model, &completion.summary.usage);
+        record_usage(entry.provider.id(), &entry.model, &completion.summary, cost);
+        Ok(PricedCompletion { completion, cost })
+    }
+
+    /// Streams from the model `key`. Retried until the first event only.
+    /// The final `Done` is recorded in the metrics as it passes; its cost is
+    /// [`ModelRegistry::cost`] of its usage.
+    pub async fn stream(
+        &self,
+        key: &str,
+        request: &GenerateRequest,
+    ) -> Result<CompletionStream, InferenceError> {
+        let entry = self.entry(key)?;
+        let req = GenerateRequest {
+            model: entry.model.clone(),
+            ..request.clone()
+        };
+        let mut attempt = 0;
+        let (first, rest) = loop {
+            let error = match entry.provider.stream(&req).await {
+                Ok(mut s) => match s.next().await {
+                    Some(Ok(first)) => break (first, s),
+                    Some(Err(e)) => e,
+                    None => InferenceError::Protocol("the stream ended before any event".into()),
+                },
+                Err(e) => e,
+            };
+            attempt += 1;
+            record_error(entry.provider.id(), &entry.model, &error);
+            let Some(wait) = self.retry.delay(attempt, &error) else {
+                return Err(error);
+            };
+            tokio::time::sleep(wait).await;
+        };
+        let provider = entry.provider.id().to_string();
+        let model = entry.model.clone();
+        let prices = self.prices.clone();
+        let stream = futures::stream::once(async { Ok(first) })
+            .chain(rest)
+            .inspect(move |event| match event {
+                Ok(StreamEvent::Done(summary)) => {
+                    let cost = prices.cost(&provider, &model, &summary.usage);
+                    record_usage(&provider, &model, summary, cost);
+                }
+                Err(e) => record_error(&provider, &model, e),
+                Ok(StreamEvent::Delta(_)) => {}
+            });
+        Ok(stream.boxed())
+    }
+
+    /// The cost of `usage` on the model `key` (USD; `None` when unknown).
+    pub fn cost(&self, key: &str, usage: &Usage) -> Option<f64> {
+        let entry = self.entries.get(key)?;
+        self.prices.cost(entry.provider.id(), &entry.model, usage)
+    }
+}
+
+fn record_usage(provider: &str, model: &str, summary: &Summary, cost: Option<f64>) {
+    let labels = [
+        ("provider", provider.to_string()),
+        ("model", model.to_string()),
+    ];
+    metrics::counter!("llm_requests_total", &labels).increment(1);
+    metrics::counter!(
+        "llm_tokens_used_total",
+        &[
+            ("provider", provider.to_string()),
+            ("model", model.to_string()),
+            ("kind", "prompt".to_string())
+        ]
+    )
+    .increment(u64::from(summary.usage.prompt_tokens));
+    metrics::counter!(
+        "llm_tokens_used_total",
+        &[
+            ("provider", provider.to_string()),
+            ("model", model.to_string()),
+            ("kind", "completion".to_string())
+        ]
+    )
+    .increment(u64::from(summary.usage.completion_tokens));
+    if let Some(c) = cost {
+        // Counters are integers in `metrics`: a gauge that only grows keeps
+        // the exact USD amount under the seed's metric name.
+        metrics::gauge!("llm_cost_total_usd", &labels).increment(c);
+    }
+    if let Some(ttft) = summary.timing.time_to_first_token {
+        metrics::histogram!("llm_time_to_first_token_seconds", &labels).record(ttft.as_secs_f64());
+    }
+    let gen_time = summary
+        .timing
+        .total
+        .saturating_sub(summary.timing.time_to_first_token.unwrap_or(Duration::ZERO));
+    if summary.usage.completion_tokens > 1 && !gen_time.is_zero() {
+        let rate = f64::from(summary.usage.completion_tokens - 1) / gen_time.as_secs_f64();
+        metrics::histogram!("llm_tokens_per_second", &labels).record(rate);
+    }
+}
+
+fn record_error(provider: &str, model: &str, error: &InferenceError) {
+    let kind = match error {
+        InferenceError::BadRequest(_) => "bad_request",
+        InferenceError::Auth(_) => "auth",
+        InferenceError::RateLimited { .. } => "rate_limited",
+        InferenceError::ContextTooLong(_) => "context_too_long",
+        InferenceError::ModelNotFound(_) => "model_not_found",
+        InferenceError::Timeout => "timeout",
+        InferenceError::Upstream { .. } => "upstream",
+        InferenceError::Connection(_) => "connection",
+        InferenceError::Protocol(_) => "protocol",
+        InferenceError::Cancelled => "cancelled",
+        InferenceError::NotConfigured(_) => "not_configured",
+    };
+    metrics::counter!(
+        "llm_errors_total",
+        &[
+            ("provider", provider.to_string()),
+            ("model", model.to_string()),
+            ("kind", kind.to_string())
+        ]
+    )
+    .increment(1);
+}

@@ -1,0 +1,127 @@
+use reqwest::StatusCode;
+use serde_json::json;
+
+use crate::helpers::*;
+
+const COMPAT: [(&str, &str); 4] = [
+    ("OPENAI_COMPATIBLE_BASE_URL", "http://127.0.0.1:9/v1"),
+    ("OPENAI_COMPATIBLE_NAME", "ollama"),
+    ("OPENAI_COMPATIBLE_MODELS", "llama3.2,qwen2.5"),
+    ("ANTHROPIC_API_KEY", "sk-ant-test-never-shown"),
+];
+
+#[actix_web::test]
+async fn the_registry_lists_configured_models_with_prices() {
+    let app = TestApp::spawn_with(&COMPAT).await;
+    let token = access(&app.user("mia").await);
+    assert_eq!(
+        app.get("/api/v1/ai/models", None).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    let r = app.get("/api/v1/ai/models", Some(&token)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let keys: Vec<&str> = r.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "anthropic/claude-3-5-haiku-latest",
+            "anthropic/claude-3-5-sonnet-latest",
+            "ollama/llama3.2",
+            "ollama/qwen2.5"
+        ]
+    );
+    let haiku = &r.body["items"][0];
+    assert_eq!(
+        haiku["price"],
+        json!({"input_per_million": 0.8, "output_per_million": 4.0})
+    );
+    assert_eq!(
+        (
+            haiku["kind"].as_str(),
+            haiku["loaded"].as_bool(),
+            haiku["context_length"].as_u64()
+        ),
+        (Some("remote"), Some(true), Some(200000))
+    );
+    assert!(
+        r.body["items"][2]["price"].is_null(),
+        "unknown price is absent, not 0"
+    );
+    assert!(!r.text.contains("sk-ant-test-never-shown"));
+
+    let health = app.get("/health", None).await;
+    assert_eq!(
+        health.body["checks"]["providers"],
+        json!({"anthropic": {"status": "configured"}, "ollama": {"status": "configured"}})
+    );
+    assert_eq!(health.body["checks"]["loaded_models"], json!([]));
+    assert!(!health.text.contains("sk-ant"));
+}
+
+#[actix_web::test]
+async fn load_and_unload_are_admin_only_and_explain_remote_models() {
+    let app = TestApp::spawn_with(&[
+        COMPAT[0],
+        COMPAT[1],
+        COMPAT[2],
+        ("ADMIN_EMAIL", "root@example.com"),
+        ("ADMIN_PASSWORD", "an admin passphrase"),
+    ])
+    .await;
+    let user = access(&app.user("noa").await);
+    let admin = access(
+        &app.login("root@example.com", "an admin passphrase")
+            .await
+            .body,
+    );
+    let r = app
+        .post(
+            "/api/v1/ai/models/ollama/llama3.2/load",
+            Some(&user),
+            json!({}),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::FORBIDDEN, "forbidden")
+    );
+    for action in ["load", "unload"] {
+        let r = app
+            .post(
+                &format!("/api/v1/ai/models/ollama/llama3.2/{action}"),
+                Some(&admin),
+                json!({}),
+            )
+            .await;
+        assert_eq!(
+            (r.status, r.error_code()),
+            (StatusCode::CONFLICT, "model_not_loadable"),
+            "{action}"
+        );
+        let r = app
+            .post(
+                &format!("/api/v1/ai/models/nope/nothing/{action}"),
+                Some(&admin),
+                json!({}),
+            )
+            .await;
+        assert_eq!(
+            (r.status, r.error_code()),
+            (StatusCode::NOT_FOUND, "model_not_found"),
+            "{action}"
+        );
+    }
+}
+
+#[actix_web::test]
+async fn no_providers_means_an_empty_registry() {
+    let app = TestApp::spawn().await;
+    let token = access(&app.user("ora").await);
+    let r = app.get("/api/v1/ai/models", Some(&token)).await;
+    assert_eq!(r.body, json!({"items": []}));
+}
