@@ -25,6 +25,7 @@ lint:
 bench:
     ./scripts/ensure-system-deps.sh
     cargo build --release -p muse-server --bin muse
+    cargo build --release -p muse-inference --example provider_overhead
     python3 scripts/bench.py
 
 # Rewrite docs/openapi.json from the handlers (review the diff)

@@ -158,6 +158,10 @@ def main():
     ]
     for name, conns, r in results:
         lines.append(f"| {name} | {conns} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['non_2xx']} |")
+    overhead = subprocess.run(
+        [os.path.join(ROOT, "target", "release", "examples", "provider_overhead"), os.environ.get("BENCH_RATE", "500"), str(DURATION)],
+        check=True, capture_output=True, text=True).stdout
+    lines += ["", "Provider layer over a direct HTTP call (local OpenAI-protocol server, fixed rate, open loop):", "", overhead.strip()]
     table = "\n".join(lines)
     print(table)
     out_dir = os.path.join(ROOT, "target", "bench")
