@@ -8,14 +8,21 @@
 //! policy, pricing and metrics). Prints p50/p99 of each.
 //!
 //! `cargo run --release -p muse-inference --example provider_overhead [RATE] [SECONDS]`
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::print_stdout,
+    clippy::panic
+)]
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix_web::{web, App, HttpResponse, HttpServer};
 use muse_inference::providers::openai::{OpenAiConfig, OpenAiProvider};
-use muse_inference::{GenerateRequest, LlmProvider, Message, ModelRegistry, PriceTable, RetryPolicy};
+use muse_inference::{
+    GenerateRequest, LlmProvider, Message, ModelRegistry, PriceTable, RetryPolicy,
+};
 use serde_json::{json, Value};
 
 async fn chat(body: web::Json<Value>) -> HttpResponse {
@@ -30,10 +37,11 @@ fn start_server() -> String {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         actix_web::rt::System::new().block_on(async move {
-            let srv = HttpServer::new(|| App::new().route("/v1/chat/completions", web::post().to(chat)))
-                .workers(1)
-                .bind(("127.0.0.1", 0))
-                .unwrap();
+            let srv =
+                HttpServer::new(|| App::new().route("/v1/chat/completions", web::post().to(chat)))
+                    .workers(1)
+                    .bind(("127.0.0.1", 0))
+                    .unwrap();
             tx.send(srv.addrs()[0]).unwrap();
             srv.run().await.unwrap();
         });
@@ -46,12 +54,17 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[idx.min(sorted.len() - 1)]
 }
 
-async fn run<F, Fut>(name: &str, rate: u32, seconds: u32, call: F) -> (Duration, Duration)
+async fn run<F, Fut>(
+    name: &str,
+    rate: u32,
+    seconds: u32,
+    print: bool,
+    call: Arc<F>,
+) -> (Duration, Duration)
 where
     F: Fn() -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let call = Arc::new(call);
     // Warm up connections and code paths.
     for _ in 0..50 {
         call().await;
@@ -75,7 +88,13 @@ where
     }
     latencies.sort();
     let (p50, p99) = (percentile(&latencies, 0.5), percentile(&latencies, 0.99));
-    println!("| {name} | {rate} | {total} | {:.3} | {:.3} |", p50.as_secs_f64() * 1e3, p99.as_secs_f64() * 1e3);
+    if print {
+        println!(
+            "| {name} | {rate} | {total} | {:.3} | {:.3} |",
+            p50.as_secs_f64() * 1e3,
+            p99.as_secs_f64() * 1e3
+        );
+    }
     (p50, p99)
 }
 
@@ -92,47 +111,88 @@ async fn main() {
 
     let client = reqwest::Client::new();
     let url = format!("{base}/v1/chat/completions");
-    let direct = run("direct reqwest POST + JSON parse", rate, seconds, move || {
+    let direct_call = Arc::new(move || {
         let client = client.clone();
         let url = url.clone();
         let body = body.clone();
         async move {
-            let r = client.post(&url).bearer_auth("k").json(&body).send().await.unwrap();
+            let r = client
+                .post(&url)
+                .bearer_auth("k")
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
             let v: Value = r.json().await.unwrap();
             assert_eq!(v["usage"]["completion_tokens"], 8);
         }
-    })
-    .await;
+    });
 
     let request = {
-        let mut r = GenerateRequest::new("bench", vec![Message::system("Be brief."), Message::user("Say something.")]);
+        let mut r = GenerateRequest::new(
+            "bench",
+            vec![
+                Message::system("Be brief."),
+                Message::user("Say something."),
+            ],
+        );
         r.max_tokens = Some(16);
         r
     };
-    let provider = Arc::new(OpenAiProvider::new(OpenAiConfig::compatible("bench", format!("{base}/v1"), "k")).unwrap());
+    let provider = Arc::new(
+        OpenAiProvider::new(OpenAiConfig::compatible("bench", format!("{base}/v1"), "k")).unwrap(),
+    );
     let req = request.clone();
     let p = provider.clone();
-    let via_provider = run("OpenAiProvider::complete", rate, seconds, move || {
+    let provider_call = Arc::new(move || {
         let p = p.clone();
         let req = req.clone();
         async move {
             let c = p.complete(&req).await.unwrap();
             assert_eq!(c.summary.usage.completion_tokens, 8);
         }
-    })
-    .await;
+    });
 
     let mut registry = ModelRegistry::new(PriceTable::builtin(), RetryPolicy::default());
     registry.add_provider(provider, &["bench".to_string()]);
     let registry = Arc::new(registry);
-    let via_registry = run("ModelRegistry::complete", rate, seconds, move || {
+    let registry_call = Arc::new(move || {
         let registry = registry.clone();
         let req = request.clone();
         async move {
             registry.complete("bench/bench", &req).await.unwrap();
         }
-    })
-    .await;
+    });
+
+    // Two rounds, interleaved; only the second (everything warm) is reported.
+    let (mut direct, mut via_provider, mut via_registry) = Default::default();
+    for round in 0..2 {
+        let print = round == 1;
+        direct = run(
+            "direct reqwest POST + JSON parse",
+            rate,
+            seconds,
+            print,
+            direct_call.clone(),
+        )
+        .await;
+        via_provider = run(
+            "OpenAiProvider::complete",
+            rate,
+            seconds,
+            print,
+            provider_call.clone(),
+        )
+        .await;
+        via_registry = run(
+            "ModelRegistry::complete",
+            rate,
+            seconds,
+            print,
+            registry_call.clone(),
+        )
+        .await;
+    }
 
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     println!();
