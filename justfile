@@ -10,10 +10,17 @@ run *ARGS:
     ./scripts/ensure-system-deps.sh
     cargo run -p muse-server --bin muse -- {{ARGS}}
 
-# fmt, clippy -D warnings, dependency rules, and every test (PostgreSQL too when TEST_DATABASE_URL is set)
-test: lint
+# fmt, clippy -D warnings, dependency rules, test models, and every test (PostgreSQL too when TEST_DATABASE_URL is set)
+test: lint test-models
     ./scripts/check-domain-deps.sh
     cargo test --workspace --no-fail-fast
+
+# Generate the tiny ONNX test models (deterministic, checked) into target/test-models/hub, and check them against the reference onnxruntime loop
+test-models:
+    ./scripts/ensure-venv.sh
+    .venv/bin/python scripts/make_test_models.py --check
+    .venv/bin/python scripts/reference_generate.py --verify --model target/test-models/hub/models--muse-test--tiny-gpt2 --prompt "Once upon a time" --max-new-tokens 24
+    .venv/bin/python scripts/reference_generate.py --verify --model target/test-models/hub/models--muse-test--tiny-llama --prompt "Once upon a time" --max-new-tokens 24
 
 # Formatting and clippy, warnings are errors
 lint:
