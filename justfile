@@ -8,12 +8,12 @@ default:
 # Start Muse on SQLite (./data/muse.db), http://127.0.0.1:8000, docs at /docs/
 run *ARGS:
     ./scripts/ensure-system-deps.sh
-    cargo run -p muse-server --bin muse -- {{ARGS}}
+    ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$(./scripts/ort-path.sh)}" cargo run -p muse-server --bin muse -- {{ARGS}}
 
 # fmt, clippy -D warnings, dependency rules, test models, and every test (PostgreSQL too when TEST_DATABASE_URL is set)
 test: lint test-models
     ./scripts/check-domain-deps.sh
-    cargo test --workspace --no-fail-fast
+    ORT_DYLIB_PATH="$(./scripts/ort-path.sh)" MUSE_REQUIRE_LOCAL_MODELS=1 cargo test --workspace --no-fail-fast
 
 # Generate the tiny ONNX test models (deterministic, checked) into target/test-models/hub, and check them against the reference onnxruntime loop
 test-models:

@@ -25,6 +25,7 @@
 //! ```
 
 pub mod error;
+pub mod local;
 pub mod pricing;
 pub mod providers;
 pub mod registry;

@@ -1,0 +1,398 @@
+//! One loaded model and its KV-cache decode loop. Blocking: run it on its
+//! own thread (see `LocalProvider`).
+
+use std::borrow::Cow;
+use std::path::{Path, PathBuf};
+
+use half::f16;
+use ort::session::{Session, SessionInputValue};
+use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
+use serde_json::Value;
+use tokenizers::Tokenizer;
+
+use super::resolve::onnx_file;
+use super::runtime::environment;
+use super::sampling::{Sampler, SamplingParams};
+use crate::error::InferenceError;
+use crate::types::{FinishReason, Message};
+
+/// KV-cache geometry, read from the model's own `past_key_values.*` inputs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvLayout {
+    pub layers: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    pub fp16: bool,
+    pub has_position_ids: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct DecodeParams {
+    pub max_new_tokens: usize,
+    pub sampling: SamplingParams,
+}
+
+/// What the per-token callback wants next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepControl {
+    Continue,
+    Stop,
+    /// The consumer went away: stop and report cancellation.
+    Cancel,
+}
+
+fn ort_err(context: &str) -> impl Fn(ort::Error) -> InferenceError + '_ {
+    move |e| InferenceError::Upstream {
+        status: None,
+        message: format!("{context}: {e}"),
+    }
+}
+
+pub struct LocalModel {
+    session: Session,
+    tokenizer: Tokenizer,
+    layout: KvLayout,
+    /// `past_key_values.{i}.{key,value}` in layer order, key before value.
+    past_names: Vec<String>,
+    eos_ids: Vec<u32>,
+    chat_template: Option<String>,
+    bos: String,
+    eos: String,
+    context_length: Option<usize>,
+    weight_bytes: u64,
+    dir: PathBuf,
+}
+
+impl std::fmt::Debug for LocalModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalModel")
+            .field("dir", &self.dir)
+            .field("layout", &self.layout)
+            .finish()
+    }
+}
+
+fn read_json(path: &Path) -> Value {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or(Value::Null)
+}
+
+fn token_string(v: &Value) -> Option<String> {
+    v.as_str()
+        .map(str::to_string)
+        .or_else(|| v["content"].as_str().map(str::to_string))
+}
+
+impl LocalModel {
+    /// Loads the ONNX model and tokenizer of a snapshot directory.
+    pub fn load(dir: &Path, threads: usize) -> Result<Self, InferenceError> {
+        let env = environment()?;
+        let model_path = onnx_file(dir)?;
+        let tokenizer = Tokenizer::from_file(dir.join("tokenizer.json")).map_err(|e| {
+            InferenceError::NotConfigured(format!("tokenizer.json in {}: {e}", dir.display()))
+        })?;
+        let session = Session::builder(env)
+            .map_err(ort_err("session"))?
+            .with_intra_threads(threads.max(1))
+            .map_err(|e| InferenceError::NotConfigured(format!("session options: {e}")))?
+            .with_inter_threads(1)
+            .map_err(|e| InferenceError::NotConfigured(format!("session options: {e}")))?
+            .commit_from_file(&model_path)
+            .map_err(|e| {
+                InferenceError::NotConfigured(format!("cannot load {}: {e}", model_path.display()))
+            })?;
+
+        let mut past: Vec<(usize, bool, String, ValueType)> = Vec::new();
+        let mut has_position_ids = false;
+        for input in session.inputs() {
+            let name = input.name().to_string();
+            if name == "position_ids" {
+                has_position_ids = true;
+            }
+            if let Some(rest) = name.strip_prefix("past_key_values.") {
+                let (layer, kind) = rest.split_once('.').ok_or_else(|| {
+                    InferenceError::NotConfigured(format!("unexpected input {name}"))
+                })?;
+                let layer: usize = layer.parse().map_err(|_| {
+                    InferenceError::NotConfigured(format!("unexpected input {name}"))
+                })?;
+                past.push((layer, kind == "value", name, input.dtype().clone()));
+            }
+        }
+        for required in ["input_ids", "attention_mask"] {
+            if !session.inputs().iter().any(|i| i.name() == required) {
+                return Err(InferenceError::NotConfigured(format!(
+                    "{} has no {required} input: not a causal LM export",
+                    model_path.display()
+                )));
+            }
+        }
+        if past.is_empty() {
+            return Err(InferenceError::NotConfigured(format!(
+                "{} has no past_key_values inputs: export it with a KV cache (e.g. optimum `--task text-generation-with-past`)",
+                model_path.display()
+            )));
+        }
+        past.sort_by_key(|(layer, is_value, _, _)| (*layer, *is_value));
+        let (heads, head_dim, fp16) = match &past[0].3 {
+            ValueType::Tensor { ty, shape, .. }
+                if shape.len() == 4 && shape[1] > 0 && shape[3] > 0 =>
+            {
+                let fp16 = match ty {
+                    TensorElementType::Float16 => true,
+                    TensorElementType::Float32 => false,
+                    other => {
+                        return Err(InferenceError::NotConfigured(format!(
+                            "unsupported KV-cache type {other:?}"
+                        )))
+                    }
+                };
+                (shape[1] as usize, shape[3] as usize, fp16)
+            }
+            other => {
+                return Err(InferenceError::NotConfigured(format!(
+                    "cannot read the KV-cache layout from {other:?}"
+                )))
+            }
+        };
+        let layers = past.len() / 2;
+        let layout = KvLayout {
+            layers,
+            heads,
+            head_dim,
+            fp16,
+            has_position_ids,
+        };
+
+        let tcfg = read_json(&dir.join("tokenizer_config.json"));
+        let cfg = read_json(&dir.join("config.json"));
+        let eos = token_string(&tcfg["eos_token"]).unwrap_or_default();
+        let bos = token_string(&tcfg["bos_token"]).unwrap_or_default();
+        let mut eos_ids: Vec<u32> = Vec::new();
+        if let Some(id) = tokenizer.token_to_id(&eos) {
+            eos_ids.push(id);
+        }
+        match &cfg["eos_token_id"] {
+            Value::Number(n) => eos_ids.extend(n.as_u64().map(|v| v as u32)),
+            Value::Array(a) => {
+                eos_ids.extend(a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32))
+            }
+            _ => {}
+        }
+        eos_ids.sort_unstable();
+        eos_ids.dedup();
+        let context_length = ["max_position_embeddings", "n_positions", "n_ctx"]
+            .iter()
+            .find_map(|k| cfg[*k].as_u64())
+            .or_else(|| {
+                tcfg["model_max_length"]
+                    .as_u64()
+                    .filter(|v| *v < 10_000_000)
+            })
+            .map(|v| v as usize);
+        let weight_bytes = std::fs::read_dir(model_path.parent().unwrap_or(dir))
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter(|e| e.file_name().to_str().is_some_and(|n| n.contains(".onnx")))
+                    .filter_map(|e| e.metadata().ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0);
+        Ok(Self {
+            session,
+            tokenizer,
+            layout,
+            past_names: past.into_iter().map(|(_, _, n, _)| n).collect(),
+            eos_ids,
+            chat_template: tcfg["chat_template"].as_str().map(str::to_string),
+            bos,
+            eos,
+            context_length,
+            weight_bytes,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    pub fn layout(&self) -> &KvLayout {
+        &self.layout
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    pub fn context_length(&self) -> Option<usize> {
+        self.context_length
+    }
+
+    /// Bytes of the model files (weights): the bulk of its memory.
+    pub fn weight_bytes(&self) -> u64 {
+        self.weight_bytes
+    }
+
+    pub fn eos_ids(&self) -> &[u32] {
+        &self.eos_ids
+    }
+
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, InferenceError> {
+        self.tokenizer
+            .encode(text, true)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| InferenceError::BadRequest(format!("cannot tokenize the prompt: {e}")))
+    }
+
+    /// The prompt for chat messages, through the model's chat template.
+    pub fn render_chat(&self, messages: &[Message]) -> Result<String, InferenceError> {
+        super::template::render(
+            self.chat_template.as_deref(),
+            messages,
+            &self.bos,
+            &self.eos,
+        )
+    }
+
+    fn empty_past(&self) -> Result<Vec<DynValue>, InferenceError> {
+        let shape = [1usize, self.layout.heads, 0, self.layout.head_dim];
+        (0..self.past_names.len())
+            .map(|_| {
+                if self.layout.fp16 {
+                    Tensor::<f16>::from_array((shape, Vec::<f16>::new())).map(|t| t.into_dyn())
+                } else {
+                    Tensor::<f32>::from_array((shape, Vec::<f32>::new())).map(|t| t.into_dyn())
+                }
+                .map_err(ort_err("empty KV cache"))
+            })
+            .collect()
+    }
+
+    /// One forward pass: returns the logits of the last position and the
+    /// new KV cache.
+    fn step(
+        &mut self,
+        ids: &[u32],
+        past: Vec<DynValue>,
+        past_len: usize,
+    ) -> Result<(Vec<f32>, Vec<DynValue>), InferenceError> {
+        let t = ids.len();
+        let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> =
+            Vec::with_capacity(3 + past.len());
+        let input_ids = Tensor::from_array((
+            [1usize, t],
+            ids.iter().map(|&i| i64::from(i)).collect::<Vec<i64>>(),
+        ))
+        .map_err(ort_err("input_ids"))?;
+        let mask = Tensor::from_array(([1usize, past_len + t], vec![1i64; past_len + t]))
+            .map_err(ort_err("attention_mask"))?;
+        inputs.push(("input_ids".into(), input_ids.into()));
+        inputs.push(("attention_mask".into(), mask.into()));
+        if self.layout.has_position_ids {
+            let pos = Tensor::from_array((
+                [1usize, t],
+                (past_len..past_len + t)
+                    .map(|p| p as i64)
+                    .collect::<Vec<i64>>(),
+            ))
+            .map_err(ort_err("position_ids"))?;
+            inputs.push(("position_ids".into(), pos.into()));
+        }
+        for (name, value) in self.past_names.iter().zip(past) {
+            inputs.push((Cow::Owned(name.clone()), value.into()));
+        }
+        let outputs = self.session.run(inputs).map_err(ort_err("inference"))?;
+        let mut logits = None;
+        let mut presents: Vec<Option<DynValue>> =
+            (0..self.past_names.len()).map(|_| None).collect();
+        for (name, value) in outputs {
+            if name == "logits" {
+                let last = if self.layout.fp16 {
+                    let (shape, data) = value
+                        .try_extract_tensor::<f16>()
+                        .map_err(ort_err("logits"))?;
+                    let vocab = *shape.last().unwrap_or(&0) as usize;
+                    data[data.len().saturating_sub(vocab)..]
+                        .iter()
+                        .map(|x| x.to_f32())
+                        .collect::<Vec<f32>>()
+                } else {
+                    let (shape, data) = value
+                        .try_extract_tensor::<f32>()
+                        .map_err(ort_err("logits"))?;
+                    let vocab = *shape.last().unwrap_or(&0) as usize;
+                    data[data.len().saturating_sub(vocab)..].to_vec()
+                };
+                logits = Some(last);
+            } else if let Some(rest) = name.strip_prefix("present") {
+                let past_name =
+                    format!("past_key_values{}", rest.trim_start_matches("_key_values"));
+                if let Some(i) = self.past_names.iter().position(|n| *n == past_name) {
+                    presents[i] = Some(value);
+                }
+            }
+        }
+        let logits = logits
+            .ok_or_else(|| InferenceError::Protocol("the model returned no logits".into()))?;
+        let presents = presents
+            .into_iter()
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| {
+                InferenceError::Protocol("the model did not return every present.* output".into())
+            })?;
+        Ok((logits, presents))
+    }
+
+    /// Generates up to `max_new_tokens` after `prompt`, calling `on_token`
+    /// with each new id (the prompt is run once; each step then feeds one
+    /// token with the cache). Ends at EOS, `max_new_tokens`, the context
+    /// length, or when `on_token` says so.
+    pub fn generate(
+        &mut self,
+        prompt: &[u32],
+        params: &DecodeParams,
+        mut on_token: impl FnMut(u32) -> StepControl,
+    ) -> Result<(Vec<u32>, FinishReason), InferenceError> {
+        if prompt.is_empty() {
+            return Err(InferenceError::BadRequest("the prompt is empty".into()));
+        }
+        if let Some(ctx) = self.context_length {
+            if prompt.len() >= ctx {
+                return Err(InferenceError::ContextTooLong(format!(
+                    "{} prompt tokens, the model takes {ctx}",
+                    prompt.len()
+                )));
+            }
+        }
+        let mut sampler = Sampler::new(params.sampling.clone());
+        let mut history: Vec<u32> = prompt.to_vec();
+        let mut out = Vec::new();
+        let past = self.empty_past()?;
+        let (mut logits, mut past) = self.step(prompt, past, 0)?;
+        loop {
+            if out.len() >= params.max_new_tokens {
+                return Ok((out, FinishReason::Length));
+            }
+            let next = sampler.sample(&mut logits, &history);
+            if self.eos_ids.contains(&next) {
+                return Ok((out, FinishReason::Stop));
+            }
+            out.push(next);
+            history.push(next);
+            match on_token(next) {
+                StepControl::Continue => {}
+                StepControl::Stop => return Ok((out, FinishReason::Stop)),
+                StepControl::Cancel => return Err(InferenceError::Cancelled),
+            }
+            if self.context_length.is_some_and(|c| history.len() >= c) {
+                return Ok((out, FinishReason::Length));
+            }
+            if out.len() >= params.max_new_tokens {
+                return Ok((out, FinishReason::Length));
+            }
+            let (l, p) = self.step(&[next], past, history.len() - 1)?;
+            logits = l;
+            past = p;
+        }
+    }
+}

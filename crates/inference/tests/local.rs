@@ -1,0 +1,234 @@
+//! Local models on ONNX Runtime, against the tiny models that
+//! `scripts/make_test_models.py` generates (`just test-models`), and against
+//! the reference onnxruntime loop in `scripts/reference_generate.py`.
+//!
+//! Needs `ORT_DYLIB_PATH` (set by `just test`). Without it the tests say so
+//! and pass, unless `MUSE_REQUIRE_LOCAL_MODELS=1` (also set by `just test`,
+//! so CI never skips them).
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::print_stderr
+)]
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use muse_inference::local::engine::{DecodeParams, LocalModel, StepControl};
+use muse_inference::local::resolve::{cached_models, resolve_model};
+use muse_inference::local::sampling::SamplingParams;
+use muse_inference::local::text::Detokenizer;
+use muse_inference::{FinishReason, InferenceError, Message};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn cache() -> Option<PathBuf> {
+    let dir = std::env::var_os("MUSE_TEST_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target/test-models/hub"));
+    let ready = std::env::var_os("ORT_DYLIB_PATH").is_some()
+        && dir.join("models--muse-test--tiny-gpt2").is_dir();
+    if !ready {
+        if std::env::var("MUSE_REQUIRE_LOCAL_MODELS").as_deref() == Ok("1") {
+            panic!("local-model tests required but ORT_DYLIB_PATH or the test models are missing (run `just test-models`)");
+        }
+        eprintln!("skipping: set ORT_DYLIB_PATH and run `just test-models` (just test does both)");
+        return None;
+    }
+    Some(dir)
+}
+
+fn greedy(max: usize) -> DecodeParams {
+    DecodeParams {
+        max_new_tokens: max,
+        sampling: SamplingParams::default(),
+    }
+}
+
+fn reference(model: &str, prompt: &str, n: usize) -> Vec<u32> {
+    let out = Command::new(root().join(".venv/bin/python"))
+        .arg(root().join("scripts/reference_generate.py"))
+        .args([
+            "--model",
+            model,
+            "--prompt",
+            prompt,
+            "--max-new-tokens",
+            &n.to_string(),
+        ])
+        .output()
+        .expect("run the reference loop");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["output_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+#[test]
+fn greedy_output_matches_the_onnxruntime_reference_loop_token_for_token() {
+    let Some(cache) = cache() else { return };
+    for repo in ["muse-test/tiny-gpt2", "muse-test/tiny-llama"] {
+        let dir = resolve_model(&cache, repo).unwrap();
+        let mut model = LocalModel::load(&dir, 1).unwrap();
+        for prompt in [
+            "Once upon a time",
+            "Muse gives users accounts and ünïcödé ideas",
+        ] {
+            let ids = model.encode(prompt).unwrap();
+            let (out, finish) = model
+                .generate(&ids, &greedy(32), |_| StepControl::Continue)
+                .unwrap();
+            assert_eq!(finish, FinishReason::Length);
+            let expected = reference(dir.to_str().unwrap(), prompt, 32);
+            assert_eq!(out, expected, "{repo} / {prompt:?}");
+        }
+    }
+}
+
+#[test]
+fn kv_layout_is_read_from_the_model_inputs() {
+    let Some(cache) = cache() else { return };
+    let gpt2 = LocalModel::load(&resolve_model(&cache, "muse-test/tiny-gpt2").unwrap(), 1).unwrap();
+    let l = gpt2.layout();
+    assert_eq!(
+        (l.layers, l.heads, l.head_dim, l.fp16, l.has_position_ids),
+        (2, 4, 16, false, true)
+    );
+    assert_eq!(gpt2.context_length(), Some(256));
+    assert!(gpt2.weight_bytes() > 100_000);
+    let llama =
+        LocalModel::load(&resolve_model(&cache, "muse-test/tiny-llama").unwrap(), 1).unwrap();
+    assert!(llama.layout().fp16, "fp16 model with external data");
+    assert_eq!(llama.eos_ids().len(), 1);
+    assert_eq!(
+        cached_models(&cache),
+        ["muse-test/tiny-gpt2", "muse-test/tiny-llama"]
+    );
+}
+
+#[test]
+fn streaming_text_never_splits_a_character_and_sampling_is_reproducible() {
+    let Some(cache) = cache() else { return };
+    let mut model =
+        LocalModel::load(&resolve_model(&cache, "muse-test/tiny-gpt2").unwrap(), 1).unwrap();
+    let ids = model.encode("Caffè crème").unwrap();
+    let (out, _) = model
+        .generate(&ids, &greedy(40), |_| StepControl::Continue)
+        .unwrap();
+    let tok = model.tokenizer().clone();
+    // Multi-byte characters split across byte-level tokens come out whole.
+    let text = "日本語のテキスト, crème brûlée";
+    let text_ids = tok.encode(text, true).unwrap().get_ids().to_vec();
+    assert!(
+        text_ids.len() > text.chars().count() / 2,
+        "the test needs characters split across tokens"
+    );
+    let mut detok = Detokenizer::new(&tok);
+    let mut streamed = String::new();
+    for id in &text_ids {
+        let d = detok.push(*id);
+        assert!(
+            !d.contains('\u{FFFD}'),
+            "half a character was emitted: {d:?}"
+        );
+        streamed.push_str(&d);
+    }
+    streamed.push_str(&detok.finish());
+    assert_eq!(streamed, text);
+    // Model output (random weights: possibly invalid UTF-8): what was
+    // emitted is never taken back.
+    let mut detok = Detokenizer::new(&tok);
+    let mut streamed = String::new();
+    let full = tok.decode(&out, true).unwrap();
+    for id in &out {
+        streamed.push_str(&detok.push(*id));
+        assert!(full.starts_with(&streamed), "emitted text changed later");
+    }
+    streamed.push_str(&detok.finish());
+    assert_eq!(streamed, full);
+
+    let params = DecodeParams {
+        max_new_tokens: 20,
+        sampling: SamplingParams {
+            temperature: 0.9,
+            top_k: Some(20),
+            top_p: Some(0.95),
+            repetition_penalty: 1.1,
+            seed: Some(42),
+        },
+    };
+    let a = model
+        .generate(&ids, &params, |_| StepControl::Continue)
+        .unwrap()
+        .0;
+    let b = model
+        .generate(&ids, &params, |_| StepControl::Continue)
+        .unwrap()
+        .0;
+    assert_eq!(a, b, "same seed, same tokens");
+    let mut seen = 0;
+    let (stopped, finish) = model
+        .generate(&ids, &greedy(40), |_| {
+            seen += 1;
+            if seen == 3 {
+                StepControl::Stop
+            } else {
+                StepControl::Continue
+            }
+        })
+        .unwrap();
+    assert_eq!((stopped.len(), finish), (3, FinishReason::Stop));
+    let cancelled = model.generate(&ids, &greedy(40), |_| StepControl::Cancel);
+    assert!(matches!(cancelled, Err(InferenceError::Cancelled)));
+}
+
+#[test]
+fn chat_templates_and_limits() {
+    let Some(cache) = cache() else { return };
+    let mut llama =
+        LocalModel::load(&resolve_model(&cache, "muse-test/tiny-llama").unwrap(), 1).unwrap();
+    let prompt = llama
+        .render_chat(&[Message::system("Be brief."), Message::user("Hi")])
+        .unwrap();
+    assert_eq!(
+        prompt,
+        "<s><|system|>\nBe brief.</s>\n<|user|>\nHi</s>\n<|assistant|>\n"
+    );
+    let long: Vec<u32> = std::iter::repeat_n(300u32, 300).collect();
+    assert!(matches!(
+        llama.generate(&long, &greedy(4), |_| StepControl::Continue),
+        Err(InferenceError::ContextTooLong(_))
+    ));
+    assert!(matches!(
+        llama.generate(&[], &greedy(4), |_| StepControl::Continue),
+        Err(InferenceError::BadRequest(_))
+    ));
+}
+
+#[test]
+fn missing_models_are_clear_errors() {
+    let dir = std::env::temp_dir().join("muse-empty-cache");
+    std::fs::create_dir_all(&dir).unwrap();
+    match resolve_model(&dir, "org/not-here") {
+        Err(InferenceError::ModelNotFound(m)) => assert!(
+            m.contains("org/not-here") && m.contains("huggingface-cli download"),
+            "{m}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        resolve_model(&dir, "../../etc"),
+        Err(InferenceError::BadRequest(_))
+    ));
+}
