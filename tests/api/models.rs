@@ -55,9 +55,14 @@ async fn the_registry_lists_configured_models_with_prices() {
     assert!(!r.text.contains("sk-ant-test-never-shown"));
 
     let health = app.get("/health", None).await;
-    assert_eq!(
-        health.body["checks"]["providers"],
-        json!({"anthropic": {"status": "configured"}, "ollama": {"status": "configured"}})
+    let providers = &health.body["checks"]["providers"];
+    assert_eq!(providers["anthropic"], json!({"status": "configured"}));
+    assert_eq!(providers["ollama"], json!({"status": "configured"}));
+    let local = providers["local"]["status"].as_str().unwrap();
+    let reason = providers["local"]["reason"].as_str().unwrap_or_default();
+    assert!(
+        local == "available" || (local == "unavailable" && reason.contains("ORT_DYLIB_PATH")),
+        "{providers}"
     );
     assert_eq!(health.body["checks"]["loaded_models"], json!([]));
     assert!(!health.text.contains("sk-ant"));
@@ -124,4 +129,95 @@ async fn no_providers_means_an_empty_registry() {
     let token = access(&app.user("ora").await);
     let r = app.get("/api/v1/ai/models", Some(&token)).await;
     assert_eq!(r.body, json!({"items": []}));
+}
+
+fn test_models() -> Option<String> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-models/hub");
+    let ready = std::env::var_os("ORT_DYLIB_PATH").is_some()
+        && dir.join("models--muse-test--tiny-gpt2").is_dir();
+    if !ready {
+        assert!(
+            std::env::var("MUSE_REQUIRE_LOCAL_MODELS").as_deref() != Ok("1"),
+            "local-model tests required but ORT_DYLIB_PATH or the test models are missing"
+        );
+        return None;
+    }
+    Some(dir.canonicalize().unwrap().to_string_lossy().into_owned())
+}
+
+#[actix_web::test]
+async fn local_models_are_listed_loaded_reported_and_unloaded() {
+    let Some(cache) = test_models() else { return };
+    let app = TestApp::spawn_with(&[
+        ("MODEL_CACHE_DIR", &cache),
+        ("ADMIN_EMAIL", "root@example.com"),
+        ("ADMIN_PASSWORD", "an admin passphrase"),
+    ])
+    .await;
+    let admin = access(
+        &app.login("root@example.com", "an admin passphrase")
+            .await
+            .body,
+    );
+    let list = app.get("/api/v1/ai/models", Some(&admin)).await;
+    let gpt2 = list.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["key"] == "local/muse-test/tiny-gpt2")
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        (gpt2["kind"].as_str(), gpt2["loaded"].as_bool()),
+        (Some("local"), Some(false))
+    );
+    assert_eq!(
+        gpt2["price"],
+        json!({"input_per_million": 0.0, "output_per_million": 0.0})
+    );
+
+    let r = app
+        .post(
+            "/api/v1/ai/models/local/muse-test/tiny-gpt2/load",
+            Some(&admin),
+            json!({}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.body["loaded"], true);
+    assert!(r.body["memory_bytes"].as_u64().unwrap() > 100_000);
+    assert_eq!(r.body["context_length"], 256);
+    let health = app.get("/health", None).await;
+    assert_eq!(
+        health.body["checks"]["providers"]["local"]["status"],
+        "available"
+    );
+    assert_eq!(
+        health.body["checks"]["loaded_models"][0]["key"],
+        "local/muse-test/tiny-gpt2"
+    );
+
+    let r = app
+        .post(
+            "/api/v1/ai/models/local/muse-test/tiny-gpt2/unload",
+            Some(&admin),
+            json!({}),
+        )
+        .await;
+    assert_eq!(
+        (r.status, &r.body["was_loaded"]),
+        (StatusCode::OK, &json!(true))
+    );
+    let r = app
+        .post(
+            "/api/v1/ai/models/local/muse-test/tiny-gpt2/unload",
+            Some(&admin),
+            json!({}),
+        )
+        .await;
+    assert_eq!(r.body["was_loaded"], false);
+    assert_eq!(
+        app.get("/health", None).await.body["checks"]["loaded_models"],
+        json!([])
+    );
 }

@@ -65,9 +65,10 @@ pub fn build_state(config: Config, db: Database) -> Result<AppState, StartError>
         JwtKeys::new(&secret, &config.jwt_issuer, &config.jwt_audience),
         auth_config,
     );
-    let models = crate::inference::build_registry(&config.llm)?;
+    let (models, local_unavailable) = crate::inference::build_registry(&config.llm)?;
     Ok(AppState {
         models: Arc::new(models),
+        local_unavailable,
         config: Arc::new(config),
         db,
         auth: Arc::new(auth),

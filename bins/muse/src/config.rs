@@ -102,6 +102,10 @@ pub struct LlmConfig {
     pub max_retries: u32,
     pub request_timeout_secs: u64,
     pub first_token_timeout_secs: u64,
+    /// Hugging Face cache of local ONNX models.
+    pub model_cache_dir: PathBuf,
+    pub local_threads: usize,
+    pub local_queue: usize,
 }
 
 /// Secrets that ship in tutorials and must never protect a real server.
@@ -252,7 +256,7 @@ impl Config {
                 1,
                 86_400,
             )?,
-            llm: llm_config(&get)?,
+            llm: llm_config(&get, &data_dir)?,
             host,
             data_dir,
             database_url,
@@ -360,7 +364,10 @@ fn check_url(var: &'static str, url: &str) -> Result<String, ConfigError> {
     Ok(url.trim_end_matches('/').to_string())
 }
 
-fn llm_config(get: &impl Fn(&str) -> Option<String>) -> Result<LlmConfig, ConfigError> {
+fn llm_config(
+    get: &impl Fn(&str) -> Option<String>,
+    data_dir: &Path,
+) -> Result<LlmConfig, ConfigError> {
     let remote = |prefix: &'static str,
                   url_var: &'static str,
                   models_var: &str,
@@ -430,6 +437,17 @@ fn llm_config(get: &impl Fn(&str) -> Option<String>) -> Result<LlmConfig, Config
         max_retries: parse(get, "LLM_MAX_RETRIES", 3)?,
         request_timeout_secs: parse(get, "LLM_REQUEST_TIMEOUT_SECS", 120)?,
         first_token_timeout_secs: parse(get, "LLM_FIRST_TOKEN_TIMEOUT_SECS", 60)?,
+        model_cache_dir: get("MODEL_CACHE_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| data_dir.join("models")),
+        local_threads: parse(
+            get,
+            "LOCAL_MODEL_THREADS",
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+        )?,
+        local_queue: parse(get, "LOCAL_MODEL_QUEUE", 16)?,
     })
 }
 

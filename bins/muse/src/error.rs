@@ -173,6 +173,40 @@ impl From<AuthError> for ApiError {
     }
 }
 
+/// The table for model errors. Provider credential or protocol problems are
+/// the operator's, not the caller's: 502, with no upstream detail leaked
+/// beyond the provider's own message.
+impl From<muse_inference::InferenceError> for ApiError {
+    fn from(e: muse_inference::InferenceError) -> Self {
+        use muse_inference::InferenceError as E;
+        use StatusCode as S;
+        let msg = e.to_string();
+        match e {
+            E::BadRequest(_) => ApiError::new(S::BAD_REQUEST, "invalid_model_request", msg),
+            E::ContextTooLong(_) => ApiError::new(S::BAD_REQUEST, "context_too_long", msg),
+            E::ModelNotFound(_) => ApiError::new(S::NOT_FOUND, "model_not_found", msg),
+            E::RateLimited { retry_after, .. } => ApiError {
+                retry_after: retry_after.map(|d| d.as_secs().max(1)),
+                ..ApiError::new(S::TOO_MANY_REQUESTS, "provider_rate_limited", msg)
+            },
+            E::Auth(_) => {
+                tracing::error!(error = %msg, "a model provider refused Muse's credentials");
+                ApiError::new(
+                    S::BAD_GATEWAY,
+                    "provider_auth_failed",
+                    "the model provider refused this server's credentials",
+                )
+            }
+            E::Timeout => ApiError::new(S::GATEWAY_TIMEOUT, "provider_timeout", msg),
+            E::Upstream { .. } => ApiError::new(S::BAD_GATEWAY, "provider_error", msg),
+            E::Connection(_) => ApiError::new(S::BAD_GATEWAY, "provider_unreachable", msg),
+            E::Protocol(_) => ApiError::new(S::BAD_GATEWAY, "provider_protocol_error", msg),
+            E::Cancelled => ApiError::new(S::BAD_REQUEST, "cancelled", msg),
+            E::NotConfigured(_) => ApiError::new(S::SERVICE_UNAVAILABLE, "not_configured", msg),
+        }
+    }
+}
+
 impl From<actix_web::error::BlockingError> for ApiError {
     fn from(e: actix_web::error::BlockingError) -> Self {
         ApiError::internal("blocking task failed", e)

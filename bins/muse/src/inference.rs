@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use muse_inference::local::{LocalConfig, LocalProvider};
 use muse_inference::providers::anthropic::{AnthropicConfig, AnthropicProvider};
 use muse_inference::providers::gemini::{GeminiConfig, GeminiProvider};
 use muse_inference::providers::openai::{OpenAiConfig, OpenAiProvider};
@@ -11,7 +12,10 @@ use muse_inference::{InferenceError, ModelRegistry, PriceTable, RetryPolicy};
 
 use crate::config::LlmConfig;
 
-pub fn build_registry(config: &LlmConfig) -> Result<ModelRegistry, InferenceError> {
+/// The registry, and why local models are unavailable (when they are).
+pub fn build_registry(
+    config: &LlmConfig,
+) -> Result<(ModelRegistry, Option<String>), InferenceError> {
     let mut prices = PriceTable::builtin();
     if let Some(path) = &config.prices_file {
         prices = prices.with_overrides(path)?;
@@ -59,5 +63,21 @@ pub fn build_registry(config: &LlmConfig) -> Result<ModelRegistry, InferenceErro
         cc.timeouts = timeouts;
         registry.add_provider(Arc::new(OpenAiProvider::new(cc)?), &c.models);
     }
-    Ok(registry)
+    let local_unavailable = match muse_inference::local::ensure_runtime() {
+        Ok(()) => {
+            let local = LocalProvider::new(LocalConfig {
+                cache_dir: config.model_cache_dir.clone(),
+                threads: config.local_threads.max(1),
+                max_queue: config.local_queue.max(1),
+                default_max_tokens: 256,
+            });
+            registry.add_local(Arc::new(local));
+            None
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "local models are disabled; remote providers still work");
+            Some(e.to_string())
+        }
+    };
+    Ok((registry, local_unavailable))
 }

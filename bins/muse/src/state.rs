@@ -16,6 +16,8 @@ pub struct AppState {
     pub db: Database,
     pub auth: Arc<AuthService>,
     pub models: Arc<ModelRegistry>,
+    /// Why local models are disabled (ONNX Runtime missing), if they are.
+    pub local_unavailable: Option<String>,
     pub metrics: PrometheusHandle,
     pub started: Instant,
     /// `smtp` or `outbox`.

@@ -37,6 +37,8 @@ pub struct ModelInfo {
     pub price: Option<Price>,
     /// Remote models are always ready; local ones once loaded.
     pub loaded: bool,
+    /// Bytes of weights in memory (loaded local models).
+    pub memory_bytes: Option<u64>,
 }
 
 /// A finished call with its price.
@@ -50,6 +52,7 @@ pub struct PricedCompletion {
 struct Entry {
     provider: Arc<dyn LlmProvider>,
     model: String,
+    kind: ModelKind,
 }
 
 /// Models by key, the providers behind them, prices, and the retry policy.
@@ -58,6 +61,7 @@ pub struct ModelRegistry {
     providers: BTreeMap<String, Arc<dyn LlmProvider>>,
     prices: PriceTable,
     retry: RetryPolicy,
+    local: Option<Arc<crate::local::LocalProvider>>,
 }
 
 impl ModelRegistry {
@@ -67,6 +71,7 @@ impl ModelRegistry {
             providers: BTreeMap::new(),
             prices,
             retry,
+            local: None,
         }
     }
 
@@ -79,10 +84,67 @@ impl ModelRegistry {
                 Entry {
                     provider: provider.clone(),
                     model: m.clone(),
+                    kind: ModelKind::Remote,
                 },
             );
         }
         self.providers.insert(id, provider);
+    }
+
+    /// Exposes every model in the local cache as `local/org/name`, priced
+    /// at 0 (it runs on the operator's hardware).
+    pub fn add_local(&mut self, provider: Arc<crate::local::LocalProvider>) {
+        for m in provider.available() {
+            self.prices.insert(
+                "local",
+                &m,
+                Price {
+                    input_per_million: 0.0,
+                    output_per_million: 0.0,
+                    context_length: None,
+                },
+            );
+            self.entries.insert(
+                format!("local/{m}"),
+                Entry {
+                    provider: provider.clone(),
+                    model: m,
+                    kind: ModelKind::Local,
+                },
+            );
+        }
+        self.providers.insert("local".to_string(), provider.clone());
+        self.local = Some(provider);
+    }
+
+    pub fn local(&self) -> Option<&Arc<crate::local::LocalProvider>> {
+        self.local.as_ref()
+    }
+
+    /// Loads the local model `key` (blocking). Remote models cannot be.
+    pub fn load_blocking(&self, key: &str) -> Result<ModelInfo, InferenceError> {
+        let entry = self.entry(key)?;
+        match (&self.local, entry.kind) {
+            (Some(local), ModelKind::Local) => {
+                local.load_blocking(&entry.model)?;
+                self.get(key)
+                    .ok_or_else(|| InferenceError::ModelNotFound(key.to_string()))
+            }
+            _ => Err(InferenceError::BadRequest(format!(
+                "{key} is a remote model: always available, never loaded"
+            ))),
+        }
+    }
+
+    /// Unloads the local model `key`; `false` if it was not loaded.
+    pub fn unload(&self, key: &str) -> Result<bool, InferenceError> {
+        let entry = self.entry(key)?;
+        match (&self.local, entry.kind) {
+            (Some(local), ModelKind::Local) => Ok(local.unload(&entry.model)),
+            _ => Err(InferenceError::BadRequest(format!(
+                "{key} is a remote model: always available, never loaded"
+            ))),
+        }
     }
 
     /// Provider ids, sorted.
@@ -99,14 +161,26 @@ impl ModelRegistry {
             .iter()
             .map(|(key, e)| {
                 let price = self.prices.price(e.provider.id(), &e.model);
+                let loaded = match (&self.local, e.kind) {
+                    (Some(local), ModelKind::Local) => {
+                        local.loaded().into_iter().find(|l| l.model == e.model)
+                    }
+                    _ => None,
+                };
                 ModelInfo {
                     key: key.clone(),
                     provider: e.provider.id().to_string(),
                     model: e.model.clone(),
-                    kind: ModelKind::Remote,
-                    context_length: price.and_then(|p| p.context_length),
-                    price,
-                    loaded: true,
+                    kind: e.kind,
+                    context_length: price.and_then(|p| p.context_length).or(loaded
+                        .as_ref()
+                        .and_then(|l| l.context_length.map(|c| c as u32))),
+                    price: price.map(|p| Price {
+                        context_length: None,
+                        ..p
+                    }),
+                    loaded: e.kind == ModelKind::Remote || loaded.is_some(),
+                    memory_bytes: loaded.map(|l| l.weight_bytes),
                 }
             })
             .collect()

@@ -232,3 +232,87 @@ fn missing_models_are_clear_errors() {
         Err(InferenceError::BadRequest(_))
     ));
 }
+
+fn provider(
+    cache: &std::path::Path,
+    max_queue: usize,
+) -> std::sync::Arc<muse_inference::local::LocalProvider> {
+    std::sync::Arc::new(muse_inference::local::LocalProvider::new(
+        muse_inference::local::LocalConfig {
+            cache_dir: cache.to_path_buf(),
+            threads: 1,
+            max_queue,
+            default_max_tokens: 16,
+        },
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_local_provider_streams_through_the_common_trait() {
+    use futures::StreamExt;
+    use muse_inference::{GenerateRequest, LlmProvider, StreamEvent};
+    let Some(cache) = cache() else { return };
+    let p = provider(&cache, 4);
+    assert_eq!(
+        p.available(),
+        ["muse-test/tiny-gpt2", "muse-test/tiny-llama"]
+    );
+    let mut req = GenerateRequest::new(
+        "muse-test/tiny-llama",
+        vec![Message::system("Be brief."), Message::user("Hi")],
+    );
+    req.max_tokens = Some(12);
+    // Loaded on first use, then streamed.
+    let mut s = p.stream(&req).await.unwrap();
+    let mut text = String::new();
+    let mut done = None;
+    while let Some(ev) = s.next().await {
+        match ev.unwrap() {
+            StreamEvent::Delta(t) => text.push_str(&t),
+            StreamEvent::Done(sum) => done = Some(sum),
+        }
+    }
+    let done = done.unwrap();
+    assert_eq!(done.usage.completion_tokens, 12);
+    assert!(done.usage.prompt_tokens > 5);
+    assert_eq!(done.finish_reason, FinishReason::Length);
+    assert!(done.timing.time_to_first_token.is_some());
+    assert!(p.is_loaded("muse-test/tiny-llama"));
+    let whole = p.complete(&req).await.unwrap();
+    assert_eq!(whole.text, text, "greedy: the same answer twice");
+
+    // Two at once: both are served (FIFO on the model's thread).
+    let (a, b) = tokio::join!(p.complete(&req), p.complete(&req));
+    assert_eq!(a.unwrap().text, b.unwrap().text);
+
+    // Dropping a stream cancels it; the model serves the next request.
+    let mut long = req.clone();
+    long.max_tokens = Some(200);
+    let mut s = p.stream(&long).await.unwrap();
+    let _ = s.next().await;
+    drop(s);
+    assert_eq!(p.complete(&req).await.unwrap().text, text);
+
+    // Stop strings end the answer before the stop text.
+    let cut: String = text.chars().skip(3).take(2).collect();
+    if !cut.trim().is_empty() && !text.starts_with(&cut) {
+        let mut stop = req.clone();
+        stop.stop = vec![cut.clone()];
+        let c = p.complete(&stop).await.unwrap();
+        assert!(
+            !c.text.contains(&cut) && text.starts_with(&c.text),
+            "{:?} / {:?}",
+            c.text,
+            text
+        );
+        assert_eq!(c.summary.finish_reason, FinishReason::Stop);
+    }
+
+    assert!(p.unload("muse-test/tiny-llama"));
+    assert!(!p.is_loaded("muse-test/tiny-llama"));
+    let missing = GenerateRequest::new("org/absent", vec![Message::user("x")]);
+    assert!(matches!(
+        p.complete(&missing).await,
+        Err(InferenceError::ModelNotFound(_))
+    ));
+}

@@ -41,6 +41,8 @@ pub struct ModelEntry {
     /// Absent when the price is unknown (costs are then reported as unknown).
     pub price: Option<ModelPrice>,
     pub loaded: bool,
+    /// Bytes of weights in memory (loaded local models).
+    pub memory_bytes: Option<u64>,
 }
 
 impl From<ModelInfo> for ModelEntry {
@@ -59,6 +61,7 @@ impl From<ModelInfo> for ModelEntry {
                 output_per_million: p.output_per_million,
             }),
             loaded: m.loaded,
+            memory_bytes: m.memory_bytes,
         }
     }
 }
@@ -68,7 +71,8 @@ pub struct ModelList {
     pub items: Vec<ModelEntry>,
 }
 
-/// Every model this server can run (configured remote providers).
+/// Every model this server can run: configured remote providers, and the
+/// local ONNX models found in `MODEL_CACHE_DIR` at start.
 #[utoipa::path(get, path = "/api/v1/ai/models", tag = "ai", security(("bearer" = [])),
     responses((status = 200, body = ModelList), (status = 401, body = ErrorBody)))]
 pub async fn list_models(state: web::Data<AppState>, _user: CurrentUser) -> web::Json<ModelList> {
@@ -82,7 +86,7 @@ pub async fn list_models(state: web::Data<AppState>, _user: CurrentUser) -> web:
     })
 }
 
-fn loadable(state: &AppState, key: &str) -> Result<(), ApiError> {
+fn local_model(state: &AppState, key: &str) -> Result<(), ApiError> {
     let model = state.models.get(key).ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,
@@ -96,11 +100,7 @@ fn loadable(state: &AppState, key: &str) -> Result<(), ApiError> {
             "model_not_loadable",
             format!("{key} runs at its provider: it is always available and cannot be loaded or unloaded"),
         )),
-        ModelKind::Local => Err(ApiError::new(
-            StatusCode::NOT_IMPLEMENTED,
-            "not_implemented",
-            "local models are not supported by this version",
-        )),
+        ModelKind::Local => Ok(()),
     }
 }
 
@@ -108,6 +108,8 @@ fn loadable(state: &AppState, key: &str) -> Result<(), ApiError> {
 #[utoipa::path(post, path = "/api/v1/ai/models/{model_key}/load", tag = "ai", security(("bearer" = [])),
     params(("model_key" = String, Path, description = "provider/model")),
     responses(
+        (status = 200, description = "loaded (or already loaded)", body = ModelEntry),
+        (status = 503, description = "not_configured: ONNX Runtime or the model files are missing", body = ErrorBody),
         (status = 403, description = "not an admin", body = ErrorBody),
         (status = 404, description = "model_not_found", body = ErrorBody),
         (status = 409, description = "model_not_loadable (remote model)", body = ErrorBody),
@@ -116,15 +118,19 @@ pub async fn load_model(
     state: web::Data<AppState>,
     _admin: AdminUser,
     path: web::Path<String>,
-) -> Result<HttpResponse, ApiError> {
-    loadable(&state, &path.into_inner())?;
-    Ok(HttpResponse::NoContent().finish())
+) -> Result<web::Json<ModelEntry>, ApiError> {
+    let key = path.into_inner();
+    local_model(&state, &key)?;
+    let models = state.models.clone();
+    let info = web::block(move || models.load_blocking(&key)).await??;
+    Ok(web::Json(info.into()))
 }
 
 /// Unload a local model (admin only). Remote models answer 409.
 #[utoipa::path(post, path = "/api/v1/ai/models/{model_key}/unload", tag = "ai", security(("bearer" = [])),
     params(("model_key" = String, Path, description = "provider/model")),
     responses(
+        (status = 200, description = "`{key, was_loaded}`"),
         (status = 403, description = "not an admin", body = ErrorBody),
         (status = 404, description = "model_not_found", body = ErrorBody),
         (status = 409, description = "model_not_loadable (remote model)", body = ErrorBody),
@@ -134,6 +140,8 @@ pub async fn unload_model(
     _admin: AdminUser,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    loadable(&state, &path.into_inner())?;
-    Ok(HttpResponse::NoContent().finish())
+    let key = path.into_inner();
+    local_model(&state, &key)?;
+    let was_loaded = state.models.unload(&key)?;
+    Ok(HttpResponse::Ok().json(serde_json::json!({"key": key, "was_loaded": was_loaded})))
 }

@@ -90,8 +90,9 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
         uptime_secs: state.started.elapsed().as_secs(),
         checks: json!({
             "database": db_check,
-            "providers": state.models.provider_ids().into_iter().map(|id| (id, json!({"status": "configured"}))).collect::<serde_json::Map<_, _>>(),
-            "loaded_models": Vec::<String>::new(),
+            "providers": providers(&state),
+            "loaded_models": state.models.list().into_iter().filter(|m| m.kind == muse_inference::ModelKind::Local && m.loaded)
+                .map(|m| json!({"key": m.key, "memory_bytes": m.memory_bytes})).collect::<Vec<_>>(),
         }),
     };
     let status = if ok {
@@ -102,6 +103,29 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::build(status)
         .insert_header(("cache-control", "no-store"))
         .json(report)
+}
+
+fn providers(state: &AppState) -> serde_json::Map<String, Value> {
+    let mut map: serde_json::Map<String, Value> = state
+        .models
+        .provider_ids()
+        .into_iter()
+        .map(|id| {
+            let status = if id == "local" {
+                "available"
+            } else {
+                "configured"
+            };
+            (id, json!({ "status": status }))
+        })
+        .collect();
+    if let Some(reason) = &state.local_unavailable {
+        map.insert(
+            "local".into(),
+            json!({"status": "unavailable", "reason": reason}),
+        );
+    }
+    map
 }
 
 #[derive(Debug, Serialize, ToSchema)]

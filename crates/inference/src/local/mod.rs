@@ -3,6 +3,7 @@
 //! chat templates, and a worker thread per loaded model.
 
 pub mod engine;
+pub mod provider;
 pub mod resolve;
 pub mod runtime;
 pub mod sampling;
@@ -10,5 +11,6 @@ pub mod template;
 pub mod text;
 
 pub use engine::{DecodeParams, KvLayout, LocalModel, StepControl};
+pub use provider::{LoadedModel, LocalConfig, LocalProvider};
 pub use resolve::resolve_model;
 pub use runtime::ensure_runtime;

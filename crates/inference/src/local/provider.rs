@@ -1,0 +1,274 @@
+//! [`LocalProvider`]: local models behind the [`LlmProvider`] trait. Each
+//! loaded model has its own worker thread (ONNX Runtime never runs on the
+//! async executor) fed by a bounded FIFO queue: requests are served in
+//! arrival order, one at a time per model. Dropping a stream cancels its
+//! decode at the next token.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use tokio::sync::mpsc;
+
+use super::engine::{DecodeParams, LocalModel, StepControl};
+use super::resolve::{cached_models, resolve_model};
+use super::sampling::SamplingParams;
+use super::text::{Detokenizer, StopFilter};
+use crate::error::InferenceError;
+use crate::types::*;
+
+#[derive(Debug, Clone)]
+pub struct LocalConfig {
+    /// A Hugging Face cache (`models--org--name/…`).
+    pub cache_dir: PathBuf,
+    /// ONNX Runtime intra-op threads per model.
+    pub threads: usize,
+    /// Requests waiting per model before new ones are refused.
+    pub max_queue: usize,
+    /// `max_tokens` when the request has none.
+    pub default_max_tokens: usize,
+}
+
+/// A loaded model, as reported.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadedModel {
+    pub model: String,
+    pub weight_bytes: u64,
+    pub context_length: Option<usize>,
+}
+
+struct Job {
+    request: GenerateRequest,
+    events: mpsc::Sender<Result<StreamEvent, InferenceError>>,
+    started: Instant,
+}
+
+struct Worker {
+    queue: SyncSender<Job>,
+    info: LoadedModel,
+}
+
+type Workers = Arc<Mutex<BTreeMap<String, Arc<Worker>>>>;
+
+pub struct LocalProvider {
+    config: LocalConfig,
+    workers: Workers,
+}
+
+impl LocalProvider {
+    pub fn new(config: LocalConfig) -> Self {
+        Self {
+            config,
+            workers: Arc::default(),
+        }
+    }
+
+    /// Models present in the cache.
+    pub fn available(&self) -> Vec<String> {
+        cached_models(&self.config.cache_dir)
+    }
+
+    pub fn loaded(&self) -> Vec<LoadedModel> {
+        self.workers
+            .lock()
+            .map(|w| w.values().map(|w| w.info.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    pub fn is_loaded(&self, model: &str) -> bool {
+        self.workers
+            .lock()
+            .map(|w| w.contains_key(model))
+            .unwrap_or(false)
+    }
+
+    /// Loads a model and starts its worker thread. Blocking (reads and
+    /// initialises the model): call it from a blocking pool.
+    pub fn load_blocking(&self, model: &str) -> Result<LoadedModel, InferenceError> {
+        load(&self.config, &self.workers, model).map(|w| w.info.clone())
+    }
+
+    /// Unloads a model: its thread ends after the request it is serving;
+    /// queued requests still complete. `false` if it was not loaded.
+    pub fn unload(&self, model: &str) -> bool {
+        self.workers
+            .lock()
+            .map(|mut w| w.remove(model).is_some())
+            .unwrap_or(false)
+    }
+
+    /// The model's worker; a model in the cache is loaded on first use
+    /// (on the blocking pool).
+    async fn worker(&self, model: &str) -> Result<Arc<Worker>, InferenceError> {
+        if let Some(w) = self.workers.lock().ok().and_then(|w| w.get(model).cloned()) {
+            return Ok(w);
+        }
+        let (config, workers, model) =
+            (self.config.clone(), self.workers.clone(), model.to_string());
+        tokio::task::spawn_blocking(move || load(&config, &workers, &model))
+            .await
+            .map_err(|e| InferenceError::NotConfigured(format!("model loading failed: {e}")))?
+    }
+}
+
+fn load(
+    config: &LocalConfig,
+    workers: &Workers,
+    model: &str,
+) -> Result<Arc<Worker>, InferenceError> {
+    // One load at a time: a second caller waits and then finds the model.
+    static LOADING: Mutex<()> = Mutex::new(());
+    let _guard = LOADING
+        .lock()
+        .map_err(|_| InferenceError::NotConfigured("model loader poisoned".into()))?;
+    if let Some(w) = workers.lock().ok().and_then(|w| w.get(model).cloned()) {
+        return Ok(w);
+    }
+    let dir = resolve_model(&config.cache_dir, model)?;
+    let engine = LocalModel::load(&dir, config.threads)?;
+    let info = LoadedModel {
+        model: model.to_string(),
+        weight_bytes: engine.weight_bytes(),
+        context_length: engine.context_length(),
+    };
+    let (tx, rx) = sync_channel::<Job>(config.max_queue.max(1));
+    let default_max = config.default_max_tokens;
+    let name = model.to_string();
+    std::thread::Builder::new()
+        .name(format!("muse-model-{}", model.replace('/', "-")))
+        .spawn(move || {
+            let mut engine = engine;
+            while let Ok(job) = rx.recv() {
+                run_job(&mut engine, job, default_max);
+            }
+            tracing::info!(model = %name, "model unloaded");
+        })
+        .map_err(|e| InferenceError::NotConfigured(format!("cannot start a model thread: {e}")))?;
+    let worker = Arc::new(Worker {
+        queue: tx,
+        info: info.clone(),
+    });
+    workers
+        .lock()
+        .map_err(|_| InferenceError::NotConfigured("model table poisoned".into()))?
+        .insert(model.to_string(), worker.clone());
+    tracing::info!(model, weight_bytes = info.weight_bytes, "model loaded");
+    Ok(worker)
+}
+
+fn run_job(engine: &mut LocalModel, job: Job, default_max: usize) {
+    let Job {
+        request,
+        events,
+        started,
+    } = job;
+    if events.is_closed() {
+        return;
+    }
+    let result = (|| -> Result<Summary, InferenceError> {
+        let prompt = engine.render_chat(&request.messages)?;
+        let ids = engine.encode(&prompt)?;
+        let params = DecodeParams {
+            max_new_tokens: request
+                .max_tokens
+                .map(|m| m as usize)
+                .unwrap_or(default_max),
+            sampling: SamplingParams {
+                temperature: request.temperature.unwrap_or(0.0),
+                top_k: None,
+                top_p: request.top_p,
+                repetition_penalty: 1.0,
+                seed: request.seed,
+            },
+        };
+        let tokenizer = engine.tokenizer().clone();
+        let mut detok = Detokenizer::new(&tokenizer);
+        let mut stops = StopFilter::new(&request.stop);
+        let mut first_token = None;
+        let mut stopped = false;
+        let (out, mut finish) = engine.generate(&ids, &params, |id| {
+            let (text, hit) = stops.push(&detok.push(id));
+            if !text.is_empty() {
+                first_token.get_or_insert_with(|| started.elapsed());
+                if events.blocking_send(Ok(StreamEvent::Delta(text))).is_err() {
+                    return StepControl::Cancel;
+                }
+            }
+            if hit {
+                stopped = true;
+                return StepControl::Stop;
+            }
+            StepControl::Continue
+        })?;
+        if !stopped {
+            let (tail, _) = stops.push(&detok.finish());
+            let rest = format!("{tail}{}", stops.flush());
+            if !rest.is_empty() {
+                first_token.get_or_insert_with(|| started.elapsed());
+                let _ = events.blocking_send(Ok(StreamEvent::Delta(rest)));
+            }
+        } else {
+            finish = FinishReason::Stop;
+        }
+        Ok(Summary {
+            model: request.model.clone(),
+            usage: Usage {
+                prompt_tokens: ids.len() as u32,
+                completion_tokens: out.len() as u32,
+            },
+            finish_reason: finish,
+            timing: Timing {
+                time_to_first_token: first_token,
+                total: started.elapsed(),
+            },
+        })
+    })();
+    let _ = events.blocking_send(result.map(StreamEvent::Done));
+}
+
+#[async_trait]
+impl LlmProvider for LocalProvider {
+    fn id(&self) -> &str {
+        "local"
+    }
+
+    async fn complete(&self, request: &GenerateRequest) -> Result<Completion, InferenceError> {
+        crate::providers::collect(self.stream(request).await?).await
+    }
+
+    async fn stream(&self, request: &GenerateRequest) -> Result<CompletionStream, InferenceError> {
+        let worker = self.worker(&request.model).await?;
+        let (tx, rx) = mpsc::channel(64);
+        let job = Job {
+            request: request.clone(),
+            events: tx,
+            started: Instant::now(),
+        };
+        match worker.queue.try_send(job) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                return Err(InferenceError::RateLimited {
+                    retry_after: None,
+                    message: format!("{} is busy: its queue is full", request.model),
+                })
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                return Err(InferenceError::NotConfigured(format!(
+                    "{} was unloaded",
+                    request.model
+                )))
+            }
+        }
+        Ok(tokio_stream_from(rx))
+    }
+}
+
+fn tokio_stream_from(
+    mut rx: mpsc::Receiver<Result<StreamEvent, InferenceError>>,
+) -> CompletionStream {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed()
+}
