@@ -32,7 +32,7 @@ lint:
 bench:
     ./scripts/ensure-system-deps.sh
     cargo build --release -p muse-server --bin muse
-    cargo build --release -p muse-inference --example provider_overhead
+    cargo build --release -p muse-inference --example provider_overhead --example local_decode
     python3 scripts/bench.py
 
 # Rewrite docs/openapi.json from the handlers (review the diff)

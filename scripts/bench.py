@@ -123,6 +123,46 @@ def run_suite(label, database_url, workdir, results, with_login):
         proc.wait(timeout=40)
 
 
+def memory_bandwidth():
+    """Single-threaded read bandwidth (bytes/s): numpy sums a 1 GiB array."""
+    code = ("import numpy as np, time\n"
+            "a = np.ones(256 * 1024 * 1024, dtype=np.float32)\n"
+            "a.sum()\n"
+            "best = min((lambda t0: (a.sum(), time.perf_counter() - t0)[1])(time.perf_counter()) for _ in range(5))\n"
+            "print(a.nbytes / best)\n")
+    out = subprocess.run([os.path.join(ROOT, ".venv", "bin", "python"), "-c", code], check=True, capture_output=True, text=True)
+    return float(out.stdout.strip())
+
+
+def local_decode():
+    """Muse's decode loop vs the onnxruntime Python loop on GPT-2 small's shape."""
+    py = os.path.join(ROOT, ".venv", "bin", "python")
+    subprocess.run([py, os.path.join(ROOT, "scripts", "make_test_models.py"), "--bench"], check=True, capture_output=True)
+    model = os.path.join(ROOT, "target", "test-models", "hub", "models--muse-test--gpt2-124m")
+    ort_lib = subprocess.run([os.path.join(ROOT, "scripts", "ort-path.sh")], check=True, capture_output=True, text=True).stdout.strip()
+    env = dict(os.environ, ORT_DYLIB_PATH=ort_lib)
+    prompt, new = "Once upon a time there was a small model that", "64"
+    bw = memory_bandwidth()
+    rows = ["Local decode, GPT-2 small's shape (124.5M parameters, fp32, random weights), greedy, "
+            f"{new} new tokens, best of 3 after a warm-up, same model file and thread count:", "",
+            "| threads | engine | time to first token ms | decode tokens/s | Muse ÷ Python |",
+            "|---:|---|---:|---:|---:|"]
+    weight_bytes = None
+    for threads in ("1", "2"):
+        rust = json.loads(subprocess.run([os.path.join(ROOT, "target", "release", "examples", "local_decode"), model, prompt, new, threads],
+                                         check=True, capture_output=True, text=True, env=env).stdout)
+        ref = json.loads(subprocess.run([py, os.path.join(ROOT, "scripts", "reference_generate.py"), "--model", model, "--prompt", prompt,
+                                         "--max-new-tokens", new, "--threads", threads, "--repeat", "3"],
+                                        check=True, capture_output=True, text=True).stdout)
+        weight_bytes = rust["weight_bytes"]
+        ratio = rust["decode_tokens_per_second"] / ref["decode_tokens_per_second"]
+        rows.append(f"| {threads} | Muse (ort, Rust) | {rust['ttft_seconds'] * 1000:.1f} | {rust['decode_tokens_per_second']:.1f} | {ratio:.2f} |")
+        rows.append(f"| {threads} | onnxruntime Python loop | {ref['ttft_seconds'] * 1000:.1f} | {ref['decode_tokens_per_second']:.1f} | |")
+    rows += ["", f"Roofline: single-thread read bandwidth {bw / 1e9:.1f} GB/s ÷ {weight_bytes / 1e6:.0f} MB of weights per token "
+             f"= {bw / weight_bytes:.1f} tokens/s."]
+    return rows
+
+
 def main():
     if not os.path.exists(BIN):
         sys.exit(f"{BIN} is missing: run `cargo build --release -p muse-server` (just bench does)")
@@ -143,6 +183,7 @@ def main():
             subprocess.run(["psql", pg_url, "-qc", f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"], check=False)
     else:
         print("PostgreSQL run skipped: set BENCH_DATABASE_URL (or TEST_DATABASE_URL) and install psql", file=sys.stderr)
+    subprocess.run([os.path.join(ROOT, "scripts", "ensure-venv.sh")], check=True)
 
     cpu = "unknown CPU"
     try:
@@ -162,6 +203,7 @@ def main():
         [os.path.join(ROOT, "target", "release", "examples", "provider_overhead"), os.environ.get("BENCH_RATE", "500"), str(DURATION)],
         check=True, capture_output=True, text=True).stdout
     lines += ["", "Provider layer over a direct HTTP call (local OpenAI-protocol server, fixed rate, open loop):", "", overhead.strip()]
+    lines += ["", *local_decode()]
     table = "\n".join(lines)
     print(table)
     out_dir = os.path.join(ROOT, "target", "bench")

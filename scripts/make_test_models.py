@@ -105,11 +105,13 @@ def heads(g, x, n_heads, head_dim):
     return g.op("Transpose", [x], perm=[0, 2, 1, 3])
 
 
-def build(kind, vocab, rng, n_special, layers=2, hidden=64, n_heads=4, max_pos=256):
+def build(kind, vocab, rng, n_special, layers=2, hidden=64, n_heads=4, max_pos=256, std=None, tie=False):
     dtype = TensorProto.FLOAT16 if kind == "llama" else TensorProto.FLOAT
     g = Graph(dtype)
     hd = hidden // n_heads
-    W = lambda *shape, scale=0.08: rng.normal(0.0, scale, size=shape)  # noqa: E731
+    def W(*shape, scale=0.08):
+        # float32 draws: fast and small enough for the 124M benchmark model.
+        return (rng.standard_normal(size=shape, dtype=np.float32) * np.float32(std or scale))
     inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"]),
@@ -121,8 +123,8 @@ def build(kind, vocab, rng, n_special, layers=2, hidden=64, n_heads=4, max_pos=2
             inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kv}", dtype, ["batch", n_heads, "past", hd]))
             outputs.append(helper.make_tensor_value_info(f"present.{i}.{kv}", dtype, ["batch", n_heads, "total", hd]))
 
-    wte = W(vocab, hidden, scale=0.5)
-    h = g.op("Gather", [g.weight(wte, "wte"), "input_ids"], axis=0)
+    wte = g.weight(W(vocab, hidden, scale=0.5), "wte")
+    h = g.op("Gather", [wte, "input_ids"], axis=0)
     if kind == "gpt2":
         h = g.op("Add", [h, g.op("Gather", [g.weight(W(max_pos, hidden, scale=0.3), "wpe"), "position_ids"], axis=0)])
     else:
@@ -177,7 +179,11 @@ def build(kind, vocab, rng, n_special, layers=2, hidden=64, n_heads=4, max_pos=2
             act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])
             h = g.op("Add", [h, linear(act, 3 * hidden, hidden, f"down{i}", False)])
     h = norm(h, "lnf")
-    raw = g.op("MatMul", [h, g.weight(W(hidden, vocab, scale=0.5), "lm_head")])
+    if tie:
+        # GPT-2 ties the output projection to the token embeddings.
+        raw = g.op("MatMul", [h, g.op("Transpose", [wte], perm=[1, 0])])
+    else:
+        raw = g.op("MatMul", [h, g.weight(W(hidden, vocab, scale=0.5), "lm_head")])
     # Special tokens (the first ids) are pushed down so that greedy decoding
     # of these random weights runs to max_tokens instead of stopping at once.
     bias = np.zeros(vocab)
@@ -190,11 +196,17 @@ def build(kind, vocab, rng, n_special, layers=2, hidden=64, n_heads=4, max_pos=2
     return model, {"layers": layers, "hidden": hidden, "heads": n_heads, "head_dim": hd, "max_position_embeddings": max_pos}
 
 
-def write_model(out, repo, kind, seed):
+def write_model(out, repo, kind, seed, size=None):
     tok = train_tokenizer(kind)
     vocab = tok.get_vocab_size()
     n_special = 1 if kind == "gpt2" else 3
-    model, shape = build(kind, vocab, np.random.default_rng(seed), n_special)
+    if size == "124m":
+        # GPT-2 small's shape: 12 layers, 12 heads, 768 wide, 50257 tokens,
+        # 1024 positions (≈124M parameters). Random weights: for speed only.
+        vocab = 50257
+        model, shape = build(kind, vocab, np.random.default_rng(seed), n_special, layers=12, hidden=768, n_heads=12, max_pos=1024, std=0.02, tie=True)
+    else:
+        model, shape = build(kind, vocab, np.random.default_rng(seed), n_special)
     files = {}
     files["tokenizer.json"] = tok.to_str().encode()
     if kind == "gpt2":
@@ -214,7 +226,10 @@ def write_model(out, repo, kind, seed):
     digest = hashlib.sha1()
     for k in sorted(files):
         digest.update(k.encode() + files[k])
-    digest.update(model.SerializeToString())
+    if size is None:
+        digest.update(model.SerializeToString())
+    else:
+        digest.update(f"{size}-{seed}".encode())
     rev = digest.hexdigest()
     root = os.path.join(out, f"models--{repo.replace('/', '--')}")
     snap = os.path.join(root, "snapshots", rev)
@@ -225,7 +240,7 @@ def write_model(out, repo, kind, seed):
     for k, v in files.items():
         with open(os.path.join(snap, k), "wb") as f:
             f.write(v)
-    if kind == "gpt2":
+    if kind == "gpt2" and size is None:
         os.makedirs(os.path.join(snap, "onnx"), exist_ok=True)
         onnx.save_model(model, os.path.join(snap, "onnx", "model.onnx"))
     else:
@@ -258,7 +273,15 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "target", "test-models", "hub"))
     ap.add_argument("--check", action="store_true", help="generate twice and fail if the bytes differ")
+    ap.add_argument("--bench", action="store_true", help="also write muse-test/gpt2-124m (GPT-2 small's shape, ~500 MB, not checked)")
     args = ap.parse_args()
+    if args.bench:
+        os.makedirs(args.out, exist_ok=True)
+        bench_dir = os.path.join(args.out, "models--muse-test--gpt2-124m")
+        if os.path.exists(bench_dir):
+            shutil.rmtree(bench_dir)
+        print(write_model(args.out, "muse-test/gpt2-124m", "gpt2", seed=3, size="124m"))
+        return
     first = generate(args.out)
     if args.check:
         with tempfile.TemporaryDirectory() as tmp:
