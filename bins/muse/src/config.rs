@@ -106,6 +106,12 @@ pub struct LlmConfig {
     pub model_cache_dir: PathBuf,
     pub local_threads: usize,
     pub local_queue: usize,
+    /// `LOCAL_MODELS`: repo ids offered even before they are in the cache.
+    pub local_models: Vec<String>,
+    /// `HF_ENDPOINT`, `HF_TOKEN`, `HF_HUB_OFFLINE`.
+    pub hf_endpoint: String,
+    pub hf_token: Option<Secret<String>>,
+    pub hf_offline: bool,
 }
 
 /// Secrets that ship in tutorials and must never protect a real server.
@@ -448,6 +454,13 @@ fn llm_config(
                 .unwrap_or(1),
         )?,
         local_queue: parse(get, "LOCAL_MODEL_QUEUE", 16)?,
+        local_models: list(get("LOCAL_MODELS"), &[]),
+        hf_endpoint: get("HF_ENDPOINT")
+            .map(|u| check_url("HF_ENDPOINT", &u))
+            .transpose()?
+            .unwrap_or_else(|| "https://huggingface.co".into()),
+        hf_token: get("HF_TOKEN").map(Secret::new),
+        hf_offline: parse_bool(get, "HF_HUB_OFFLINE", false)?,
     })
 }
 

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use muse_inference::local::download::HubConfig;
 use muse_inference::local::{LocalConfig, LocalProvider};
 use muse_inference::providers::anthropic::{AnthropicConfig, AnthropicProvider};
 use muse_inference::providers::gemini::{GeminiConfig, GeminiProvider};
@@ -70,6 +71,12 @@ pub fn build_registry(
                 threads: config.local_threads.max(1),
                 max_queue: config.local_queue.max(1),
                 default_max_tokens: 256,
+                extra_models: config.local_models.clone(),
+                hub: HubConfig {
+                    endpoint: config.hf_endpoint.clone(),
+                    token: config.hf_token.clone(),
+                    offline: config.hf_offline,
+                },
             });
             registry.add_local(Arc::new(local));
             None

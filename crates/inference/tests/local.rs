@@ -243,6 +243,11 @@ fn provider(
             threads: 1,
             max_queue,
             default_max_tokens: 16,
+            extra_models: Vec::new(),
+            hub: muse_inference::local::download::HubConfig {
+                offline: true,
+                ..Default::default()
+            },
         },
     ))
 }
@@ -315,4 +320,174 @@ async fn the_local_provider_streams_through_the_common_trait() {
         p.complete(&missing).await,
         Err(InferenceError::ModelNotFound(_))
     ));
+}
+
+/// A local server speaking the Hugging Face Hub's download protocol
+/// (`/api/models/{repo}/revision/main`, ranged `resolve/main/{file}`),
+/// serving one snapshot; it requires `Authorization: Bearer hf_test`.
+async fn fake_hub(snapshot: PathBuf, repo: &'static str) -> String {
+    use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
+    let files: Vec<String> = walk(&snapshot);
+    let srv = HttpServer::new(move || {
+        let snapshot = snapshot.clone();
+        let files = files.clone();
+        App::new()
+            .route(
+                &format!("/api/models/{repo}/revision/main"),
+                web::get().to(move |req: HttpRequest| {
+                    let files = files.clone();
+                    async move {
+                        if req
+                            .headers()
+                            .get("authorization")
+                            .and_then(|v| v.to_str().ok())
+                            != Some("Bearer hf_test")
+                        {
+                            return HttpResponse::Unauthorized().finish();
+                        }
+                        let siblings: Vec<_> = files
+                            .iter()
+                            .map(|f| serde_json::json!({"rfilename": f}))
+                            .collect();
+                        HttpResponse::Ok()
+                            .json(serde_json::json!({"sha": "abc123", "siblings": siblings}))
+                    }
+                }),
+            )
+            .route(
+                &format!("/{repo}/resolve/main/{{file:.*}}"),
+                web::get().to(move |req: HttpRequest, file: web::Path<String>| {
+                    let path = snapshot.join(file.into_inner());
+                    async move {
+                        if req
+                            .headers()
+                            .get("authorization")
+                            .and_then(|v| v.to_str().ok())
+                            != Some("Bearer hf_test")
+                        {
+                            return HttpResponse::Unauthorized().finish();
+                        }
+                        let Ok(bytes) = std::fs::read(&path) else {
+                            return HttpResponse::NotFound().finish();
+                        };
+                        let total = bytes.len();
+                        let (start, end) = req
+                            .headers()
+                            .get("range")
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(|r| r.strip_prefix("bytes="))
+                            .and_then(|r| r.split_once('-'))
+                            .and_then(|(a, b)| {
+                                Some((
+                                    a.parse::<usize>().ok()?,
+                                    b.parse::<usize>().ok()?.min(total - 1),
+                                ))
+                            })
+                            .unwrap_or((0, total - 1));
+                        HttpResponse::PartialContent()
+                            .insert_header(("x-repo-commit", "abc123"))
+                            .insert_header(("etag", format!("\"{:x}\"", total)))
+                            .insert_header((
+                                "content-range",
+                                format!("bytes {start}-{end}/{total}"),
+                            ))
+                            .body(bytes[start..=end].to_vec())
+                    }
+                }),
+            )
+    })
+    .workers(1)
+    .bind(("127.0.0.1", 0))
+    .unwrap();
+    let addr = srv.addrs()[0];
+    actix_web::rt::spawn(srv.run());
+    format!("http://{addr}")
+}
+
+fn walk(root: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p.strip_prefix(root).unwrap().to_string_lossy().into_owned());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[actix_web::test]
+async fn models_are_downloaded_from_the_hub_when_online_and_never_when_offline() {
+    use muse_inference::local::download::{ensure_model, HubConfig};
+    let Some(cache) = cache() else { return };
+    let source = resolve_model(&cache, "muse-test/tiny-gpt2").unwrap();
+    let endpoint = fake_hub(source.clone(), "muse-test/tiny-gpt2").await;
+    let empty = std::env::temp_dir().join(format!("muse-dl-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&empty);
+
+    let offline = HubConfig {
+        endpoint: endpoint.clone(),
+        token: Some("hf_test".to_string().into()),
+        offline: true,
+    };
+    match ensure_model(&empty, "muse-test/tiny-gpt2", &offline, |_| {}).await {
+        Err(InferenceError::ModelNotFound(m)) => assert!(m.contains("HF_HUB_OFFLINE"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    let no_token = HubConfig {
+        endpoint: endpoint.clone(),
+        token: None,
+        offline: false,
+    };
+    assert!(matches!(
+        ensure_model(&empty, "muse-test/tiny-gpt2", &no_token, |_| {}).await,
+        Err(InferenceError::Auth(_))
+    ));
+
+    let online = HubConfig {
+        endpoint,
+        token: Some("hf_test".to_string().into()),
+        offline: false,
+    };
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = seen.clone();
+    let dir = ensure_model(&empty, "muse-test/tiny-gpt2", &online, move |p| {
+        sink.lock().unwrap().push(p)
+    })
+    .await
+    .unwrap();
+    let progress = seen.lock().unwrap().clone();
+    assert!(
+        progress.iter().any(|p| p.file == "onnx/model.onnx"
+            && p.done_bytes == p.total_bytes
+            && p.total_bytes > 0),
+        "{progress:?}"
+    );
+    // The downloaded copy decodes exactly like the original.
+    let ids;
+    let expected = {
+        let mut m = LocalModel::load(&source, 1).unwrap();
+        ids = m.encode("Once upon a time").unwrap();
+        m.generate(&ids, &greedy(8), |_| StepControl::Continue)
+            .unwrap()
+            .0
+    };
+    let mut m = LocalModel::load(&dir, 1).unwrap();
+    assert_eq!(
+        m.generate(&ids, &greedy(8), |_| StepControl::Continue)
+            .unwrap()
+            .0,
+        expected
+    );
+    // Second call: from the cache, no network needed.
+    let again = ensure_model(&empty, "muse-test/tiny-gpt2", &offline, |_| {})
+        .await
+        .unwrap();
+    assert_eq!(again, dir);
+    let _ = std::fs::remove_dir_all(&empty);
 }

@@ -2,6 +2,7 @@
 //! cache, a KV-cache decode loop with sampling, streaming detokenisation,
 //! chat templates, and a worker thread per loaded model.
 
+pub mod download;
 pub mod engine;
 pub mod provider;
 pub mod resolve;

@@ -31,6 +31,9 @@ pub struct LocalConfig {
     pub max_queue: usize,
     /// `max_tokens` when the request has none.
     pub default_max_tokens: usize,
+    /// Models to offer even before they are in the cache (downloaded on load).
+    pub extra_models: Vec<String>,
+    pub hub: super::download::HubConfig,
 }
 
 /// A loaded model, as reported.
@@ -67,9 +70,14 @@ impl LocalProvider {
         }
     }
 
-    /// Models present in the cache.
+    /// Models present in the cache, and the configured ones (which are
+    /// downloaded when loaded), sorted.
     pub fn available(&self) -> Vec<String> {
-        cached_models(&self.config.cache_dir)
+        let mut all = cached_models(&self.config.cache_dir);
+        all.extend(self.config.extra_models.iter().cloned());
+        all.sort();
+        all.dedup();
+        all
     }
 
     pub fn loaded(&self) -> Vec<LoadedModel> {
@@ -128,7 +136,13 @@ fn load(
     if let Some(w) = workers.lock().ok().and_then(|w| w.get(model).cloned()) {
         return Ok(w);
     }
-    let dir = resolve_model(&config.cache_dir, model)?;
+    let dir = match resolve_model(&config.cache_dir, model) {
+        Ok(dir) => dir,
+        Err(InferenceError::ModelNotFound(_)) if config.extra_models.iter().any(|m| m == model) => {
+            download(config, model)?
+        }
+        Err(e) => return Err(e),
+    };
     let engine = LocalModel::load(&dir, config.threads)?;
     let info = LoadedModel {
         model: model.to_string(),
@@ -158,6 +172,27 @@ fn load(
         .insert(model.to_string(), worker.clone());
     tracing::info!(model, weight_bytes = info.weight_bytes, "model loaded");
     Ok(worker)
+}
+
+/// Downloads a configured model into the cache (blocking thread).
+fn download(config: &LocalConfig, model: &str) -> Result<PathBuf, InferenceError> {
+    let fut = super::download::ensure_model(&config.cache_dir, model, &config.hub, |p| {
+        let ratio = if p.total_bytes == 0 {
+            1.0
+        } else {
+            p.done_bytes as f64 / p.total_bytes as f64
+        };
+        metrics::gauge!("model_download_progress_ratio", "model" => p.model.clone(), "file" => p.file.clone()).set(ratio);
+        tracing::info!(model = %p.model, file = %p.file, done = p.done_bytes, total = p.total_bytes, "downloading");
+    });
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) => handle.block_on(fut),
+        Err(_) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| InferenceError::NotConfigured(format!("runtime for the download: {e}")))?
+            .block_on(fut),
+    }
 }
 
 fn run_job(engine: &mut LocalModel, job: Job, default_max: usize) {

@@ -1,0 +1,242 @@
+//! Getting a model into the cache from the Hugging Face Hub (hf-hub), when
+//! online. `HF_HUB_OFFLINE=1` forbids it; `HF_TOKEN` authenticates.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use muse_core::Secret;
+
+use super::resolve::resolve_model;
+use crate::error::InferenceError;
+
+/// Where and how to download.
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    /// `https://huggingface.co`, or a mirror.
+    pub endpoint: String,
+    pub token: Option<Secret<String>>,
+    /// `HF_HUB_OFFLINE`: never touch the network.
+    pub offline: bool,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        Self {
+            endpoint: "https://huggingface.co".into(),
+            token: None,
+            offline: false,
+        }
+    }
+}
+
+impl HubConfig {
+    /// From `HF_ENDPOINT`, `HF_TOKEN` and `HF_HUB_OFFLINE`.
+    pub fn from_env() -> Self {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+        Self {
+            endpoint: var("HF_ENDPOINT")
+                .unwrap_or_else(|| "https://huggingface.co".into())
+                .trim_end_matches('/')
+                .to_string(),
+            token: var("HF_TOKEN").map(Secret::new),
+            offline: var("HF_HUB_OFFLINE").is_some_and(|v| {
+                matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on")
+            }),
+        }
+    }
+}
+
+/// Download progress of one file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DownloadProgress {
+    pub model: String,
+    pub file: String,
+    pub done_bytes: u64,
+    pub total_bytes: u64,
+}
+
+type ProgressFn = Arc<dyn Fn(DownloadProgress) + Send + Sync>;
+
+#[derive(Clone)]
+struct Reporter {
+    model: String,
+    file: String,
+    done: u64,
+    total: u64,
+    last_reported: u64,
+    sink: ProgressFn,
+}
+
+impl hf_hub::api::tokio::Progress for Reporter {
+    async fn init(&mut self, size: usize, filename: &str) {
+        self.file = filename.to_string();
+        self.total = size as u64;
+        self.done = 0;
+        self.report();
+    }
+
+    async fn update(&mut self, size: usize) {
+        self.done += size as u64;
+        // At most ~20 reports per file.
+        if self.done - self.last_reported >= (self.total / 20).max(1) {
+            self.report();
+        }
+    }
+
+    async fn finish(&mut self) {
+        self.done = self.total;
+        self.report();
+    }
+}
+
+impl Reporter {
+    fn report(&mut self) {
+        self.last_reported = self.done;
+        (self.sink)(DownloadProgress {
+            model: self.model.clone(),
+            file: self.file.clone(),
+            done_bytes: self.done,
+            total_bytes: self.total,
+        });
+    }
+}
+
+/// The files a causal-LM ONNX export needs, from a repo's file list.
+pub fn files_to_fetch(files: &[String]) -> Result<Vec<String>, InferenceError> {
+    let has = |f: &str| files.iter().any(|x| x == f);
+    if !has("tokenizer.json") {
+        return Err(InferenceError::NotConfigured(
+            "the repo has no tokenizer.json".into(),
+        ));
+    }
+    let onnx = ["model.onnx", "onnx/model.onnx"]
+        .into_iter()
+        .find(|f| has(f))
+        .map(str::to_string)
+        .or_else(|| {
+            let mut c: Vec<&String> = files
+                .iter()
+                .filter(|f| f.starts_with("onnx/model") && f.ends_with(".onnx"))
+                .collect();
+            c.sort();
+            c.first().map(|s| s.to_string())
+        })
+        .ok_or_else(|| {
+            InferenceError::NotConfigured(
+                "the repo has no ONNX export (model.onnx or onnx/model*.onnx)".into(),
+            )
+        })?;
+    let mut out = vec!["tokenizer.json".to_string()];
+    out.extend(
+        [
+            "tokenizer_config.json",
+            "config.json",
+            "generation_config.json",
+        ]
+        .into_iter()
+        .filter(|f| has(f))
+        .map(str::to_string),
+    );
+    out.extend(
+        files
+            .iter()
+            .filter(|f| {
+                f.starts_with(&format!("{onnx}_data")) || f.starts_with(&format!("{onnx}.data"))
+            })
+            .cloned(),
+    );
+    out.push(onnx);
+    Ok(out)
+}
+
+/// The model's snapshot directory, downloading it first when it is not in
+/// the cache (and the hub may be used). Blocking callers use
+/// `Handle::block_on` from a blocking thread.
+pub async fn ensure_model(
+    cache_dir: &Path,
+    model: &str,
+    hub: &HubConfig,
+    progress: impl Fn(DownloadProgress) + Send + Sync + 'static,
+) -> Result<PathBuf, InferenceError> {
+    match resolve_model(cache_dir, model) {
+        Ok(dir) => return Ok(dir),
+        Err(InferenceError::ModelNotFound(m)) if hub.offline => {
+            return Err(InferenceError::ModelNotFound(format!(
+                "{m} (HF_HUB_OFFLINE is set: no download attempted)"
+            )))
+        }
+        Err(InferenceError::ModelNotFound(_)) => {}
+        Err(e) => return Err(e),
+    }
+    let api = hf_hub::api::tokio::ApiBuilder::new()
+        .with_endpoint(hub.endpoint.clone())
+        .with_cache_dir(cache_dir.to_path_buf())
+        .with_token(hub.token.as_ref().map(|t| t.expose().clone()))
+        .with_progress(false)
+        .build()
+        .map_err(|e| InferenceError::NotConfigured(format!("Hugging Face client: {e}")))?;
+    let repo = api.model(model.to_string());
+    let hub_err = |what: &str, e: hf_hub::api::tokio::ApiError| {
+        let text = crate::error::strip_url(&e.to_string());
+        if text.contains("401") || text.contains("403") {
+            InferenceError::Auth(format!(
+                "{what} {model}: {text} (set HF_TOKEN for gated or private models)"
+            ))
+        } else if text.contains("404") {
+            InferenceError::ModelNotFound(format!("{model} is not on the hub: {text}"))
+        } else {
+            InferenceError::Connection(format!("{what} {model}: {text}"))
+        }
+    };
+    let info = repo.info().await.map_err(|e| hub_err("cannot list", e))?;
+    let files: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
+    let sink: ProgressFn = Arc::new(progress);
+    for file in files_to_fetch(&files)? {
+        let reporter = Reporter {
+            model: model.to_string(),
+            file: file.clone(),
+            done: 0,
+            total: 0,
+            last_reported: 0,
+            sink: sink.clone(),
+        };
+        repo.download_with_progress(&file, reporter)
+            .await
+            .map_err(|e| hub_err("cannot download", e))?;
+    }
+    resolve_model(cache_dir, model)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn picks_the_export_and_its_data() {
+        let files: Vec<String> = [
+            "README.md",
+            "config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "onnx/model.onnx",
+            "onnx/model.onnx_data",
+            "onnx/model_quantized.onnx",
+            "pytorch_model.bin",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        assert_eq!(
+            files_to_fetch(&files).unwrap(),
+            [
+                "tokenizer.json",
+                "tokenizer_config.json",
+                "config.json",
+                "onnx/model.onnx_data",
+                "onnx/model.onnx"
+            ]
+        );
+        assert!(files_to_fetch(&["model.onnx".to_string()]).is_err());
+        assert!(files_to_fetch(&["tokenizer.json".to_string()]).is_err());
+    }
+}
