@@ -70,6 +70,7 @@ pub fn build_registry(
                 cache_dir: config.model_cache_dir.clone(),
                 threads: config.local_threads.max(1),
                 max_queue: config.local_queue.max(1),
+                max_active: 4,
                 default_max_tokens: 256,
                 extra_models: config.local_models.clone(),
                 hub: HubConfig {

@@ -134,7 +134,7 @@ fn streaming_text_never_splits_a_character_and_sampling_is_reproducible() {
         text_ids.len() > text.chars().count() / 2,
         "the test needs characters split across tokens"
     );
-    let mut detok = Detokenizer::new(&tok);
+    let mut detok = Detokenizer::new(tok.clone());
     let mut streamed = String::new();
     for id in &text_ids {
         let d = detok.push(*id);
@@ -148,7 +148,7 @@ fn streaming_text_never_splits_a_character_and_sampling_is_reproducible() {
     assert_eq!(streamed, text);
     // Model output (random weights: possibly invalid UTF-8): what was
     // emitted is never taken back.
-    let mut detok = Detokenizer::new(&tok);
+    let mut detok = Detokenizer::new(tok.clone());
     let mut streamed = String::new();
     let full = tok.decode(&out, true).unwrap();
     for id in &out {
@@ -242,6 +242,7 @@ fn provider(
             cache_dir: cache.to_path_buf(),
             threads: 1,
             max_queue,
+            max_active: 4,
             default_max_tokens: 16,
             extra_models: Vec::new(),
             hub: muse_inference::local::download::HubConfig {
@@ -490,4 +491,54 @@ async fn models_are_downloaded_from_the_hub_when_online_and_never_when_offline()
         .unwrap();
     assert_eq!(again, dir);
     let _ = std::fs::remove_dir_all(&empty);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generations_on_one_model_are_interleaved_and_slow_readers_block_nobody() {
+    use futures::StreamExt;
+    use muse_inference::{GenerateRequest, LlmProvider, StreamEvent};
+    use std::time::Instant;
+    let Some(cache) = cache() else { return };
+    let p = provider(&cache, 8);
+    let mut long = GenerateRequest::new(
+        "muse-test/tiny-gpt2",
+        vec![Message::user("Once upon a time")],
+    );
+    long.max_tokens = Some(220);
+    let mut short = long.clone();
+    short.max_tokens = Some(5);
+    p.complete(&short).await.unwrap(); // load
+
+    // A long answer read at full speed, and a short one sent just after it:
+    // the short one finishes first (round robin, not first come first served).
+    let mut a = p.stream(&long).await.unwrap();
+    let _ = a.next().await;
+    let reader = tokio::spawn(async move {
+        while let Some(ev) = a.next().await {
+            if let Ok(StreamEvent::Done(_)) = ev {
+                return Instant::now();
+            }
+        }
+        panic!("no final event");
+    });
+    let b = muse_inference::providers::collect(p.stream(&short).await.unwrap())
+        .await
+        .unwrap();
+    let short_done = Instant::now();
+    assert_eq!(b.summary.usage.completion_tokens, 5);
+    let long_done = reader.await.unwrap();
+    assert!(
+        short_done < long_done,
+        "the short request waited for the long one"
+    );
+
+    // A stream nobody reads fills its buffer and pauses; others go on.
+    let idle = p.stream(&long).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let c = tokio::time::timeout(std::time::Duration::from_secs(10), p.complete(&short))
+        .await
+        .expect("not blocked")
+        .unwrap();
+    assert_eq!(c.summary.usage.completion_tokens, 5);
+    drop(idle);
 }

@@ -50,7 +50,7 @@ fn ort_err(context: &str) -> impl Fn(ort::Error) -> InferenceError + '_ {
 
 pub struct LocalModel {
     session: Session,
-    tokenizer: Tokenizer,
+    tokenizer: std::sync::Arc<Tokenizer>,
     layout: KvLayout,
     /// `past_key_values.{i}.{key,value}` in layer order, key before value.
     past_names: Vec<String>,
@@ -203,7 +203,7 @@ impl LocalModel {
             .unwrap_or(0);
         Ok(Self {
             session,
-            tokenizer,
+            tokenizer: std::sync::Arc::new(tokenizer),
             layout,
             past_names: past.into_iter().map(|(_, _, n, _)| n).collect(),
             eos_ids,
@@ -220,7 +220,7 @@ impl LocalModel {
         &self.layout
     }
 
-    pub fn tokenizer(&self) -> &Tokenizer {
+    pub fn tokenizer(&self) -> &std::sync::Arc<Tokenizer> {
         &self.tokenizer
     }
 
@@ -343,16 +343,13 @@ impl LocalModel {
         Ok((logits, presents))
     }
 
-    /// Generates up to `max_new_tokens` after `prompt`, calling `on_token`
-    /// with each new id (the prompt is run once; each step then feeds one
-    /// token with the cache). Ends at EOS, `max_new_tokens`, the context
-    /// length, or when `on_token` says so.
-    pub fn generate(
+    /// Starts a generation: checks the prompt and runs it through the
+    /// model once. Continue with [`LocalModel::advance`].
+    pub fn start(
         &mut self,
         prompt: &[u32],
         params: &DecodeParams,
-        mut on_token: impl FnMut(u32) -> StepControl,
-    ) -> Result<(Vec<u32>, FinishReason), InferenceError> {
+    ) -> Result<Decoding, InferenceError> {
         if prompt.is_empty() {
             return Err(InferenceError::BadRequest("the prompt is empty".into()));
         }
@@ -364,35 +361,97 @@ impl LocalModel {
                 )));
             }
         }
-        let mut sampler = Sampler::new(params.sampling.clone());
-        let mut history: Vec<u32> = prompt.to_vec();
-        let mut out = Vec::new();
         let past = self.empty_past()?;
-        let (mut logits, mut past) = self.step(prompt, past, 0)?;
-        loop {
-            if out.len() >= params.max_new_tokens {
-                return Ok((out, FinishReason::Length));
-            }
-            let next = sampler.sample(&mut logits, &history);
-            if self.eos_ids.contains(&next) {
-                return Ok((out, FinishReason::Stop));
-            }
-            out.push(next);
-            history.push(next);
-            match on_token(next) {
+        let (logits, past) = self.step(prompt, past, 0)?;
+        Ok(Decoding {
+            history: prompt.to_vec(),
+            out: Vec::new(),
+            past,
+            logits,
+            sampler: Sampler::new(params.sampling.clone()),
+            max_new_tokens: params.max_new_tokens,
+            finished: None,
+        })
+    }
+
+    /// Produces the next token of `d` (running one cached step for it), or
+    /// `None` once the generation has finished (see [`Decoding::finish_reason`]).
+    pub fn advance(&mut self, d: &mut Decoding) -> Result<Option<u32>, InferenceError> {
+        if d.finished.is_some() {
+            return Ok(None);
+        }
+        if d.out.len() >= d.max_new_tokens {
+            d.finished = Some(FinishReason::Length);
+            return Ok(None);
+        }
+        if !d.out.is_empty() {
+            // Feed the previous token: the cache then covers the whole history.
+            let last = d.history[d.history.len() - 1];
+            let past = std::mem::take(&mut d.past);
+            let (logits, past) = self.step(&[last], past, d.history.len() - 1)?;
+            d.logits = logits;
+            d.past = past;
+        }
+        let next = d.sampler.sample(&mut d.logits, &d.history);
+        if self.eos_ids.contains(&next) {
+            d.finished = Some(FinishReason::Stop);
+            return Ok(None);
+        }
+        d.out.push(next);
+        d.history.push(next);
+        if self.context_length.is_some_and(|c| d.history.len() >= c) {
+            d.finished = Some(FinishReason::Length);
+        }
+        Ok(Some(next))
+    }
+
+    /// Generates up to `max_new_tokens` after `prompt`, calling `on_token`
+    /// with each new id (the prompt is run once; each step then feeds one
+    /// token with the cache). Ends at EOS, `max_new_tokens`, the context
+    /// length, or when `on_token` says so.
+    pub fn generate(
+        &mut self,
+        prompt: &[u32],
+        params: &DecodeParams,
+        mut on_token: impl FnMut(u32) -> StepControl,
+    ) -> Result<(Vec<u32>, FinishReason), InferenceError> {
+        let mut d = self.start(prompt, params)?;
+        while let Some(token) = self.advance(&mut d)? {
+            match on_token(token) {
                 StepControl::Continue => {}
-                StepControl::Stop => return Ok((out, FinishReason::Stop)),
+                StepControl::Stop => return Ok((d.out, FinishReason::Stop)),
                 StepControl::Cancel => return Err(InferenceError::Cancelled),
             }
-            if self.context_length.is_some_and(|c| history.len() >= c) {
-                return Ok((out, FinishReason::Length));
-            }
-            if out.len() >= params.max_new_tokens {
-                return Ok((out, FinishReason::Length));
-            }
-            let (l, p) = self.step(&[next], past, history.len() - 1)?;
-            logits = l;
-            past = p;
         }
+        let finish = d.finish_reason().unwrap_or(FinishReason::Length);
+        Ok((d.out, finish))
+    }
+}
+
+/// One generation in progress: its tokens, KV cache, next-token logits and
+/// sampler. Several can be advanced in turn on one model.
+pub struct Decoding {
+    history: Vec<u32>,
+    out: Vec<u32>,
+    past: Vec<DynValue>,
+    logits: Vec<f32>,
+    sampler: Sampler,
+    max_new_tokens: usize,
+    finished: Option<FinishReason>,
+}
+
+impl Decoding {
+    /// The tokens generated so far.
+    pub fn tokens(&self) -> &[u32] {
+        &self.out
+    }
+
+    pub fn prompt_len(&self) -> usize {
+        self.history.len() - self.out.len()
+    }
+
+    /// Why it ended, once it has.
+    pub fn finish_reason(&self) -> Option<FinishReason> {
+        self.finished.clone()
     }
 }

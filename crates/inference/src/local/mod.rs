@@ -11,7 +11,7 @@ pub mod sampling;
 pub mod template;
 pub mod text;
 
-pub use engine::{DecodeParams, KvLayout, LocalModel, StepControl};
+pub use engine::{DecodeParams, Decoding, KvLayout, LocalModel, StepControl};
 pub use provider::{LoadedModel, LocalConfig, LocalProvider};
 pub use resolve::resolve_model;
 pub use runtime::ensure_runtime;

@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use tokio::sync::mpsc;
 
-use super::engine::{DecodeParams, LocalModel, StepControl};
+use super::engine::{DecodeParams, LocalModel};
 use super::resolve::{cached_models, resolve_model};
 use super::sampling::SamplingParams;
 use super::text::{Detokenizer, StopFilter};
@@ -29,6 +29,8 @@ pub struct LocalConfig {
     pub threads: usize,
     /// Requests waiting per model before new ones are refused.
     pub max_queue: usize,
+    /// Generations advanced together (round robin) per model.
+    pub max_active: usize,
     /// `max_tokens` when the request has none.
     pub default_max_tokens: usize,
     /// Models to offer even before they are in the cache (downloaded on load).
@@ -151,14 +153,12 @@ fn load(
     };
     let (tx, rx) = sync_channel::<Job>(config.max_queue.max(1));
     let default_max = config.default_max_tokens;
+    let max_active = config.max_active.max(1);
     let name = model.to_string();
     std::thread::Builder::new()
         .name(format!("muse-model-{}", model.replace('/', "-")))
         .spawn(move || {
-            let mut engine = engine;
-            while let Ok(job) = rx.recv() {
-                run_job(&mut engine, job, default_max);
-            }
+            worker_loop(engine, rx, default_max, max_active);
             tracing::info!(model = %name, "model unloaded");
         })
         .map_err(|e| InferenceError::NotConfigured(format!("cannot start a model thread: {e}")))?;
@@ -195,16 +195,82 @@ fn download(config: &LocalConfig, model: &str) -> Result<PathBuf, InferenceError
     }
 }
 
-fn run_job(engine: &mut LocalModel, job: Job, default_max: usize) {
+/// A generation being served by a model thread.
+struct Active {
+    events: mpsc::Sender<Result<StreamEvent, InferenceError>>,
+    model: String,
+    decoding: super::engine::Decoding,
+    detok: Detokenizer,
+    stops: StopFilter,
+    started: Instant,
+    first_token: Option<std::time::Duration>,
+    /// Events the consumer has not taken yet (its channel was full).
+    pending: std::collections::VecDeque<Result<StreamEvent, InferenceError>>,
+    done: bool,
+}
+
+impl Active {
+    fn queue(&mut self, event: Result<StreamEvent, InferenceError>) {
+        if matches!(event, Ok(StreamEvent::Delta(_))) {
+            self.first_token
+                .get_or_insert_with(|| self.started.elapsed());
+        }
+        self.pending.push_back(event);
+    }
+
+    /// Hands queued events to the consumer without blocking the thread.
+    fn flush(&mut self) {
+        while let Some(event) = self.pending.pop_front() {
+            match self.events.try_send(event) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(event)) => {
+                    self.pending.push_front(event);
+                    return;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    self.pending.clear();
+                    self.done = true;
+                    return;
+                }
+            }
+        }
+    }
+
+    fn finish(&mut self, reason: FinishReason, stopped: bool) {
+        if !stopped {
+            let (tail, _) = self.stops.push(&self.detok.finish());
+            let rest = format!("{tail}{}", self.stops.flush());
+            if !rest.is_empty() {
+                self.queue(Ok(StreamEvent::Delta(rest)));
+            }
+        }
+        let summary = Summary {
+            model: self.model.clone(),
+            usage: Usage {
+                prompt_tokens: self.decoding.prompt_len() as u32,
+                completion_tokens: self.decoding.tokens().len() as u32,
+            },
+            finish_reason: reason,
+            timing: Timing {
+                time_to_first_token: self.first_token,
+                total: self.started.elapsed(),
+            },
+        };
+        self.queue(Ok(StreamEvent::Done(summary)));
+        self.done = true;
+    }
+}
+
+fn start_job(engine: &mut LocalModel, job: Job, default_max: usize) -> Option<Active> {
     let Job {
         request,
         events,
         started,
     } = job;
     if events.is_closed() {
-        return;
+        return None;
     }
-    let result = (|| -> Result<Summary, InferenceError> {
+    let begun = (|| {
         let prompt = engine.render_chat(&request.messages)?;
         let ids = engine.encode(&prompt)?;
         let params = DecodeParams {
@@ -220,49 +286,102 @@ fn run_job(engine: &mut LocalModel, job: Job, default_max: usize) {
                 seed: request.seed,
             },
         };
-        let tokenizer = engine.tokenizer().clone();
-        let mut detok = Detokenizer::new(&tokenizer);
-        let mut stops = StopFilter::new(&request.stop);
-        let mut first_token = None;
-        let mut stopped = false;
-        let (out, mut finish) = engine.generate(&ids, &params, |id| {
-            let (text, hit) = stops.push(&detok.push(id));
-            if !text.is_empty() {
-                first_token.get_or_insert_with(|| started.elapsed());
-                if events.blocking_send(Ok(StreamEvent::Delta(text))).is_err() {
-                    return StepControl::Cancel;
+        engine.start(&ids, &params)
+    })();
+    match begun {
+        Ok(decoding) => Some(Active {
+            events,
+            model: request.model.clone(),
+            decoding,
+            detok: Detokenizer::new(engine.tokenizer().clone()),
+            stops: StopFilter::new(&request.stop),
+            started,
+            first_token: None,
+            pending: Default::default(),
+            done: false,
+        }),
+        Err(e) => {
+            let _ = events.try_send(Err(e));
+            None
+        }
+    }
+}
+
+/// The model thread: admits up to `max_active` generations and advances
+/// them one token each in turn (round robin), so a long answer does not
+/// hold a short one back. A consumer that does not read is skipped (its
+/// events wait, bounded) instead of blocking the others; one that went away
+/// is dropped at once.
+fn worker_loop(
+    mut engine: LocalModel,
+    rx: std::sync::mpsc::Receiver<Job>,
+    default_max: usize,
+    max_active: usize,
+) {
+    let mut active: Vec<Active> = Vec::new();
+    let mut open = true;
+    loop {
+        while open && active.len() < max_active {
+            let job = if active.is_empty() {
+                match rx.recv() {
+                    Ok(job) => job,
+                    Err(_) => return,
+                }
+            } else {
+                match rx.try_recv() {
+                    Ok(job) => job,
+                    Err(std::sync::mpsc::TryRecvError::Empty) => break,
+                    Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                        open = false;
+                        break;
+                    }
+                }
+            };
+            if let Some(a) = start_job(&mut engine, job, default_max) {
+                active.push(a);
+            }
+        }
+        if active.is_empty() {
+            if open {
+                continue;
+            }
+            return;
+        }
+        let mut progressed = false;
+        for a in active.iter_mut() {
+            a.flush();
+            if a.done || !a.pending.is_empty() || a.events.is_closed() {
+                continue;
+            }
+            progressed = true;
+            match engine.advance(&mut a.decoding) {
+                Ok(Some(token)) => {
+                    let delta = a.detok.push(token);
+                    let (text, hit) = a.stops.push(&delta);
+                    if !text.is_empty() {
+                        a.queue(Ok(StreamEvent::Delta(text)));
+                    }
+                    if hit {
+                        a.finish(FinishReason::Stop, true);
+                    }
+                }
+                Ok(None) => {
+                    let reason = a.decoding.finish_reason().unwrap_or(FinishReason::Length);
+                    a.finish(reason, false);
+                }
+                Err(e) => {
+                    a.queue(Err(e));
+                    a.done = true;
                 }
             }
-            if hit {
-                stopped = true;
-                return StepControl::Stop;
-            }
-            StepControl::Continue
-        })?;
-        if !stopped {
-            let (tail, _) = stops.push(&detok.finish());
-            let rest = format!("{tail}{}", stops.flush());
-            if !rest.is_empty() {
-                first_token.get_or_insert_with(|| started.elapsed());
-                let _ = events.blocking_send(Ok(StreamEvent::Delta(rest)));
-            }
-        } else {
-            finish = FinishReason::Stop;
+            a.flush();
         }
-        Ok(Summary {
-            model: request.model.clone(),
-            usage: Usage {
-                prompt_tokens: ids.len() as u32,
-                completion_tokens: out.len() as u32,
-            },
-            finish_reason: finish,
-            timing: Timing {
-                time_to_first_token: first_token,
-                total: started.elapsed(),
-            },
-        })
-    })();
-    let _ = events.blocking_send(result.map(StreamEvent::Done));
+        active.retain(|a| !(a.events.is_closed() || (a.done && a.pending.is_empty())));
+        if !progressed && !active.is_empty() {
+            // Everyone is waiting for their consumer.
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
 }
 
 #[async_trait]

@@ -4,14 +4,14 @@
 use tokenizers::Tokenizer;
 
 /// Turns a growing list of token ids into text deltas.
-pub struct Detokenizer<'t> {
-    tokenizer: &'t Tokenizer,
+pub struct Detokenizer {
+    tokenizer: std::sync::Arc<Tokenizer>,
     ids: Vec<u32>,
     emitted: String,
 }
 
-impl<'t> Detokenizer<'t> {
-    pub fn new(tokenizer: &'t Tokenizer) -> Self {
+impl Detokenizer {
+    pub fn new(tokenizer: std::sync::Arc<Tokenizer>) -> Self {
         Self {
             tokenizer,
             ids: Vec::new(),
