@@ -54,6 +54,13 @@ pub struct GenerateRequest {
     #[serde(default)]
     pub stop: Vec<String>,
     pub seed: Option<u64>,
+    /// Sample among the k likeliest tokens (local, Anthropic, Gemini;
+    /// the OpenAI API has no such parameter and ignores it).
+    #[serde(default)]
+    pub top_k: Option<u32>,
+    /// > 1 discourages repeating tokens (local models only).
+    #[serde(default)]
+    pub repetition_penalty: Option<f32>,
 }
 
 impl GenerateRequest {
@@ -66,6 +73,8 @@ impl GenerateRequest {
             max_tokens: None,
             stop: Vec::new(),
             seed: None,
+            top_k: None,
+            repetition_penalty: None,
         }
     }
 

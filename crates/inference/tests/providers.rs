@@ -388,6 +388,7 @@ fn request(model: &str) -> GenerateRequest {
     r.max_tokens = Some(16);
     r.temperature = Some(0.2);
     r.stop = vec!["###".into()];
+    r.top_k = Some(40);
     r
 }
 
@@ -469,6 +470,7 @@ async fn requests_follow_each_wire_protocol() {
     );
     assert_eq!(body["max_tokens"], 16);
     assert_eq!(body["stop_sequences"], json!(["###"]));
+    assert_eq!(body["top_k"], 40);
     assert_eq!(
         srv.rec.last_headers.lock().unwrap()["anthropic-version"],
         "2023-06-01"
@@ -483,6 +485,7 @@ async fn requests_follow_each_wire_protocol() {
     );
     assert_eq!(body["generationConfig"]["maxOutputTokens"], 16);
     assert_eq!(body["generationConfig"]["stopSequences"], json!(["###"]));
+    assert_eq!(body["generationConfig"]["topK"], 40);
     let uri = srv.rec.last_uri.lock().unwrap().clone();
     assert_eq!(uri, "/v1beta/models/ok:generateContent");
     collect(gemini.stream(&request("ok")).await.unwrap())

@@ -280,9 +280,9 @@ fn start_job(engine: &mut LocalModel, job: Job, default_max: usize) -> Option<Ac
                 .unwrap_or(default_max),
             sampling: SamplingParams {
                 temperature: request.temperature.unwrap_or(0.0),
-                top_k: None,
+                top_k: request.top_k.map(|k| k as usize),
                 top_p: request.top_p,
-                repetition_penalty: 1.0,
+                repetition_penalty: request.repetition_penalty.unwrap_or(1.0),
                 seed: request.seed,
             },
         };

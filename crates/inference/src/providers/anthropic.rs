@@ -83,6 +83,9 @@ impl AnthropicProvider {
         if !request.stop.is_empty() {
             body["stop_sequences"] = json!(request.stop);
         }
+        if let Some(k) = request.top_k {
+            body["top_k"] = json!(k);
+        }
         body
     }
 

@@ -69,6 +69,9 @@ fn body(request: &GenerateRequest) -> Value {
     if let Some(s) = request.seed {
         config.insert("seed".into(), json!(s));
     }
+    if let Some(k) = request.top_k {
+        config.insert("topK".into(), json!(k));
+    }
     let mut body = json!({"contents": contents});
     if !config.is_empty() {
         body["generationConfig"] = Value::Object(config);
