@@ -162,3 +162,19 @@ pub trait LlmProvider: Send + Sync + 'static {
 
     async fn stream(&self, request: &GenerateRequest) -> Result<CompletionStream, InferenceError>;
 }
+
+/// A shared provider is a provider (so `Retrying::new(arc.clone(), …)` works).
+#[async_trait]
+impl LlmProvider for std::sync::Arc<dyn LlmProvider> {
+    fn id(&self) -> &str {
+        (**self).id()
+    }
+
+    async fn complete(&self, request: &GenerateRequest) -> Result<Completion, InferenceError> {
+        (**self).complete(request).await
+    }
+
+    async fn stream(&self, request: &GenerateRequest) -> Result<CompletionStream, InferenceError> {
+        (**self).stream(request).await
+    }
+}

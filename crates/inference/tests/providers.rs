@@ -586,7 +586,7 @@ async fn retries_honour_retry_after_and_never_follow_the_first_token() {
         let srv = server().await;
         let p = providers(&srv.base, KEY).remove(i);
         let id = p.id().to_string();
-        let r = Retrying::new(ArcProvider(p), policy.clone());
+        let r = Retrying::new(p, policy.clone());
         // 429 once: waits Retry-After (1 s) then succeeds.
         let started = Instant::now();
         let c = r.complete(&request("rate-limited-once")).await.unwrap();
@@ -647,22 +647,6 @@ async fn retries_honour_retry_after_and_never_follow_the_first_token() {
             before + 1,
             "{id}: no retry after the first token"
         );
-    }
-}
-
-/// `Retrying` wants an owned provider; this adapts an `Arc`.
-struct ArcProvider(Arc<dyn LlmProvider>);
-
-#[async_trait::async_trait]
-impl LlmProvider for ArcProvider {
-    fn id(&self) -> &str {
-        self.0.id()
-    }
-    async fn complete(&self, r: &GenerateRequest) -> Result<Completion, InferenceError> {
-        self.0.complete(r).await
-    }
-    async fn stream(&self, r: &GenerateRequest) -> Result<CompletionStream, InferenceError> {
-        self.0.stream(r).await
     }
 }
 

@@ -9,7 +9,7 @@ use futures::StreamExt;
 use muse_core::Secret;
 use serde_json::{json, Value};
 
-use super::{check_model_name, drive, error_parts, http_client, Step, StreamParser, Timeouts};
+use super::{check_model_name, drive, http_client, send, Step, StreamParser, Timeouts};
 use crate::error::{retry_after, InferenceError};
 use crate::sse::{events, SseEvent};
 use crate::types::*;
@@ -179,28 +179,12 @@ impl GeminiProvider {
             "{}/v1beta/models/{}:{action}",
             self.config.base_url, request.model
         );
-        let mut builder = self
+        let builder = self
             .client
             .post(url)
             .header("x-goog-api-key", self.config.api_key.expose())
             .json(&body(request));
-        if !stream {
-            builder = builder.timeout(self.config.timeouts.request);
-        }
-        let send = builder.send();
-        let response = if stream {
-            tokio::time::timeout(self.config.timeouts.first_token, send)
-                .await
-                .map_err(|_| InferenceError::Timeout)?
-        } else {
-            send.await
-        }
-        .map_err(|e| InferenceError::from_reqwest(&e))?;
-        if response.status().is_success() {
-            return Ok(response);
-        }
-        let (status, headers, body) = error_parts(response).await;
-        Err(map_error(status, &headers, &body))
+        send(builder, stream, &self.config.timeouts, map_error).await
     }
 }
 

@@ -162,15 +162,39 @@ where
     .boxed()
 }
 
-/// Reads an error response into a status, headers and (bounded) body text.
-pub(crate) async fn error_parts(
-    response: reqwest::Response,
-) -> (u16, reqwest::header::HeaderMap, String) {
+/// Sends a provider request with the right time limit (the whole call, or
+/// the wait for the response head of a stream) and turns an error status
+/// into a typed error with the provider's own `map_error`.
+pub(crate) async fn send(
+    builder: reqwest::RequestBuilder,
+    stream: bool,
+    timeouts: &Timeouts,
+    map_error: fn(u16, &reqwest::header::HeaderMap, &str) -> InferenceError,
+) -> Result<reqwest::Response, InferenceError> {
+    let response = if stream {
+        tokio::time::timeout(
+            timeouts.first_token,
+            builder.header("accept", "text/event-stream").send(),
+        )
+        .await
+        .map_err(|_| InferenceError::Timeout)?
+    } else {
+        builder.timeout(timeouts.request).send().await
+    }
+    .map_err(|e| InferenceError::from_reqwest(&e))?;
+    if response.status().is_success() {
+        return Ok(response);
+    }
     let status = response.status().as_u16();
     let headers = response.headers().clone();
-    let body = response.text().await.unwrap_or_default();
-    let body: String = body.chars().take(2000).collect();
-    (status, headers, body)
+    let body: String = response
+        .text()
+        .await
+        .unwrap_or_default()
+        .chars()
+        .take(2000)
+        .collect();
+    Err(map_error(status, &headers, &body))
 }
 
 /// Collects a stream into one completion (used by tests and callers that
