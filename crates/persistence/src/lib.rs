@@ -12,8 +12,10 @@
 
 mod auth_repo;
 mod db;
+mod execution_repo;
 pub mod schema;
 pub mod testing;
 
 pub use auth_repo::DieselAuthRepository;
 pub use db::{Backend, Database, DbConnection, DbError, PooledConn};
+pub use execution_repo::DieselExecutionRepository;

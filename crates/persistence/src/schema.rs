@@ -89,4 +89,30 @@ diesel::allow_tables_to_appear_in_same_query!(
     api_keys,
     email_tokens,
     audit_events,
+    executions,
 );
+
+diesel::table! {
+    executions (id) {
+        id -> Text,
+        user_id -> Text,
+        source -> Text,
+        prompt_id -> Nullable<Text>,
+        prompt_version -> Nullable<Integer>,
+        provider -> Text,
+        model -> Text,
+        variables -> Nullable<Text>,
+        rendered_prompt -> Nullable<Text>,
+        output -> Nullable<Text>,
+        prompt_tokens -> Integer,
+        completion_tokens -> Integer,
+        cost_usd -> Nullable<Double>,
+        duration_ms -> BigInt,
+        ttft_ms -> Nullable<BigInt>,
+        status -> Text,
+        error -> Nullable<Text>,
+        created_at -> BigInt,
+    }
+}
+
+diesel::joinable!(executions -> users (user_id));

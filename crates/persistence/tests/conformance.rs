@@ -23,7 +23,7 @@ fn each_backend(f: impl Fn(&Database, &DieselAuthRepository)) {
     }
     for t in &dbs {
         let db = Database::connect(&t.url, 4).expect("connect");
-        assert_eq!(db.run_migrations().expect("migrate"), 1);
+        assert_eq!(db.run_migrations().expect("migrate"), 2);
         let repo = DieselAuthRepository::new(db.clone());
         f(&db, &repo);
     }
@@ -500,7 +500,7 @@ struct ColumnInfo {
 #[test]
 fn schema_rs_matches_the_migrated_databases_exactly() {
     let declared = declared_schema();
-    assert_eq!(declared.len(), 6, "parsed {declared:?}");
+    assert_eq!(declared.len(), 7, "parsed {declared:?}");
     each_backend(|db, _| {
         let mut conn = db.get().unwrap();
         for (table, columns) in &declared {
@@ -519,5 +519,64 @@ fn schema_rs_matches_the_migrated_databases_exactly() {
                 .collect();
             assert_eq!(&actual, columns, "table {table} on {}", db.backend().name());
         }
+    });
+}
+
+#[test]
+fn executions_are_recorded_and_read_back_per_user() {
+    use muse_persistence::DieselExecutionRepository;
+    use muse_prompts::{Execution, ExecutionRepository, ExecutionSource, ExecutionStatus};
+    each_backend(|db, repo| {
+        let a = user("exec-a@example.com", "execa");
+        let b = user("exec-b@example.com", "execb");
+        repo.create_user(&a).unwrap();
+        repo.create_user(&b).unwrap();
+        let execs = DieselExecutionRepository::new(db.clone());
+        let mk = |i: i64, status| Execution {
+            id: Uuid::now_v7(),
+            user_id: a.id,
+            source: ExecutionSource::OpenaiApi,
+            prompt_id: None,
+            prompt_version: None,
+            provider: "vllm".into(),
+            model: "ok".into(),
+            variables: Some(serde_json::json!({"k": i})),
+            rendered_prompt: Some("hi".into()),
+            output: Some("Hello".into()),
+            prompt_tokens: 12,
+            completion_tokens: 4,
+            cost_usd: if i == 0 { None } else { Some(0.25) },
+            duration_ms: 100 + i,
+            ttft_ms: Some(10),
+            status,
+            error: (status == ExecutionStatus::Failed).then(|| "boom".to_string()),
+            created_at: 1_000 + i,
+        };
+        let all: Vec<Execution> = (0..3)
+            .map(|i| {
+                mk(
+                    i,
+                    if i == 2 {
+                        ExecutionStatus::Failed
+                    } else {
+                        ExecutionStatus::Succeeded
+                    },
+                )
+            })
+            .collect();
+        for e in &all {
+            execs.record(e).unwrap();
+        }
+        assert_eq!(execs.get(a.id, all[0].id).unwrap().unwrap(), all[0]);
+        assert!(
+            execs.get(b.id, all[0].id).unwrap().is_none(),
+            "scoped to the owner"
+        );
+        let page = execs
+            .list(a.id, PageRequest::new(Some(1), Some(2)))
+            .unwrap();
+        assert_eq!((page.total, page.items.len()), (3, 2));
+        assert_eq!(page.items[0], all[2], "newest first");
+        assert_eq!(execs.list(b.id, PageRequest::default()).unwrap().total, 0);
     });
 }

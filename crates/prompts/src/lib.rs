@@ -19,9 +19,13 @@
 //! Status: this is the first part of the prompts issue; specialties, the
 //! stored and versioned library, executions and ideas are not here yet.
 
+pub mod execution;
 mod schema;
 mod template;
 
+pub use execution::{
+    Execution, ExecutionRepository, ExecutionSource, ExecutionStatus, ExecutionStoreError,
+};
 pub use schema::{SchemaError, VariableError, VariablesSchema, MAX_VARIABLES_BYTES};
 pub use template::{Template, TemplateError};
 

@@ -1,0 +1,161 @@
+//! [`ExecutionRepository`] on diesel.
+
+use diesel::prelude::*;
+use muse_core::{Page, PageRequest};
+use muse_prompts::{
+    Execution, ExecutionRepository, ExecutionSource, ExecutionStatus, ExecutionStoreError,
+};
+use uuid::Uuid;
+
+use crate::db::Database;
+use crate::schema::executions;
+
+#[derive(Debug, Clone)]
+pub struct DieselExecutionRepository {
+    db: Database,
+}
+
+impl DieselExecutionRepository {
+    pub fn new(db: Database) -> Self {
+        Self { db }
+    }
+}
+
+fn other(e: diesel::result::Error) -> ExecutionStoreError {
+    ExecutionStoreError::Other(e.to_string())
+}
+
+#[derive(Queryable, Selectable, Insertable)]
+#[diesel(table_name = executions)]
+struct Row {
+    id: String,
+    user_id: String,
+    source: String,
+    prompt_id: Option<String>,
+    prompt_version: Option<i32>,
+    provider: String,
+    model: String,
+    variables: Option<String>,
+    rendered_prompt: Option<String>,
+    output: Option<String>,
+    prompt_tokens: i32,
+    completion_tokens: i32,
+    cost_usd: Option<f64>,
+    duration_ms: i64,
+    ttft_ms: Option<i64>,
+    status: String,
+    error: Option<String>,
+    created_at: i64,
+}
+
+impl Row {
+    fn from_domain(e: &Execution) -> Self {
+        Self {
+            id: e.id.to_string(),
+            user_id: e.user_id.to_string(),
+            source: e.source.as_str().to_string(),
+            prompt_id: e.prompt_id.map(|p| p.to_string()),
+            prompt_version: e.prompt_version,
+            provider: e.provider.clone(),
+            model: e.model.clone(),
+            variables: e.variables.as_ref().map(|v| v.to_string()),
+            rendered_prompt: e.rendered_prompt.clone(),
+            output: e.output.clone(),
+            prompt_tokens: i32::try_from(e.prompt_tokens).unwrap_or(i32::MAX),
+            completion_tokens: i32::try_from(e.completion_tokens).unwrap_or(i32::MAX),
+            cost_usd: e.cost_usd,
+            duration_ms: e.duration_ms,
+            ttft_ms: e.ttft_ms,
+            status: e.status.as_str().to_string(),
+            error: e.error.clone(),
+            created_at: e.created_at,
+        }
+    }
+
+    fn into_domain(self) -> Result<Execution, ExecutionStoreError> {
+        let bad = |what: &str| ExecutionStoreError::Other(format!("corrupt execution row: {what}"));
+        Ok(Execution {
+            id: Uuid::parse_str(&self.id).map_err(|_| bad("id"))?,
+            user_id: Uuid::parse_str(&self.user_id).map_err(|_| bad("user_id"))?,
+            source: ExecutionSource::parse(&self.source).ok_or_else(|| bad("source"))?,
+            prompt_id: self
+                .prompt_id
+                .as_deref()
+                .map(Uuid::parse_str)
+                .transpose()
+                .map_err(|_| bad("prompt_id"))?,
+            prompt_version: self.prompt_version,
+            provider: self.provider,
+            model: self.model,
+            variables: self.variables.and_then(|v| serde_json::from_str(&v).ok()),
+            rendered_prompt: self.rendered_prompt,
+            output: self.output,
+            prompt_tokens: u32::try_from(self.prompt_tokens).unwrap_or(0),
+            completion_tokens: u32::try_from(self.completion_tokens).unwrap_or(0),
+            cost_usd: self.cost_usd,
+            duration_ms: self.duration_ms,
+            ttft_ms: self.ttft_ms,
+            status: ExecutionStatus::parse(&self.status).ok_or_else(|| bad("status"))?,
+            error: self.error,
+            created_at: self.created_at,
+        })
+    }
+}
+
+impl ExecutionRepository for DieselExecutionRepository {
+    fn record(&self, execution: &Execution) -> Result<(), ExecutionStoreError> {
+        let mut conn = self
+            .db
+            .get()
+            .map_err(|e| ExecutionStoreError::Unavailable(e.to_string()))?;
+        diesel::insert_into(executions::table)
+            .values(Row::from_domain(execution))
+            .execute(&mut *conn)
+            .map(|_| ())
+            .map_err(other)
+    }
+
+    fn get(&self, user_id: Uuid, id: Uuid) -> Result<Option<Execution>, ExecutionStoreError> {
+        let mut conn = self
+            .db
+            .get()
+            .map_err(|e| ExecutionStoreError::Unavailable(e.to_string()))?;
+        executions::table
+            .find(id.to_string())
+            .filter(executions::user_id.eq(user_id.to_string()))
+            .select(Row::as_select())
+            .first(&mut *conn)
+            .optional()
+            .map_err(other)?
+            .map(Row::into_domain)
+            .transpose()
+    }
+
+    fn list(
+        &self,
+        user_id: Uuid,
+        page: PageRequest,
+    ) -> Result<Page<Execution>, ExecutionStoreError> {
+        let mut conn = self
+            .db
+            .get()
+            .map_err(|e| ExecutionStoreError::Unavailable(e.to_string()))?;
+        let total: i64 = executions::table
+            .filter(executions::user_id.eq(user_id.to_string()))
+            .count()
+            .get_result(&mut *conn)
+            .map_err(other)?;
+        let items = executions::table
+            .filter(executions::user_id.eq(user_id.to_string()))
+            .order((executions::created_at.desc(), executions::id.desc()))
+            .offset(page.offset())
+            .limit(page.limit())
+            .select(Row::as_select())
+            .load(&mut *conn)
+            .map_err(other)?
+            .into_iter()
+            .map(Row::into_domain)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Page::new(items, page, u64::try_from(total).unwrap_or(0)))
+    }
+}
