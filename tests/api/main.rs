@@ -11,5 +11,6 @@ mod api_keys;
 mod email_flows;
 mod errors;
 mod models;
+mod openai_api;
 mod system;
 mod tokens;

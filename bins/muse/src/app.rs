@@ -67,6 +67,7 @@ pub fn build_state(config: Config, db: Database) -> Result<AppState, StartError>
     );
     let (models, local_unavailable) = crate::inference::build_registry(&config.llm)?;
     Ok(AppState {
+        executions: Arc::new(muse_persistence::DieselExecutionRepository::new(db.clone())),
         models: Arc::new(models),
         local_unavailable,
         config: Arc::new(config),
@@ -125,6 +126,7 @@ pub fn build_app(
         .configure(routes::system::config)
         .configure(routes::auth::config)
         .configure(routes::ai::config)
+        .configure(routes::openai::config)
         .configure(routes::pages::config)
         .configure(openapi::config)
         .default_service(web::to(error::not_found))

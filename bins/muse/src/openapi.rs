@@ -8,7 +8,7 @@ use utoipa_redoc::{Redoc, Servable};
 use utoipa_swagger_ui::SwaggerUi;
 
 use crate::error::{ErrorBody, ErrorDetail};
-use crate::routes::{ai, auth, system};
+use crate::routes::{ai, auth, openai, system};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -24,6 +24,7 @@ use crate::routes::{ai, auth, system};
         auth::create_api_key, auth::list_api_keys, auth::delete_api_key,
         auth::verify_email, auth::resend_verification, auth::forgot_password, auth::reset_password,
         ai::list_models, ai::load_model, ai::unload_model,
+        openai::chat_completions, openai::list_models,
     ),
     components(schemas(ErrorBody, ErrorDetail)),
     modifiers(&Security),
@@ -31,6 +32,7 @@ use crate::routes::{ai, auth, system};
         (name = "system", description = "Service information, health and metrics"),
         (name = "auth", description = "Accounts, sessions, API keys, email verification and password reset"),
         (name = "ai", description = "Models and generation"),
+        (name = "openai", description = "OpenAI-compatible API: point an OpenAI SDK at /v1 with a Muse API key"),
     )
 )]
 pub struct ApiDoc;

@@ -7,6 +7,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use muse_auth::AuthService;
 use muse_inference::ModelRegistry;
 use muse_persistence::Database;
+use muse_prompts::ExecutionRepository;
 
 use crate::config::Config;
 
@@ -16,6 +17,7 @@ pub struct AppState {
     pub db: Database,
     pub auth: Arc<AuthService>,
     pub models: Arc<ModelRegistry>,
+    pub executions: Arc<dyn ExecutionRepository>,
     /// Why local models are disabled (ONNX Runtime missing), if they are.
     pub local_unavailable: Option<String>,
     pub metrics: PrometheusHandle,

@@ -1,0 +1,259 @@
+//! The OpenAI-compatible API, driven by an OpenAI SDK (async-openai) as a
+//! real client would, with a local OpenAI-protocol server as the upstream.
+
+use std::time::Duration;
+
+use actix_web::web::{self, Bytes};
+use actix_web::{App, HttpResponse, HttpServer};
+use async_openai::config::OpenAIConfig;
+use async_openai::types::chat::{
+    ChatCompletionRequestUserMessage, ChatCompletionStreamOptions, CreateChatCompletionRequest,
+};
+use async_openai::Client;
+use futures_util::StreamExt;
+use muse_prompts::{ExecutionRepository, ExecutionStatus};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+use crate::helpers::*;
+
+async fn upstream_chat(body: web::Json<Value>) -> HttpResponse {
+    let model = body["model"].as_str().unwrap_or_default().to_string();
+    if model == "broken" {
+        return HttpResponse::InternalServerError().json(json!({"error": {"message": "boom", "type": "server_error", "param": null, "code": null}}));
+    }
+    if !body["stream"].as_bool().unwrap_or(false) {
+        return HttpResponse::Ok().json(json!({
+            "id": "up-1", "object": "chat.completion", "created": 1, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello, world!"}, "finish_reason": "stop", "logprobs": null}],
+            "usage": {"prompt_tokens": 12, "completion_tokens": 4, "total_tokens": 16}
+        }));
+    }
+    let chunk = |delta: Value, finish: Value, usage: Value| {
+        let choices = if delta.is_null() {
+            json!([])
+        } else {
+            json!([{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null}])
+        };
+        format!(
+            "data: {}\n\n",
+            json!({"id": "up-1", "object": "chat.completion.chunk", "created": 1, "model": model, "choices": choices, "usage": usage})
+        )
+    };
+    let mut frames: Vec<String> = ["Hel", "lo, ", "wor", "ld!"]
+        .iter()
+        .map(|d| chunk(json!({"content": d}), Value::Null, Value::Null))
+        .collect();
+    frames.push(chunk(json!({}), json!("stop"), Value::Null));
+    frames.push(chunk(
+        Value::Null,
+        Value::Null,
+        json!({"prompt_tokens": 12, "completion_tokens": 4, "total_tokens": 16}),
+    ));
+    frames.push("data: [DONE]\n\n".into());
+    let stream = futures_util::stream::iter(frames).then(|f| async move {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        Ok::<_, actix_web::Error>(Bytes::from(f))
+    });
+    HttpResponse::Ok()
+        .content_type("text/event-stream")
+        .streaming(stream)
+}
+
+async fn upstream() -> String {
+    let srv =
+        HttpServer::new(|| App::new().route("/v1/chat/completions", web::post().to(upstream_chat)))
+            .workers(1)
+            .bind(("127.0.0.1", 0))
+            .unwrap();
+    let addr = srv.addrs()[0];
+    actix_web::rt::spawn(srv.run());
+    format!("http://{addr}/v1")
+}
+
+#[actix_web::test]
+async fn an_openai_sdk_works_against_muse_and_every_call_is_recorded() {
+    let up = upstream().await;
+    let app = TestApp::spawn_with(&[
+        ("OPENAI_COMPATIBLE_BASE_URL", &up),
+        ("OPENAI_COMPATIBLE_NAME", "upstream"),
+        ("OPENAI_COMPATIBLE_MODELS", "ok,broken"),
+        ("LLM_MAX_RETRIES", "0"),
+    ])
+    .await;
+    let token = access(&app.user("sdk").await);
+    let key = app
+        .post(
+            "/api/v1/auth/api-keys",
+            Some(&token),
+            json!({"name": "sdk"}),
+        )
+        .await
+        .body["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let models = app.get("/v1/models", Some(&key)).await;
+    assert_eq!(models.body["object"], "list");
+    assert!(models.body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|m| m["id"] == "upstream/ok" && m["owned_by"] == "upstream"));
+
+    let client = Client::with_config(
+        OpenAIConfig::new()
+            .with_api_base(format!("{}/v1", app.base))
+            .with_api_key(key.clone()),
+    );
+    let request = CreateChatCompletionRequest {
+        model: "upstream/ok".into(),
+        messages: vec![ChatCompletionRequestUserMessage::from("Say hello").into()],
+        ..Default::default()
+    };
+    let answer = client.chat().create(request.clone()).await.unwrap();
+    assert_eq!(
+        answer.choices[0].message.content.as_deref(),
+        Some("Hello, world!")
+    );
+    assert_eq!(answer.usage.as_ref().unwrap().total_tokens, 16);
+    assert_eq!(answer.model, "upstream/ok");
+
+    let mut streamed = request.clone();
+    streamed.stream_options = Some(ChatCompletionStreamOptions {
+        include_usage: Some(true),
+        include_obfuscation: None,
+    });
+    let mut stream = client.chat().create_stream(streamed).await.unwrap();
+    let (mut text, mut usage, mut finish) = (String::new(), None, None);
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.unwrap();
+        for c in chunk.choices {
+            text.push_str(c.delta.content.as_deref().unwrap_or_default());
+            if c.finish_reason.is_some() {
+                finish = c.finish_reason;
+            }
+        }
+        if chunk.usage.is_some() {
+            usage = chunk.usage;
+        }
+    }
+    assert_eq!(text, "Hello, world!");
+    assert!(finish.is_some());
+    assert_eq!(usage.unwrap().completion_tokens, 4);
+
+    // Errors come back in a shape the SDK understands.
+    let mut broken = request.clone();
+    broken.model = "upstream/broken".into();
+    let err = client.chat().create(broken).await.unwrap_err();
+    assert!(
+        err.to_string().contains("boom") || err.to_string().contains("502"),
+        "{err}"
+    );
+    let mut unknown = request.clone();
+    unknown.model = "nope/nothing".into();
+    match client.chat().create(unknown).await.unwrap_err() {
+        async_openai::error::OpenAIError::ApiError(api) => {
+            assert_eq!(api.status_code.as_u16(), 404)
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // Every call was recorded for this user, failures included.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let db = muse_persistence::Database::connect(app.config.database_url.expose(), 1).unwrap();
+    let auth = muse_persistence::DieselAuthRepository::new(db.clone());
+    use muse_auth::AuthRepository;
+    let me = auth.user_by_email("sdk@example.com").unwrap().unwrap();
+    let execs = muse_persistence::DieselExecutionRepository::new(db)
+        .list(me.id, muse_core::PageRequest::default())
+        .unwrap();
+    // (The SDK itself retries a 502 a few times: each attempt is a call.)
+    let ok: Vec<_> = execs
+        .items
+        .iter()
+        .filter(|e| e.status == ExecutionStatus::Succeeded)
+        .collect();
+    assert_eq!(ok.len(), 2, "{:?}", execs.items);
+    assert!(ok
+        .iter()
+        .all(|e| e.output.as_deref() == Some("Hello, world!")
+            && e.prompt_tokens == 12
+            && e.completion_tokens == 4
+            && e.provider == "upstream"));
+    assert!(
+        ok.iter().all(|e| e.cost_usd.is_none()),
+        "unknown price stays unknown"
+    );
+    let failed: Vec<_> = execs
+        .items
+        .iter()
+        .filter(|e| e.status == ExecutionStatus::Failed)
+        .collect();
+    assert!(
+        failed
+            .iter()
+            .any(|e| e.model == "broken" && e.error.as_deref().is_some_and(|m| m.contains("boom"))),
+        "{failed:?}"
+    );
+    assert!(
+        failed.iter().any(|e| e.provider == "nope"
+            && e.error
+                .as_deref()
+                .is_some_and(|m| m.contains("not in the model registry"))),
+        "{failed:?}"
+    );
+    assert_eq!(ok.len() + failed.len(), execs.items.len());
+}
+
+#[actix_web::test]
+async fn bad_openai_requests_are_4xx_in_the_error_shape() {
+    let up = upstream().await;
+    let app = TestApp::spawn_with(&[
+        ("OPENAI_COMPATIBLE_BASE_URL", &up),
+        ("OPENAI_COMPATIBLE_MODELS", "ok"),
+    ])
+    .await;
+    let token = access(&app.user("bad").await);
+    let r = app
+        .post(
+            "/v1/chat/completions",
+            None,
+            json!({"model": "compatible/ok", "messages": [{"role": "user", "content": "x"}]}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    for body in [
+        json!({"model": "compatible/ok", "messages": []}),
+        json!({"model": "compatible/ok", "messages": [{"role": "tool", "content": "x"}]}),
+        json!({"model": "compatible/ok", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}),
+        json!({"model": "compatible/ok", "messages": [{"role": "user", "content": "x"}], "temperature": 5}),
+        json!({"model": "compatible/ok", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}),
+        json!({"model": "compatible/ok", "messages": [{"role": "user", "content": "x"}], "stop": ["a", "b", "c", "d", "e"]}),
+    ] {
+        let r = app
+            .post("/v1/chat/completions", Some(&token), body.clone())
+            .await;
+        assert_eq!(
+            (r.status, r.error_code()),
+            (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed"),
+            "{body}"
+        );
+    }
+    let r = app
+        .post(
+            "/v1/chat/completions",
+            Some(&token),
+            json!({"model": "compatible/ok"}),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::UNPROCESSABLE_ENTITY, "invalid_body")
+    );
+    // Content as text parts works.
+    let r = app.post("/v1/chat/completions", Some(&token), json!({"model": "compatible/ok", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]})).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert!(r.headers.get("x-muse-execution-id").is_some());
+}
