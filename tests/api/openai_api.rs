@@ -167,7 +167,11 @@ async fn an_openai_sdk_works_against_muse_and_every_call_is_recorded() {
     use muse_auth::AuthRepository;
     let me = auth.user_by_email("sdk@example.com").unwrap().unwrap();
     let execs = muse_persistence::DieselExecutionRepository::new(db)
-        .list(me.id, muse_core::PageRequest::default())
+        .list(
+            me.id,
+            &muse_prompts::ExecutionFilter::default(),
+            muse_core::PageRequest::default(),
+        )
         .unwrap();
     // (The SDK itself retries a 502 a few times: each attempt is a call.)
     let ok: Vec<_> = execs
@@ -205,6 +209,79 @@ async fn an_openai_sdk_works_against_muse_and_every_call_is_recorded() {
         "{failed:?}"
     );
     assert_eq!(ok.len() + failed.len(), execs.items.len());
+
+    // The same history over HTTP, filtered and paginated, own only.
+    let h = app
+        .get(
+            "/api/v1/executions/history?status=succeeded&per_page=1",
+            Some(&token),
+        )
+        .await;
+    assert_eq!(h.status, StatusCode::OK, "{}", h.text);
+    assert_eq!(
+        (
+            h.body["total"].as_u64(),
+            h.body["items"].as_array().unwrap().len()
+        ),
+        (Some(2), 1)
+    );
+    let item = &h.body["items"][0];
+    assert_eq!(
+        (
+            item["llm_provider"].as_str(),
+            item["llm_model"].as_str(),
+            item["output"].as_str()
+        ),
+        (Some("upstream"), Some("ok"), Some("Hello, world!"))
+    );
+    assert_eq!(item["source"], "openai_api");
+    let id = item["execution_id"].as_str().unwrap();
+    let one = app
+        .get(&format!("/api/v1/executions/{id}"), Some(&token))
+        .await;
+    assert_eq!(
+        (one.status, one.body["completion_tokens"].as_u64()),
+        (StatusCode::OK, Some(4))
+    );
+    let other = access(&app.user("someone").await);
+    assert_eq!(
+        app.get(&format!("/api/v1/executions/{id}"), Some(&other))
+            .await
+            .status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        app.get("/api/v1/executions/history", Some(&other))
+            .await
+            .body["total"],
+        0
+    );
+    let h = app
+        .get(
+            "/api/v1/executions/history?model=broken&from=2000-01-01T00:00:00Z",
+            Some(&token),
+        )
+        .await;
+    assert!(h.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|e| e["status"] == "failed" && e["llm_model"] == "broken"));
+    for bad in [
+        "status=weird",
+        "from=yesterday",
+        "prompt_id=not-a-uuid",
+        "page=-1",
+    ] {
+        let r = app
+            .get(&format!("/api/v1/executions/history?{bad}"), Some(&token))
+            .await;
+        assert_eq!(
+            (r.status, r.error_code()),
+            (StatusCode::BAD_REQUEST, "invalid_query_parameter"),
+            "{bad}"
+        );
+    }
 }
 
 #[actix_web::test]

@@ -127,6 +127,7 @@ pub fn build_app(
         .configure(routes::auth::config)
         .configure(routes::ai::config)
         .configure(routes::openai::config)
+        .configure(routes::executions::config)
         .configure(routes::pages::config)
         .configure(openapi::config)
         .default_service(web::to(error::not_found))

@@ -8,7 +8,7 @@ use utoipa_redoc::{Redoc, Servable};
 use utoipa_swagger_ui::SwaggerUi;
 
 use crate::error::{ErrorBody, ErrorDetail};
-use crate::routes::{ai, auth, openai, system};
+use crate::routes::{ai, auth, executions, openai, system};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -25,6 +25,7 @@ use crate::routes::{ai, auth, openai, system};
         auth::verify_email, auth::resend_verification, auth::forgot_password, auth::reset_password,
         ai::list_models, ai::load_model, ai::unload_model,
         openai::chat_completions, openai::list_models,
+        executions::history, executions::get_execution,
     ),
     components(schemas(ErrorBody, ErrorDetail)),
     modifiers(&Security),
@@ -32,6 +33,7 @@ use crate::routes::{ai, auth, openai, system};
         (name = "system", description = "Service information, health and metrics"),
         (name = "auth", description = "Accounts, sessions, API keys, email verification and password reset"),
         (name = "ai", description = "Models and generation"),
+        (name = "executions", description = "The caller's recorded model calls"),
         (name = "openai", description = "OpenAI-compatible API: point an OpenAI SDK at /v1 with a Muse API key"),
     )
 )]

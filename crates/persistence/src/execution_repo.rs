@@ -3,7 +3,8 @@
 use diesel::prelude::*;
 use muse_core::{Page, PageRequest};
 use muse_prompts::{
-    Execution, ExecutionRepository, ExecutionSource, ExecutionStatus, ExecutionStoreError,
+    Execution, ExecutionFilter, ExecutionRepository, ExecutionSource, ExecutionStatus,
+    ExecutionStoreError,
 };
 use uuid::Uuid;
 
@@ -134,19 +135,39 @@ impl ExecutionRepository for DieselExecutionRepository {
     fn list(
         &self,
         user_id: Uuid,
+        filter: &ExecutionFilter,
         page: PageRequest,
     ) -> Result<Page<Execution>, ExecutionStoreError> {
         let mut conn = self
             .db
             .get()
             .map_err(|e| ExecutionStoreError::Unavailable(e.to_string()))?;
-        let total: i64 = executions::table
-            .filter(executions::user_id.eq(user_id.to_string()))
-            .count()
-            .get_result(&mut *conn)
-            .map_err(other)?;
-        let items = executions::table
-            .filter(executions::user_id.eq(user_id.to_string()))
+        let query = || {
+            let mut q = executions::table
+                .filter(executions::user_id.eq(user_id.to_string()))
+                .into_boxed();
+            if let Some(p) = filter.prompt_id {
+                q = q.filter(executions::prompt_id.eq(p.to_string()));
+            }
+            if let Some(s) = filter.status {
+                q = q.filter(executions::status.eq(s.as_str()));
+            }
+            if let Some(p) = &filter.provider {
+                q = q.filter(executions::provider.eq(p.clone()));
+            }
+            if let Some(m) = &filter.model {
+                q = q.filter(executions::model.eq(m.clone()));
+            }
+            if let Some(from) = filter.from_ms {
+                q = q.filter(executions::created_at.ge(from));
+            }
+            if let Some(to) = filter.to_ms {
+                q = q.filter(executions::created_at.lt(to));
+            }
+            q
+        };
+        let total: i64 = query().count().get_result(&mut *conn).map_err(other)?;
+        let items = query()
             .order((executions::created_at.desc(), executions::id.desc()))
             .offset(page.offset())
             .limit(page.limit())

@@ -572,11 +572,54 @@ fn executions_are_recorded_and_read_back_per_user() {
             execs.get(b.id, all[0].id).unwrap().is_none(),
             "scoped to the owner"
         );
+        let none = muse_prompts::ExecutionFilter::default();
         let page = execs
-            .list(a.id, PageRequest::new(Some(1), Some(2)))
+            .list(a.id, &none, PageRequest::new(Some(1), Some(2)))
             .unwrap();
         assert_eq!((page.total, page.items.len()), (3, 2));
         assert_eq!(page.items[0], all[2], "newest first");
-        assert_eq!(execs.list(b.id, PageRequest::default()).unwrap().total, 0);
+        assert_eq!(
+            execs
+                .list(b.id, &none, PageRequest::default())
+                .unwrap()
+                .total,
+            0
+        );
+        let failed = muse_prompts::ExecutionFilter {
+            status: Some(ExecutionStatus::Failed),
+            ..Default::default()
+        };
+        assert_eq!(
+            execs
+                .list(a.id, &failed, PageRequest::default())
+                .unwrap()
+                .items,
+            vec![all[2].clone()]
+        );
+        let window = muse_prompts::ExecutionFilter {
+            from_ms: Some(1_001),
+            to_ms: Some(1_002),
+            provider: Some("vllm".into()),
+            model: Some("ok".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            execs
+                .list(a.id, &window, PageRequest::default())
+                .unwrap()
+                .items,
+            vec![all[1].clone()]
+        );
+        let other = muse_prompts::ExecutionFilter {
+            model: Some("other".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            execs
+                .list(a.id, &other, PageRequest::default())
+                .unwrap()
+                .total,
+            0
+        );
     });
 }

@@ -96,14 +96,28 @@ pub enum ExecutionStoreError {
     Other(String),
 }
 
+/// Which executions to list (all conditions must hold).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ExecutionFilter {
+    pub prompt_id: Option<Uuid>,
+    pub status: Option<ExecutionStatus>,
+    pub provider: Option<String>,
+    pub model: Option<String>,
+    /// Created at or after (ms since the epoch).
+    pub from_ms: Option<i64>,
+    /// Created before (ms since the epoch).
+    pub to_ms: Option<i64>,
+}
+
 /// Storage of executions. Every read is scoped to one user.
 pub trait ExecutionRepository: Send + Sync + 'static {
     fn record(&self, execution: &Execution) -> Result<(), ExecutionStoreError>;
     fn get(&self, user_id: Uuid, id: Uuid) -> Result<Option<Execution>, ExecutionStoreError>;
-    /// The user's executions, newest first.
+    /// The user's executions matching `filter`, newest first.
     fn list(
         &self,
         user_id: Uuid,
+        filter: &ExecutionFilter,
         page: PageRequest,
     ) -> Result<Page<Execution>, ExecutionStoreError>;
 }

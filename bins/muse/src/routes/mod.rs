@@ -2,6 +2,7 @@
 
 pub mod ai;
 pub mod auth;
+pub mod executions;
 pub mod openai;
 pub mod pages;
 pub mod system;
