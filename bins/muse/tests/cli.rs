@@ -180,8 +180,10 @@ fn serve_logs_json_and_stops_gracefully_on_sigterm() {
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut addr = None;
+    let mut startup = Vec::new();
     while addr.is_none() && Instant::now() < deadline {
         let Some(Ok(line)) = lines.next() else { break };
+        startup.push(line.clone());
         let v: serde_json::Value =
             serde_json::from_str(&line).unwrap_or_else(|_| panic!("not a JSON log line: {line}"));
         if v["fields"]["message"]
@@ -232,5 +234,14 @@ fn serve_logs_json_and_stops_gracefully_on_sigterm() {
     assert!(
         rest.iter().all(|l| !l.contains("secret-token-xyz")),
         "a token reached the logs"
+    );
+    // A fresh SQLite database: the pool's first connections must not trip
+    // over each other while switching to WAL.
+    assert!(
+        startup
+            .iter()
+            .chain(&rest)
+            .all(|l| !l.contains("database is locked")),
+        "{startup:?}"
     );
 }
