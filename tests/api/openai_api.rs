@@ -79,6 +79,8 @@ async fn an_openai_sdk_works_against_muse_and_every_call_is_recorded() {
         ("OPENAI_COMPATIBLE_NAME", "upstream"),
         ("OPENAI_COMPATIBLE_MODELS", "ok,broken"),
         ("LLM_MAX_RETRIES", "0"),
+        ("ADMIN_EMAIL", "root@example.com"),
+        ("ADMIN_PASSWORD", "an admin passphrase"),
     ])
     .await;
     let token = access(&app.user("sdk").await);
@@ -168,7 +170,7 @@ async fn an_openai_sdk_works_against_muse_and_every_call_is_recorded() {
     let me = auth.user_by_email("sdk@example.com").unwrap().unwrap();
     let execs = muse_persistence::DieselExecutionRepository::new(db)
         .list(
-            me.id,
+            muse_prompts::ExecutionScope::User(me.id),
             &muse_prompts::ExecutionFilter::default(),
             muse_core::PageRequest::default(),
         )
@@ -242,6 +244,42 @@ async fn an_openai_sdk_works_against_muse_and_every_call_is_recorded() {
     assert_eq!(
         (one.status, one.body["completion_tokens"].as_u64()),
         (StatusCode::OK, Some(4))
+    );
+    let metrics = app
+        .client
+        .get(format!("{}/metrics", app.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"prompt_executions_total{source="openai_api",provider="upstream",model="ok",status="succeeded"} 2"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains("prompt_execution_duration_seconds_bucket{"));
+    assert!(metrics
+        .contains(r#"llm_tokens_used_total{provider="upstream",model="ok",kind="completion"} 8"#));
+    // (A gauge shared with the tests running beside this one: present, value not asserted.)
+    assert!(metrics.contains("\nactive_executions "), "{metrics}");
+    let admin = access(
+        &app.login("root@example.com", "an admin passphrase")
+            .await
+            .body,
+    );
+    let all = app
+        .get("/api/v1/executions/history?status=succeeded", Some(&admin))
+        .await;
+    assert_eq!(
+        all.body["total"], 2,
+        "administrators see everyone's executions"
+    );
+    assert_eq!(
+        app.get(&format!("/api/v1/executions/{id}"), Some(&admin))
+            .await
+            .status,
+        StatusCode::OK
     );
     let other = access(&app.user("someone").await);
     assert_eq!(

@@ -3,8 +3,8 @@
 use diesel::prelude::*;
 use muse_core::{Page, PageRequest};
 use muse_prompts::{
-    Execution, ExecutionFilter, ExecutionRepository, ExecutionSource, ExecutionStatus,
-    ExecutionStoreError,
+    Execution, ExecutionFilter, ExecutionRepository, ExecutionScope, ExecutionSource,
+    ExecutionStatus, ExecutionStoreError,
 };
 use uuid::Uuid;
 
@@ -116,15 +116,20 @@ impl ExecutionRepository for DieselExecutionRepository {
             .map_err(other)
     }
 
-    fn get(&self, user_id: Uuid, id: Uuid) -> Result<Option<Execution>, ExecutionStoreError> {
+    fn get(
+        &self,
+        scope: ExecutionScope,
+        id: Uuid,
+    ) -> Result<Option<Execution>, ExecutionStoreError> {
         let mut conn = self
             .db
             .get()
             .map_err(|e| ExecutionStoreError::Unavailable(e.to_string()))?;
-        executions::table
-            .find(id.to_string())
-            .filter(executions::user_id.eq(user_id.to_string()))
-            .select(Row::as_select())
+        let mut q = executions::table.find(id.to_string()).into_boxed();
+        if let ExecutionScope::User(user_id) = scope {
+            q = q.filter(executions::user_id.eq(user_id.to_string()));
+        }
+        q.select(Row::as_select())
             .first(&mut *conn)
             .optional()
             .map_err(other)?
@@ -134,7 +139,7 @@ impl ExecutionRepository for DieselExecutionRepository {
 
     fn list(
         &self,
-        user_id: Uuid,
+        scope: ExecutionScope,
         filter: &ExecutionFilter,
         page: PageRequest,
     ) -> Result<Page<Execution>, ExecutionStoreError> {
@@ -143,9 +148,10 @@ impl ExecutionRepository for DieselExecutionRepository {
             .get()
             .map_err(|e| ExecutionStoreError::Unavailable(e.to_string()))?;
         let query = || {
-            let mut q = executions::table
-                .filter(executions::user_id.eq(user_id.to_string()))
-                .into_boxed();
+            let mut q = executions::table.into_boxed();
+            if let ExecutionScope::User(user_id) = scope {
+                q = q.filter(executions::user_id.eq(user_id.to_string()));
+            }
             if let Some(p) = filter.prompt_id {
                 q = q.filter(executions::prompt_id.eq(p.to_string()));
             }

@@ -567,20 +567,37 @@ fn executions_are_recorded_and_read_back_per_user() {
         for e in &all {
             execs.record(e).unwrap();
         }
-        assert_eq!(execs.get(a.id, all[0].id).unwrap().unwrap(), all[0]);
+        assert_eq!(
+            execs
+                .get(muse_prompts::ExecutionScope::User(a.id), all[0].id)
+                .unwrap()
+                .unwrap(),
+            all[0]
+        );
         assert!(
-            execs.get(b.id, all[0].id).unwrap().is_none(),
+            execs
+                .get(muse_prompts::ExecutionScope::User(b.id), all[0].id)
+                .unwrap()
+                .is_none(),
             "scoped to the owner"
         );
         let none = muse_prompts::ExecutionFilter::default();
         let page = execs
-            .list(a.id, &none, PageRequest::new(Some(1), Some(2)))
+            .list(
+                muse_prompts::ExecutionScope::User(a.id),
+                &none,
+                PageRequest::new(Some(1), Some(2)),
+            )
             .unwrap();
         assert_eq!((page.total, page.items.len()), (3, 2));
         assert_eq!(page.items[0], all[2], "newest first");
         assert_eq!(
             execs
-                .list(b.id, &none, PageRequest::default())
+                .list(
+                    muse_prompts::ExecutionScope::User(b.id),
+                    &none,
+                    PageRequest::default()
+                )
                 .unwrap()
                 .total,
             0
@@ -591,7 +608,11 @@ fn executions_are_recorded_and_read_back_per_user() {
         };
         assert_eq!(
             execs
-                .list(a.id, &failed, PageRequest::default())
+                .list(
+                    muse_prompts::ExecutionScope::User(a.id),
+                    &failed,
+                    PageRequest::default()
+                )
                 .unwrap()
                 .items,
             vec![all[2].clone()]
@@ -605,18 +626,38 @@ fn executions_are_recorded_and_read_back_per_user() {
         };
         assert_eq!(
             execs
-                .list(a.id, &window, PageRequest::default())
+                .list(
+                    muse_prompts::ExecutionScope::User(a.id),
+                    &window,
+                    PageRequest::default()
+                )
                 .unwrap()
                 .items,
             vec![all[1].clone()]
         );
+        let everyone = execs
+            .list(
+                muse_prompts::ExecutionScope::All,
+                &none,
+                PageRequest::default(),
+            )
+            .unwrap();
+        assert_eq!(everyone.total, 3, "the admin scope sees everyone's");
+        assert!(execs
+            .get(muse_prompts::ExecutionScope::All, all[0].id)
+            .unwrap()
+            .is_some());
         let other = muse_prompts::ExecutionFilter {
             model: Some("other".into()),
             ..Default::default()
         };
         assert_eq!(
             execs
-                .list(a.id, &other, PageRequest::default())
+                .list(
+                    muse_prompts::ExecutionScope::User(a.id),
+                    &other,
+                    PageRequest::default()
+                )
                 .unwrap()
                 .total,
             0

@@ -109,14 +109,27 @@ pub struct ExecutionFilter {
     pub to_ms: Option<i64>,
 }
 
-/// Storage of executions. Every read is scoped to one user.
+/// Whose executions a read may see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExecutionScope {
+    /// One user's own executions.
+    User(Uuid),
+    /// Everyone's (administrators).
+    All,
+}
+
+/// Storage of executions. Every read says whose executions it may see.
 pub trait ExecutionRepository: Send + Sync + 'static {
     fn record(&self, execution: &Execution) -> Result<(), ExecutionStoreError>;
-    fn get(&self, user_id: Uuid, id: Uuid) -> Result<Option<Execution>, ExecutionStoreError>;
-    /// The user's executions matching `filter`, newest first.
+    fn get(
+        &self,
+        scope: ExecutionScope,
+        id: Uuid,
+    ) -> Result<Option<Execution>, ExecutionStoreError>;
+    /// The executions in `scope` matching `filter`, newest first.
     fn list(
         &self,
-        user_id: Uuid,
+        scope: ExecutionScope,
         filter: &ExecutionFilter,
         page: PageRequest,
     ) -> Result<Page<Execution>, ExecutionStoreError>;

@@ -24,8 +24,8 @@ mod schema;
 mod template;
 
 pub use execution::{
-    Execution, ExecutionFilter, ExecutionRepository, ExecutionSource, ExecutionStatus,
-    ExecutionStoreError,
+    Execution, ExecutionFilter, ExecutionRepository, ExecutionScope, ExecutionSource,
+    ExecutionStatus, ExecutionStoreError,
 };
 pub use schema::{SchemaError, VariableError, VariablesSchema, MAX_VARIABLES_BYTES};
 pub use template::{Template, TemplateError};

@@ -3,7 +3,7 @@
 use actix_web::http::StatusCode;
 use actix_web::web;
 use muse_core::PageRequest;
-use muse_prompts::{Execution, ExecutionFilter, ExecutionStatus};
+use muse_prompts::{Execution, ExecutionFilter, ExecutionScope, ExecutionStatus};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
@@ -115,7 +115,7 @@ fn time(name: &str, value: &Option<String>) -> Result<Option<i64>, ApiError> {
         .transpose()
 }
 
-/// The caller's executions, newest first, with filters.
+/// The caller's executions (an administrator's: everyone's), newest first, with filters.
 #[utoipa::path(get, path = "/api/v1/executions/history", tag = "executions", security(("bearer" = [])), params(HistoryQuery),
     responses((status = 200, body = ExecutionPage), (status = 400, description = "invalid_query_parameter", body = ErrorBody), (status = 401, body = ErrorBody)))]
 pub async fn history(
@@ -145,8 +145,8 @@ pub async fn history(
     };
     let page = PageRequest::new(q.page, q.per_page);
     let repo = state.executions.clone();
-    let user_id = user.0.user.id;
-    let result = blocking(move || repo.list(user_id, &filter, page).map_err(store_error)).await?;
+    let scope = scope_of(&user);
+    let result = blocking(move || repo.list(scope, &filter, page).map_err(store_error)).await?;
     Ok(web::Json(ExecutionPage {
         page: result.page,
         per_page: result.per_page,
@@ -155,7 +155,7 @@ pub async fn history(
     }))
 }
 
-/// One of the caller's executions.
+/// One of the caller's executions (any, for an administrator).
 #[utoipa::path(get, path = "/api/v1/executions/{execution_id}", tag = "executions", security(("bearer" = [])),
     params(("execution_id" = Uuid, Path, description = "the execution id")),
     responses((status = 200, body = ExecutionView), (status = 404, body = ErrorBody), (status = 401, body = ErrorBody)))]
@@ -166,11 +166,20 @@ pub async fn get_execution(
 ) -> Result<web::Json<ExecutionView>, ApiError> {
     let id = path.into_inner();
     let repo = state.executions.clone();
-    let user_id = user.0.user.id;
-    let found = blocking(move || repo.get(user_id, id).map_err(store_error)).await?;
+    let scope = scope_of(&user);
+    let found = blocking(move || repo.get(scope, id).map_err(store_error)).await?;
     found
         .map(|e| web::Json(ExecutionView::from(e)))
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such execution"))
+}
+
+/// Users see their own executions; administrators see everyone's.
+fn scope_of(user: &CurrentUser) -> ExecutionScope {
+    if user.0.is_admin() {
+        ExecutionScope::All
+    } else {
+        ExecutionScope::User(user.0.user.id)
+    }
 }
 
 fn store_error(e: muse_prompts::ExecutionStoreError) -> ApiError {

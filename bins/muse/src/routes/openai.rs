@@ -203,6 +203,25 @@ fn record(
     outcome: Outcome,
 ) {
     let (provider, model) = key.split_once('/').unwrap_or(("unknown", key));
+    // Called exactly once per execution: the end of what the handler counted in.
+    metrics::gauge!("active_executions").decrement(1.0);
+    let labels = [
+        ("source", ExecutionSource::OpenaiApi.as_str().to_string()),
+        ("provider", provider.to_string()),
+        ("model", model.to_string()),
+    ];
+    metrics::counter!(
+        "prompt_executions_total",
+        &[
+            labels[0].clone(),
+            labels[1].clone(),
+            labels[2].clone(),
+            ("status", outcome.status.as_str().to_string())
+        ]
+    )
+    .increment(1);
+    metrics::histogram!("prompt_execution_duration_seconds", &labels)
+        .record(started.elapsed().as_secs_f64());
     let execution = Execution {
         id,
         user_id,
@@ -263,6 +282,7 @@ pub async fn chat_completions(
 ) -> Result<HttpResponse, ApiError> {
     let body = body.into_inner();
     let request = to_request(&body)?;
+    metrics::gauge!("active_executions").increment(1.0);
     let key = body.model.clone();
     let user_id = user.0.user.id;
     let id = Uuid::now_v7();
