@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use crate::error::InferenceError;
 use crate::pricing::{Price, PriceTable};
-use crate::resilience::RetryPolicy;
+use crate::resilience::{first_event, with_retries, RetryPolicy};
 use crate::types::*;
 
 /// Where a model runs.
@@ -208,20 +208,14 @@ impl ModelRegistry {
             model: entry.model.clone(),
             ..request.clone()
         };
-        let mut attempt = 0;
-        let completion = loop {
-            match entry.provider.complete(&req).await {
-                Ok(c) => break c,
-                Err(e) => {
-                    attempt += 1;
-                    record_error(entry.provider.id(), &entry.model, &e);
-                    let Some(wait) = self.retry.delay(attempt, &e) else {
-                        return Err(e);
-                    };
-                    tokio::time::sleep(wait).await;
-                }
-            }
-        };
+        let (provider, model) = (entry.provider.id(), entry.model.as_str());
+        let completion = with_retries(
+            &self.retry,
+            provider,
+            || entry.provider.complete(&req),
+            |e| record_error(provider, model, e),
+        )
+        .await?;
         let cost = self
             .prices
             .cost(entry.provider.id(), &entry.model, &completion.summary.usage);
@@ -242,36 +236,25 @@ impl ModelRegistry {
             model: entry.model.clone(),
             ..request.clone()
         };
-        let mut attempt = 0;
-        let (first, rest) = loop {
-            let error = match entry.provider.stream(&req).await {
-                Ok(mut s) => match s.next().await {
-                    Some(Ok(first)) => break (first, s),
-                    Some(Err(e)) => e,
-                    None => InferenceError::Protocol("the stream ended before any event".into()),
-                },
-                Err(e) => e,
-            };
-            attempt += 1;
-            record_error(entry.provider.id(), &entry.model, &error);
-            let Some(wait) = self.retry.delay(attempt, &error) else {
-                return Err(error);
-            };
-            tokio::time::sleep(wait).await;
-        };
+        let opened = with_retries(
+            &self.retry,
+            entry.provider.id(),
+            || async { first_event(entry.provider.stream(&req).await).await },
+            |e| record_error(entry.provider.id(), &entry.model, e),
+        )
+        .await?;
         let provider = entry.provider.id().to_string();
         let model = entry.model.clone();
-        let prices = self.prices.clone();
-        let stream = futures::stream::once(async { Ok(first) })
-            .chain(rest)
-            .inspect(move |event| match event {
-                Ok(StreamEvent::Done(summary)) => {
-                    let cost = prices.cost(&provider, &model, &summary.usage);
-                    record_usage(&provider, &model, summary, cost);
-                }
-                Err(e) => record_error(&provider, &model, e),
-                Ok(StreamEvent::Delta(_)) => {}
-            });
+        // The price is fixed for the call: no need to carry the whole table.
+        let price = self.prices.price(&provider, &model);
+        let stream = opened.inspect(move |event| match event {
+            Ok(StreamEvent::Done(summary)) => {
+                let cost = price.map(|p| p.cost(&summary.usage));
+                record_usage(&provider, &model, summary, cost);
+            }
+            Err(e) => record_error(&provider, &model, e),
+            Ok(StreamEvent::Delta(_)) => {}
+        });
         Ok(stream.boxed())
     }
 

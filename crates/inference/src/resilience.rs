@@ -77,6 +77,54 @@ impl<P: LlmProvider> Retrying<P> {
     }
 }
 
+/// Runs `call` until it succeeds or `policy` says stop, calling
+/// `on_error` after every failed attempt. Shared by [`Retrying`] and the
+/// model registry.
+pub(crate) async fn with_retries<T, F, Fut>(
+    policy: &RetryPolicy,
+    provider: &str,
+    mut call: F,
+    mut on_error: impl FnMut(&InferenceError),
+) -> Result<T, InferenceError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, InferenceError>>,
+{
+    let mut attempt = 0;
+    loop {
+        match call().await {
+            Ok(v) => return Ok(v),
+            Err(e) => {
+                attempt += 1;
+                on_error(&e);
+                let Some(wait) = policy.delay(attempt, &e) else {
+                    return Err(e);
+                };
+                tracing::warn!(provider, attempt, wait_ms = wait.as_millis() as u64, error = %e, "retrying");
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}
+
+/// Waits for a stream's first event: an error before it is returned as the
+/// call's error (so it can be retried or fall back); after it, the stream
+/// is handed over whole.
+pub(crate) async fn first_event(
+    stream: Result<CompletionStream, InferenceError>,
+) -> Result<CompletionStream, InferenceError> {
+    let mut stream = stream?;
+    match stream.next().await {
+        Some(Ok(first)) => Ok(futures::stream::once(async { Ok(first) })
+            .chain(stream)
+            .boxed()),
+        Some(Err(e)) => Err(e),
+        None => Err(InferenceError::Protocol(
+            "the stream ended before any event".into(),
+        )),
+    }
+}
+
 #[async_trait]
 impl<P: LlmProvider> LlmProvider for Retrying<P> {
     fn id(&self) -> &str {
@@ -84,45 +132,23 @@ impl<P: LlmProvider> LlmProvider for Retrying<P> {
     }
 
     async fn complete(&self, request: &GenerateRequest) -> Result<Completion, InferenceError> {
-        let mut attempt = 0;
-        loop {
-            match self.inner.complete(request).await {
-                Ok(c) => return Ok(c),
-                Err(e) => {
-                    attempt += 1;
-                    let Some(wait) = self.policy.delay(attempt, &e) else {
-                        return Err(e);
-                    };
-                    tracing::warn!(provider = self.inner.id(), attempt, wait_ms = wait.as_millis() as u64, error = %e, "retrying");
-                    tokio::time::sleep(wait).await;
-                }
-            }
-        }
+        with_retries(
+            &self.policy,
+            self.inner.id(),
+            || self.inner.complete(request),
+            |_| {},
+        )
+        .await
     }
 
     async fn stream(&self, request: &GenerateRequest) -> Result<CompletionStream, InferenceError> {
-        let mut attempt = 0;
-        loop {
-            let error = match self.inner.stream(request).await {
-                Ok(mut stream) => match stream.next().await {
-                    // Nothing was sent to the caller yet: still safe to retry.
-                    Some(Err(e)) => e,
-                    Some(Ok(first)) => {
-                        return Ok(futures::stream::once(async { Ok(first) })
-                            .chain(stream)
-                            .boxed());
-                    }
-                    None => InferenceError::Protocol("the stream ended before any event".into()),
-                },
-                Err(e) => e,
-            };
-            attempt += 1;
-            let Some(wait) = self.policy.delay(attempt, &error) else {
-                return Err(error);
-            };
-            tracing::warn!(provider = self.inner.id(), attempt, wait_ms = wait.as_millis() as u64, error = %error, "retrying stream");
-            tokio::time::sleep(wait).await;
-        }
+        with_retries(
+            &self.policy,
+            self.inner.id(),
+            || async { first_event(self.inner.stream(request).await).await },
+            |_| {},
+        )
+        .await
     }
 }
 
@@ -170,22 +196,14 @@ impl Fallback {
                 model: model.clone(),
                 ..request.clone()
             };
-            let error = match provider.stream(&req).await {
-                Ok(mut s) => match s.next().await {
-                    Some(Ok(first)) => {
-                        let s = futures::stream::once(async { Ok(first) }).chain(s).boxed();
-                        return Ok((provider.id().to_string(), s));
-                    }
-                    Some(Err(e)) => e,
-                    None => InferenceError::Protocol("the stream ended before any event".into()),
-                },
-                Err(e) => e,
-            };
-            if !error.allows_fallback() {
-                return Err(error);
+            match first_event(provider.stream(&req).await).await {
+                Ok(s) => return Ok((provider.id().to_string(), s)),
+                Err(e) if e.allows_fallback() => {
+                    tracing::warn!(provider = provider.id(), model = %model, error = %e, "falling back");
+                    last = e;
+                }
+                Err(e) => return Err(e),
             }
-            tracing::warn!(provider = provider.id(), model = %model, error = %error, "falling back");
-            last = error;
         }
         Err(last)
     }
