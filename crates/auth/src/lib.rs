@@ -26,4 +26,7 @@ pub use jwt::{Claims, JwtKeys};
 pub use mail::{MailError, Mailer, OutgoingEmail};
 pub use model::*;
 pub use repo::{AuditQuery, AuthRepository, RepoError, RepoResult};
-pub use service::{AuthConfig, AuthService, NewApiKey, RequestContext, ThrottleConfig, TokenPair};
+pub use service::{
+    AuthConfig, AuthService, NewApiKey, RequestContext, ThrottleConfig, TokenPair, API_KEY_PREFIX,
+    STREAM_TICKET_PREFIX, STREAM_TICKET_TTL_SECS,
+};

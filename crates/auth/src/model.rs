@@ -179,6 +179,8 @@ pub enum AuthMethod {
     Session { session_id: Uuid, jti: String },
     /// A personal API key.
     ApiKey { key_id: Uuid },
+    /// A single-use stream ticket (browser EventSource / WebSocket clients).
+    StreamTicket,
 }
 
 /// The authenticated caller of a request.

@@ -89,6 +89,20 @@ pub trait AuthRepository: Send + Sync + 'static {
         now: i64,
     ) -> RepoResult<Option<Uuid>>;
 
+    // Stream tickets
+    /// Stores a ticket digest for `user_id`, valid until `expires_at`, and
+    /// removes tickets that expired before `now`.
+    fn create_stream_ticket(
+        &self,
+        user_id: Uuid,
+        token_hash: &str,
+        now: i64,
+        expires_at: i64,
+    ) -> RepoResult<()>;
+    /// Atomically marks an unused, unexpired ticket used and returns its
+    /// user; `None` when there is no such ticket.
+    fn consume_stream_ticket(&self, token_hash: &str, now: i64) -> RepoResult<Option<User>>;
+
     // Audit
     fn record_audit(&self, event: &AuditEvent) -> RepoResult<()>;
     /// Creation times (ascending) of `event` rows matching `query` since

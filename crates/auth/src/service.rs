@@ -17,6 +17,10 @@ use crate::validate;
 
 /// Prefix of every personal API key.
 pub const API_KEY_PREFIX: &str = "muse_sk_";
+/// Prefix of stream tickets.
+pub const STREAM_TICKET_PREFIX: &str = "muse_st_";
+/// How long a stream ticket stays valid.
+pub const STREAM_TICKET_TTL_SECS: i64 = 60;
 
 /// Failed-login throttling: at most `max_per_account` failures per email
 /// and `max_per_ip` per client address within `window_secs`.
@@ -510,6 +514,43 @@ impl AuthService {
         Ok(Principal {
             user,
             method: AuthMethod::ApiKey { key_id: key.id },
+        })
+    }
+
+    // ----- stream tickets -------------------------------------------------
+
+    /// Issues a single-use ticket, valid [`STREAM_TICKET_TTL_SECS`] seconds,
+    /// that authenticates one stream request from a client that cannot send
+    /// headers (a browser `EventSource` or `WebSocket`): it goes in the URL
+    /// instead of a long-lived token. Returns the ticket and its lifetime.
+    pub fn issue_stream_ticket(&self, principal: &Principal) -> Result<(String, i64), AuthError> {
+        let secret = format!("{STREAM_TICKET_PREFIX}{}", random_token(32));
+        let now = self.now();
+        self.repo.create_stream_ticket(
+            principal.user.id,
+            &token_digest(&secret),
+            now,
+            now + STREAM_TICKET_TTL_SECS * 1000,
+        )?;
+        Ok((secret, STREAM_TICKET_TTL_SECS))
+    }
+
+    /// Redeems a ticket: it works once, before it expires, for a user who
+    /// is not suspended.
+    pub fn redeem_stream_ticket(&self, ticket: &str) -> Result<Principal, AuthError> {
+        if !ticket.starts_with(STREAM_TICKET_PREFIX) || ticket.len() > 128 {
+            return Err(AuthError::Unauthenticated);
+        }
+        let user = self
+            .repo
+            .consume_stream_ticket(&token_digest(ticket), self.now())?
+            .ok_or(AuthError::Unauthenticated)?;
+        if user.status == UserStatus::Suspended {
+            return Err(AuthError::Suspended);
+        }
+        Ok(Principal {
+            user,
+            method: AuthMethod::StreamTicket,
         })
     }
 

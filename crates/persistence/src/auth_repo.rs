@@ -7,7 +7,9 @@ use muse_core::{Page, PageRequest};
 use uuid::Uuid;
 
 use crate::db::{Database, DbError};
-use crate::schema::{api_keys, audit_events, email_tokens, refresh_tokens, sessions, users};
+use crate::schema::{
+    api_keys, audit_events, email_tokens, refresh_tokens, sessions, stream_tickets, users,
+};
 
 /// Accounts storage on SQLite or PostgreSQL.
 #[derive(Debug, Clone)]
@@ -621,6 +623,55 @@ impl AuthRepository for DieselAuthRepository {
             Ok(Some(user_id))
         });
         result.map_err(map_err)?.as_deref().map(uuid).transpose()
+    }
+
+    fn create_stream_ticket(
+        &self,
+        user_id: Uuid,
+        token_hash: &str,
+        now: i64,
+        expires_at: i64,
+    ) -> RepoResult<()> {
+        let mut conn = self.conn()?;
+        diesel::delete(stream_tickets::table.filter(stream_tickets::expires_at.lt(now)))
+            .execute(&mut *conn)
+            .map_err(map_err)?;
+        diesel::insert_into(stream_tickets::table)
+            .values((
+                stream_tickets::id.eq(Uuid::now_v7().to_string()),
+                stream_tickets::user_id.eq(user_id.to_string()),
+                stream_tickets::token_hash.eq(token_hash),
+                stream_tickets::created_at.eq(now),
+                stream_tickets::expires_at.eq(expires_at),
+            ))
+            .execute(&mut *conn)
+            .map(|_| ())
+            .map_err(map_err)
+    }
+
+    fn consume_stream_ticket(&self, token_hash: &str, now: i64) -> RepoResult<Option<User>> {
+        let mut conn = self.conn()?;
+        let n = diesel::update(
+            stream_tickets::table
+                .filter(stream_tickets::token_hash.eq(token_hash))
+                .filter(stream_tickets::used_at.is_null())
+                .filter(stream_tickets::expires_at.gt(now)),
+        )
+        .set(stream_tickets::used_at.eq(Some(now)))
+        .execute(&mut *conn)
+        .map_err(map_err)?;
+        if n != 1 {
+            return Ok(None);
+        }
+        stream_tickets::table
+            .inner_join(users::table)
+            .filter(stream_tickets::token_hash.eq(token_hash))
+            .select(UserRow::as_select())
+            .first(&mut *conn)
+            .optional()
+            .map_err(map_err)?
+            .map(UserRow::into_domain)
+            .transpose()
     }
 
     fn record_audit(&self, event: &AuditEvent) -> RepoResult<()> {

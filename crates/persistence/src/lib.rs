@@ -13,9 +13,11 @@
 mod auth_repo;
 mod db;
 mod execution_repo;
+mod library_repo;
 pub mod schema;
 pub mod testing;
 
 pub use auth_repo::DieselAuthRepository;
 pub use db::{Backend, Database, DbConnection, DbError, PooledConn};
 pub use execution_repo::DieselExecutionRepository;
+pub use library_repo::DieselLibraryRepository;

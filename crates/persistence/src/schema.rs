@@ -90,6 +90,11 @@ diesel::allow_tables_to_appear_in_same_query!(
     email_tokens,
     audit_events,
     executions,
+    specialties,
+    expert_prompts,
+    expert_prompt_versions,
+    ideas,
+    stream_tickets,
 );
 
 diesel::table! {
@@ -116,3 +121,79 @@ diesel::table! {
 }
 
 diesel::joinable!(executions -> users (user_id));
+
+diesel::table! {
+    specialties (id) {
+        id -> Text,
+        parent_id -> Nullable<Text>,
+        owner_id -> Nullable<Text>,
+        name -> Text,
+        description -> Text,
+        published -> Bool,
+        created_at -> BigInt,
+        updated_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    expert_prompts (id) {
+        id -> Text,
+        sub_specialty_id -> Text,
+        owner_id -> Nullable<Text>,
+        published -> Bool,
+        current_version -> Integer,
+        title -> Text,
+        tags -> Text,
+        created_at -> BigInt,
+        updated_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    expert_prompt_versions (prompt_id, version) {
+        prompt_id -> Text,
+        version -> Integer,
+        title -> Text,
+        description -> Text,
+        template -> Text,
+        variables_schema -> Text,
+        expected_output -> Nullable<Text>,
+        tags -> Text,
+        created_by -> Nullable<Text>,
+        created_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    ideas (id) {
+        id -> Text,
+        user_id -> Text,
+        execution_id -> Text,
+        prompt -> Nullable<Text>,
+        category -> Nullable<Text>,
+        theme -> Nullable<Text>,
+        creativity -> Integer,
+        provider -> Text,
+        model -> Text,
+        content -> Text,
+        rating -> Nullable<Integer>,
+        favorite -> Bool,
+        created_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    stream_tickets (id) {
+        id -> Text,
+        user_id -> Text,
+        token_hash -> Text,
+        created_at -> BigInt,
+        expires_at -> BigInt,
+        used_at -> Nullable<BigInt>,
+    }
+}
+
+diesel::joinable!(expert_prompt_versions -> expert_prompts (prompt_id));
+diesel::joinable!(expert_prompts -> specialties (sub_specialty_id));
+diesel::joinable!(ideas -> users (user_id));
+diesel::joinable!(stream_tickets -> users (user_id));

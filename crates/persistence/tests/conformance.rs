@@ -23,7 +23,7 @@ fn each_backend(f: impl Fn(&Database, &DieselAuthRepository)) {
     }
     for t in &dbs {
         let db = Database::connect(&t.url, 4).expect("connect");
-        assert_eq!(db.run_migrations().expect("migrate"), 2);
+        assert_eq!(db.run_migrations().expect("migrate"), 3);
         let repo = DieselAuthRepository::new(db.clone());
         f(&db, &repo);
     }
@@ -500,7 +500,7 @@ struct ColumnInfo {
 #[test]
 fn schema_rs_matches_the_migrated_databases_exactly() {
     let declared = declared_schema();
-    assert_eq!(declared.len(), 7, "parsed {declared:?}");
+    assert_eq!(declared.len(), 12, "parsed {declared:?}");
     each_backend(|db, _| {
         let mut conn = db.get().unwrap();
         for (table, columns) in &declared {
@@ -662,5 +662,294 @@ fn executions_are_recorded_and_read_back_per_user() {
                 .total,
             0
         );
+    });
+}
+
+#[test]
+fn the_prompt_library_keeps_versions_permissions_and_seeded_idea_prompts() {
+    use muse_core::FixedClock;
+    use muse_persistence::DieselLibraryRepository;
+    use muse_prompts::*;
+    use serde_json::json;
+    each_backend(|db, repo| {
+        let a = user("lib-a@example.com", "liba");
+        let b = user("lib-b@example.com", "libb");
+        repo.create_user(&a).unwrap();
+        repo.create_user(&b).unwrap();
+        let lib = Library::new(
+            Arc::new(DieselLibraryRepository::new(db.clone())),
+            Arc::new(FixedClock::new(5_000)),
+        );
+        let va = Viewer {
+            user_id: a.id,
+            is_admin: false,
+        };
+        let vb = Viewer {
+            user_id: b.id,
+            is_admin: false,
+        };
+        let admin = Viewer {
+            user_id: Uuid::now_v7(),
+            is_admin: true,
+        };
+
+        // The migration seeds the built-in idea prompts, readable by all.
+        let seeded = lib.prompt(vb, ideas::CATEGORY_IDEA_PROMPT_ID).unwrap();
+        assert_eq!(seeded.version, 1);
+        assert!(PromptSpec::new(
+            &seeded.content.template,
+            seeded.content.variables_schema.clone()
+        )
+        .is_ok());
+        assert!(lib.prompt(vb, ideas::FREE_IDEA_PROMPT_ID).is_ok());
+        assert!(matches!(
+            lib.update_prompt(
+                vb,
+                ideas::FREE_IDEA_PROMPT_ID,
+                &PromptInput {
+                    title: Some("mine".into()),
+                    ..Default::default()
+                }
+            ),
+            Err(LibraryError::Forbidden(_))
+        ));
+
+        let input = |name: &str, published| SpecialtyInput {
+            name: Some(name.into()),
+            description: None,
+            published: Some(published),
+        };
+        let spec = lib
+            .create_specialty(va, None, &input("Medicine_%", false))
+            .unwrap();
+        let sub = lib
+            .create_specialty(va, Some(spec.id), &input("Cardiology", false))
+            .unwrap();
+        assert!(
+            matches!(
+                lib.specialty(vb, spec.id, false),
+                Err(LibraryError::NotFound(_))
+            ),
+            "unpublished is hidden"
+        );
+        assert!(
+            matches!(
+                lib.specialty(va, sub.id, false),
+                Err(LibraryError::NotFound(_))
+            ),
+            "a sub-specialty is not a specialty"
+        );
+        let prompt = lib
+            .create_prompt(va, &PromptInput {
+                sub_specialty_id: Some(sub.id),
+                title: Some("Diagnose".into()),
+                template: Some("Symptoms: {symptoms} {{json}}".into()),
+                variables_schema: Some(json!({"type": "object", "required": ["symptoms"], "properties": {"symptoms": {"type": "string"}}})),
+                tags: Some(vec!["Heart".into(), "heart".into(), "triage".into()]),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(prompt.content.tags, ["heart", "triage"]);
+        let v2 = lib
+            .update_prompt(
+                va,
+                prompt.id,
+                &PromptInput {
+                    template: Some("Symptoms now: {symptoms}".into()),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        assert_eq!(v2.version, 2);
+        let same = lib
+            .update_prompt(
+                va,
+                prompt.id,
+                &PromptInput {
+                    published: Some(true),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        assert_eq!(same.version, 2, "publication is not a new version");
+        assert_eq!(
+            lib.prompt_version(va, prompt.id, 1)
+                .unwrap()
+                .content
+                .template,
+            "Symptoms: {symptoms} {{json}}"
+        );
+        let versions = lib
+            .prompt_versions(va, prompt.id, PageRequest::default())
+            .unwrap();
+        assert_eq!(
+            versions.items.iter().map(|v| v.version).collect::<Vec<_>>(),
+            [2, 1]
+        );
+        // Published now: b reads it but may not edit it.
+        assert_eq!(lib.prompt(vb, prompt.id).unwrap().version, 2);
+        assert!(matches!(
+            lib.delete_prompt(vb, prompt.id),
+            Err(LibraryError::Forbidden(_))
+        ));
+        // Lists: filters and visibility.
+        let by_tag = ListFilter {
+            tag: Some("triage".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            lib.list_prompts(vb, by_tag.clone(), PageRequest::default())
+                .unwrap()
+                .total,
+            1
+        );
+        let q = ListFilter {
+            q: Some("medicine_%".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            lib.list_specialties(va, false, q.clone(), PageRequest::default())
+                .unwrap()
+                .total,
+            1
+        );
+        assert_eq!(
+            lib.list_specialties(vb, false, q, PageRequest::default())
+                .unwrap()
+                .total,
+            0
+        );
+        let wildcard = ListFilter {
+            q: Some("_".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            lib.list_specialties(va, false, wildcard, PageRequest::default())
+                .unwrap()
+                .total,
+            1,
+            "LIKE wildcards are literal"
+        );
+        let subs = ListFilter {
+            parent: ParentFilter::Of(spec.id),
+            ..Default::default()
+        };
+        assert_eq!(
+            lib.list_specialties(va, true, subs, PageRequest::default())
+                .unwrap()
+                .items[0]
+                .id,
+            sub.id
+        );
+        // A non-empty specialty cannot be deleted; nothing is lost.
+        assert!(matches!(
+            lib.delete_specialty(va, spec.id, false),
+            Err(LibraryError::Conflict(_))
+        ));
+        // A concurrent edit from a stale version is refused.
+        let raw = DieselLibraryRepository::new(db.clone());
+        let stale = raw.update_prompt(&v2, 1, None);
+        assert!(matches!(stale, Err(LibraryError::Conflict(_))), "{stale:?}");
+        lib.delete_prompt(admin, prompt.id).unwrap();
+        assert!(raw.prompt_version(prompt.id, 1).unwrap().is_none());
+        lib.delete_specialty(va, sub.id, true).unwrap();
+        lib.delete_specialty(va, spec.id, false).unwrap();
+    });
+}
+
+#[test]
+fn ideas_are_scoped_rated_and_filtered() {
+    use muse_persistence::DieselLibraryRepository;
+    use muse_prompts::{Idea, IdeaFilter, IdeaRepository};
+    each_backend(|db, repo| {
+        let a = user("idea-a@example.com", "ideaa");
+        let b = user("idea-b@example.com", "ideab");
+        repo.create_user(&a).unwrap();
+        repo.create_user(&b).unwrap();
+        let ideas = DieselLibraryRepository::new(db.clone());
+        let mk = |i: i64, category: &str| Idea {
+            id: Uuid::now_v7(),
+            user_id: a.id,
+            execution_id: Uuid::now_v7(),
+            prompt: None,
+            category: Some(category.into()),
+            theme: None,
+            creativity: 5,
+            provider: "echo".into(),
+            model: "m".into(),
+            content: format!("idea {i}"),
+            rating: None,
+            favorite: false,
+            created_at: 1_000 + i,
+        };
+        let all = [mk(0, "Games"), mk(1, "food"), mk(2, "games")];
+        for i in &all {
+            ideas.insert(i).unwrap();
+        }
+        assert!(
+            ideas
+                .update(b.id, all[0].id, Some(5), None)
+                .unwrap()
+                .is_none(),
+            "not b's idea"
+        );
+        let rated = ideas
+            .update(a.id, all[0].id, Some(4), Some(true))
+            .unwrap()
+            .unwrap();
+        assert_eq!((rated.rating, rated.favorite), (Some(4), true));
+        let games = IdeaFilter {
+            category: Some("GAMES".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            ideas
+                .list(a.id, &games, PageRequest::default())
+                .unwrap()
+                .total,
+            2
+        );
+        let good = IdeaFilter {
+            min_rating: Some(3),
+            ..Default::default()
+        };
+        assert_eq!(
+            ideas
+                .list(a.id, &good, PageRequest::default())
+                .unwrap()
+                .items,
+            vec![rated]
+        );
+        assert_eq!(
+            ideas
+                .list(b.id, &IdeaFilter::default(), PageRequest::default())
+                .unwrap()
+                .total,
+            0
+        );
+    });
+}
+
+#[test]
+fn stream_tickets_work_once_and_expire() {
+    each_backend(|_, repo| {
+        let a = user("ticket@example.com", "ticketa");
+        repo.create_user(&a).unwrap();
+        repo.create_stream_ticket(a.id, "t1", 1_000, 61_000)
+            .unwrap();
+        repo.create_stream_ticket(a.id, "t2", 1_000, 2_000).unwrap();
+        assert_eq!(
+            repo.consume_stream_ticket("t1", 1_500).unwrap().unwrap().id,
+            a.id
+        );
+        assert!(
+            repo.consume_stream_ticket("t1", 1_600).unwrap().is_none(),
+            "single use"
+        );
+        assert!(
+            repo.consume_stream_ticket("t2", 2_000).unwrap().is_none(),
+            "expired"
+        );
+        assert!(repo.consume_stream_ticket("nope", 1_000).unwrap().is_none());
     });
 }

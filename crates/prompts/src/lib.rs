@@ -16,16 +16,25 @@
 //! assert_eq!(rendered.text, "Write a calm haiku about the sea. Answer as JSON: {\"haiku\": \"…\"}");
 //! ```
 //!
-//! Status: this is the first part of the prompts issue; specialties, the
-//! stored and versioned library, executions and ideas are not here yet.
+//! The stored library ([`library`]: specialties, sub-specialties, versioned
+//! expert prompts and their permissions), executions ([`execution`]) and
+//! idea generation ([`ideas`]) are storage-agnostic: they define plain types
+//! and repository traits that `muse-persistence` implements.
 
 pub mod execution;
+pub mod ideas;
+pub mod library;
 mod schema;
 mod template;
 
 pub use execution::{
     Execution, ExecutionFilter, ExecutionRepository, ExecutionScope, ExecutionSource,
     ExecutionStatus, ExecutionStoreError,
+};
+pub use ideas::{Idea, IdeaFilter, IdeaPlan, IdeaRepository, IdeaRequest, IdeaStoreError};
+pub use library::{
+    DeleteOutcome, ExpertPrompt, FieldError, Library, LibraryError, LibraryRepository, ListFilter,
+    ParentFilter, PromptContent, PromptInput, PromptVersion, Specialty, SpecialtyInput, Viewer,
 };
 pub use schema::{SchemaError, VariableError, VariablesSchema, MAX_VARIABLES_BYTES};
 pub use template::{Template, TemplateError};
