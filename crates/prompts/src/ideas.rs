@@ -13,12 +13,12 @@ use crate::library::FieldError;
 
 /// The built-in "Creative ideas" specialty and its "Idea generation"
 /// sub-specialty (seeded by the migration `000003_prompt_library`).
-pub const IDEAS_SPECIALTY_ID: Uuid = Uuid::from_u128(0x0193_0000_0000_7000_8000_000000000001);
-pub const IDEAS_SUB_SPECIALTY_ID: Uuid = Uuid::from_u128(0x0193_0000_0000_7000_8000_000000000002);
+pub const IDEAS_SPECIALTY_ID: Uuid = Uuid::from_u128(0x0193_0000_0000_7000_8000_0000_0000_0001);
+pub const IDEAS_SUB_SPECIALTY_ID: Uuid = Uuid::from_u128(0x0193_0000_0000_7000_8000_0000_0000_0002);
 /// The idea prompt for a free prompt (`{prompt}`, `{creativity}`).
-pub const FREE_IDEA_PROMPT_ID: Uuid = Uuid::from_u128(0x0193_0000_0000_7000_8000_000000000010);
+pub const FREE_IDEA_PROMPT_ID: Uuid = Uuid::from_u128(0x0193_0000_0000_7000_8000_0000_0000_0010);
 /// The idea prompt for a category and theme (`{category}`, `{theme}`, `{creativity}`).
-pub const CATEGORY_IDEA_PROMPT_ID: Uuid = Uuid::from_u128(0x0193_0000_0000_7000_8000_000000000011);
+pub const CATEGORY_IDEA_PROMPT_ID: Uuid = Uuid::from_u128(0x0193_0000_0000_7000_8000_0000_0000_0011);
 
 /// Most ideas in one batch request.
 pub const MAX_BATCH: usize = 10;
