@@ -5,12 +5,15 @@
 //! spoken to over HTTP.
 
 mod helpers;
+mod upstream;
 
 mod accounts;
 mod api_keys;
 mod email_flows;
 mod errors;
+mod ideas;
 mod models;
 mod openai_api;
+mod prompts;
 mod system;
 mod tokens;

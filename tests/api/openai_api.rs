@@ -3,8 +3,6 @@
 
 use std::time::Duration;
 
-use actix_web::web::{self, Bytes};
-use actix_web::{App, HttpResponse, HttpServer};
 use async_openai::config::OpenAIConfig;
 use async_openai::types::chat::{
     ChatCompletionRequestUserMessage, ChatCompletionStreamOptions, CreateChatCompletionRequest,
@@ -13,69 +11,15 @@ use async_openai::Client;
 use futures_util::StreamExt;
 use muse_prompts::{ExecutionRepository, ExecutionStatus};
 use reqwest::StatusCode;
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::helpers::*;
 
-async fn upstream_chat(body: web::Json<Value>) -> HttpResponse {
-    let model = body["model"].as_str().unwrap_or_default().to_string();
-    if model == "broken" {
-        return HttpResponse::InternalServerError().json(json!({"error": {"message": "boom", "type": "server_error", "param": null, "code": null}}));
-    }
-    if !body["stream"].as_bool().unwrap_or(false) {
-        return HttpResponse::Ok().json(json!({
-            "id": "up-1", "object": "chat.completion", "created": 1, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello, world!"}, "finish_reason": "stop", "logprobs": null}],
-            "usage": {"prompt_tokens": 12, "completion_tokens": 4, "total_tokens": 16}
-        }));
-    }
-    let chunk = |delta: Value, finish: Value, usage: Value| {
-        let choices = if delta.is_null() {
-            json!([])
-        } else {
-            json!([{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null}])
-        };
-        format!(
-            "data: {}\n\n",
-            json!({"id": "up-1", "object": "chat.completion.chunk", "created": 1, "model": model, "choices": choices, "usage": usage})
-        )
-    };
-    let mut frames: Vec<String> = ["Hel", "lo, ", "wor", "ld!"]
-        .iter()
-        .map(|d| chunk(json!({"content": d}), Value::Null, Value::Null))
-        .collect();
-    frames.push(chunk(json!({}), json!("stop"), Value::Null));
-    frames.push(chunk(
-        Value::Null,
-        Value::Null,
-        json!({"prompt_tokens": 12, "completion_tokens": 4, "total_tokens": 16}),
-    ));
-    frames.push("data: [DONE]\n\n".into());
-    let stream = futures_util::stream::iter(frames).then(|f| async move {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        Ok::<_, actix_web::Error>(Bytes::from(f))
-    });
-    HttpResponse::Ok()
-        .content_type("text/event-stream")
-        .streaming(stream)
-}
-
-async fn upstream() -> String {
-    let srv =
-        HttpServer::new(|| App::new().route("/v1/chat/completions", web::post().to(upstream_chat)))
-            .workers(1)
-            .bind(("127.0.0.1", 0))
-            .unwrap();
-    let addr = srv.addrs()[0];
-    actix_web::rt::spawn(srv.run());
-    format!("http://{addr}/v1")
-}
-
 #[actix_web::test]
 async fn an_openai_sdk_works_against_muse_and_every_call_is_recorded() {
-    let up = upstream().await;
+    let up = crate::upstream::upstream().await;
     let app = TestApp::spawn_with(&[
-        ("OPENAI_COMPATIBLE_BASE_URL", &up),
+        ("OPENAI_COMPATIBLE_BASE_URL", &up.url),
         ("OPENAI_COMPATIBLE_NAME", "upstream"),
         ("OPENAI_COMPATIBLE_MODELS", "ok,broken"),
         ("LLM_MAX_RETRIES", "0"),
@@ -324,9 +268,9 @@ async fn an_openai_sdk_works_against_muse_and_every_call_is_recorded() {
 
 #[actix_web::test]
 async fn bad_openai_requests_are_4xx_in_the_error_shape() {
-    let up = upstream().await;
+    let up = crate::upstream::upstream().await;
     let app = TestApp::spawn_with(&[
-        ("OPENAI_COMPATIBLE_BASE_URL", &up),
+        ("OPENAI_COMPATIBLE_BASE_URL", &up.url),
         ("OPENAI_COMPATIBLE_MODELS", "ok"),
     ])
     .await;

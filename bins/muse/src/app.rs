@@ -66,8 +66,12 @@ pub fn build_state(config: Config, db: Database) -> Result<AppState, StartError>
         auth_config,
     );
     let (models, local_unavailable) = crate::inference::build_registry(&config.llm)?;
+    let library_repo = Arc::new(muse_persistence::DieselLibraryRepository::new(db.clone()));
     Ok(AppState {
         executions: Arc::new(muse_persistence::DieselExecutionRepository::new(db.clone())),
+        library: muse_prompts::Library::new(library_repo.clone(), Arc::new(SystemClock)),
+        ideas: library_repo,
+        hub: crate::ws::Hub::default(),
         models: Arc::new(models),
         local_unavailable,
         config: Arc::new(config),
@@ -128,6 +132,8 @@ pub fn build_app(
         .configure(routes::ai::config)
         .configure(routes::openai::config)
         .configure(routes::executions::config)
+        .configure(routes::library::config)
+        .configure(crate::ws::config)
         .configure(routes::pages::config)
         .configure(openapi::config)
         .default_service(web::to(error::not_found))

@@ -66,6 +66,9 @@ pub struct Config {
     pub admin_username: String,
     pub admin_password: Option<Secret<String>>,
     pub max_body_bytes: usize,
+    /// `WS_IDLE_TIMEOUT_SECS`: a WebSocket that sends nothing (not even a
+    /// pong) for this long is closed.
+    pub ws_idle_timeout_secs: u64,
     pub trust_proxy_headers: bool,
     pub login_max_failures_per_account: u32,
     pub login_max_failures_per_ip: u32,
@@ -112,6 +115,9 @@ pub struct LlmConfig {
     pub hf_endpoint: String,
     pub hf_token: Option<Secret<String>>,
     pub hf_offline: bool,
+    /// `DEFAULT_MODEL`: the registry key ideas use when a request names no
+    /// model (else the first model of `GET /api/v1/ai/models`).
+    pub default_model: Option<String>,
 }
 
 /// Secrets that ship in tutorials and must never protect a real server.
@@ -252,6 +258,7 @@ impl Config {
             admin_username: get("ADMIN_USERNAME").unwrap_or_else(|| "admin".into()),
             admin_password: get("ADMIN_PASSWORD").map(Secret::new),
             max_body_bytes: parse(&get, "MAX_BODY_BYTES", 1024 * 1024)?,
+            ws_idle_timeout_secs: parse(&get, "WS_IDLE_TIMEOUT_SECS", 60)?,
             trust_proxy_headers: parse_bool(&get, "TRUST_PROXY_HEADERS", false)?,
             login_max_failures_per_account: parse(&get, "LOGIN_MAX_FAILURES_PER_ACCOUNT", 5)?,
             login_max_failures_per_ip: parse(&get, "LOGIN_MAX_FAILURES_PER_IP", 20)?,
@@ -461,6 +468,7 @@ fn llm_config(
             .unwrap_or_else(|| "https://huggingface.co".into()),
         hf_token: get("HF_TOKEN").map(Secret::new),
         hf_offline: parse_bool(get, "HF_HUB_OFFLINE", false)?,
+        default_model: get("DEFAULT_MODEL"),
     })
 }
 

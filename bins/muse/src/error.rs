@@ -207,6 +207,37 @@ impl From<muse_inference::InferenceError> for ApiError {
     }
 }
 
+/// The table for the prompt library.
+impl From<muse_prompts::LibraryError> for ApiError {
+    fn from(e: muse_prompts::LibraryError) -> Self {
+        use muse_prompts::LibraryError as E;
+        use StatusCode as S;
+        let msg = e.to_string();
+        match e {
+            E::NotFound(_) => ApiError::new(S::NOT_FOUND, "not_found", msg),
+            E::Forbidden(_) => ApiError::new(S::FORBIDDEN, "forbidden", msg),
+            E::Invalid(fields) => ApiError::new(
+                S::UNPROCESSABLE_ENTITY,
+                "validation_failed",
+                "some fields are invalid",
+            )
+            .with_details(json!({ "fields": fields })),
+            E::Conflict(_) => ApiError::new(S::CONFLICT, "conflict", msg),
+            E::Unavailable(m) => ApiError::unavailable("library store", m),
+            E::Other(m) => ApiError::internal("library store", m),
+        }
+    }
+}
+
+impl From<muse_prompts::IdeaStoreError> for ApiError {
+    fn from(e: muse_prompts::IdeaStoreError) -> Self {
+        match e {
+            muse_prompts::IdeaStoreError::Unavailable(m) => ApiError::unavailable("ideas store", m),
+            muse_prompts::IdeaStoreError::Other(m) => ApiError::internal("ideas store", m),
+        }
+    }
+}
+
 impl From<actix_web::error::BlockingError> for ApiError {
     fn from(e: actix_web::error::BlockingError) -> Self {
         ApiError::internal("blocking task failed", e)

@@ -116,3 +116,24 @@ impl FromRequest for ClientContext {
         std::future::ready(Ok(ClientContext(request_context(req, trust))))
     }
 }
+
+/// The caller of a stream request: by `?ticket=` (a single-use stream
+/// ticket, for browsers) when one is given, else by the `Authorization`
+/// header.
+pub async fn user_or_ticket(
+    req: &HttpRequest,
+    ticket: Option<String>,
+) -> Result<Principal, ApiError> {
+    match ticket {
+        Some(ticket) => {
+            let auth = state(req)?.auth.clone();
+            Ok(web::block(move || auth.redeem_stream_ticket(&ticket)).await??)
+        }
+        None => {
+            let mut payload = Payload::None;
+            CurrentUser::from_request(req, &mut payload)
+                .await
+                .map(|u| u.0)
+        }
+    }
+}

@@ -12,9 +12,11 @@ pub mod inference;
 pub mod mail;
 pub mod openapi;
 pub mod routes;
+pub mod runs;
 pub mod server;
 pub mod state;
 pub mod telemetry;
+pub mod ws;
 
 pub use app::{build_app, build_state, StartError};
 pub use cli::{run, Cli};

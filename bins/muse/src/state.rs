@@ -7,7 +7,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use muse_auth::AuthService;
 use muse_inference::ModelRegistry;
 use muse_persistence::Database;
-use muse_prompts::ExecutionRepository;
+use muse_prompts::{ExecutionRepository, IdeaRepository, Library};
 
 use crate::config::Config;
 
@@ -18,6 +18,10 @@ pub struct AppState {
     pub auth: Arc<AuthService>,
     pub models: Arc<ModelRegistry>,
     pub executions: Arc<dyn ExecutionRepository>,
+    pub library: Library,
+    pub ideas: Arc<dyn IdeaRepository>,
+    /// Live WebSocket sessions, to push messages (training progress) to a user.
+    pub hub: crate::ws::Hub,
     /// Why local models are disabled (ONNX Runtime missing), if they are.
     pub local_unavailable: Option<String>,
     pub metrics: PrometheusHandle,

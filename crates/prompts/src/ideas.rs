@@ -18,7 +18,8 @@ pub const IDEAS_SUB_SPECIALTY_ID: Uuid = Uuid::from_u128(0x0193_0000_0000_7000_8
 /// The idea prompt for a free prompt (`{prompt}`, `{creativity}`).
 pub const FREE_IDEA_PROMPT_ID: Uuid = Uuid::from_u128(0x0193_0000_0000_7000_8000_0000_0000_0010);
 /// The idea prompt for a category and theme (`{category}`, `{theme}`, `{creativity}`).
-pub const CATEGORY_IDEA_PROMPT_ID: Uuid = Uuid::from_u128(0x0193_0000_0000_7000_8000_0000_0000_0011);
+pub const CATEGORY_IDEA_PROMPT_ID: Uuid =
+    Uuid::from_u128(0x0193_0000_0000_7000_8000_0000_0000_0011);
 
 /// Most ideas in one batch request.
 pub const MAX_BATCH: usize = 10;

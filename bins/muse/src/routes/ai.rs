@@ -1,5 +1,5 @@
-//! `/api/v1/ai`: the model registry. (Generation endpoints arrive with the
-//! prompts/ideas issue.)
+//! `/api/v1/ai`: the model registry; idea generation is in [`super::ideas`]
+//! (same scope).
 
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpResponse};
@@ -16,7 +16,8 @@ pub fn config(cfg: &mut web::ServiceConfig) {
         web::scope("/api/v1/ai")
             .service(web::resource("/models").get(list_models))
             .service(web::resource("/models/{model_key:.+}/load").post(load_model))
-            .service(web::resource("/models/{model_key:.+}/unload").post(unload_model)),
+            .service(web::resource("/models/{model_key:.+}/unload").post(unload_model))
+            .configure(super::ideas::config),
     );
 }
 

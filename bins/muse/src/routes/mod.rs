@@ -3,8 +3,11 @@
 pub mod ai;
 pub mod auth;
 pub mod executions;
+pub mod ideas;
+pub mod library;
 pub mod openai;
 pub mod pages;
+pub mod sse;
 pub mod system;
 
 use actix_web::web;

@@ -1,0 +1,342 @@
+//! One model call made for a user, whatever started it (the OpenAI API,
+//! a prompt execution, an idea, a WebSocket message): it is run on the
+//! registry and recorded as an execution exactly once — succeeded, failed,
+//! or cancelled when the caller goes away before the end (the [`Run`] is
+//! dropped, which also drops the upstream call or stops the local decode).
+//! The metrics `active_executions`, `prompt_executions_total` and
+//! `prompt_execution_duration_seconds` are kept here.
+
+use std::time::{Duration, Instant};
+
+use futures_util::{Stream, StreamExt};
+use muse_inference::{
+    CompletionStream, FinishReason, GenerateRequest, InferenceError, Message, Role, StreamEvent,
+    Usage,
+};
+use muse_prompts::{Execution, ExecutionSource, ExecutionStatus, Idea};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::state::AppState;
+
+/// A call about to run. Dropping it before it ends records a cancellation.
+pub struct Run {
+    state: AppState,
+    pub id: Uuid,
+    user_id: Uuid,
+    source: ExecutionSource,
+    pub key: String,
+    request: GenerateRequest,
+    prompt: Option<(Uuid, i32)>,
+    variables: Option<Value>,
+    rendered: String,
+    idea: Option<Idea>,
+    started: Instant,
+    text: String,
+    deltas: u32,
+    first: Option<Duration>,
+    finished: bool,
+}
+
+/// A call that succeeded (already recorded).
+#[derive(Debug, Clone)]
+pub struct Finished {
+    pub execution: Execution,
+    pub finish_reason: FinishReason,
+    /// The stored idea, for idea generations.
+    pub idea: Option<Idea>,
+}
+
+impl Finished {
+    /// The final message of a stream (SSE `done`, WebSocket `done`).
+    pub fn summary(&self) -> Value {
+        let e = &self.execution;
+        serde_json::json!({
+            "execution_id": e.id,
+            "idea_id": self.idea.as_ref().map(|i| i.id),
+            "prompt_id": e.prompt_id,
+            "prompt_version": e.prompt_version,
+            "llm_provider": e.provider,
+            "llm_model": e.model,
+            "usage": {"prompt_tokens": e.prompt_tokens, "completion_tokens": e.completion_tokens, "total_tokens": e.prompt_tokens + e.completion_tokens},
+            "cost": e.cost_usd,
+            "execution_time": e.duration_ms as f64 / 1000.0,
+            "time_to_first_token": e.ttft_ms.map(|t| t as f64 / 1000.0),
+            "finish_reason": match &self.finish_reason {
+                FinishReason::Stop => "stop",
+                FinishReason::Length => "length",
+                FinishReason::ContentFilter => "content_filter",
+                FinishReason::Other(_) => "other",
+            },
+        })
+    }
+}
+
+/// A call that failed (already recorded).
+#[derive(Debug)]
+pub struct Failed {
+    pub execution: Execution,
+    pub error: InferenceError,
+}
+
+/// What a streamed run yields: tokens, then exactly one `Done` or `Failed`.
+#[derive(Debug)]
+pub enum RunEvent {
+    Token(String),
+    Done(Box<Finished>),
+    Failed(Box<Failed>),
+}
+
+/// The messages as one text, for the record of chat calls (capped at 100 kB).
+pub fn transcript(messages: &[Message]) -> String {
+    let mut out = String::new();
+    for m in messages {
+        let role = match m.role {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        };
+        out.push_str(role);
+        out.push_str(": ");
+        out.push_str(&m.content);
+        out.push('\n');
+        if out.len() > 100_000 {
+            out.truncate(out.floor_char_boundary(100_000));
+            break;
+        }
+    }
+    out
+}
+
+impl Run {
+    pub fn new(
+        state: &AppState,
+        user_id: Uuid,
+        source: ExecutionSource,
+        key: &str,
+        request: GenerateRequest,
+    ) -> Self {
+        metrics::gauge!("active_executions").increment(1.0);
+        let rendered = transcript(&request.messages);
+        Self {
+            state: state.clone(),
+            id: Uuid::now_v7(),
+            user_id,
+            source,
+            key: key.to_string(),
+            request,
+            prompt: None,
+            variables: None,
+            rendered,
+            idea: None,
+            started: Instant::now(),
+            text: String::new(),
+            deltas: 0,
+            first: None,
+            finished: false,
+        }
+    }
+
+    /// Records the prompt, its version and the variables used.
+    pub fn with_prompt(mut self, prompt_id: Uuid, version: i32, variables: Value) -> Self {
+        self.prompt = Some((prompt_id, version));
+        self.variables = Some(variables);
+        self
+    }
+
+    /// Stores `idea` (its `content` set to the output) when the call succeeds.
+    pub fn with_idea(mut self, idea: Idea) -> Self {
+        self.idea = Some(idea);
+        self
+    }
+
+    fn provider_model(&self) -> (String, String) {
+        match self.key.split_once('/') {
+            Some((p, m)) => (p.to_string(), m.to_string()),
+            None => ("unknown".to_string(), self.key.clone()),
+        }
+    }
+
+    /// Builds the execution, counts it in the metrics, and writes it (and
+    /// the idea, on success) on the blocking pool. The returned handle says
+    /// when the rows are written; a write failure is logged.
+    fn record(
+        &mut self,
+        status: ExecutionStatus,
+        usage: Usage,
+        cost: Option<f64>,
+        error: Option<String>,
+    ) -> (Execution, Option<Idea>, Option<tokio::task::JoinHandle<()>>) {
+        self.finished = true;
+        metrics::gauge!("active_executions").decrement(1.0);
+        let (provider, model) = self.provider_model();
+        let elapsed = self.started.elapsed();
+        let source = self.source.as_str();
+        metrics::counter!("prompt_executions_total", "source" => source, "provider" => provider.clone(), "model" => model.clone(), "status" => status.as_str())
+            .increment(1);
+        metrics::histogram!("prompt_execution_duration_seconds", "source" => source, "provider" => provider.clone(), "model" => model.clone())
+            .record(elapsed.as_secs_f64());
+        let execution = Execution {
+            id: self.id,
+            user_id: self.user_id,
+            source: self.source,
+            prompt_id: self.prompt.map(|p| p.0),
+            prompt_version: self.prompt.map(|p| p.1),
+            provider: provider.clone(),
+            model: model.clone(),
+            variables: self.variables.take(),
+            rendered_prompt: Some(std::mem::take(&mut self.rendered)),
+            output: Some(std::mem::take(&mut self.text)),
+            prompt_tokens: usage.prompt_tokens,
+            completion_tokens: usage.completion_tokens,
+            cost_usd: cost,
+            duration_ms: i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX),
+            ttft_ms: self
+                .first
+                .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
+            status,
+            error,
+            created_at: muse_core::Clock::now_ms(&muse_core::SystemClock),
+        };
+        let idea = self
+            .idea
+            .take()
+            .filter(|_| status == ExecutionStatus::Succeeded)
+            .map(|mut idea| {
+                idea.execution_id = execution.id;
+                idea.provider = provider;
+                idea.model = model;
+                idea.content = execution.output.clone().unwrap_or_default();
+                idea.created_at = execution.created_at;
+                idea
+            });
+        let (executions, ideas) = (self.state.executions.clone(), self.state.ideas.clone());
+        let (e, i) = (execution.clone(), idea.clone());
+        let write = move || {
+            if let Err(err) = executions.record(&e) {
+                tracing::error!(error = %err, execution_id = %e.id, "could not record an execution");
+            }
+            if let Some(i) = i {
+                if let Err(err) = ideas.insert(&i) {
+                    tracing::error!(error = %err, idea_id = %i.id, "could not store an idea");
+                }
+            }
+        };
+        // Outside a runtime (a run dropped at shutdown) the write is done here.
+        let handle = match tokio::runtime::Handle::try_current() {
+            Ok(rt) => Some(rt.spawn_blocking(write)),
+            Err(_) => {
+                write();
+                None
+            }
+        };
+        (execution, idea, handle)
+    }
+
+    async fn succeed(mut self, usage: Usage, reason: FinishReason) -> Finished {
+        let cost = self.state.models.cost(&self.key, &usage);
+        let (execution, idea, written) = self.record(ExecutionStatus::Succeeded, usage, cost, None);
+        if let Some(w) = written {
+            let _ = w.await;
+        }
+        Finished {
+            execution,
+            finish_reason: reason,
+            idea,
+        }
+    }
+
+    async fn fail(mut self, error: InferenceError) -> Failed {
+        let status = if matches!(error, InferenceError::Cancelled) {
+            ExecutionStatus::Cancelled
+        } else {
+            ExecutionStatus::Failed
+        };
+        let usage = Usage {
+            prompt_tokens: 0,
+            completion_tokens: self.deltas,
+        };
+        let (execution, _, written) = self.record(status, usage, None, Some(error.to_string()));
+        if let Some(w) = written {
+            let _ = w.await;
+        }
+        Failed { execution, error }
+    }
+
+    /// Records a call refused before it reached the model (invalid
+    /// variables, say) as a failed execution.
+    pub fn reject(mut self, error: &str) -> Execution {
+        self.record(
+            ExecutionStatus::Failed,
+            Usage::default(),
+            None,
+            Some(error.to_string()),
+        )
+        .0
+    }
+
+    /// Runs the whole call.
+    pub async fn complete(mut self) -> Result<Finished, Box<Failed>> {
+        let models = self.state.models.clone();
+        match models.complete(&self.key, &self.request).await {
+            Ok(priced) => {
+                let c = priced.completion;
+                self.text = c.text;
+                self.first = c.summary.timing.time_to_first_token;
+                Ok(self.succeed(c.summary.usage, c.summary.finish_reason).await)
+            }
+            Err(e) => Err(Box::new(self.fail(e).await)),
+        }
+    }
+
+    /// Opens the stream (errors before the first token are returned here,
+    /// recorded) and yields its events.
+    pub async fn stream(self) -> Result<impl Stream<Item = RunEvent> + Unpin, Box<Failed>> {
+        let models = self.state.models.clone();
+        let upstream: CompletionStream = match models.stream(&self.key, &self.request).await {
+            Ok(s) => s,
+            Err(e) => return Err(Box::new(self.fail(e).await)),
+        };
+        let events = futures_util::stream::unfold(Some((self, upstream)), |st| async move {
+            let (mut run, mut upstream) = st?;
+            match upstream.next().await {
+                Some(Ok(StreamEvent::Delta(text))) => {
+                    run.first.get_or_insert_with(|| run.started.elapsed());
+                    run.deltas = run.deltas.saturating_add(1);
+                    run.text.push_str(&text);
+                    Some((RunEvent::Token(text), Some((run, upstream))))
+                }
+                Some(Ok(StreamEvent::Done(summary))) => {
+                    let done = run.succeed(summary.usage, summary.finish_reason).await;
+                    Some((RunEvent::Done(Box::new(done)), None))
+                }
+                Some(Err(e)) => Some((RunEvent::Failed(Box::new(run.fail(e).await)), None)),
+                None => {
+                    let e =
+                        InferenceError::Protocol("the stream ended without a final event".into());
+                    Some((RunEvent::Failed(Box::new(run.fail(e).await)), None))
+                }
+            }
+        });
+        Ok(Box::pin(events))
+    }
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        if !self.finished {
+            // The caller went away first: the upstream call (or local decode)
+            // was dropped with it; the partial answer is kept.
+            let usage = Usage {
+                prompt_tokens: 0,
+                completion_tokens: self.deltas,
+            };
+            let _ = self.record(
+                ExecutionStatus::Cancelled,
+                usage,
+                None,
+                Some("cancelled before the end (client disconnected or asked to stop)".into()),
+            );
+        }
+    }
+}

@@ -1,0 +1,149 @@
+//! A local server speaking the OpenAI chat-completions protocol (JSON and
+//! SSE), the upstream of the end-to-end tests. Models:
+//! - `ok`: answers "Hello, world!" (12 prompt + 4 completion tokens);
+//! - `echo`: answers the last user message, one word per chunk;
+//! - `broken`: HTTP 500;
+//! - `slow`: 400 chunks "t0 t1 …" 10 ms apart (cancellation tests); the
+//!   number of chunks actually written is counted in `Upstream::sent`.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::web::{self, Bytes};
+use actix_web::{App, HttpResponse, HttpServer};
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+
+pub struct Upstream {
+    /// Base URL, ending in `/v1`.
+    pub url: String,
+    /// Chunks of `slow` streams written so far.
+    pub sent: Arc<AtomicUsize>,
+}
+
+fn chunk(model: &str, delta: Value, finish: Value, usage: Value) -> String {
+    let choices = if delta.is_null() {
+        json!([])
+    } else {
+        json!([{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null}])
+    };
+    format!(
+        "data: {}\n\n",
+        json!({"id": "up-1", "object": "chat.completion.chunk", "created": 1, "model": model, "choices": choices, "usage": usage})
+    )
+}
+
+async fn chat(body: web::Json<Value>, sent: web::Data<Arc<AtomicUsize>>) -> HttpResponse {
+    let model = body["model"].as_str().unwrap_or_default().to_string();
+    let last_user = body["messages"]
+        .as_array()
+        .and_then(|m| m.iter().rev().find(|m| m["role"] == "user"))
+        .and_then(|m| m["content"].as_str())
+        .unwrap_or_default()
+        .to_string();
+    let (pieces, delay): (Vec<String>, u64) = match model.as_str() {
+        "broken" => {
+            return HttpResponse::InternalServerError().json(json!({"error": {"message": "boom", "type": "server_error", "param": null, "code": null}}));
+        }
+        "echo" => (
+            last_user.split_inclusive(' ').map(str::to_string).collect(),
+            1,
+        ),
+        "slow" => ((0..400).map(|i| format!("t{i} ")).collect(), 10),
+        _ => (
+            ["Hel", "lo, ", "wor", "ld!"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            5,
+        ),
+    };
+    let completion_tokens = if model == "ok" { 4 } else { pieces.len() };
+    let usage = json!({"prompt_tokens": 12, "completion_tokens": completion_tokens, "total_tokens": 12 + completion_tokens});
+    if !body["stream"].as_bool().unwrap_or(false) {
+        return HttpResponse::Ok().json(json!({
+            "id": "up-1", "object": "chat.completion", "created": 1, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": pieces.concat()}, "finish_reason": "stop", "logprobs": null}],
+            "usage": usage
+        }));
+    }
+    let mut frames: Vec<String> = pieces
+        .iter()
+        .map(|d| chunk(&model, json!({"content": d}), Value::Null, Value::Null))
+        .collect();
+    frames.push(chunk(&model, json!({}), json!("stop"), Value::Null));
+    frames.push(chunk(&model, Value::Null, Value::Null, usage));
+    frames.push("data: [DONE]\n\n".into());
+    let counted = model == "slow";
+    let sent = sent.get_ref().clone();
+    let stream = futures_util::stream::iter(frames).then(move |f| {
+        let sent = sent.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+            if counted {
+                sent.fetch_add(1, Ordering::SeqCst);
+            }
+            Ok::<_, actix_web::Error>(Bytes::from(f))
+        }
+    });
+    HttpResponse::Ok()
+        .content_type("text/event-stream")
+        .streaming(stream)
+}
+
+pub async fn upstream() -> Upstream {
+    let sent = Arc::new(AtomicUsize::new(0));
+    let data = web::Data::new(sent.clone());
+    let srv = HttpServer::new(move || {
+        App::new()
+            .app_data(data.clone())
+            .route("/v1/chat/completions", web::post().to(chat))
+    })
+    .workers(1)
+    .bind(("127.0.0.1", 0))
+    .unwrap();
+    let addr = srv.addrs()[0];
+    actix_web::rt::spawn(srv.run());
+    Upstream {
+        url: format!("http://{addr}/v1"),
+        sent,
+    }
+}
+
+/// Muse started with the upstream above as the compatible server `up`
+/// (models `ok`, `echo`, `broken`, `slow`; no retries).
+pub async fn app_with_upstream(extra: &[(&str, &str)]) -> (crate::helpers::TestApp, Upstream) {
+    let up = upstream().await;
+    let mut vars: Vec<(&str, &str)> = vec![
+        ("OPENAI_COMPATIBLE_BASE_URL", &up.url),
+        ("OPENAI_COMPATIBLE_NAME", "up"),
+        ("OPENAI_COMPATIBLE_MODELS", "ok,echo,broken,slow"),
+        ("LLM_MAX_RETRIES", "0"),
+    ];
+    vars.extend_from_slice(extra);
+    let app = crate::helpers::TestApp::spawn_with(&vars).await;
+    (app, up)
+}
+
+/// Parses a complete SSE body into `(event, data)` pairs.
+pub fn sse_events(body: &str) -> Vec<(String, Value)> {
+    body.split("\n\n")
+        .filter(|b| !b.trim().is_empty())
+        .map(|block| {
+            let mut name = "message".to_string();
+            let mut data = String::new();
+            for line in block.lines() {
+                if let Some(n) = line.strip_prefix("event: ") {
+                    name = n.to_string();
+                } else if let Some(d) = line.strip_prefix("data: ") {
+                    data.push_str(d);
+                }
+            }
+            (
+                name,
+                serde_json::from_str(&data).unwrap_or(Value::String(data)),
+            )
+        })
+        .collect()
+}
