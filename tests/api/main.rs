@@ -17,3 +17,4 @@ mod openai_api;
 mod prompts;
 mod system;
 mod tokens;
+mod websocket;

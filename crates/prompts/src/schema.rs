@@ -91,9 +91,20 @@ impl VariablesSchema {
         let mut errors: Vec<VariableError> = self
             .validator
             .iter_errors(&filled)
-            .map(|e| VariableError {
-                path: e.instance_path().to_string(),
-                message: e.to_string(),
+            .map(|e| {
+                let mut path = e.instance_path().to_string();
+                // A missing property is reported where it belongs, not at its parent.
+                if let jsonschema::error::ValidationErrorKind::Required {
+                    property: Value::String(p),
+                } = e.kind()
+                {
+                    path.push('/');
+                    path.push_str(&p.replace('~', "~0").replace('/', "~1"));
+                }
+                VariableError {
+                    path,
+                    message: e.to_string(),
+                }
             })
             .collect();
         if errors.is_empty() {
@@ -186,6 +197,13 @@ mod tests {
                 "tags": [{"name": "a", "weight": 1}, {"name": "b", "weight": 2}]
             })
         );
+    }
+
+    #[test]
+    fn a_missing_required_property_is_reported_at_its_own_path() {
+        let errors = schema().validate(&json!({"audience": {}})).unwrap_err();
+        let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["/audience/level", "/topic"], "{errors:?}");
     }
 
     #[test]
