@@ -8,7 +8,8 @@ use utoipa_redoc::{Redoc, Servable};
 use utoipa_swagger_ui::SwaggerUi;
 
 use crate::error::{ErrorBody, ErrorDetail};
-use crate::routes::{ai, auth, executions, openai, system};
+use crate::routes::{ai, auth, executions, ideas, library, openai, system};
+use crate::ws;
 
 #[derive(OpenApi)]
 #[openapi(
@@ -26,6 +27,16 @@ use crate::routes::{ai, auth, executions, openai, system};
         ai::list_models, ai::load_model, ai::unload_model,
         openai::chat_completions, openai::list_models,
         executions::history, executions::get_execution,
+        library::list_specialties, library::create_specialty, library::get_specialty,
+        library::update_specialty, library::delete_specialty,
+        library::list_sub_specialties, library::create_sub_specialty, library::get_sub_specialty,
+        library::update_sub_specialty, library::delete_sub_specialty,
+        library::list_prompts, library::create_prompt, library::get_prompt, library::update_prompt,
+        library::delete_prompt, library::list_versions, library::get_version,
+        library::execute_prompt, library::execute_prompt_stream,
+        ideas::generate, ideas::generate_batch, ideas::stream_ticket, ideas::stream_generate,
+        ideas::history, ideas::get_idea, ideas::rate,
+        ws::handshake,
     ),
     components(schemas(ErrorBody, ErrorDetail)),
     modifiers(&Security),
@@ -34,6 +45,9 @@ use crate::routes::{ai, auth, executions, openai, system};
         (name = "auth", description = "Accounts, sessions, API keys, email verification and password reset"),
         (name = "ai", description = "Models and generation"),
         (name = "executions", description = "The caller's recorded model calls"),
+        (name = "library", description = "The prompt library: specialties, sub-specialties, versioned expert prompts, and their execution"),
+        (name = "ideas", description = "Idea generation (one, batch, streamed), history and ratings"),
+        (name = "websocket", description = "WebSocket protocol: docs/websocket.md"),
         (name = "openai", description = "OpenAI-compatible API: point an OpenAI SDK at /v1 with a Muse API key"),
     )
 )]

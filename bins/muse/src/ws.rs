@@ -118,7 +118,16 @@ fn valid_session_id(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
-/// Upgrades to a WebSocket once the caller is authenticated.
+/// Upgrades to a WebSocket once the caller is authenticated (header, or
+/// `?ticket=` for browsers). The JSON message protocol is in docs/websocket.md.
+#[utoipa::path(get, path = "/ws/{session_id}", tag = "websocket", security(("bearer" = [])),
+    params(("session_id" = String, Path, description = "a client-chosen name for the socket: 1-64 letters, digits, '-' or '_'"),
+        ("ticket" = Option<String>, Query, description = "a stream ticket (browsers)")),
+    responses(
+        (status = 101, description = "switching to the WebSocket protocol"),
+        (status = 400, description = "invalid_path_parameter, websocket_required", body = crate::error::ErrorBody),
+        (status = 401, body = crate::error::ErrorBody),
+    ))]
 pub async fn handshake(
     state: web::Data<AppState>,
     req: HttpRequest,
