@@ -316,3 +316,54 @@ async fn bad_openai_requests_are_4xx_in_the_error_shape() {
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
     assert!(r.headers.get("x-muse-execution-id").is_some());
 }
+
+/// The official `openai` Python package (installed in ./.venv by
+/// `just test`) against Muse, streaming and not.
+#[actix_web::test]
+async fn the_official_python_sdk_works_against_muse() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let python = root.join(".venv/bin/python");
+    let has_sdk = python.exists()
+        && std::process::Command::new(&python)
+            .args(["-c", "import openai"])
+            .status()
+            .is_ok_and(|s| s.success());
+    if !has_sdk {
+        assert!(
+            std::env::var("MUSE_REQUIRE_LOCAL_MODELS").as_deref() != Ok("1"),
+            "the openai Python package is required (just test installs it into .venv)"
+        );
+        return;
+    }
+    let (app, _up) = crate::upstream::app_with_upstream(&[]).await;
+    let token = access(&app.user("pysdk").await);
+    let key = app.post("/api/v1/auth/api-keys", Some(&token), json!({"name": "py"})).await.body["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let script = root.join("scripts/openai_sdk_check.py");
+    let base = format!("{}/v1", app.base);
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python)
+            .arg(script)
+            .args(["--base-url", &base, "--api-key", &key, "--model", "up/ok"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let seen: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert!(seen["models"].as_array().unwrap().iter().any(|m| m == "up/ok"), "{seen}");
+    assert_eq!(seen["whole"]["content"], "Hello, world!");
+    assert_eq!(seen["whole"]["total_tokens"], 16);
+    assert_eq!(seen["whole"]["finish_reason"], "stop");
+    assert_eq!(seen["stream"]["content"], "Hello, world!");
+    assert_eq!(seen["stream"]["chunks"], 4);
+    assert_eq!(seen["stream"]["total_tokens"], 16);
+    assert_eq!(seen["missing"]["status"], 404);
+    assert_eq!(seen["bad_key"]["status"], 401);
+    let h = app.get("/api/v1/executions/history?provider=up&status=succeeded", Some(&token)).await;
+    assert_eq!(h.body["total"], 2, "{}", h.text);
+}
