@@ -221,3 +221,89 @@ async fn local_models_are_listed_loaded_reported_and_unloaded() {
         json!([])
     );
 }
+
+/// A generated local ONNX model behind every generation path: an expert
+/// prompt executed whole, over SSE and over the WebSocket, recorded with a
+/// cost of 0 (local models are free).
+#[actix_web::test]
+async fn a_local_model_serves_prompt_executions_over_http_sse_and_websocket() {
+    let Some(cache) = test_models() else { return };
+    let app = TestApp::spawn_with(&[("MODEL_CACHE_DIR", &cache)]).await;
+    let token = access(&app.user("localuser").await);
+    let spec = app
+        .post(
+            "/api/v1/specialties",
+            Some(&token),
+            json!({"name": "Stories"}),
+        )
+        .await;
+    let sub = app
+        .post(
+            "/api/v1/sub-specialties",
+            Some(&token),
+            json!({"specialty_id": spec.body["id"], "name": "Openings"}),
+        )
+        .await;
+    let prompt = app
+        .post(
+            "/api/v1/expert-prompts",
+            Some(&token),
+            json!({"sub_specialty_id": sub.body["id"], "title": "Continue", "template": "{start}",
+                   "variables_schema": {"type": "object", "properties": {"start": {"type": "string", "default": "Once upon a time"}}}}),
+        )
+        .await;
+    let pid = prompt.body["id"].as_str().unwrap().to_string();
+    let body = json!({"variables": {}, "llm_provider": "local", "llm_model": "muse-test/tiny-gpt2", "max_tokens": 12, "temperature": 0});
+    let whole = app
+        .post(
+            &format!("/api/v1/execute-prompt/{pid}"),
+            Some(&token),
+            body.clone(),
+        )
+        .await;
+    assert_eq!(whole.status, StatusCode::OK, "{}", whole.text);
+    assert_eq!(whole.body["tokens_used"]["completion"], 12);
+    assert_eq!(whole.body["cost"], 0.0);
+    let text = whole.body["output"].as_str().unwrap().to_string();
+
+    let res = app
+        .client
+        .post(format!("{}/api/v1/execute-prompt/{pid}/stream", app.base))
+        .bearer_auth(&token)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let events = crate::upstream::sse_events(&res.text().await.unwrap());
+    let streamed: String = events
+        .iter()
+        .filter(|e| e.0 == "token")
+        .map(|e| e.1["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(streamed, text, "greedy: the same text streamed");
+    assert_eq!(events.last().unwrap().1["usage"]["completion_tokens"], 12);
+
+    let mut ws = crate::websocket::connect(&app, &token).await;
+    assert_eq!(crate::websocket::recv(&mut ws).await["type"], "ready");
+    let mut msg = body.clone();
+    msg["type"] = json!("execute");
+    msg["id"] = json!("local-1");
+    msg["prompt_id"] = json!(pid);
+    crate::websocket::send(&mut ws, msg).await;
+    let msgs = crate::websocket::until(&mut ws, "local-1", &["done", "error"]).await;
+    let done = msgs.last().unwrap();
+    assert_eq!(done["type"], "done", "{done}");
+    let over_ws: String = msgs
+        .iter()
+        .filter(|m| m["type"] == "token")
+        .map(|m| m["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(over_ws, text);
+    let h = app
+        .get(
+            "/api/v1/executions/history?provider=local&status=succeeded",
+            Some(&token),
+        )
+        .await;
+    assert_eq!(h.body["total"], 3, "{}", h.text);
+}

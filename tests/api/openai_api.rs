@@ -337,7 +337,10 @@ async fn the_official_python_sdk_works_against_muse() {
     }
     let (app, _up) = crate::upstream::app_with_upstream(&[]).await;
     let token = access(&app.user("pysdk").await);
-    let key = app.post("/api/v1/auth/api-keys", Some(&token), json!({"name": "py"})).await.body["key"]
+    let key = app
+        .post("/api/v1/auth/api-keys", Some(&token), json!({"name": "py"}))
+        .await
+        .body["key"]
         .as_str()
         .unwrap()
         .to_string();
@@ -353,9 +356,20 @@ async fn the_official_python_sdk_works_against_muse() {
     .await
     .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let seen: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
-    assert!(seen["models"].as_array().unwrap().iter().any(|m| m == "up/ok"), "{seen}");
+    assert!(
+        seen["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m == "up/ok"),
+        "{seen}"
+    );
     assert_eq!(seen["whole"]["content"], "Hello, world!");
     assert_eq!(seen["whole"]["total_tokens"], 16);
     assert_eq!(seen["whole"]["finish_reason"], "stop");
@@ -364,6 +378,11 @@ async fn the_official_python_sdk_works_against_muse() {
     assert_eq!(seen["stream"]["total_tokens"], 16);
     assert_eq!(seen["missing"]["status"], 404);
     assert_eq!(seen["bad_key"]["status"], 401);
-    let h = app.get("/api/v1/executions/history?provider=up&status=succeeded", Some(&token)).await;
+    let h = app
+        .get(
+            "/api/v1/executions/history?provider=up&status=succeeded",
+            Some(&token),
+        )
+        .await;
     assert_eq!(h.body["total"], 2, "{}", h.text);
 }

@@ -16,7 +16,7 @@ use crate::upstream::app_with_upstream;
 
 type Ws = actix_codec::Framed<awc::BoxedSocket, awc::ws::Codec>;
 
-async fn connect(app: &TestApp, token: &str) -> Ws {
+pub(crate) async fn connect(app: &TestApp, token: &str) -> Ws {
     let ticket = app
         .post("/api/v1/ai/stream/ticket", Some(token), json!({}))
         .await;
@@ -30,14 +30,14 @@ async fn connect(app: &TestApp, token: &str) -> Ws {
     ws
 }
 
-async fn send(ws: &mut Ws, msg: Value) {
+pub(crate) async fn send(ws: &mut Ws, msg: Value) {
     ws.send(Message::Text(msg.to_string().into()))
         .await
         .unwrap();
 }
 
 /// The next JSON message (pings are answered, other control frames skipped).
-async fn recv(ws: &mut Ws) -> Value {
+pub(crate) async fn recv(ws: &mut Ws) -> Value {
     loop {
         let frame = tokio::time::timeout(Duration::from_secs(10), ws.next())
             .await
@@ -56,7 +56,7 @@ async fn recv(ws: &mut Ws) -> Value {
 }
 
 /// Messages until one of `id` has a type in `until`.
-async fn until(ws: &mut Ws, id: &str, until: &[&str]) -> Vec<Value> {
+pub(crate) async fn until(ws: &mut Ws, id: &str, until: &[&str]) -> Vec<Value> {
     let mut seen = Vec::new();
     loop {
         let m = recv(ws).await;
