@@ -3,8 +3,11 @@
 //! - `ok`: answers "Hello, world!" (12 prompt + 4 completion tokens);
 //! - `echo`: answers the last user message, one word per chunk;
 //! - `broken`: HTTP 500;
-//! - `slow`: 400 chunks "t0 t1 …" 10 ms apart (cancellation tests); the
-//!   number of chunks actually written is counted in `Upstream::sent`.
+//! - `slow`: 400 chunks "t0 t1 …" 10 ms apart (cancellation tests);
+//! - `flood`: 50,000 chunks of 1 kB, as fast as they are read
+//!   (backpressure tests).
+//! The chunks of `slow` and `flood` actually written are counted in
+//! `Upstream::sent`.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -59,6 +62,22 @@ async fn chat(body: web::Json<Value>, sent: web::Data<Arc<AtomicUsize>>) -> Http
             5,
         ),
     };
+    if model == "flood" && body["stream"].as_bool().unwrap_or(false) {
+        let sent = sent.get_ref().clone();
+        let filler = "x".repeat(1000);
+        let stream = futures_util::stream::iter(0..50_000u32).map(move |i| {
+            sent.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, actix_web::Error>(Bytes::from(chunk(
+                "flood",
+                json!({"content": format!("{i}:{filler} ")}),
+                Value::Null,
+                Value::Null,
+            )))
+        });
+        return HttpResponse::Ok()
+            .content_type("text/event-stream")
+            .streaming(stream);
+    }
     let completion_tokens = if model == "ok" { 4 } else { pieces.len() };
     let usage = json!({"prompt_tokens": 12, "completion_tokens": completion_tokens, "total_tokens": 12 + completion_tokens});
     if !body["stream"].as_bool().unwrap_or(false) {
@@ -112,13 +131,13 @@ pub async fn upstream() -> Upstream {
 }
 
 /// Muse started with the upstream above as the compatible server `up`
-/// (models `ok`, `echo`, `broken`, `slow`; no retries).
+/// (models `ok`, `echo`, `broken`, `slow`, `flood`; no retries).
 pub async fn app_with_upstream(extra: &[(&str, &str)]) -> (crate::helpers::TestApp, Upstream) {
     let up = upstream().await;
     let mut vars: Vec<(&str, &str)> = vec![
         ("OPENAI_COMPATIBLE_BASE_URL", &up.url),
         ("OPENAI_COMPATIBLE_NAME", "up"),
-        ("OPENAI_COMPATIBLE_MODELS", "ok,echo,broken,slow"),
+        ("OPENAI_COMPATIBLE_MODELS", "ok,echo,broken,slow,flood"),
         ("LLM_MAX_RETRIES", "0"),
     ];
     vars.extend_from_slice(extra);

@@ -269,3 +269,56 @@ async fn an_idle_socket_is_closed() {
     let r = app.get("/ws/bad%20id", Some(&token)).await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
 }
+
+/// A client that stops reading slows its generation down: the server reads
+/// the upstream only as fast as the socket drains (bounded queues, no
+/// unbounded buffering).
+#[actix_web::test]
+async fn a_slow_reader_gets_backpressure_not_an_unbounded_buffer() {
+    let (app, up) = app_with_upstream(&[]).await;
+    let token = access(&app.user("slowreader").await);
+    let mut ws = connect(&app, &token).await;
+    assert_eq!(recv(&mut ws).await["type"], "ready");
+    send(
+        &mut ws,
+        json!({"type": "generate", "id": "f", "prompt": "x", "model": "up/flood"}),
+    )
+    .await;
+    // Read a few messages, then stop reading for a while.
+    let mut tokens = 0;
+    while tokens < 10 {
+        if recv(&mut ws).await["type"] == "token" {
+            tokens += 1;
+        }
+    }
+    // Wait until the upstream stops being read (the buffers are full).
+    let mut last = usize::MAX;
+    let mut later = up.sent.load(Ordering::SeqCst);
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        last = later;
+        later = up.sent.load(Ordering::SeqCst);
+        if later == last {
+            break;
+        }
+    }
+    // 50 MB were on offer; only what the kernel's socket buffers and the
+    // bounded queues (64 + 32 messages) hold was read from the upstream.
+    assert_eq!(
+        last, later,
+        "the upstream is still being read without a reader"
+    );
+    assert!(
+        later < 40_000,
+        "read {later} of 50000 chunks without a reader"
+    );
+    // Reading again resumes the stream.
+    let mut read = 0;
+    while up.sent.load(Ordering::SeqCst) == later {
+        recv(&mut ws).await;
+        read += 1;
+        assert!(read < 50_000, "the upstream never resumed");
+    }
+    send(&mut ws, json!({"type": "cancel", "id": "f"})).await;
+    until(&mut ws, "f", &["cancelled"]).await;
+}

@@ -18,7 +18,7 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use muse_core::Secret;
 
-use super::{check_model_name, drive, http_client, Step, StreamParser, Timeouts};
+use super::{check_model_name, drive, http_client, send, Step, StreamParser, Timeouts};
 use crate::error::InferenceError;
 use crate::types::*;
 
@@ -72,6 +72,12 @@ impl OpenAiConfig {
 
 pub struct OpenAiProvider {
     client: Client<ClientConfig>,
+    /// Streams are read with this client directly: async-openai's stream
+    /// reader forwards events through an unbounded channel from a spawned
+    /// task, which would read a whole answer into memory however slowly the
+    /// caller consumes it. Reading the body as the caller polls keeps
+    /// backpressure end to end.
+    http: reqwest::Client,
     config: OpenAiConfig,
 }
 
@@ -84,6 +90,7 @@ impl OpenAiProvider {
         // retries (retrying is `Retrying`'s job, with one policy for every
         // provider), and the `Retry-After` of a 429 is kept for it.
         let http = http_client(&config.timeouts)?;
+        let stream_http = http.clone();
         let transport = tower::service_fn(move |factory: HttpRequestFactory| {
             let http = http.clone();
             async move {
@@ -97,7 +104,11 @@ impl OpenAiProvider {
             }
         });
         let client = Client::with_config(client_config).with_http_service(transport);
-        Ok(Self { client, config })
+        Ok(Self {
+            client,
+            http: stream_http,
+            config,
+        })
     }
 
     // `seed` and `max_tokens` are deprecated by OpenAI but are what
@@ -150,33 +161,54 @@ impl OpenAiProvider {
     }
 }
 
+/// An error status of the OpenAI API → a typed error.
+fn map_status(
+    status: u16,
+    message: String,
+    code: &str,
+    retry_after: Option<std::time::Duration>,
+) -> InferenceError {
+    match status {
+        429 => InferenceError::RateLimited {
+            retry_after,
+            message,
+        },
+        401 | 403 => InferenceError::Auth(message),
+        404 => InferenceError::ModelNotFound(message),
+        400 | 413 | 422
+            if code == "context_length_exceeded" || message.contains("maximum context length") =>
+        {
+            InferenceError::ContextTooLong(message)
+        }
+        400 | 413 | 422 => InferenceError::BadRequest(message),
+        s => InferenceError::Upstream {
+            status: Some(s),
+            message,
+        },
+    }
+}
+
+/// An error response read by our own client (streams):
+/// `{"error": {"message", "code"}}`.
+fn map_http_error(status: u16, headers: &reqwest::header::HeaderMap, body: &str) -> InferenceError {
+    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+    let message = v["error"]["message"]
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("HTTP {status}"));
+    let code = v["error"]["code"].as_str().unwrap_or_default();
+    map_status(status, message, code, crate::error::retry_after(headers))
+}
+
 /// async-openai errors → typed errors. Call it inside a `RETRY_AFTER` scope.
 fn map_error(e: OpenAIError) -> InferenceError {
     match e {
-        OpenAIError::ApiError(api) => {
-            let status = api.status_code.as_u16();
-            let message = api.api_error.message.clone();
-            let code = api.api_error.code.clone().unwrap_or_default();
-            match status {
-                429 => InferenceError::RateLimited {
-                    retry_after: RETRY_AFTER.try_with(|cell| cell.get()).ok().flatten(),
-                    message,
-                },
-                401 | 403 => InferenceError::Auth(message),
-                404 => InferenceError::ModelNotFound(message),
-                400 | 413 | 422
-                    if code == "context_length_exceeded"
-                        || message.contains("maximum context length") =>
-                {
-                    InferenceError::ContextTooLong(message)
-                }
-                400 | 413 | 422 => InferenceError::BadRequest(message),
-                s => InferenceError::Upstream {
-                    status: Some(s),
-                    message,
-                },
-            }
-        }
+        OpenAIError::ApiError(api) => map_status(
+            api.status_code.as_u16(),
+            api.api_error.message.clone(),
+            api.api_error.code.as_deref().unwrap_or_default(),
+            RETRY_AFTER.try_with(|cell| cell.get()).ok().flatten(),
+        ),
         OpenAIError::Reqwest(e) => InferenceError::from_reqwest(&e),
         OpenAIError::JSONDeserialize(e, _) => {
             InferenceError::Protocol(format!("unreadable response: {e}"))
@@ -248,20 +280,28 @@ impl LlmProvider for OpenAiProvider {
     async fn stream(&self, request: &GenerateRequest) -> Result<CompletionStream, InferenceError> {
         let started = Instant::now();
         let req = self.request(request, true)?;
-        let call = async {
-            self.client
-                .chat()
-                .create_stream(req)
-                .await
-                .map_err(map_error)
-        };
-        let stream = tokio::time::timeout(
-            self.config.timeouts.first_token,
-            RETRY_AFTER.scope(Default::default(), call),
-        )
-        .await
-        .map_err(|_| InferenceError::Timeout)??;
-        let events = stream.map(|r| r.map_err(map_error)).boxed();
+        let builder = self
+            .http
+            .post(format!(
+                "{}/chat/completions",
+                self.config.base_url.trim_end_matches('/')
+            ))
+            .bearer_auth(self.config.api_key.expose())
+            .json(&req);
+        let response = send(builder, true, &self.config.timeouts, map_http_error).await?;
+        // Read as the caller polls; the stream ends at `data: [DONE]`.
+        let events = crate::sse::events(response)
+            .take_while(|e| {
+                let more = !matches!(e, Ok(ev) if ev.data.trim() == "[DONE]");
+                async move { more }
+            })
+            .filter(|e| {
+                let keep =
+                    !matches!(e, Ok(ev) if ev.data.trim().is_empty() || ev.event == "keepalive");
+                async move { keep }
+            })
+            .map(|e| e.and_then(|ev| parse_chunk(&ev.data)))
+            .boxed();
         let parser = Parser {
             model: request.model.clone(),
             usage: None,
@@ -269,6 +309,21 @@ impl LlmProvider for OpenAiProvider {
         };
         Ok(drive(events, parser, started, self.config.timeouts))
     }
+}
+
+/// One `chat.completion.chunk`, or the error object some servers send
+/// mid-stream.
+fn parse_chunk(data: &str) -> Result<CreateChatCompletionStreamResponse, InferenceError> {
+    serde_json::from_str(data).map_err(|e| {
+        let v: serde_json::Value = serde_json::from_str(data).unwrap_or_default();
+        match v["error"]["message"].as_str() {
+            Some(message) => InferenceError::Upstream {
+                status: None,
+                message: message.to_string(),
+            },
+            None => InferenceError::Protocol(format!("unreadable stream chunk: {e}")),
+        }
+    })
 }
 
 struct Parser {
@@ -302,7 +357,7 @@ impl StreamParser for Parser {
         Ok(Step::Delta(text))
     }
 
-    /// async-openai ends the stream at `data: [DONE]`. Without a finish
+    /// The stream ends at `data: [DONE]`. Without a finish
     /// reason the stream was cut; without usage (servers that ignore
     /// `include_usage`) the usage is reported as zero.
     fn end(&mut self) -> Result<Step, InferenceError> {
