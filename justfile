@@ -28,11 +28,12 @@ lint:
     cargo fmt --all --check
     cargo clippy --workspace --all-targets -- -D warnings
 
-# Release build, then wrk from a second process: /health, /auth/me (SQLite and PostgreSQL), /auth/login
+# Release build, then: wrk on /health, /auth/me (SQLite and PostgreSQL), /auth/login; provider and gateway overhead; SSE/WebSocket relay cost; local decode
 bench:
     ./scripts/ensure-system-deps.sh
     cargo build --release -p muse-server --bin muse
     cargo build --release -p muse-inference --example provider_overhead --example local_decode
+    cargo build --release -p muse-tests --example gateway_bench
     python3 scripts/bench.py
 
 # Rewrite docs/openapi.json from the handlers (review the diff)

@@ -7,6 +7,9 @@ drives it with wrk from a second process:
   * GET  /api/v1/auth/me with a JWT   (SQLite, and PostgreSQL when
     BENCH_DATABASE_URL or TEST_DATABASE_URL names a server and psql exists)
   * POST /api/v1/auth/login           (bcrypt cost 12, the default)
+then the provider layer (examples/provider_overhead), the gateway overhead
+of /v1/chat/completions, execute-prompt, SSE and WebSocket relays
+(tests/examples/gateway_bench.rs), and the local decode loop.
 Every run is bounded (DURATION seconds). Results: a Markdown table on
 stdout and in target/bench/results.md.
 """
@@ -203,6 +206,12 @@ def main():
         [os.path.join(ROOT, "target", "release", "examples", "provider_overhead"), os.environ.get("BENCH_RATE", "500"), str(DURATION)],
         check=True, capture_output=True, text=True).stdout
     lines += ["", "Provider layer over a direct HTTP call (local OpenAI-protocol server, fixed rate, open loop):", "", overhead.strip()]
+    gateway = subprocess.run(
+        [os.path.join(ROOT, "target", "release", "examples", "gateway_bench"), BIN, str(DURATION),
+         *os.environ.get("BENCH_GATEWAY_RATES", "500 2000").split()],
+        check=True, capture_output=True, text=True).stdout
+    lines += ["", "Gateway overhead: Muse (release binary, SQLite, every call authenticated by API key and recorded) "
+              "in front of a local OpenAI-protocol server that answers at once, fixed rate, open loop:", "", gateway.strip()]
     lines += ["", *local_decode()]
     table = "\n".join(lines)
     print(table)

@@ -43,6 +43,9 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Running, Sta
     let addr = listener.local_addr()?;
     let server = HttpServer::new(move || build_app(state.clone()))
         .workers(workers)
+        // Streamed tokens (SSE, WebSocket) are small writes: send each at
+        // once instead of waiting for the previous one to be acknowledged.
+        .tcp_nodelay(true)
         .shutdown_timeout(30)
         .listen(listener)?
         .run();
