@@ -136,7 +136,7 @@ async fn start_muse(bin: &str, upstream: &str) -> Muse {
         .unwrap()
         .port();
     let log = std::fs::File::create(dir.path().join("muse.log")).unwrap();
-    let child = std::process::Command::new(bin)
+    let mut child = std::process::Command::new(bin)
         .arg("serve")
         .env("HOST", "127.0.0.1")
         .env("PORT", port.to_string())
@@ -169,6 +169,8 @@ async fn start_muse(bin: &str, upstream: &str) -> Muse {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let _ = child.kill();
+    let _ = child.wait();
     panic!(
         "muse did not start; see {}",
         dir.path().join("muse.log").display()
