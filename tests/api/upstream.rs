@@ -6,6 +6,7 @@
 //! - `slow`: 400 chunks "t0 t1 …" 10 ms apart (cancellation tests);
 //! - `flood`: 50,000 chunks of 1 kB, as fast as they are read
 //!   (backpressure tests).
+//!
 //! The chunks of `slow` and `flood` actually written are counted in
 //! `Upstream::sent`.
 
