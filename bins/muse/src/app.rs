@@ -71,6 +71,7 @@ pub fn build_state(config: Config, db: Database) -> Result<AppState, StartError>
         executions: Arc::new(muse_persistence::DieselExecutionRepository::new(db.clone())),
         library: muse_prompts::Library::new(library_repo.clone(), Arc::new(SystemClock)),
         ideas: library_repo,
+        specs: Arc::default(),
         hub: crate::ws::Hub::default(),
         models: Arc::new(models),
         local_unavailable,

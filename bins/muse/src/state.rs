@@ -19,6 +19,8 @@ pub struct AppState {
     pub models: Arc<ModelRegistry>,
     pub executions: Arc<dyn ExecutionRepository>,
     pub library: Library,
+    /// Compiled schemas of prompt versions (immutable, so never stale).
+    pub specs: Arc<muse_prompts::SpecCache>,
     pub ideas: Arc<dyn IdeaRepository>,
     /// Live WebSocket sessions, to push messages (training progress) to a user.
     pub hub: crate::ws::Hub,

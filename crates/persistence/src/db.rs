@@ -138,6 +138,12 @@ impl r2d2::ManageConnection for Manager {
 pub struct Database {
     pool: r2d2::Pool<Manager>,
     backend: Backend,
+    /// SQLite has one writer at a time; writers that collide wait in its
+    /// busy handler, which sleeps in steps of up to 100 ms while holding a
+    /// pooled connection. Frequent writes (executions, ideas) go through
+    /// this one dedicated connection instead, queueing on its lock without
+    /// holding a pooled connection (PostgreSQL does not need it).
+    writer: std::sync::Arc<std::sync::Mutex<Option<DbConnection>>>,
 }
 
 impl std::fmt::Debug for Database {
@@ -163,7 +169,11 @@ impl Database {
                 backend: backend.clone(),
             })
             .map_err(|e| DbError::Connect(format!("{:?}: {e}", backend)))?;
-        Ok(Self { pool, backend })
+        Ok(Self {
+            pool,
+            backend,
+            writer: Default::default(),
+        })
     }
 
     /// A pool that does not connect until first used (for tests of an
@@ -177,7 +187,11 @@ impl Database {
             .build_unchecked(Manager {
                 backend: backend.clone(),
             });
-        Ok(Self { pool, backend })
+        Ok(Self {
+            pool,
+            backend,
+            writer: Default::default(),
+        })
     }
 
     pub fn backend(&self) -> &Backend {
@@ -188,6 +202,36 @@ impl Database {
         self.pool
             .get()
             .map_err(|e| DbError::Unavailable(e.to_string()))
+    }
+
+    /// Runs a frequent write: on SQLite through the one writer connection
+    /// (see `writer`), on PostgreSQL on a pooled connection. The writer
+    /// connection is reopened after a failed write.
+    pub fn write<T, E>(
+        &self,
+        f: impl FnOnce(&mut DbConnection) -> Result<T, E>,
+    ) -> Result<Result<T, E>, DbError> {
+        if let Backend::Postgres(_) = self.backend {
+            let mut conn = self.get()?;
+            return Ok(f(&mut conn));
+        }
+        let mut writer = self
+            .writer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let conn = match writer.as_mut() {
+            Some(conn) => conn,
+            None => writer.insert(
+                self.backend
+                    .connect()
+                    .map_err(|e| DbError::Unavailable(e.to_string()))?,
+            ),
+        };
+        let result = f(conn);
+        if result.is_err() {
+            *writer = None;
+        }
+        Ok(result)
     }
 
     /// Applies the embedded migrations of this backend; returns how many ran.

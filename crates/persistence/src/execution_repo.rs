@@ -105,13 +105,14 @@ impl Row {
 
 impl ExecutionRepository for DieselExecutionRepository {
     fn record(&self, execution: &Execution) -> Result<(), ExecutionStoreError> {
-        let mut conn = self
-            .db
-            .get()
-            .map_err(|e| ExecutionStoreError::Unavailable(e.to_string()))?;
-        diesel::insert_into(executions::table)
-            .values(Row::from_domain(execution))
-            .execute(&mut *conn)
+        let row = Row::from_domain(execution);
+        self.db
+            .write(|conn| {
+                diesel::insert_into(executions::table)
+                    .values(row)
+                    .execute(conn)
+            })
+            .map_err(|e| ExecutionStoreError::Unavailable(e.to_string()))?
             .map(|_| ())
             .map_err(other)
     }

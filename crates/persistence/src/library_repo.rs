@@ -619,10 +619,10 @@ impl DieselLibraryRepository {
 
 impl IdeaRepository for DieselLibraryRepository {
     fn insert(&self, idea: &Idea) -> Result<(), IdeaStoreError> {
-        let mut conn = self.conn().map_err(idea_err)?;
-        diesel::insert_into(ideas::table)
-            .values(IdeaRow::from_domain(idea))
-            .execute(&mut *conn)
+        let row = IdeaRow::from_domain(idea);
+        self.db
+            .write(|conn| diesel::insert_into(ideas::table).values(row).execute(conn))
+            .map_err(|e| IdeaStoreError::Unavailable(e.to_string()))?
             .map(|_| ())
             .map_err(|e| idea_err(map_err(e)))
     }

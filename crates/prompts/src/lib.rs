@@ -60,6 +60,47 @@ pub enum SpecError {
     Undeclared(Vec<String>),
 }
 
+/// Compiled specs of stored prompt versions. Versions never change once
+/// written, so an entry never goes stale; the cache is bounded (it is
+/// emptied when full). Compiling a JSON Schema costs far more than
+/// validating against it.
+#[derive(Debug, Default)]
+pub struct SpecCache {
+    map: std::sync::Mutex<std::collections::HashMap<(uuid::Uuid, i32), std::sync::Arc<PromptSpec>>>,
+}
+
+/// Entries kept before [`SpecCache`] starts over.
+pub const SPEC_CACHE_CAPACITY: usize = 4096;
+
+impl SpecCache {
+    /// The compiled spec of `(prompt_id, version)`, compiling `template`
+    /// and `schema` on a miss.
+    pub fn get_or_compile(
+        &self,
+        prompt_id: uuid::Uuid,
+        version: i32,
+        template: &str,
+        schema: &Value,
+    ) -> Result<std::sync::Arc<PromptSpec>, SpecError> {
+        if let Some(spec) = self
+            .map
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&(prompt_id, version)).cloned())
+        {
+            return Ok(spec);
+        }
+        let spec = std::sync::Arc::new(PromptSpec::new(template, schema.clone())?);
+        if let Ok(mut m) = self.map.lock() {
+            if m.len() >= SPEC_CACHE_CAPACITY {
+                m.clear();
+            }
+            m.insert((prompt_id, version), spec.clone());
+        }
+        Ok(spec)
+    }
+}
+
 /// A rendered prompt and the variables it used (defaults filled in).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rendered {

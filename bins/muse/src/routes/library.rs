@@ -10,7 +10,7 @@ use muse_core::PageRequest;
 use muse_inference::{GenerateRequest, Message};
 use muse_prompts::{
     ExecutionSource, ExpertPrompt, ListFilter, ParentFilter, PromptContent, PromptInput,
-    PromptSpec, PromptVersion, RenderError, Specialty, SpecialtyInput, Viewer,
+    PromptVersion, RenderError, Specialty, SpecialtyInput, Viewer,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -770,7 +770,14 @@ pub fn prompt_run(
     principal: &Principal,
     call: PromptCall,
 ) -> Result<Run, ApiError> {
-    let spec = PromptSpec::new(&call.content.template, call.content.variables_schema)
+    let spec = state
+        .specs
+        .get_or_compile(
+            call.prompt_id,
+            call.version,
+            &call.content.template,
+            &call.content.variables_schema,
+        )
         .map_err(|e| ApiError::internal("a stored prompt no longer compiles", e))?;
     let mut messages = Vec::new();
     if let Some(system) = call.system.filter(|s| !s.trim().is_empty()) {
