@@ -14,6 +14,7 @@ mod auth_repo;
 mod db;
 mod execution_repo;
 mod library_repo;
+mod redis_limits;
 pub mod schema;
 pub mod testing;
 
@@ -21,3 +22,4 @@ pub use auth_repo::DieselAuthRepository;
 pub use db::{Backend, Database, DbConnection, DbError, PooledConn};
 pub use execution_repo::DieselExecutionRepository;
 pub use library_repo::DieselLibraryRepository;
+pub use redis_limits::RedisRateLimitStore;

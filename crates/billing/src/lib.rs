@@ -1,0 +1,13 @@
+//! Usage limits: rate limiting now; plans, subscriptions and quotas are the
+//! rest of the billing issue and not here yet.
+//!
+//! [`ratelimit`] implements GCRA (the generic cell rate algorithm) over a
+//! [`RateLimitStore`]: [`MemoryStore`] for one process, a Redis store in
+//! `muse-persistence` to share limits across replicas.
+
+pub mod ratelimit;
+
+pub use ratelimit::{
+    gcra, Decision, LimitError, MemoryStore, Quota, RateLimitStore, RateLimiter, Refusal,
+    RouteClass, Subject,
+};
