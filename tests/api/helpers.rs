@@ -67,6 +67,8 @@ impl TestApp {
             ("BCRYPT_COST", "4"),
             ("WORKERS", "1"),
             ("DATABASE_POOL_SIZE", "4"),
+            // Off unless a test turns it on (tests/api/rate_limits.rs).
+            ("RATE_LIMIT_ENABLED", "false"),
         ]
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))

@@ -15,6 +15,7 @@ mod ideas;
 mod models;
 mod openai_api;
 mod prompts;
+mod rate_limits;
 mod system;
 mod tokens;
 mod websocket;

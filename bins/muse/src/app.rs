@@ -67,6 +67,12 @@ pub fn build_state(config: Config, db: Database) -> Result<AppState, StartError>
     );
     let (models, local_unavailable) = crate::inference::build_registry(&config.llm)?;
     let library_repo = Arc::new(muse_persistence::DieselLibraryRepository::new(db.clone()));
+    let limiter = crate::limits::build(&config.rate_limits).map_err(|e| {
+        StartError::Config(crate::config::ConfigError::Invalid {
+            var: "REDIS_URL",
+            message: e.to_string(),
+        })
+    })?;
     Ok(AppState {
         executions: Arc::new(muse_persistence::DieselExecutionRepository::new(db.clone())),
         library: muse_prompts::Library::new(library_repo.clone(), Arc::new(SystemClock)),
@@ -79,6 +85,7 @@ pub fn build_state(config: Config, db: Database) -> Result<AppState, StartError>
         db,
         auth: Arc::new(auth),
         metrics: telemetry::metrics_handle(),
+        limiter,
         started: Instant::now(),
         mail_transport,
     })
@@ -125,6 +132,7 @@ pub fn build_app(
         .app_data(web::PayloadConfig::default().limit(limit))
         .app_data(web::PathConfig::default().error_handler(error::path_error))
         .app_data(web::QueryConfig::default().error_handler(error::query_error))
+        .wrap(from_fn(crate::limits::per_ip))
         .wrap(cors)
         .wrap(from_fn(error::json_errors))
         .wrap(from_fn(telemetry::observe))
@@ -134,6 +142,7 @@ pub fn build_app(
         .configure(routes::openai::config)
         .configure(routes::executions::config)
         .configure(routes::library::config)
+        .configure(routes::admin::config)
         .configure(crate::ws::config)
         .configure(routes::pages::config)
         .configure(openapi::config)

@@ -74,6 +74,73 @@ pub struct Config {
     pub login_max_failures_per_ip: u32,
     pub login_failure_window_secs: i64,
     pub llm: LlmConfig,
+    pub rate_limits: RateLimitConfig,
+}
+
+/// `RATE_LIMIT_*` and `REDIS_URL`: see docs/rate-limits.md.
+#[derive(Debug, Clone)]
+pub struct RateLimitConfig {
+    /// `RATE_LIMIT_ENABLED` (default true).
+    pub enabled: bool,
+    /// `REDIS_URL`: share the limits across replicas; in memory without it.
+    pub redis_url: Option<Secret<String>>,
+    /// `RATE_LIMIT_FAILURE=open|closed` (default open): what to do when
+    /// Redis does not answer.
+    pub fail_open: bool,
+    /// `RATE_LIMIT_<CLASS>_PER_IP`.
+    pub per_ip: std::collections::HashMap<muse_billing::RouteClass, muse_billing::Quota>,
+    /// `RATE_LIMIT_<CLASS>_PER_USER`.
+    pub per_user: std::collections::HashMap<muse_billing::RouteClass, muse_billing::Quota>,
+}
+
+fn rate_limit_config(
+    get: &impl Fn(&str) -> Option<String>,
+) -> Result<RateLimitConfig, ConfigError> {
+    use muse_billing::{Quota, RouteClass};
+    let defaults = |class: RouteClass| match class {
+        RouteClass::Auth => ("30/min", "off"),
+        RouteClass::Generation => ("300/min", "60/min"),
+        RouteClass::Reads => ("1200/min", "600/min"),
+        RouteClass::Writes => ("600/min", "240/min"),
+    };
+    let mut per_ip = std::collections::HashMap::new();
+    let mut per_user = std::collections::HashMap::new();
+    for class in RouteClass::ALL {
+        let (ip_default, user_default) = defaults(class);
+        for (scope, default, map) in [
+            ("IP", ip_default, &mut per_ip),
+            ("USER", user_default, &mut per_user),
+        ] {
+            let var = format!("RATE_LIMIT_{}_PER_{scope}", class.as_str().to_uppercase());
+            let value = get(&var).unwrap_or_else(|| default.to_string());
+            let quota = Quota::parse(&value).map_err(|message| ConfigError::Invalid {
+                var: Box::leak(var.clone().into_boxed_str()),
+                message,
+            })?;
+            if let Some(q) = quota {
+                map.insert(class, q);
+            }
+        }
+    }
+    let fail_open = match get("RATE_LIMIT_FAILURE").as_deref().map(str::trim) {
+        None | Some("open") => true,
+        Some("closed") => false,
+        Some(other) => {
+            return Err(ConfigError::Invalid {
+                var: "RATE_LIMIT_FAILURE",
+                message: format!("open or closed, got {other:?}"),
+            })
+        }
+    };
+    Ok(RateLimitConfig {
+        enabled: parse_bool(get, "RATE_LIMIT_ENABLED", true)?,
+        redis_url: get("REDIS_URL")
+            .filter(|u| !u.trim().is_empty())
+            .map(Secret::new),
+        fail_open,
+        per_ip,
+        per_user,
+    })
 }
 
 /// One remote provider: key, base URL (operator-chosen only) and the
@@ -270,6 +337,7 @@ impl Config {
                 86_400,
             )?,
             llm: llm_config(&get, &data_dir)?,
+            rate_limits: rate_limit_config(&get)?,
             host,
             data_dir,
             database_url,

@@ -40,6 +40,8 @@ pub struct ApiError {
     pub message: String,
     pub details: Option<Value>,
     pub retry_after: Option<u64>,
+    /// Sent as `RateLimit-*` headers (429 from the rate limiter).
+    pub rate_limit: Option<Box<muse_billing::Decision>>,
 }
 
 impl std::fmt::Display for ApiError {
@@ -62,6 +64,7 @@ impl ApiError {
             message: message.into(),
             details: None,
             retry_after: None,
+            rate_limit: None,
         }
     }
 
@@ -126,6 +129,11 @@ impl ResponseError for ApiError {
         let mut res = HttpResponse::build(self.status);
         if let Some(secs) = self.retry_after {
             res.insert_header((header::RETRY_AFTER, secs.to_string()));
+        }
+        if let Some(d) = &self.rate_limit {
+            for h in crate::limits::headers(d) {
+                res.insert_header(h);
+            }
         }
         if self.status == StatusCode::UNAUTHORIZED {
             res.insert_header((header::WWW_AUTHENTICATE, "Bearer"));

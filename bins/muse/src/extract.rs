@@ -51,10 +51,12 @@ impl FromRequest for CurrentUser {
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
         let prepared = bearer(req).and_then(|t| Ok((t, state(req)?)));
+        let (method, path) = (req.method().clone(), req.path().to_string());
         Box::pin(async move {
             let (token, state) = prepared?;
             let auth = state.auth.clone();
             let principal = web::block(move || auth.authenticate(&token)).await??;
+            crate::limits::per_user(&state, &method, &path, principal.user.id).await?;
             Ok(CurrentUser(principal))
         })
     }
@@ -126,8 +128,11 @@ pub async fn user_or_ticket(
 ) -> Result<Principal, ApiError> {
     match ticket {
         Some(ticket) => {
-            let auth = state(req)?.auth.clone();
-            Ok(web::block(move || auth.redeem_stream_ticket(&ticket)).await??)
+            let state = state(req)?;
+            let auth = state.auth.clone();
+            let principal = web::block(move || auth.redeem_stream_ticket(&ticket)).await??;
+            crate::limits::per_user(&state, req.method(), req.path(), principal.user.id).await?;
+            Ok(principal)
         }
         None => {
             let mut payload = Payload::None;

@@ -9,6 +9,7 @@ pub mod config;
 pub mod error;
 pub mod extract;
 pub mod inference;
+pub mod limits;
 pub mod mail;
 pub mod openapi;
 pub mod routes;

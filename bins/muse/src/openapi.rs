@@ -8,7 +8,7 @@ use utoipa_redoc::{Redoc, Servable};
 use utoipa_swagger_ui::SwaggerUi;
 
 use crate::error::{ErrorBody, ErrorDetail};
-use crate::routes::{ai, auth, executions, ideas, library, openai, system};
+use crate::routes::{admin, ai, auth, executions, ideas, library, openai, system};
 use crate::ws;
 
 #[derive(OpenApi)]
@@ -37,6 +37,7 @@ use crate::ws;
         ideas::generate, ideas::generate_batch, ideas::stream_ticket, ideas::stream_generate,
         ideas::history, ideas::get_idea, ideas::rate,
         ws::handshake,
+        admin::rate_limit_stats, admin::unblock,
     ),
     components(schemas(ErrorBody, ErrorDetail)),
     modifiers(&Security),
@@ -48,6 +49,7 @@ use crate::ws;
         (name = "library", description = "The prompt library: specialties, sub-specialties, versioned expert prompts, and their execution"),
         (name = "ideas", description = "Idea generation (one, batch, streamed), history and ratings"),
         (name = "websocket", description = "WebSocket protocol: docs/websocket.md"),
+        (name = "admin", description = "Administrators only"),
         (name = "openai", description = "OpenAI-compatible API: point an OpenAI SDK at /v1 with a Muse API key"),
     )
 )]

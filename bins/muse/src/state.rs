@@ -27,6 +27,8 @@ pub struct AppState {
     /// Why local models are disabled (ONNX Runtime missing), if they are.
     pub local_unavailable: Option<String>,
     pub metrics: PrometheusHandle,
+    /// `None` when rate limiting is off.
+    pub limiter: Option<Arc<muse_billing::RateLimiter>>,
     pub started: Instant,
     /// `smtp` or `outbox`.
     pub mail_transport: &'static str,

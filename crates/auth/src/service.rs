@@ -133,7 +133,9 @@ impl AuthService {
         self.clock.now_ms()
     }
 
-    fn audit(
+    /// Writes one audit row (actor `user_id`); a failure is logged, never
+    /// returned. Never put a secret in `detail`.
+    pub fn audit(
         &self,
         user_id: Option<Uuid>,
         event: &str,

@@ -1,5 +1,6 @@
 //! Routes, one module per area, each with `config(cfg)`.
 
+pub mod admin;
 pub mod ai;
 pub mod auth;
 pub mod executions;
