@@ -8,6 +8,7 @@ mod helpers;
 mod upstream;
 
 mod accounts;
+mod admin;
 mod api_keys;
 mod email_flows;
 mod errors;

@@ -136,7 +136,10 @@ async fn a_flood_from_one_ip_is_limited_while_another_ip_is_served() {
     let db = muse_persistence::Database::connect(app.config.database_url.expose(), 1).unwrap();
     use muse_auth::AuthRepository;
     let audit = muse_persistence::DieselAuthRepository::new(db)
-        .list_audit(None, muse_core::PageRequest::new(None, Some(100)))
+        .list_audit(
+            &muse_auth::AuditFilter::default(),
+            muse_core::PageRequest::new(None, Some(100)),
+        )
         .unwrap();
     assert!(audit.items.iter().any(|e| e.event == "rate_limit.unblocked"
         && e.detail

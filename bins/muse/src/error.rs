@@ -171,6 +171,8 @@ impl From<AuthError> for ApiError {
             },
             AuthError::SessionRequired => ApiError::new(S::BAD_REQUEST, "session_required", msg),
             AuthError::ApiKeyNotFound => ApiError::new(S::NOT_FOUND, "not_found", msg),
+            AuthError::UserNotFound => ApiError::new(S::NOT_FOUND, "not_found", msg),
+            AuthError::Refused(_) => ApiError::new(S::CONFLICT, "conflict", msg),
             AuthError::TooManyApiKeys(_) => ApiError::new(S::CONFLICT, "api_key_limit", msg),
             AuthError::Repository(RepoError::Unavailable(e)) => {
                 ApiError::unavailable("database unavailable", e)

@@ -37,6 +37,7 @@ use crate::ws;
         ideas::generate, ideas::generate_batch, ideas::stream_ticket, ideas::stream_generate,
         ideas::history, ideas::get_idea, ideas::rate,
         ws::handshake,
+        admin::stats, admin::list_users, admin::suspend, admin::unsuspend, admin::set_role, admin::audit,
         admin::rate_limit_stats, admin::unblock,
     ),
     components(schemas(ErrorBody, ErrorDetail)),

@@ -53,6 +53,12 @@ pub enum AuthError {
     ApiKeyNotFound,
     #[error("at most {0} active API keys per user")]
     TooManyApiKeys(u64),
+    #[error("no such user")]
+    UserNotFound,
+    /// An administrative change that would leave the service unmanageable
+    /// (demoting or suspending the last admin, suspending yourself).
+    #[error("{0}")]
+    Refused(String),
     #[error("storage error: {0}")]
     Repository(#[from] RepoError),
     #[error("internal error: {0}")]

@@ -25,7 +25,7 @@ pub use error::{AuthError, FieldError};
 pub use jwt::{Claims, JwtKeys};
 pub use mail::{MailError, Mailer, OutgoingEmail};
 pub use model::*;
-pub use repo::{AuditQuery, AuthRepository, RepoError, RepoResult};
+pub use repo::{AuditFilter, AuditQuery, AuthRepository, RepoError, RepoResult, UserQuery};
 pub use service::{
     AuthConfig, AuthService, NewApiKey, RequestContext, ThrottleConfig, TokenPair, API_KEY_PREFIX,
     STREAM_TICKET_PREFIX, STREAM_TICKET_TTL_SECS,

@@ -156,6 +156,10 @@ pub mod audit {
     pub const API_KEY_CREATED: &str = "api_key.created";
     pub const API_KEY_REVOKED: &str = "api_key.revoked";
     pub const ADMIN_CREATED: &str = "admin.created";
+    pub const USER_SUSPENDED: &str = "user.suspended";
+    pub const USER_UNSUSPENDED: &str = "user.unsuspended";
+    pub const ROLE_CHANGED: &str = "user.role_changed";
+    pub const RATE_LIMIT_UNBLOCKED: &str = "rate_limit.unblocked";
 }
 
 /// A row of the audit log.

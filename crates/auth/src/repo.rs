@@ -34,6 +34,26 @@ pub enum AuditQuery<'a> {
     Ip(&'a str),
 }
 
+/// Which audit events to list (all conditions must hold).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuditFilter {
+    /// The actor (or the user the event is about).
+    pub user_id: Option<Uuid>,
+    /// An event name, or a prefix ending in `.` (`login.`).
+    pub event: Option<String>,
+    pub from_ms: Option<i64>,
+    pub to_ms: Option<i64>,
+}
+
+/// Which users to list.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UserQuery {
+    /// Case-insensitive substring of the email or username.
+    pub q: Option<String>,
+    pub role: Option<Role>,
+    pub status: Option<UserStatus>,
+}
+
 pub trait AuthRepository: Send + Sync + 'static {
     /// Checks that the store answers.
     fn ping(&self) -> RepoResult<()>;
@@ -114,6 +134,10 @@ pub trait AuthRepository: Send + Sync + 'static {
         since: i64,
         limit: i64,
     ) -> RepoResult<Vec<i64>>;
-    /// Audit events, newest first, optionally for one user.
-    fn list_audit(&self, user_id: Option<Uuid>, page: PageRequest) -> RepoResult<Page<AuditEvent>>;
+    /// Audit events matching `filter`, newest first.
+    fn list_audit(&self, filter: &AuditFilter, page: PageRequest) -> RepoResult<Page<AuditEvent>>;
+
+    // Administration
+    /// Users matching `query`, newest first.
+    fn list_users(&self, query: &UserQuery, page: PageRequest) -> RepoResult<Page<User>>;
 }

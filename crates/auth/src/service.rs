@@ -12,7 +12,7 @@ use crate::jwt::{Claims, JwtKeys};
 use crate::mail::{Mailer, OutgoingEmail};
 use crate::model::*;
 use crate::password::{hash_password, verify_password};
-use crate::repo::{AuditQuery, AuthRepository, RepoError};
+use crate::repo::{AuditFilter, AuditQuery, AuthRepository, RepoError, UserQuery};
 use crate::validate;
 
 /// Prefix of every personal API key.
@@ -766,9 +766,99 @@ impl AuthService {
     /// Audit events of one user (or all, for admins), newest first.
     pub fn audit_log(
         &self,
-        user_id: Option<Uuid>,
+        filter: &AuditFilter,
         page: PageRequest,
     ) -> Result<Page<AuditEvent>, AuthError> {
-        Ok(self.repo.list_audit(user_id, page)?)
+        Ok(self.repo.list_audit(filter, page)?)
+    }
+
+    // ----- administration ----------------------------------------------
+
+    pub fn list_users(
+        &self,
+        query: &UserQuery,
+        page: PageRequest,
+    ) -> Result<Page<User>, AuthError> {
+        Ok(self.repo.list_users(query, page)?)
+    }
+
+    /// Suspends or reinstates `target`. A suspended user's tokens and keys
+    /// stop working on their next request (every request checks the
+    /// status); nothing else is revoked, so reinstating restores access.
+    /// Audited as `user.suspended` / `user.unsuspended`.
+    pub fn set_status(
+        &self,
+        actor: &Principal,
+        target: Uuid,
+        status: UserStatus,
+        ctx: &RequestContext,
+    ) -> Result<User, AuthError> {
+        if target == actor.user.id && status == UserStatus::Suspended {
+            return Err(AuthError::Refused(
+                "administrators cannot suspend themselves".into(),
+            ));
+        }
+        let user = self
+            .repo
+            .user_by_id(target)?
+            .ok_or(AuthError::UserNotFound)?;
+        if status == UserStatus::Suspended
+            && user.role == Role::Admin
+            && user.status == UserStatus::Active
+            && self.repo.count_users_with_role(Role::Admin)? <= 1
+        {
+            return Err(AuthError::Refused(
+                "the last administrator cannot be suspended".into(),
+            ));
+        }
+        if !self.repo.set_user_status(target, status, self.now())? {
+            return Err(AuthError::UserNotFound);
+        }
+        let event = match status {
+            UserStatus::Suspended => audit::USER_SUSPENDED,
+            UserStatus::Active => audit::USER_UNSUSPENDED,
+        };
+        self.audit(
+            Some(actor.user.id),
+            event,
+            Some(&target.to_string()),
+            ctx,
+            Some(json!({"target": target, "email": user.email})),
+        );
+        Ok(User { status, ..user })
+    }
+
+    /// Makes `target` an admin or a plain user (never the last admin).
+    /// Audited as `user.role_changed`.
+    pub fn set_role(
+        &self,
+        actor: &Principal,
+        target: Uuid,
+        role: Role,
+        ctx: &RequestContext,
+    ) -> Result<User, AuthError> {
+        let user = self
+            .repo
+            .user_by_id(target)?
+            .ok_or(AuthError::UserNotFound)?;
+        if user.role == Role::Admin
+            && role == Role::User
+            && self.repo.count_users_with_role(Role::Admin)? <= 1
+        {
+            return Err(AuthError::Refused(
+                "the last administrator cannot be demoted".into(),
+            ));
+        }
+        if !self.repo.set_user_role(target, role, self.now())? {
+            return Err(AuthError::UserNotFound);
+        }
+        self.audit(
+            Some(actor.user.id),
+            audit::ROLE_CHANGED,
+            Some(&target.to_string()),
+            ctx,
+            Some(json!({"target": target, "from": user.role.as_str(), "to": role.as_str()})),
+        );
+        Ok(User { role, ..user })
     }
 }

@@ -715,25 +715,81 @@ impl AuthRepository for DieselAuthRepository {
         Ok(times)
     }
 
-    fn list_audit(&self, user_id: Option<Uuid>, page: PageRequest) -> RepoResult<Page<AuditEvent>> {
+    fn list_audit(&self, filter: &AuditFilter, page: PageRequest) -> RepoResult<Page<AuditEvent>> {
         let mut conn = self.conn()?;
-        let mut count_q = audit_events::table.count().into_boxed();
-        let mut q = audit_events::table
+        let query = || {
+            let mut q = audit_events::table.into_boxed();
+            if let Some(u) = filter.user_id {
+                q = q.filter(audit_events::user_id.eq(u.to_string()));
+            }
+            if let Some(e) = &filter.event {
+                q = if let Some(prefix) = e.strip_suffix('.') {
+                    q.filter(
+                        audit_events::event.like(format!("{}.%", prefix.replace(['%', '_'], ""))),
+                    )
+                } else {
+                    q.filter(audit_events::event.eq(e.clone()))
+                };
+            }
+            if let Some(from) = filter.from_ms {
+                q = q.filter(audit_events::created_at.ge(from));
+            }
+            if let Some(to) = filter.to_ms {
+                q = q.filter(audit_events::created_at.lt(to));
+            }
+            q
+        };
+        let total: i64 = query().count().get_result(&mut *conn).map_err(map_err)?;
+        let items = query()
             .select(AuditRow::as_select())
             .order((audit_events::created_at.desc(), audit_events::id.desc()))
             .offset(page.offset())
             .limit(page.limit())
-            .into_boxed();
-        if let Some(u) = user_id {
-            q = q.filter(audit_events::user_id.eq(u.to_string()));
-            count_q = count_q.filter(audit_events::user_id.eq(u.to_string()));
-        }
-        let total: i64 = count_q.get_result(&mut *conn).map_err(map_err)?;
-        let items = q
             .load(&mut *conn)
             .map_err(map_err)?
             .into_iter()
             .map(AuditRow::into_domain)
+            .collect::<RepoResult<Vec<_>>>()?;
+        Ok(Page::new(items, page, u64::try_from(total).unwrap_or(0)))
+    }
+
+    fn list_users(&self, query: &UserQuery, page: PageRequest) -> RepoResult<Page<User>> {
+        let mut conn = self.conn()?;
+        let build = || {
+            let mut q = users::table.into_boxed();
+            if let Some(text) = query.q.as_deref().map(str::trim).filter(|t| !t.is_empty()) {
+                let pattern = format!(
+                    "%{}%",
+                    text.to_lowercase()
+                        .replace('\\', "\\\\")
+                        .replace('%', "\\%")
+                        .replace('_', "\\_")
+                );
+                q = q.filter(
+                    users::email
+                        .like(pattern.clone())
+                        .escape('\\')
+                        .or(crate::db::lower(users::username).like(pattern).escape('\\')),
+                );
+            }
+            if let Some(r) = query.role {
+                q = q.filter(users::role.eq(r.as_str()));
+            }
+            if let Some(s) = query.status {
+                q = q.filter(users::status.eq(s.as_str()));
+            }
+            q
+        };
+        let total: i64 = build().count().get_result(&mut *conn).map_err(map_err)?;
+        let items = build()
+            .select(UserRow::as_select())
+            .order((users::created_at.desc(), users::id.desc()))
+            .offset(page.offset())
+            .limit(page.limit())
+            .load(&mut *conn)
+            .map_err(map_err)?
+            .into_iter()
+            .map(UserRow::into_domain)
             .collect::<RepoResult<Vec<_>>>()?;
         Ok(Page::new(items, page, u64::try_from(total).unwrap_or(0)))
     }

@@ -4,7 +4,7 @@ use diesel::prelude::*;
 use muse_core::{Page, PageRequest};
 use muse_prompts::{
     Execution, ExecutionFilter, ExecutionRepository, ExecutionScope, ExecutionSource,
-    ExecutionStatus, ExecutionStoreError,
+    ExecutionStatus, ExecutionStoreError, ModelUsage,
 };
 use uuid::Uuid;
 
@@ -185,5 +185,93 @@ impl ExecutionRepository for DieselExecutionRepository {
             .map(Row::into_domain)
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Page::new(items, page, u64::try_from(total).unwrap_or(0)))
+    }
+
+    fn usage(&self, from_ms: i64, to_ms: i64) -> Result<Vec<ModelUsage>, ExecutionStoreError> {
+        use diesel::dsl::{count_star, sum};
+        let mut conn = self
+            .db
+            .get()
+            .map_err(|e| ExecutionStoreError::Unavailable(e.to_string()))?;
+        type Group = (
+            String,
+            String,
+            String,
+            i64,
+            Option<i64>,
+            Option<i64>,
+            Option<f64>,
+        );
+        let rows: Vec<Group> = executions::table
+            .filter(executions::created_at.ge(from_ms))
+            .filter(executions::created_at.lt(to_ms))
+            .group_by((executions::provider, executions::model, executions::status))
+            .select((
+                executions::provider,
+                executions::model,
+                executions::status,
+                count_star(),
+                sum(executions::prompt_tokens),
+                sum(executions::completion_tokens),
+                sum(executions::cost_usd),
+            ))
+            .load(&mut *conn)
+            .map_err(other)?;
+        let mut out: Vec<ModelUsage> = Vec::new();
+        for (provider, model, status, n, prompt, completion, cost) in rows {
+            let idx = match out
+                .iter()
+                .position(|u| u.provider == provider && u.model == model)
+            {
+                Some(i) => i,
+                None => {
+                    out.push(ModelUsage {
+                        provider,
+                        model,
+                        executions: 0,
+                        succeeded: 0,
+                        failed: 0,
+                        cancelled: 0,
+                        prompt_tokens: 0,
+                        completion_tokens: 0,
+                        cost_usd: 0.0,
+                    });
+                    out.len() - 1
+                }
+            };
+            let u = &mut out[idx];
+            let n = u64::try_from(n).unwrap_or(0);
+            u.executions += n;
+            match ExecutionStatus::parse(&status) {
+                Some(ExecutionStatus::Succeeded) => u.succeeded += n,
+                Some(ExecutionStatus::Failed) => u.failed += n,
+                Some(ExecutionStatus::Cancelled) => u.cancelled += n,
+                None => {}
+            }
+            u.prompt_tokens += u64::try_from(prompt.unwrap_or(0)).unwrap_or(0);
+            u.completion_tokens += u64::try_from(completion.unwrap_or(0)).unwrap_or(0);
+            u.cost_usd += cost.unwrap_or(0.0);
+        }
+        out.sort_by(|a, b| {
+            b.executions
+                .cmp(&a.executions)
+                .then(a.provider.cmp(&b.provider))
+                .then(a.model.cmp(&b.model))
+        });
+        Ok(out)
+    }
+
+    fn active_users(&self, from_ms: i64, to_ms: i64) -> Result<u64, ExecutionStoreError> {
+        let mut conn = self
+            .db
+            .get()
+            .map_err(|e| ExecutionStoreError::Unavailable(e.to_string()))?;
+        let n: i64 = executions::table
+            .filter(executions::created_at.ge(from_ms))
+            .filter(executions::created_at.lt(to_ms))
+            .select(diesel::dsl::count(executions::user_id).aggregate_distinct())
+            .first(&mut *conn)
+            .map_err(other)?;
+        Ok(u64::try_from(n).unwrap_or(0))
     }
 }

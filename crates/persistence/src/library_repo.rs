@@ -12,7 +12,7 @@ use uuid::Uuid;
 use crate::db::Database;
 use crate::schema::{expert_prompt_versions, expert_prompts, ideas, specialties};
 
-diesel::define_sql_function!(fn lower(x: diesel::sql_types::Text) -> diesel::sql_types::Text);
+use crate::db::lower;
 
 /// The prompt library and ideas on SQLite or PostgreSQL.
 #[derive(Debug, Clone)]

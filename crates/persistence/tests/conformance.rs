@@ -435,16 +435,24 @@ fn audit_log_queries() {
             .is_empty());
 
         let page = repo
-            .list_audit(None, PageRequest::new(Some(1), Some(2)))
+            .list_audit(&AuditFilter::default(), PageRequest::new(Some(1), Some(2)))
             .unwrap();
         assert_eq!((page.total, page.items.len()), (3, 2));
         assert_eq!(page.items[0].created_at, 1_200);
         assert_eq!(page.items[0].detail, Some(serde_json::json!({"i": 2})));
         let page2 = repo
-            .list_audit(None, PageRequest::new(Some(2), Some(2)))
+            .list_audit(&AuditFilter::default(), PageRequest::new(Some(2), Some(2)))
             .unwrap();
         assert_eq!(page2.items.len(), 1);
-        let mine = repo.list_audit(Some(u.id), PageRequest::default()).unwrap();
+        let mine = repo
+            .list_audit(
+                &AuditFilter {
+                    user_id: Some(u.id),
+                    ..Default::default()
+                },
+                PageRequest::default(),
+            )
+            .unwrap();
         assert_eq!((mine.total, mine.items[0].user_id), (1, Some(u.id)));
     });
 }

@@ -118,6 +118,21 @@ pub enum ExecutionScope {
     All,
 }
 
+/// Usage of one model over a period (administration statistics).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelUsage {
+    pub provider: String,
+    pub model: String,
+    pub executions: u64,
+    pub succeeded: u64,
+    pub failed: u64,
+    pub cancelled: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    /// USD, over the executions whose price is known.
+    pub cost_usd: f64,
+}
+
 /// Storage of executions. Every read says whose executions it may see.
 pub trait ExecutionRepository: Send + Sync + 'static {
     fn record(&self, execution: &Execution) -> Result<(), ExecutionStoreError>;
@@ -133,4 +148,8 @@ pub trait ExecutionRepository: Send + Sync + 'static {
         filter: &ExecutionFilter,
         page: PageRequest,
     ) -> Result<Page<Execution>, ExecutionStoreError>;
+    /// Usage per provider and model of executions created in `[from_ms, to_ms)`.
+    fn usage(&self, from_ms: i64, to_ms: i64) -> Result<Vec<ModelUsage>, ExecutionStoreError>;
+    /// Users with at least one execution created in `[from_ms, to_ms)`.
+    fn active_users(&self, from_ms: i64, to_ms: i64) -> Result<u64, ExecutionStoreError>;
 }

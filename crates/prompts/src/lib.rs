@@ -29,7 +29,7 @@ mod template;
 
 pub use execution::{
     Execution, ExecutionFilter, ExecutionRepository, ExecutionScope, ExecutionSource,
-    ExecutionStatus, ExecutionStoreError,
+    ExecutionStatus, ExecutionStoreError, ModelUsage,
 };
 pub use ideas::{Idea, IdeaFilter, IdeaPlan, IdeaRepository, IdeaRequest, IdeaStoreError};
 pub use library::{

@@ -1,7 +1,7 @@
 //! `/api/v1/admin`: administrator-only routes (the role is checked by the
 //! `AdminUser` extractor on every one; a plain user gets 403).
-//! Rate limits for now; users, statistics, feature flags and the audit
-//! log are the rest of the billing/admin issue.
+//! Users (search, suspend, role), usage statistics, the audit log and rate
+//! limits. Feature flags are not here yet.
 
 use std::collections::BTreeMap;
 
@@ -13,13 +13,361 @@ use serde_json::json;
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
+use super::auth::UserProfile;
+use super::{blocking, rfc3339};
 use crate::error::{ApiError, ErrorBody};
 use crate::extract::{AdminUser, ClientContext};
 use crate::state::AppState;
+use muse_auth::{AuditFilter, Role, UserQuery, UserStatus};
+use muse_core::PageRequest;
+
+fn bad_query(message: String) -> ApiError {
+    ApiError::bad_request("invalid_query_parameter", message)
+}
+
+fn time(name: &str, value: &Option<String>) -> Result<Option<i64>, ApiError> {
+    value
+        .as_deref()
+        .map(|v| {
+            chrono::DateTime::parse_from_rfc3339(v)
+                .map(|t| t.timestamp_millis())
+                .map_err(|e| bad_query(format!("{name}: expected an RFC 3339 time ({e})")))
+        })
+        .transpose()
+}
+
+// ----- users ------------------------------------------------------------
+
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct UsersQuery {
+    pub page: Option<u32>,
+    pub per_page: Option<u32>,
+    /// Case-insensitive text in the email or username.
+    pub q: Option<String>,
+    /// `user` or `admin`.
+    pub role: Option<String>,
+    /// `active` or `suspended`.
+    pub status: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UserPage {
+    pub items: Vec<UserProfile>,
+    pub page: u32,
+    pub per_page: u32,
+    pub total: u64,
+}
+
+/// Every account, newest first, with search and filters.
+#[utoipa::path(get, path = "/api/v1/admin/users", tag = "admin", security(("bearer" = [])), params(UsersQuery),
+    responses((status = 200, body = UserPage), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)))]
+pub async fn list_users(
+    state: web::Data<AppState>,
+    _admin: AdminUser,
+    query: web::Query<UsersQuery>,
+) -> Result<web::Json<UserPage>, ApiError> {
+    let q = query.into_inner();
+    let role = q
+        .role
+        .as_deref()
+        .map(|r| {
+            Role::parse(r).ok_or_else(|| bad_query(format!("role: {r:?} is not user or admin")))
+        })
+        .transpose()?;
+    let status = q
+        .status
+        .as_deref()
+        .map(|s| {
+            UserStatus::parse(s)
+                .ok_or_else(|| bad_query(format!("status: {s:?} is not active or suspended")))
+        })
+        .transpose()?;
+    let filter = UserQuery {
+        q: q.q,
+        role,
+        status,
+    };
+    let page = PageRequest::new(q.page, q.per_page);
+    let auth = state.auth.clone();
+    let p = blocking(move || auth.list_users(&filter, page)).await?;
+    Ok(web::Json(UserPage {
+        page: p.page,
+        per_page: p.per_page,
+        total: p.total,
+        items: p.items.iter().map(UserProfile::from).collect(),
+    }))
+}
+
+async fn change_status(
+    state: &AppState,
+    admin: AdminUser,
+    ctx: ClientContext,
+    target: Uuid,
+    status: UserStatus,
+) -> Result<web::Json<UserProfile>, ApiError> {
+    let auth = state.auth.clone();
+    let user = blocking(move || auth.set_status(&admin.0, target, status, &ctx.0)).await?;
+    Ok(web::Json(UserProfile::from(&user)))
+}
+
+/// Suspends a user: their tokens and API keys stop working on their next
+/// request. Audited. 409 for yourself or the last administrator.
+#[utoipa::path(post, path = "/api/v1/admin/users/{user_id}/suspend", tag = "admin", security(("bearer" = [])),
+    params(("user_id" = Uuid, Path, description = "the user")),
+    responses((status = 200, body = UserProfile), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn suspend(
+    state: web::Data<AppState>,
+    admin: AdminUser,
+    ctx: ClientContext,
+    path: web::Path<Uuid>,
+) -> Result<web::Json<UserProfile>, ApiError> {
+    change_status(&state, admin, ctx, path.into_inner(), UserStatus::Suspended).await
+}
+
+/// Reinstates a suspended user. Audited.
+#[utoipa::path(post, path = "/api/v1/admin/users/{user_id}/unsuspend", tag = "admin", security(("bearer" = [])),
+    params(("user_id" = Uuid, Path, description = "the user")),
+    responses((status = 200, body = UserProfile), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn unsuspend(
+    state: web::Data<AppState>,
+    admin: AdminUser,
+    ctx: ClientContext,
+    path: web::Path<Uuid>,
+) -> Result<web::Json<UserProfile>, ApiError> {
+    change_status(&state, admin, ctx, path.into_inner(), UserStatus::Active).await
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RoleBody {
+    /// `user` or `admin`.
+    pub role: String,
+}
+
+/// Changes a user's role. Audited; the last administrator cannot be demoted.
+#[utoipa::path(post, path = "/api/v1/admin/users/{user_id}/role", tag = "admin", security(("bearer" = [])), request_body = RoleBody,
+    params(("user_id" = Uuid, Path, description = "the user")),
+    responses((status = 200, body = UserProfile), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+pub async fn set_role(
+    state: web::Data<AppState>,
+    admin: AdminUser,
+    ctx: ClientContext,
+    path: web::Path<Uuid>,
+    body: web::Json<RoleBody>,
+) -> Result<web::Json<UserProfile>, ApiError> {
+    let role = Role::parse(&body.role).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation_failed",
+            "role must be user or admin",
+        )
+    })?;
+    let (auth, target) = (state.auth.clone(), path.into_inner());
+    let user = blocking(move || auth.set_role(&admin.0, target, role, &ctx.0)).await?;
+    Ok(web::Json(UserProfile::from(&user)))
+}
+
+// ----- statistics -------------------------------------------------------
+
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct PeriodQuery {
+    /// RFC 3339; default 30 days before `to`.
+    pub from: Option<String>,
+    /// RFC 3339; default now.
+    pub to: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UserCounts {
+    pub total: u64,
+    pub admins: u64,
+    pub suspended: u64,
+    /// Users with at least one execution in the period.
+    pub active: u64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ModelUsageView {
+    pub provider: String,
+    pub model: String,
+    pub executions: u64,
+    pub succeeded: u64,
+    pub failed: u64,
+    pub cancelled: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    /// USD, over executions whose price is known.
+    pub cost_usd: f64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AdminStats {
+    pub from: String,
+    pub to: String,
+    pub users: UserCounts,
+    pub executions: u64,
+    pub tokens: u64,
+    pub cost_usd: f64,
+    /// Per provider and model, most used first.
+    pub by_model: Vec<ModelUsageView>,
+}
+
+/// Users, executions, tokens and cost by provider and model over a period.
+#[utoipa::path(get, path = "/api/v1/admin/stats", tag = "admin", security(("bearer" = [])), params(PeriodQuery),
+    responses((status = 200, body = AdminStats), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)))]
+pub async fn stats(
+    state: web::Data<AppState>,
+    _admin: AdminUser,
+    query: web::Query<PeriodQuery>,
+) -> Result<web::Json<AdminStats>, ApiError> {
+    let to =
+        time("to", &query.to)?.unwrap_or_else(|| muse_core::Clock::now_ms(&muse_core::SystemClock));
+    let from = time("from", &query.from)?.unwrap_or(to - 30 * 24 * 3600 * 1000);
+    if from >= to {
+        return Err(bad_query("from must be before to".into()));
+    }
+    let (auth, execs) = (state.auth.clone(), state.executions.clone());
+    let (users, usage, active) = blocking(move || {
+        let count = |q: UserQuery| {
+            auth.list_users(&q, PageRequest::new(Some(1), Some(1)))
+                .map(|p| p.total)
+        };
+        let users = (
+            count(UserQuery::default())?,
+            count(UserQuery {
+                role: Some(Role::Admin),
+                ..Default::default()
+            })?,
+            count(UserQuery {
+                status: Some(UserStatus::Suspended),
+                ..Default::default()
+            })?,
+        );
+        let store =
+            |e: muse_prompts::ExecutionStoreError| muse_auth::AuthError::Internal(e.to_string());
+        let usage = execs.usage(from, to).map_err(store)?;
+        let active = execs.active_users(from, to).map_err(store)?;
+        Ok::<_, muse_auth::AuthError>((users, usage, active))
+    })
+    .await?;
+    let by_model: Vec<ModelUsageView> = usage
+        .into_iter()
+        .map(|u| ModelUsageView {
+            provider: u.provider,
+            model: u.model,
+            executions: u.executions,
+            succeeded: u.succeeded,
+            failed: u.failed,
+            cancelled: u.cancelled,
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+            cost_usd: u.cost_usd,
+        })
+        .collect();
+    Ok(web::Json(AdminStats {
+        from: rfc3339(from),
+        to: rfc3339(to),
+        users: UserCounts {
+            total: users.0,
+            admins: users.1,
+            suspended: users.2,
+            active,
+        },
+        executions: by_model.iter().map(|m| m.executions).sum(),
+        tokens: by_model
+            .iter()
+            .map(|m| m.prompt_tokens + m.completion_tokens)
+            .sum(),
+        cost_usd: by_model.iter().map(|m| m.cost_usd).sum(),
+        by_model,
+    }))
+}
+
+// ----- audit log --------------------------------------------------------
+
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct AuditQueryParams {
+    pub page: Option<u32>,
+    pub per_page: Option<u32>,
+    /// The actor (or subject) user.
+    pub user_id: Option<Uuid>,
+    /// An event name (`user.suspended`) or a prefix ending in `.` (`login.`).
+    pub event: Option<String>,
+    pub from: Option<String>,
+    pub to: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AuditView {
+    pub id: Uuid,
+    pub event: String,
+    /// Who did it (null for anonymous events such as a failed login).
+    pub user_id: Option<Uuid>,
+    /// What it is about (a target user id, an email).
+    pub subject: Option<String>,
+    pub ip: Option<String>,
+    #[schema(value_type = Object)]
+    pub detail: Option<serde_json::Value>,
+    pub created_at: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AuditPage {
+    pub items: Vec<AuditView>,
+    pub page: u32,
+    pub per_page: u32,
+    pub total: u64,
+}
+
+/// The audit log, newest first: logins, failed logins, role changes,
+/// suspensions, key creation and revocation, unblocks, … No secret is ever
+/// stored in it.
+#[utoipa::path(get, path = "/api/v1/admin/audit", tag = "admin", security(("bearer" = [])), params(AuditQueryParams),
+    responses((status = 200, body = AuditPage), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)))]
+pub async fn audit(
+    state: web::Data<AppState>,
+    _admin: AdminUser,
+    query: web::Query<AuditQueryParams>,
+) -> Result<web::Json<AuditPage>, ApiError> {
+    let q = query.into_inner();
+    let filter = AuditFilter {
+        user_id: q.user_id,
+        event: q.event.filter(|e| !e.trim().is_empty()),
+        from_ms: time("from", &q.from)?,
+        to_ms: time("to", &q.to)?,
+    };
+    let page = PageRequest::new(q.page, q.per_page);
+    let auth = state.auth.clone();
+    let p = blocking(move || auth.audit_log(&filter, page)).await?;
+    Ok(web::Json(AuditPage {
+        page: p.page,
+        per_page: p.per_page,
+        total: p.total,
+        items: p
+            .items
+            .into_iter()
+            .map(|e| AuditView {
+                id: e.id,
+                event: e.event,
+                user_id: e.user_id,
+                subject: e.subject,
+                ip: e.ip,
+                detail: e.detail,
+                created_at: rfc3339(e.created_at),
+            })
+            .collect(),
+    }))
+}
 
 pub fn config(cfg: &mut web::ServiceConfig) {
     cfg.service(
         web::scope("/api/v1/admin")
+            .service(web::resource("/stats").get(stats))
+            .service(web::resource("/users").get(list_users))
+            .service(web::resource("/users/{user_id}/suspend").post(suspend))
+            .service(web::resource("/users/{user_id}/unsuspend").post(unsuspend))
+            .service(web::resource("/users/{user_id}/role").post(set_role))
+            .service(web::resource("/audit").get(audit))
             .service(web::resource("/rate-limits/stats").get(rate_limit_stats))
             .service(web::resource("/rate-limits/unblock").post(unblock)),
     );

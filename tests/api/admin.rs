@@ -1,0 +1,311 @@
+//! The admin surface: users (search, suspend, role), statistics and the
+//! audit log; the role is checked on every route.
+
+use reqwest::StatusCode;
+use serde_json::json;
+
+use crate::helpers::*;
+use crate::upstream::app_with_upstream;
+
+#[actix_web::test]
+async fn an_admin_manages_users_reads_stats_and_the_audit_log() {
+    let (app, _up) = app_with_upstream(&[
+        ("ADMIN_EMAIL", "root@example.com"),
+        ("ADMIN_PASSWORD", "an admin passphrase"),
+    ])
+    .await;
+    let admin_login = app
+        .login("root@example.com", "an admin passphrase")
+        .await
+        .body;
+    let admin = access(&admin_login);
+    let admin_id = app.get("/api/v1/auth/me", Some(&admin)).await.body["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let carol = access(&app.user("carol").await);
+    let dave = access(&app.user("dave").await);
+    let carol_id = app.get("/api/v1/auth/me", Some(&carol)).await.body["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let carol_key = app
+        .post("/api/v1/auth/api-keys", Some(&carol), json!({"name": "k"}))
+        .await
+        .body["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // Every admin route refuses a plain user.
+    for (method, path) in [
+        ("GET", "/api/v1/admin/stats".to_string()),
+        ("GET", "/api/v1/admin/users".to_string()),
+        ("GET", "/api/v1/admin/audit".to_string()),
+        ("POST", format!("/api/v1/admin/users/{carol_id}/suspend")),
+        ("POST", format!("/api/v1/admin/users/{carol_id}/unsuspend")),
+        ("POST", format!("/api/v1/admin/users/{carol_id}/role")),
+    ] {
+        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let r = app
+            .call(m, &path, Some(&dave), Some(json!({"role": "admin"})))
+            .await;
+        assert_eq!(
+            (r.status, r.error_code()),
+            (StatusCode::FORBIDDEN, "forbidden"),
+            "{path}"
+        );
+    }
+
+    // Search and filters.
+    let all = app
+        .get("/api/v1/admin/users?per_page=2", Some(&admin))
+        .await;
+    assert_eq!(
+        (
+            all.body["total"].as_u64(),
+            all.body["items"].as_array().unwrap().len()
+        ),
+        (Some(3), 2)
+    );
+    let found = app.get("/api/v1/admin/users?q=CAR", Some(&admin)).await;
+    assert_eq!(
+        (
+            found.body["total"].as_u64(),
+            found.body["items"][0]["username"].as_str()
+        ),
+        (Some(1), Some("carol"))
+    );
+    let admins = app
+        .get("/api/v1/admin/users?role=admin", Some(&admin))
+        .await;
+    assert_eq!(admins.body["total"], 1);
+    let bad = app
+        .get("/api/v1/admin/users?status=gone", Some(&admin))
+        .await;
+    assert_eq!(
+        (bad.status, bad.error_code()),
+        (StatusCode::BAD_REQUEST, "invalid_query_parameter")
+    );
+
+    // Suspension takes effect at once, for tokens and API keys alike.
+    assert_eq!(
+        app.get("/api/v1/auth/me", Some(&carol)).await.status,
+        StatusCode::OK
+    );
+    let r = app
+        .post(
+            &format!("/api/v1/admin/users/{carol_id}/suspend"),
+            Some(&admin),
+            json!({}),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.body["status"].as_str()),
+        (StatusCode::OK, Some("suspended")),
+        "{}",
+        r.text
+    );
+    for credential in [&carol, &carol_key] {
+        let r = app.get("/api/v1/auth/me", Some(credential)).await;
+        assert_eq!(
+            (r.status, r.error_code()),
+            (StatusCode::FORBIDDEN, "account_suspended")
+        );
+    }
+    assert_eq!(
+        app.get("/api/v1/admin/users?status=suspended", Some(&admin))
+            .await
+            .body["total"],
+        1
+    );
+    let r = app
+        .post(
+            &format!("/api/v1/admin/users/{carol_id}/unsuspend"),
+            Some(&admin),
+            json!({}),
+        )
+        .await;
+    assert_eq!(r.body["status"], "active");
+    assert_eq!(
+        app.get("/api/v1/auth/me", Some(&carol_key)).await.status,
+        StatusCode::OK
+    );
+
+    // Guards: not yourself, not the last admin; unknown users are 404.
+    let r = app
+        .post(
+            &format!("/api/v1/admin/users/{admin_id}/suspend"),
+            Some(&admin),
+            json!({}),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::CONFLICT, "conflict")
+    );
+    let r = app
+        .post(
+            &format!("/api/v1/admin/users/{admin_id}/role"),
+            Some(&admin),
+            json!({"role": "user"}),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::CONFLICT, "conflict")
+    );
+    let r = app
+        .post(
+            &format!("/api/v1/admin/users/{}/suspend", uuid::Uuid::now_v7()),
+            Some(&admin),
+            json!({}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    let r = app
+        .post(
+            &format!("/api/v1/admin/users/{carol_id}/role"),
+            Some(&admin),
+            json!({"role": "king"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    // Promotion gives admin routes at once; then carol can be demoted again.
+    let r = app
+        .post(
+            &format!("/api/v1/admin/users/{carol_id}/role"),
+            Some(&admin),
+            json!({"role": "admin"}),
+        )
+        .await;
+    assert_eq!(r.body["role"], "admin");
+    assert_eq!(
+        app.get("/api/v1/admin/users", Some(&carol)).await.status,
+        StatusCode::OK
+    );
+    let r = app
+        .post(
+            &format!("/api/v1/admin/users/{carol_id}/role"),
+            Some(&admin),
+            json!({"role": "user"}),
+        )
+        .await;
+    assert_eq!(r.body["role"], "user");
+
+    // Statistics: usage by provider and model.
+    for model in ["up/ok", "up/ok", "up/broken"] {
+        app.post(
+            "/v1/chat/completions",
+            Some(&dave),
+            json!({"model": model, "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
+    }
+    let s = app.get("/api/v1/admin/stats", Some(&admin)).await;
+    assert_eq!(s.status, StatusCode::OK, "{}", s.text);
+    assert_eq!(
+        s.body["users"],
+        json!({"total": 3, "admins": 1, "suspended": 0, "active": 1})
+    );
+    assert_eq!(s.body["executions"], 3);
+    let ok = s.body["by_model"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["model"] == "ok")
+        .unwrap();
+    assert_eq!(
+        (
+            ok["executions"].as_u64(),
+            ok["succeeded"].as_u64(),
+            ok["prompt_tokens"].as_u64(),
+            ok["completion_tokens"].as_u64()
+        ),
+        (Some(2), Some(2), Some(24), Some(8))
+    );
+    let broken = s.body["by_model"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["model"] == "broken")
+        .unwrap();
+    assert_eq!(broken["failed"], 1);
+    let empty = app
+        .get(
+            "/api/v1/admin/stats?from=2020-01-01T00:00:00Z&to=2020-02-01T00:00:00Z",
+            Some(&admin),
+        )
+        .await;
+    assert_eq!(
+        (
+            empty.body["executions"].as_u64(),
+            empty.body["users"]["active"].as_u64()
+        ),
+        (Some(0), Some(0))
+    );
+    let r = app
+        .get(
+            "/api/v1/admin/stats?from=2021-01-01T00:00:00Z&to=2020-01-01T00:00:00Z",
+            Some(&admin),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+
+    // The audit log: who did what, from where; filters by event and user.
+    let a = app
+        .get("/api/v1/admin/audit?event=user.", Some(&admin))
+        .await;
+    let events: Vec<&str> = a.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        events,
+        [
+            "user.role_changed",
+            "user.role_changed",
+            "user.unsuspended",
+            "user.suspended",
+            "user.registered",
+            "user.registered"
+        ],
+        "{}",
+        a.text
+    );
+    let suspended = a.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["event"] == "user.suspended")
+        .unwrap();
+    assert_eq!(
+        (suspended["user_id"].as_str(), suspended["subject"].as_str()),
+        (Some(admin_id.as_str()), Some(carol_id.as_str()))
+    );
+    assert_eq!(suspended["ip"], "127.0.0.1");
+    let logins = app
+        .get(
+            &format!("/api/v1/admin/audit?event=login.succeeded&user_id={admin_id}"),
+            Some(&admin),
+        )
+        .await;
+    assert_eq!(logins.body["total"], 1);
+    // No secret is ever in it.
+    let everything = app
+        .get("/api/v1/admin/audit?per_page=100", Some(&admin))
+        .await;
+    for secret in [
+        carol_key.as_str(),
+        "an admin passphrase",
+        PASSWORD,
+        admin.as_str(),
+    ] {
+        assert!(
+            !everything.text.contains(secret),
+            "a secret leaked into the audit log"
+        );
+    }
+}
