@@ -309,3 +309,176 @@ async fn an_admin_manages_users_reads_stats_and_the_audit_log() {
         );
     }
 }
+
+#[actix_web::test]
+async fn feature_flags_gate_routes_per_user_and_reach_other_replicas_within_seconds() {
+    let (app, _up) = app_with_upstream(&[
+        ("ADMIN_EMAIL", "root@example.com"),
+        ("ADMIN_PASSWORD", "an admin passphrase"),
+        ("DEFAULT_MODEL", "up/ok"),
+    ])
+    .await;
+    let admin = access(
+        &app.login("root@example.com", "an admin passphrase")
+            .await
+            .body,
+    );
+    let erin = access(&app.user("erin").await);
+    let frank = access(&app.user("frank").await);
+    let erin_id = app.get("/api/v1/auth/me", Some(&erin)).await.body["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let batch = json!({"items": [{"prompt": "x"}]});
+    assert_eq!(
+        app.post("/api/v1/ai/generate/batch", Some(&frank), batch.clone())
+            .await
+            .status,
+        StatusCode::OK
+    );
+
+    // Off for everyone but erin.
+    let r = app
+        .post("/api/v1/admin/feature-flags", Some(&admin), json!({"key": "batch_generation", "enabled": true, "rollout_percent": 0, "allow_users": [erin_id], "description": "batch ideas"}))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let r = app
+        .post("/api/v1/ai/generate/batch", Some(&frank), batch.clone())
+        .await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::FORBIDDEN, "feature_disabled")
+    );
+    assert_eq!(r.body["error"]["details"]["flag"], "batch_generation");
+    assert_eq!(
+        app.post("/api/v1/ai/generate/batch", Some(&erin), batch.clone())
+            .await
+            .status,
+        StatusCode::OK
+    );
+
+    // A provider, and streaming, switched off.
+    app.post(
+        "/api/v1/admin/feature-flags",
+        Some(&admin),
+        json!({"key": "provider.up", "enabled": false}),
+    )
+    .await;
+    let r = app
+        .post(
+            "/v1/chat/completions",
+            Some(&frank),
+            json!({"model": "up/ok", "messages": [{"role": "user", "content": "x"}]}),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::FORBIDDEN, "feature_disabled")
+    );
+    let r = app
+        .post("/api/v1/ai/generate", Some(&frank), json!({"prompt": "x"}))
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    app.post(
+        "/api/v1/admin/feature-flags",
+        Some(&admin),
+        json!({"key": "provider.up", "enabled": true}),
+    )
+    .await;
+    app.post(
+        "/api/v1/admin/feature-flags",
+        Some(&admin),
+        json!({"key": "streaming", "enabled": false}),
+    )
+    .await;
+    let r = app
+        .client
+        .get(format!("{}/api/v1/ai/stream/generate?prompt=x", app.base))
+        .bearer_auth(&frank)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    let ws = awc::Client::new()
+        .ws(format!("{}/ws/t", app.base.replace("http://", "ws://")))
+        .bearer_auth(&frank)
+        .connect()
+        .await;
+    match ws {
+        Err(awc::error::WsClientError::InvalidResponseStatus(s)) => assert_eq!(s.as_u16(), 403),
+        other => panic!("{:?}", other.map(|r| r.0.status())),
+    }
+    // Bad flags are refused; plain users cannot touch flags.
+    let r = app
+        .post(
+            "/api/v1/admin/feature-flags",
+            Some(&admin),
+            json!({"key": "Bad Key", "enabled": true}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    let r = app
+        .post(
+            "/api/v1/admin/feature-flags",
+            Some(&frank),
+            json!({"key": "streaming", "enabled": true}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    let list = app.get("/api/v1/admin/feature-flags", Some(&admin)).await;
+    assert_eq!(list.body["items"].as_array().unwrap().len(), 3);
+    assert!(list.body["gates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|g| g == "provider.up"));
+
+    // A second replica on the same database sees a change within seconds.
+    let other = TestApp::spawn_with(&[
+        ("DATABASE_URL", app.config.database_url.expose()),
+        ("FEATURE_FLAGS_REFRESH_SECS", "1"),
+    ])
+    .await;
+    let frank_there = access(&other.login("frank@example.com", PASSWORD).await.body);
+    let r = other
+        .client
+        .get(format!("{}/api/v1/ai/stream/generate?prompt=x", other.base))
+        .bearer_auth(&frank_there)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN, "loaded at start");
+    app.post(
+        "/api/v1/admin/feature-flags",
+        Some(&admin),
+        json!({"key": "batch_generation", "enabled": true}),
+    )
+    .await;
+    let started = std::time::Instant::now();
+    loop {
+        let r = other
+            .post(
+                "/api/v1/ai/generate/batch",
+                Some(&frank_there),
+                json!({"items": []}),
+            )
+            .await;
+        if r.status == StatusCode::UNPROCESSABLE_ENTITY {
+            break; // past the gate (an empty batch is invalid)
+        }
+        assert_eq!(r.status, StatusCode::FORBIDDEN);
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "not propagated in 5 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    // Every change is in the audit log.
+    let a = app
+        .get(
+            "/api/v1/admin/audit?event=feature_flag.changed",
+            Some(&admin),
+        )
+        .await;
+    assert_eq!(a.body["total"], 5, "{}", a.text);
+}

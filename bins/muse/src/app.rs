@@ -67,6 +67,10 @@ pub fn build_state(config: Config, db: Database) -> Result<AppState, StartError>
     );
     let (models, local_unavailable) = crate::inference::build_registry(&config.llm)?;
     let library_repo = Arc::new(muse_persistence::DieselLibraryRepository::new(db.clone()));
+    let flags = Arc::new(crate::flags::Flags::new(
+        Arc::new(muse_persistence::DieselFlagRepository::new(db.clone())),
+        std::time::Duration::from_secs(config.feature_flags_refresh_secs.max(1)),
+    ));
     let limiter = crate::limits::build(&config.rate_limits).map_err(|e| {
         StartError::Config(crate::config::ConfigError::Invalid {
             var: "REDIS_URL",
@@ -86,6 +90,7 @@ pub fn build_state(config: Config, db: Database) -> Result<AppState, StartError>
         auth: Arc::new(auth),
         metrics: telemetry::metrics_handle(),
         limiter,
+        flags,
         started: Instant::now(),
         mail_transport,
     })

@@ -69,6 +69,8 @@ pub struct Config {
     /// `WS_IDLE_TIMEOUT_SECS`: a WebSocket that sends nothing (not even a
     /// pong) for this long is closed.
     pub ws_idle_timeout_secs: u64,
+    /// `FEATURE_FLAGS_REFRESH_SECS`: how often each replica reloads the flags.
+    pub feature_flags_refresh_secs: u64,
     pub trust_proxy_headers: bool,
     pub login_max_failures_per_account: u32,
     pub login_max_failures_per_ip: u32,
@@ -326,6 +328,7 @@ impl Config {
             admin_password: get("ADMIN_PASSWORD").map(Secret::new),
             max_body_bytes: parse(&get, "MAX_BODY_BYTES", 1024 * 1024)?,
             ws_idle_timeout_secs: parse(&get, "WS_IDLE_TIMEOUT_SECS", 60)?,
+            feature_flags_refresh_secs: parse(&get, "FEATURE_FLAGS_REFRESH_SECS", 5)?,
             trust_proxy_headers: parse_bool(&get, "TRUST_PROXY_HEADERS", false)?,
             login_max_failures_per_account: parse(&get, "LOGIN_MAX_FAILURES_PER_ACCOUNT", 5)?,
             login_max_failures_per_ip: parse(&get, "LOGIN_MAX_FAILURES_PER_IP", 20)?,

@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod extract;
+pub mod flags;
 pub mod inference;
 pub mod limits;
 pub mod mail;

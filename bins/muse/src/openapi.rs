@@ -38,7 +38,7 @@ use crate::ws;
         ideas::history, ideas::get_idea, ideas::rate,
         ws::handshake,
         admin::stats, admin::list_users, admin::suspend, admin::unsuspend, admin::set_role, admin::audit,
-        admin::rate_limit_stats, admin::unblock,
+        admin::rate_limit_stats, admin::unblock, admin::list_flags, admin::upsert_flag,
     ),
     components(schemas(ErrorBody, ErrorDetail)),
     modifiers(&Security),

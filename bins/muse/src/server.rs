@@ -41,6 +41,7 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Running, Sta
     .await
     .map_err(|e| StartError::Admin(e.to_string()))??;
     let addr = listener.local_addr()?;
+    state.flags.clone().spawn_refresh();
     let server = HttpServer::new(move || build_app(state.clone()))
         .workers(workers)
         // Streamed tokens (SSE, WebSocket) are small writes: send each at

@@ -29,6 +29,7 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     /// `None` when rate limiting is off.
     pub limiter: Option<Arc<muse_billing::RateLimiter>>,
+    pub flags: Arc<crate::flags::Flags>,
     pub started: Instant,
     /// `smtp` or `outbox`.
     pub mail_transport: &'static str,

@@ -143,6 +143,9 @@ pub async fn handshake(
         ));
     }
     let principal = user_or_ticket(&req, query.into_inner().ticket).await?;
+    state
+        .flags
+        .check(muse_billing::flags::known::STREAMING, &principal)?;
     let (response, session, stream) = actix_ws::handle(&req, body).map_err(|e| {
         ApiError::bad_request(
             "websocket_required",

@@ -160,6 +160,7 @@ pub mod audit {
     pub const USER_UNSUSPENDED: &str = "user.unsuspended";
     pub const ROLE_CHANGED: &str = "user.role_changed";
     pub const RATE_LIMIT_UNBLOCKED: &str = "rate_limit.unblocked";
+    pub const FEATURE_FLAG_CHANGED: &str = "feature_flag.changed";
 }
 
 /// A row of the audit log.

@@ -1,12 +1,15 @@
-//! Usage limits: rate limiting now; plans, subscriptions and quotas are the
-//! rest of the billing issue and not here yet.
+//! Usage limits and switches: rate limiting ([`ratelimit`]) and feature
+//! flags ([`flags`]). Plans, subscriptions and quotas are the rest of the
+//! billing issue and not here yet.
 //!
 //! [`ratelimit`] implements GCRA (the generic cell rate algorithm) over a
 //! [`RateLimitStore`]: [`MemoryStore`] for one process, a Redis store in
 //! `muse-persistence` to share limits across replicas.
 
+pub mod flags;
 pub mod ratelimit;
 
+pub use flags::{FeatureFlag, FlagRepository, FlagSet, FlagStoreError};
 pub use ratelimit::{
     gcra, Decision, LimitError, MemoryStore, Quota, RateLimitStore, RateLimiter, Refusal,
     RouteClass, Subject,

@@ -13,6 +13,7 @@
 mod auth_repo;
 mod db;
 mod execution_repo;
+mod flags_repo;
 mod library_repo;
 mod redis_limits;
 pub mod schema;
@@ -21,5 +22,6 @@ pub mod testing;
 pub use auth_repo::DieselAuthRepository;
 pub use db::{Backend, Database, DbConnection, DbError, PooledConn};
 pub use execution_repo::DieselExecutionRepository;
+pub use flags_repo::DieselFlagRepository;
 pub use library_repo::DieselLibraryRepository;
 pub use redis_limits::RedisRateLimitStore;

@@ -95,6 +95,7 @@ diesel::allow_tables_to_appear_in_same_query!(
     expert_prompt_versions,
     ideas,
     stream_tickets,
+    feature_flags,
 );
 
 diesel::table! {
@@ -197,3 +198,16 @@ diesel::joinable!(expert_prompt_versions -> expert_prompts (prompt_id));
 diesel::joinable!(expert_prompts -> specialties (sub_specialty_id));
 diesel::joinable!(ideas -> users (user_id));
 diesel::joinable!(stream_tickets -> users (user_id));
+
+diesel::table! {
+    feature_flags (key) {
+        key -> Text,
+        enabled -> Bool,
+        rollout_percent -> Integer,
+        allow_users -> Text,
+        allow_plans -> Text,
+        description -> Text,
+        updated_by -> Nullable<Text>,
+        updated_at -> BigInt,
+    }
+}

@@ -23,7 +23,7 @@ fn each_backend(f: impl Fn(&Database, &DieselAuthRepository)) {
     }
     for t in &dbs {
         let db = Database::connect(&t.url, 4).expect("connect");
-        assert_eq!(db.run_migrations().expect("migrate"), 3);
+        assert_eq!(db.run_migrations().expect("migrate"), 4);
         let repo = DieselAuthRepository::new(db.clone());
         f(&db, &repo);
     }
@@ -508,7 +508,7 @@ struct ColumnInfo {
 #[test]
 fn schema_rs_matches_the_migrated_databases_exactly() {
     let declared = declared_schema();
-    assert_eq!(declared.len(), 12, "parsed {declared:?}");
+    assert_eq!(declared.len(), 13, "parsed {declared:?}");
     each_backend(|db, _| {
         let mut conn = db.get().unwrap();
         for (table, columns) in &declared {
@@ -959,5 +959,33 @@ fn stream_tickets_work_once_and_expire() {
             "expired"
         );
         assert!(repo.consume_stream_ticket("nope", 1_000).unwrap().is_none());
+    });
+}
+
+#[test]
+fn feature_flags_round_trip_and_update_in_place() {
+    use muse_billing::{FeatureFlag, FlagRepository};
+    use muse_persistence::DieselFlagRepository;
+    each_backend(|db, repo| {
+        let admin = user("flags@example.com", "flagger");
+        repo.create_user(&admin).unwrap();
+        let flags = DieselFlagRepository::new(db.clone());
+        assert!(flags.list_flags().unwrap().is_empty());
+        let mut f = FeatureFlag {
+            key: "streaming".into(),
+            enabled: true,
+            rollout_percent: 25,
+            allow_users: vec![admin.id],
+            allow_plans: vec!["pro".into()],
+            description: "SSE and WebSocket".into(),
+            updated_by: Some(admin.id),
+            updated_at: 1_000,
+        };
+        flags.upsert_flag(&f).unwrap();
+        f.enabled = false;
+        f.rollout_percent = 0;
+        f.updated_by = None;
+        flags.upsert_flag(&f).unwrap();
+        assert_eq!(flags.list_flags().unwrap(), vec![f]);
     });
 }

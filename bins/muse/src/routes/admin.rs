@@ -368,6 +368,11 @@ pub fn config(cfg: &mut web::ServiceConfig) {
             .service(web::resource("/users/{user_id}/unsuspend").post(unsuspend))
             .service(web::resource("/users/{user_id}/role").post(set_role))
             .service(web::resource("/audit").get(audit))
+            .service(
+                web::resource("/feature-flags")
+                    .get(list_flags)
+                    .post(upsert_flag),
+            )
             .service(web::resource("/rate-limits/stats").get(rate_limit_stats))
             .service(web::resource("/rate-limits/unblock").post(unblock)),
     );
@@ -515,4 +520,129 @@ pub async fn unblock(
     })
     .await;
     Ok(web::Json(UnblockResponse { cleared, keys }))
+}
+
+// ----- feature flags ----------------------------------------------------
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FlagView {
+    pub key: String,
+    pub enabled: bool,
+    /// 0–100, stable per user.
+    pub rollout_percent: u8,
+    pub allow_users: Vec<Uuid>,
+    pub allow_plans: Vec<String>,
+    pub description: String,
+    pub updated_by: Option<Uuid>,
+    pub updated_at: Option<String>,
+}
+
+impl From<muse_billing::FeatureFlag> for FlagView {
+    fn from(f: muse_billing::FeatureFlag) -> Self {
+        Self {
+            key: f.key,
+            enabled: f.enabled,
+            rollout_percent: f.rollout_percent,
+            allow_users: f.allow_users,
+            allow_plans: f.allow_plans,
+            description: f.description,
+            updated_by: f.updated_by,
+            updated_at: Some(rfc3339(f.updated_at)),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FlagList {
+    /// Every flag written so far (a flag with no row is on).
+    pub items: Vec<FlagView>,
+    /// Flags that gate routes: `batch_generation`, `streaming`,
+    /// `training`, and `provider.<id>` for each configured provider.
+    pub gates: Vec<String>,
+}
+
+/// Every feature flag, and the flags that gate routes.
+#[utoipa::path(get, path = "/api/v1/admin/feature-flags", tag = "admin", security(("bearer" = [])),
+    responses((status = 200, body = FlagList), (status = 403, body = ErrorBody)))]
+pub async fn list_flags(state: web::Data<AppState>, _admin: AdminUser) -> web::Json<FlagList> {
+    use muse_billing::flags::known;
+    let mut gates: Vec<String> = [known::BATCH_GENERATION, known::STREAMING, known::TRAINING]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    gates.extend(
+        state
+            .models
+            .provider_ids()
+            .into_iter()
+            .map(|p| format!("{}{p}", known::PROVIDER_PREFIX)),
+    );
+    web::Json(FlagList {
+        items: state
+            .flags
+            .snapshot()
+            .all()
+            .into_iter()
+            .map(FlagView::from)
+            .collect(),
+        gates,
+    })
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FlagBody {
+    /// a-z, 0-9, `_`, `.`, `-`; e.g. `streaming`, `provider.openai`.
+    pub key: String,
+    pub enabled: bool,
+    /// Default 100.
+    pub rollout_percent: Option<u8>,
+    pub allow_users: Option<Vec<Uuid>>,
+    pub allow_plans: Option<Vec<String>>,
+    pub description: Option<String>,
+}
+
+/// Creates or replaces a flag; every replica applies it within
+/// `FEATURE_FLAGS_REFRESH_SECS` (this one at once). Audited.
+#[utoipa::path(post, path = "/api/v1/admin/feature-flags", tag = "admin", security(("bearer" = [])), request_body = FlagBody,
+    responses((status = 200, body = FlagView), (status = 403, body = ErrorBody), (status = 422, body = ErrorBody)))]
+pub async fn upsert_flag(
+    state: web::Data<AppState>,
+    admin: AdminUser,
+    ctx: ClientContext,
+    body: web::Json<FlagBody>,
+) -> Result<web::Json<FlagView>, ApiError> {
+    let b = body.into_inner();
+    let flag = muse_billing::FeatureFlag {
+        key: b.key.trim().to_string(),
+        enabled: b.enabled,
+        rollout_percent: b.rollout_percent.unwrap_or(100),
+        allow_users: b.allow_users.unwrap_or_default(),
+        allow_plans: b.allow_plans.unwrap_or_default(),
+        description: b.description.unwrap_or_default(),
+        updated_by: Some(admin.0.user.id),
+        updated_at: muse_core::Clock::now_ms(&muse_core::SystemClock),
+    };
+    muse_billing::flags::validate(&flag)
+        .map_err(|m| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "validation_failed", m))?;
+    let before = state.flags.snapshot().get(&flag.key).cloned();
+    let (flags, auth, f) = (state.flags.clone(), state.auth.clone(), flag.clone());
+    blocking(move || {
+        flags.upsert(&f).map_err(|e| match e {
+            muse_billing::FlagStoreError::Unavailable(m) => {
+                ApiError::unavailable("feature flags", m)
+            }
+            muse_billing::FlagStoreError::Other(m) => ApiError::internal("feature flags", m),
+        })?;
+        auth.audit(
+            Some(admin.0.user.id),
+            muse_auth::audit::FEATURE_FLAG_CHANGED,
+            Some(&f.key),
+            &ctx.0,
+            Some(json!({"before": before, "after": f})),
+        );
+        Ok::<_, ApiError>(())
+    })
+    .await?;
+    Ok(web::Json(flag.into()))
 }

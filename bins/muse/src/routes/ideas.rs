@@ -270,6 +270,9 @@ pub async fn generate_batch(
     user: CurrentUser,
     body: web::Json<BatchBody>,
 ) -> Result<web::Json<BatchResponse>, ApiError> {
+    state
+        .flags
+        .check(muse_billing::flags::known::BATCH_GENERATION, &user.0)?;
     let items = body.into_inner().items;
     if items.is_empty() || items.len() > MAX_BATCH {
         return Err(ApiError::new(
@@ -373,6 +376,9 @@ pub async fn stream_generate(
 ) -> Result<HttpResponse, ApiError> {
     let q = query.into_inner();
     let principal = user_or_ticket(&req, q.ticket).await?;
+    state
+        .flags
+        .check(muse_billing::flags::known::STREAMING, &principal)?;
     let body = IdeaBody {
         prompt: q.prompt,
         category: q.category,

@@ -770,6 +770,7 @@ pub fn prompt_run(
     principal: &Principal,
     call: PromptCall,
 ) -> Result<Run, ApiError> {
+    provider_gate(state, principal, &call.key)?;
     let spec = state
         .specs
         .get_or_compile(
@@ -867,6 +868,9 @@ pub async fn execute_prompt_stream(
     path: web::Path<Uuid>,
     body: web::Json<ExecuteBody>,
 ) -> Result<HttpResponse, ApiError> {
+    state
+        .flags
+        .check(muse_billing::flags::known::STREAMING, &user.0)?;
     let run = prepare_execution(&state, &user.0, path.into_inner(), body.into_inner()).await?;
     let id = run.id;
     let start = json!({"execution_id": id, "model": run.key});
@@ -874,4 +878,13 @@ pub async fn execute_prompt_stream(
         ApiError::from(f.error).with_details(json!({"execution_id": f.execution.id}))
     })?;
     Ok(sse::respond(start, id, events))
+}
+
+/// `provider.<id>` flag of the model `key`'s provider.
+pub fn provider_gate(state: &AppState, principal: &Principal, key: &str) -> Result<(), ApiError> {
+    let provider = key.split_once('/').map_or(key, |(p, _)| p);
+    state.flags.check(
+        &format!("{}{provider}", muse_billing::flags::known::PROVIDER_PREFIX),
+        principal,
+    )
 }

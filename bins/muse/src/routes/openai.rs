@@ -175,6 +175,12 @@ pub async fn chat_completions(
     let body = body.into_inner();
     let request = to_request(&body)?;
     let key = body.model.clone();
+    super::library::provider_gate(&state, &user.0, &key)?;
+    if body.stream.unwrap_or(false) {
+        state
+            .flags
+            .check(muse_billing::flags::known::STREAMING, &user.0)?;
+    }
     let created = muse_core::Clock::now_secs(&muse_core::SystemClock);
     let run = Run::new(
         &state,
