@@ -7,9 +7,14 @@
 //! `muse-persistence` to share limits across replicas.
 
 pub mod flags;
+pub mod plans;
 pub mod ratelimit;
 
 pub use flags::{FeatureFlag, FlagRepository, FlagSet, FlagStoreError};
+pub use plans::{
+    month_of, BillingError, BillingEvent, BillingRepository, Plan, QuotaKind, Reservation,
+    Subscription, SubscriptionStatus, Usage, FREE_PLAN,
+};
 pub use ratelimit::{
     gcra, Decision, LimitError, MemoryStore, Quota, RateLimitStore, RateLimiter, Refusal,
     RouteClass, Subject,

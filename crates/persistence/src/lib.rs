@@ -11,6 +11,7 @@
 //! Every call blocks: run it on a blocking pool.
 
 mod auth_repo;
+mod billing_repo;
 mod db;
 mod execution_repo;
 mod flags_repo;
@@ -20,6 +21,7 @@ pub mod schema;
 pub mod testing;
 
 pub use auth_repo::DieselAuthRepository;
+pub use billing_repo::DieselBillingRepository;
 pub use db::{Backend, Database, DbConnection, DbError, PooledConn};
 pub use execution_repo::DieselExecutionRepository;
 pub use flags_repo::DieselFlagRepository;

@@ -96,6 +96,10 @@ diesel::allow_tables_to_appear_in_same_query!(
     ideas,
     stream_tickets,
     feature_flags,
+    plans,
+    subscriptions,
+    usage_counters,
+    billing_events,
 );
 
 diesel::table! {
@@ -209,5 +213,60 @@ diesel::table! {
         description -> Text,
         updated_by -> Nullable<Text>,
         updated_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    plans (id) {
+        id -> Text,
+        name -> Text,
+        price_cents -> BigInt,
+        currency -> Text,
+        stripe_price_id -> Nullable<Text>,
+        max_requests -> Nullable<BigInt>,
+        max_tokens -> Nullable<BigInt>,
+        max_cost_usd -> Nullable<Double>,
+        max_batch -> Integer,
+        allowed_models -> Text,
+        training_allowed -> Bool,
+        active -> Bool,
+        created_at -> BigInt,
+        updated_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    subscriptions (user_id) {
+        user_id -> Text,
+        plan_id -> Text,
+        status -> Text,
+        cancel_at_period_end -> Bool,
+        stripe_customer_id -> Nullable<Text>,
+        stripe_subscription_id -> Nullable<Text>,
+        current_period_end -> Nullable<BigInt>,
+        updated_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    usage_counters (user_id, period_start) {
+        user_id -> Text,
+        period_start -> BigInt,
+        requests -> BigInt,
+        tokens -> BigInt,
+        cost_usd -> Double,
+    }
+}
+
+diesel::table! {
+    billing_events (id) {
+        id -> Text,
+        user_id -> Text,
+        kind -> Text,
+        description -> Text,
+        amount_cents -> Nullable<BigInt>,
+        currency -> Nullable<Text>,
+        external_id -> Nullable<Text>,
+        created_at -> BigInt,
     }
 }

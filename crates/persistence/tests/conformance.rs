@@ -23,7 +23,7 @@ fn each_backend(f: impl Fn(&Database, &DieselAuthRepository)) {
     }
     for t in &dbs {
         let db = Database::connect(&t.url, 4).expect("connect");
-        assert_eq!(db.run_migrations().expect("migrate"), 4);
+        assert_eq!(db.run_migrations().expect("migrate"), 5);
         let repo = DieselAuthRepository::new(db.clone());
         f(&db, &repo);
     }
@@ -508,7 +508,7 @@ struct ColumnInfo {
 #[test]
 fn schema_rs_matches_the_migrated_databases_exactly() {
     let declared = declared_schema();
-    assert_eq!(declared.len(), 13, "parsed {declared:?}");
+    assert_eq!(declared.len(), 17, "parsed {declared:?}");
     each_backend(|db, _| {
         let mut conn = db.get().unwrap();
         for (table, columns) in &declared {
@@ -987,5 +987,125 @@ fn feature_flags_round_trip_and_update_in_place() {
         f.updated_by = None;
         flags.upsert_flag(&f).unwrap();
         assert_eq!(flags.list_flags().unwrap(), vec![f]);
+    });
+}
+
+#[test]
+fn quotas_hold_under_100_concurrent_reservations_and_reconcile() {
+    use muse_billing::*;
+    use muse_persistence::DieselBillingRepository;
+    each_backend(|db, repo| {
+        let u = user("quota@example.com", "quota");
+        repo.create_user(&u).unwrap();
+        let billing = Arc::new(DieselBillingRepository::new(db.clone()));
+        let plans = billing.plans().unwrap();
+        assert_eq!(
+            plans.iter().map(|p| p.id.as_str()).collect::<Vec<_>>(),
+            ["free", "pro", "team"]
+        );
+        let mut plan = billing.plan("free").unwrap().unwrap();
+        plan.max_requests = Some(10);
+        plan.max_tokens = Some(1_000);
+        let period = 1_000;
+        let barrier = Arc::new(Barrier::new(20));
+        let admitted: usize = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..20)
+                .map(|_| {
+                    let (billing, plan, barrier) = (billing.clone(), plan.clone(), barrier.clone());
+                    s.spawn(move || {
+                        barrier.wait();
+                        (0..5)
+                            .filter(|_| {
+                                billing
+                                    .reserve(u.id, period, &plan, 50, 0.01)
+                                    .unwrap()
+                                    .is_ok()
+                            })
+                            .count()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).sum()
+        });
+        assert_eq!(
+            admitted, 10,
+            "exactly the quota under 100 concurrent reservations"
+        );
+        let used = billing.usage(u.id, period).unwrap();
+        assert_eq!((used.requests, used.tokens), (10, 500));
+        assert_eq!(
+            billing.reserve(u.id, period, &plan, 50, 0.0).unwrap(),
+            Err(QuotaKind::Requests)
+        );
+        // Reconciling replaces the worst case by what was used.
+        let r = Reservation {
+            user_id: u.id,
+            period_start: period,
+            tokens: 50,
+            cost_usd: 0.01,
+        };
+        billing.reconcile(&r, 20, 0.002).unwrap();
+        let used = billing.usage(u.id, period).unwrap();
+        assert_eq!((used.requests, used.tokens), (10, 470));
+        assert!((used.cost_usd - 0.092).abs() < 1e-9, "{used:?}");
+        // A token quota refuses a reservation that would pass it.
+        plan.max_requests = None;
+        assert_eq!(
+            billing.reserve(u.id, period, &plan, 600, 0.0).unwrap(),
+            Err(QuotaKind::Tokens)
+        );
+        assert!(billing
+            .reserve(u.id, period, &plan, 530, 0.0)
+            .unwrap()
+            .is_ok());
+        // A new period starts from zero.
+        assert_eq!(billing.usage(u.id, period + 1).unwrap(), Usage::default());
+        // Subscriptions and history.
+        assert!(billing.subscription(u.id).unwrap().is_none());
+        let sub = Subscription {
+            user_id: u.id,
+            plan_id: "pro".into(),
+            status: SubscriptionStatus::Active,
+            cancel_at_period_end: false,
+            stripe_customer_id: None,
+            stripe_subscription_id: None,
+            current_period_end: Some(9_999),
+            updated_at: 5,
+        };
+        billing.upsert_subscription(&sub).unwrap();
+        billing
+            .upsert_subscription(&Subscription {
+                cancel_at_period_end: true,
+                ..sub.clone()
+            })
+            .unwrap();
+        assert!(
+            billing
+                .subscription(u.id)
+                .unwrap()
+                .unwrap()
+                .cancel_at_period_end
+        );
+        let bad = billing.upsert_subscription(&Subscription {
+            plan_id: "gold".into(),
+            ..sub
+        });
+        assert!(matches!(bad, Err(BillingError::UnknownPlan(_))), "{bad:?}");
+        billing
+            .record_event(&BillingEvent {
+                id: Uuid::now_v7(),
+                user_id: u.id,
+                kind: "plan_changed".into(),
+                description: "free → pro".into(),
+                amount_cents: None,
+                currency: None,
+                external_id: None,
+                created_at: 7,
+            })
+            .unwrap();
+        assert_eq!(
+            billing.events(u.id, PageRequest::default()).unwrap().total,
+            1
+        );
     });
 }

@@ -1,0 +1,4 @@
+DROP TABLE billing_events;
+DROP TABLE usage_counters;
+DROP TABLE subscriptions;
+DROP TABLE plans;
