@@ -10,6 +10,7 @@ mod upstream;
 mod accounts;
 mod admin;
 mod api_keys;
+mod billing;
 mod email_flows;
 mod errors;
 mod ideas;

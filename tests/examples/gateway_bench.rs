@@ -153,6 +153,10 @@ async fn start_muse(bin: &str, upstream: &str) -> Muse {
         .env("OPENAI_COMPATIBLE_NAME", "up")
         .env("OPENAI_COMPATIBLE_MODELS", "bench")
         .env("LLM_MAX_RETRIES", "0")
+        // One client address sends everything: measure the gateway, not its rate limiter.
+        .env("RATE_LIMIT_ENABLED", "false")
+        .env("ADMIN_EMAIL", "root@example.com")
+        .env("ADMIN_PASSWORD", "bench admin passphrase")
         .stdout(log.try_clone().unwrap())
         .stderr(log)
         .spawn()
@@ -391,6 +395,22 @@ async fn main() {
         .as_str()
         .unwrap()
         .to_string();
+    // Lift the free plan's quotas: tens of thousands of calls follow.
+    let admin = post(
+        &client,
+        &format!("{base}/api/v1/auth/login"),
+        "",
+        json!({"email": "root@example.com", "password": "bench admin passphrase"}),
+    )
+    .await;
+    let r = client
+        .put(format!("{base}/api/v1/admin/plans/free"))
+        .bearer_auth(admin["access_token"].as_str().unwrap())
+        .json(&json!({"name": "Free", "price_cents": 0}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
     let spec = post(
         &client,
         &format!("{base}/api/v1/specialties"),

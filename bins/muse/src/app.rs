@@ -67,6 +67,7 @@ pub fn build_state(config: Config, db: Database) -> Result<AppState, StartError>
     );
     let (models, local_unavailable) = crate::inference::build_registry(&config.llm)?;
     let library_repo = Arc::new(muse_persistence::DieselLibraryRepository::new(db.clone()));
+    let billing = Arc::new(muse_persistence::DieselBillingRepository::new(db.clone()));
     let flags = Arc::new(crate::flags::Flags::new(
         Arc::new(muse_persistence::DieselFlagRepository::new(db.clone())),
         std::time::Duration::from_secs(config.feature_flags_refresh_secs.max(1)),
@@ -91,6 +92,7 @@ pub fn build_state(config: Config, db: Database) -> Result<AppState, StartError>
         metrics: telemetry::metrics_handle(),
         limiter,
         flags,
+        billing,
         started: Instant::now(),
         mail_transport,
     })
@@ -148,6 +150,7 @@ pub fn build_app(
         .configure(routes::executions::config)
         .configure(routes::library::config)
         .configure(routes::admin::config)
+        .configure(routes::subscription::config)
         .configure(crate::ws::config)
         .configure(routes::pages::config)
         .configure(openapi::config)

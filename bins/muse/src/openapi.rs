@@ -8,7 +8,7 @@ use utoipa_redoc::{Redoc, Servable};
 use utoipa_swagger_ui::SwaggerUi;
 
 use crate::error::{ErrorBody, ErrorDetail};
-use crate::routes::{admin, ai, auth, executions, ideas, library, openai, system};
+use crate::routes::{admin, ai, auth, executions, ideas, library, openai, subscription, system};
 use crate::ws;
 
 #[derive(OpenApi)]
@@ -37,8 +37,11 @@ use crate::ws;
         ideas::generate, ideas::generate_batch, ideas::stream_ticket, ideas::stream_generate,
         ideas::history, ideas::get_idea, ideas::rate,
         ws::handshake,
+        subscription::info, subscription::plans, subscription::usage, subscription::upgrade,
+        subscription::cancel, subscription::history,
         admin::stats, admin::list_users, admin::suspend, admin::unsuspend, admin::set_role, admin::audit,
         admin::rate_limit_stats, admin::unblock, admin::list_flags, admin::upsert_flag,
+        admin::set_plan, admin::put_plan,
     ),
     components(schemas(ErrorBody, ErrorDetail)),
     modifiers(&Security),
@@ -51,6 +54,7 @@ use crate::ws;
         (name = "ideas", description = "Idea generation (one, batch, streamed), history and ratings"),
         (name = "websocket", description = "WebSocket protocol: docs/websocket.md"),
         (name = "admin", description = "Administrators only"),
+        (name = "subscription", description = "Plans, usage against quotas, billing history"),
         (name = "openai", description = "OpenAI-compatible API: point an OpenAI SDK at /v1 with a Muse API key"),
     )
 )]

@@ -17,6 +17,7 @@ use muse_prompts::{Execution, ExecutionSource, ExecutionStatus, Idea};
 use serde_json::Value;
 use uuid::Uuid;
 
+use crate::error::ApiError;
 use crate::state::AppState;
 
 /// A call about to run. Dropping it before it ends records a cancellation.
@@ -36,6 +37,8 @@ pub struct Run {
     deltas: u32,
     first: Option<Duration>,
     finished: bool,
+    /// The quota this call holds, reconciled when it is recorded.
+    reservation: Option<muse_billing::Reservation>,
 }
 
 /// A call that succeeded (already recorded).
@@ -134,6 +137,24 @@ impl Run {
             deltas: 0,
             first: None,
             finished: false,
+            reservation: None,
+        }
+    }
+
+    /// Reserves this call's worst case against the user's plan quotas; on
+    /// refusal the run is dropped unrecorded (nothing was called) and the
+    /// error (402 `quota_exceeded`, 403 `model_not_in_plan`) returned.
+    pub async fn admit(mut self) -> Result<Self, ApiError> {
+        match crate::quota::reserve(&self.state, self.user_id, &self.key, &self.request).await {
+            Ok(r) => {
+                self.reservation = Some(r);
+                Ok(self)
+            }
+            Err(e) => {
+                self.finished = true;
+                metrics::gauge!("active_executions").decrement(1.0);
+                Err(e)
+            }
         }
     }
 
@@ -212,7 +233,16 @@ impl Run {
             });
         let (executions, ideas) = (self.state.executions.clone(), self.state.ideas.clone());
         let (e, i) = (execution.clone(), idea.clone());
+        let settle = self.reservation.take().map(|r| {
+            let used = i64::from(usage.prompt_tokens) + i64::from(usage.completion_tokens);
+            (self.state.billing.clone(), r, used, cost.unwrap_or(0.0))
+        });
         let write = move || {
+            if let Some((billing, r, used, cost)) = settle {
+                if let Err(err) = billing.reconcile(&r, used, cost) {
+                    tracing::error!(error = %err, user_id = %r.user_id, "could not reconcile a quota reservation");
+                }
+            }
             if let Err(err) = executions.record(&e) {
                 tracing::error!(error = %err, execution_id = %e.id, "could not record an execution");
             }

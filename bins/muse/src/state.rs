@@ -30,6 +30,7 @@ pub struct AppState {
     /// `None` when rate limiting is off.
     pub limiter: Option<Arc<muse_billing::RateLimiter>>,
     pub flags: Arc<crate::flags::Flags>,
+    pub billing: Arc<dyn muse_billing::BillingRepository>,
     pub started: Instant,
     /// `smtp` or `outbox`.
     pub mail_transport: &'static str,

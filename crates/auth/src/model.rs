@@ -161,6 +161,8 @@ pub mod audit {
     pub const ROLE_CHANGED: &str = "user.role_changed";
     pub const RATE_LIMIT_UNBLOCKED: &str = "rate_limit.unblocked";
     pub const FEATURE_FLAG_CHANGED: &str = "feature_flag.changed";
+    pub const PLAN_CHANGED: &str = "plan.changed";
+    pub const PLAN_EDITED: &str = "plan.edited";
 }
 
 /// A row of the audit log.

@@ -191,6 +191,8 @@ pub struct BillingEvent {
 pub trait BillingRepository: Send + Sync + 'static {
     fn plans(&self) -> Result<Vec<Plan>, BillingError>;
     fn plan(&self, id: &str) -> Result<Option<Plan>, BillingError>;
+    /// Creates or replaces a plan.
+    fn upsert_plan(&self, plan: &Plan, now: i64) -> Result<(), BillingError>;
     fn subscription(&self, user_id: Uuid) -> Result<Option<Subscription>, BillingError>;
     fn upsert_subscription(&self, sub: &Subscription) -> Result<(), BillingError>;
     fn usage(&self, user_id: Uuid, period_start: i64) -> Result<Usage, BillingError>;

@@ -125,6 +125,51 @@ impl BillingRepository for DieselBillingRepository {
             .transpose()
     }
 
+    fn upsert_plan(&self, p: &Plan, now: i64) -> Result<(), BillingError> {
+        let models = serde_json::to_string(&p.allowed_models).unwrap_or_else(|_| "[]".into());
+        let mut conn = self.conn()?;
+        conn.transaction(|c| {
+            let n = diesel::update(plans::table.find(&p.id))
+                .set((
+                    plans::name.eq(&p.name),
+                    plans::price_cents.eq(p.price_cents),
+                    plans::currency.eq(&p.currency),
+                    plans::stripe_price_id.eq(&p.stripe_price_id),
+                    plans::max_requests.eq(p.max_requests),
+                    plans::max_tokens.eq(p.max_tokens),
+                    plans::max_cost_usd.eq(p.max_cost_usd),
+                    plans::max_batch.eq(p.max_batch),
+                    plans::allowed_models.eq(&models),
+                    plans::training_allowed.eq(p.training_allowed),
+                    plans::active.eq(p.active),
+                    plans::updated_at.eq(now),
+                ))
+                .execute(c)?;
+            if n == 0 {
+                diesel::insert_into(plans::table)
+                    .values((
+                        plans::id.eq(&p.id),
+                        plans::name.eq(&p.name),
+                        plans::price_cents.eq(p.price_cents),
+                        plans::currency.eq(&p.currency),
+                        plans::stripe_price_id.eq(&p.stripe_price_id),
+                        plans::max_requests.eq(p.max_requests),
+                        plans::max_tokens.eq(p.max_tokens),
+                        plans::max_cost_usd.eq(p.max_cost_usd),
+                        plans::max_batch.eq(p.max_batch),
+                        plans::allowed_models.eq(&models),
+                        plans::training_allowed.eq(p.training_allowed),
+                        plans::active.eq(p.active),
+                        plans::created_at.eq(now),
+                        plans::updated_at.eq(now),
+                    ))
+                    .execute(c)?;
+            }
+            Ok(())
+        })
+        .map_err(other)
+    }
+
     fn subscription(&self, user_id: Uuid) -> Result<Option<Subscription>, BillingError> {
         let mut conn = self.conn()?;
         let row: Option<SubRow> = subscriptions::table

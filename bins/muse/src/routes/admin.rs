@@ -367,6 +367,8 @@ pub fn config(cfg: &mut web::ServiceConfig) {
             .service(web::resource("/users/{user_id}/suspend").post(suspend))
             .service(web::resource("/users/{user_id}/unsuspend").post(unsuspend))
             .service(web::resource("/users/{user_id}/role").post(set_role))
+            .service(web::resource("/users/{user_id}/plan").post(set_plan))
+            .service(web::resource("/plans/{plan_id}").put(put_plan))
             .service(web::resource("/audit").get(audit))
             .service(
                 web::resource("/feature-flags")
@@ -645,4 +647,176 @@ pub async fn upsert_flag(
     })
     .await?;
     Ok(web::Json(flag.into()))
+}
+
+// ----- plans ------------------------------------------------------------
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PlanChange {
+    /// e.g. `pro`; `free` ends the subscription.
+    pub plan_id: String,
+}
+
+/// Moves a user to a plan at once (no payment involved): their quotas
+/// change on the next call. Audited and written to their billing history.
+#[utoipa::path(post, path = "/api/v1/admin/users/{user_id}/plan", tag = "admin", security(("bearer" = [])), request_body = PlanChange,
+    params(("user_id" = Uuid, Path, description = "the user")),
+    responses((status = 200, body = crate::routes::subscription::SubscriptionView), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn set_plan(
+    state: web::Data<AppState>,
+    admin: AdminUser,
+    ctx: ClientContext,
+    path: web::Path<Uuid>,
+    body: web::Json<PlanChange>,
+) -> Result<web::Json<crate::routes::subscription::SubscriptionView>, ApiError> {
+    let target = path.into_inner();
+    let plan_id = body.into_inner().plan_id;
+    let (auth, billing) = (state.auth.clone(), state.billing.clone());
+    let now = muse_core::Clock::now_ms(&muse_core::SystemClock);
+    let sub = blocking(move || {
+        let store = crate::quota::store_error;
+        let user = auth
+            .repository()
+            .user_by_id(target)
+            .map_err(|e| ApiError::from(muse_auth::AuthError::from(e)))?
+            .ok_or_else(|| ApiError::not_found("no such user"))?;
+        let plan = billing
+            .plan(&plan_id)
+            .map_err(store)?
+            .ok_or_else(|| ApiError::not_found(format!("no such plan: {plan_id}")))?;
+        let before = billing.subscription(target).map_err(store)?;
+        let from = before
+            .as_ref()
+            .map_or("free".to_string(), |s| s.plan_id.clone());
+        let sub = muse_billing::Subscription {
+            user_id: target,
+            plan_id: plan.id.clone(),
+            status: muse_billing::SubscriptionStatus::Active,
+            cancel_at_period_end: false,
+            stripe_customer_id: before.as_ref().and_then(|s| s.stripe_customer_id.clone()),
+            stripe_subscription_id: before
+                .as_ref()
+                .and_then(|s| s.stripe_subscription_id.clone()),
+            current_period_end: Some(muse_billing::month_of(now).1),
+            updated_at: now,
+        };
+        billing.upsert_subscription(&sub).map_err(store)?;
+        billing
+            .record_event(&muse_billing::BillingEvent {
+                id: Uuid::now_v7(),
+                user_id: target,
+                kind: "plan_changed".into(),
+                description: format!("{from} → {} (by an administrator)", plan.id),
+                amount_cents: None,
+                currency: None,
+                external_id: None,
+                created_at: now,
+            })
+            .map_err(store)?;
+        auth.audit(
+            Some(admin.0.user.id),
+            muse_auth::audit::PLAN_CHANGED,
+            Some(&target.to_string()),
+            &ctx.0,
+            Some(json!({"target": target, "email": user.email, "from": from, "to": plan.id})),
+        );
+        Ok::<_, ApiError>(sub)
+    })
+    .await?;
+    Ok(web::Json(
+        crate::routes::subscription::SubscriptionView::from(&sub),
+    ))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PlanBody {
+    pub name: String,
+    pub price_cents: i64,
+    pub currency: Option<String>,
+    pub stripe_price_id: Option<String>,
+    /// Per month; null or absent is unlimited.
+    pub max_requests: Option<i64>,
+    pub max_tokens: Option<i64>,
+    pub max_cost_usd: Option<f64>,
+    pub max_batch: Option<i32>,
+    pub allowed_models: Option<Vec<String>>,
+    pub training_allowed: Option<bool>,
+    pub active: Option<bool>,
+}
+
+/// Creates or replaces a plan (its quotas apply to the next call of every
+/// user on it). Audited.
+#[utoipa::path(put, path = "/api/v1/admin/plans/{plan_id}", tag = "admin", security(("bearer" = [])), request_body = PlanBody,
+    params(("plan_id" = String, Path, description = "a-z, 0-9, '-', '_'")),
+    responses((status = 200, body = crate::routes::subscription::PlanView), (status = 403, body = ErrorBody), (status = 422, body = ErrorBody)))]
+pub async fn put_plan(
+    state: web::Data<AppState>,
+    admin: AdminUser,
+    ctx: ClientContext,
+    path: web::Path<String>,
+    body: web::Json<PlanBody>,
+) -> Result<web::Json<crate::routes::subscription::PlanView>, ApiError> {
+    let id = path.into_inner();
+    let b = body.into_inner();
+    let invalid = |m: &str| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation_failed",
+            m.to_string(),
+        )
+    };
+    if id.is_empty()
+        || id.len() > 32
+        || !id
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+    {
+        return Err(invalid("plan_id: 1 to 32 of a-z, 0-9, '-', '_'"));
+    }
+    if b.name.trim().is_empty() || b.name.chars().count() > 100 {
+        return Err(invalid("name: 1 to 100 characters"));
+    }
+    if b.price_cents < 0
+        || b.max_requests.is_some_and(|v| v < 0)
+        || b.max_tokens.is_some_and(|v| v < 0)
+        || b.max_cost_usd.is_some_and(|v| v.is_nan() || v < 0.0)
+        || b.max_batch.is_some_and(|v| !(1..=100).contains(&v))
+    {
+        return Err(invalid(
+            "prices and quotas must not be negative; max_batch is 1 to 100",
+        ));
+    }
+    let plan = muse_billing::Plan {
+        id: id.clone(),
+        name: b.name.trim().to_string(),
+        price_cents: b.price_cents,
+        currency: b.currency.unwrap_or_else(|| "usd".into()).to_lowercase(),
+        stripe_price_id: b.stripe_price_id,
+        max_requests: b.max_requests,
+        max_tokens: b.max_tokens,
+        max_cost_usd: b.max_cost_usd,
+        max_batch: b.max_batch.unwrap_or(10),
+        allowed_models: b.allowed_models.unwrap_or_default(),
+        training_allowed: b.training_allowed.unwrap_or(false),
+        active: b.active.unwrap_or(true),
+    };
+    let (auth, billing, p) = (state.auth.clone(), state.billing.clone(), plan.clone());
+    let now = muse_core::Clock::now_ms(&muse_core::SystemClock);
+    blocking(move || {
+        billing
+            .upsert_plan(&p, now)
+            .map_err(crate::quota::store_error)?;
+        auth.audit(
+            Some(admin.0.user.id),
+            muse_auth::audit::PLAN_EDITED,
+            Some(&p.id),
+            &ctx.0,
+            Some(json!(p)),
+        );
+        Ok::<_, ApiError>(())
+    })
+    .await?;
+    Ok(web::Json(plan.into()))
 }

@@ -168,7 +168,9 @@ pub async fn prepare_idea(
             temperature: Some(plan.temperature),
             max_tokens: Some(plan.max_tokens),
         },
-    )?;
+    )?
+    .admit()
+    .await?;
     Ok(run.with_idea(Idea {
         id: Uuid::now_v7(),
         user_id: principal.user.id,
@@ -283,6 +285,22 @@ pub async fn generate_batch(
                 items.len()
             ),
         ));
+    }
+    let (billing, uid) = (state.billing.clone(), user.0.user.id);
+    let now = muse_core::Clock::now_ms(&muse_core::SystemClock);
+    let (plan, _) = web::block(move || crate::quota::plan_of(&billing, uid, now))
+        .await?
+        .map_err(crate::quota::store_error)?;
+    if items.len() > usize::try_from(plan.max_batch).unwrap_or(0) {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation_failed",
+            format!(
+                "the {} plan allows up to {} ideas per batch",
+                plan.name, plan.max_batch
+            ),
+        )
+        .with_details(json!({"plan": plan.id, "max_batch": plan.max_batch})));
     }
     let principal = &user.0;
     let results = join_all(

@@ -745,7 +745,9 @@ pub async fn prepare_execution(
             temperature: body.temperature,
             max_tokens: body.max_tokens,
         },
-    )
+    )?
+    .admit()
+    .await
 }
 
 /// One call of a stored prompt version.

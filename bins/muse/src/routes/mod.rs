@@ -9,6 +9,7 @@ pub mod library;
 pub mod openai;
 pub mod pages;
 pub mod sse;
+pub mod subscription;
 pub mod system;
 
 use actix_web::web;

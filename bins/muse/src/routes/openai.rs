@@ -188,7 +188,9 @@ pub async fn chat_completions(
         ExecutionSource::OpenaiApi,
         &key,
         request,
-    );
+    )
+    .admit()
+    .await?;
     let id = run.id;
     let completion_id = format!("chatcmpl-{}", id.simple());
 

@@ -1,0 +1,124 @@
+//! Plans and quotas in the server: which plan a user is on, and the
+//! reservation a call makes before it starts (see `muse_billing::plans`).
+
+use actix_web::http::StatusCode;
+use muse_billing::{
+    month_of, BillingRepository, Plan, QuotaKind, Reservation, Subscription, SubscriptionStatus,
+    FREE_PLAN,
+};
+use muse_inference::GenerateRequest;
+use std::sync::Arc;
+use uuid::Uuid;
+
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// Tokens assumed for a call that sets no `max_tokens`.
+pub const DEFAULT_RESERVED_COMPLETION_TOKENS: u32 = 1_024;
+
+pub fn store_error(e: muse_billing::BillingError) -> ApiError {
+    match e {
+        muse_billing::BillingError::Unavailable(m) => ApiError::unavailable("billing store", m),
+        muse_billing::BillingError::UnknownPlan(p) => {
+            ApiError::not_found(format!("no such plan: {p}"))
+        }
+        other => ApiError::internal("billing store", other),
+    }
+}
+
+/// The plan in force for a user now: their subscription's while it is
+/// active or past due (and not cancelled past its period end), else free.
+pub fn plan_of(
+    billing: &Arc<dyn BillingRepository>,
+    user_id: Uuid,
+    now_ms: i64,
+) -> Result<(Plan, Option<Subscription>), muse_billing::BillingError> {
+    let sub = billing.subscription(user_id)?;
+    let current = sub.as_ref().filter(|s| {
+        s.status != SubscriptionStatus::Canceled
+            && !(s.cancel_at_period_end && s.current_period_end.is_some_and(|end| now_ms >= end))
+    });
+    let id = current.map_or(FREE_PLAN, |s| s.plan_id.as_str());
+    let plan = match billing.plan(id)? {
+        Some(p) => p,
+        None => billing
+            .plan(FREE_PLAN)?
+            .ok_or_else(|| muse_billing::BillingError::UnknownPlan(FREE_PLAN.into()))?,
+    };
+    Ok((plan, sub))
+}
+
+/// Reserves the worst case of `request` on `key` against the user's quota.
+pub async fn reserve(
+    state: &AppState,
+    user_id: Uuid,
+    key: &str,
+    request: &GenerateRequest,
+) -> Result<Reservation, ApiError> {
+    let prompt_chars: usize = request.messages.iter().map(|m| m.content.len()).sum();
+    let prompt_tokens = u32::try_from(prompt_chars / 4 + 1).unwrap_or(u32::MAX);
+    let completion = request
+        .max_tokens
+        .unwrap_or(DEFAULT_RESERVED_COMPLETION_TOKENS);
+    let usage = muse_inference::Usage {
+        prompt_tokens,
+        completion_tokens: completion,
+    };
+    let cost = state.models.cost(key, &usage).unwrap_or(0.0);
+    let tokens = i64::from(prompt_tokens) + i64::from(completion);
+    let (billing, key) = (state.billing.clone(), key.to_string());
+    let now = muse_core::Clock::now_ms(&muse_core::SystemClock);
+    let (period_start, period_end) = month_of(now);
+    let outcome = actix_web::web::block(move || {
+        let (plan, _) = plan_of(&billing, user_id, now)?;
+        if !plan.allows_model(&key) {
+            return Ok(Err((plan, None)));
+        }
+        let r = billing.reserve(user_id, period_start, &plan, tokens, cost)?;
+        Ok::<_, muse_billing::BillingError>(r.map_err(|kind| (plan, Some(kind))))
+    })
+    .await?
+    .map_err(store_error)?;
+    match outcome {
+        Ok(()) => Ok(Reservation {
+            user_id,
+            period_start,
+            tokens,
+            cost_usd: cost,
+        }),
+        Err((plan, None)) => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "model_not_in_plan",
+            format!("the {} plan does not include this model", plan.name),
+        )
+        .with_details(serde_json::json!({"plan": plan.id, "allowed_models": plan.allowed_models}))),
+        Err((plan, Some(kind))) => {
+            let kind_name = match kind {
+                QuotaKind::Requests => "requests",
+                QuotaKind::Tokens => "tokens",
+                QuotaKind::Cost => "cost",
+            };
+            metrics::counter!("quota_denials_total", "quota" => kind_name, "plan" => plan.id.clone())
+                .increment(1);
+            let retry = u64::try_from((period_end - now + 999) / 1000)
+                .unwrap_or(0)
+                .max(1);
+            Err(ApiError {
+                retry_after: Some(retry),
+                ..ApiError::new(
+                    StatusCode::PAYMENT_REQUIRED,
+                    "quota_exceeded",
+                    format!(
+                        "the {kind_name} quota of the {} plan is used up until {}; upgrade or wait",
+                        plan.name,
+                        crate::routes::rfc3339(period_end)
+                    ),
+                )
+                .with_details(serde_json::json!({
+                    "quota": kind_name, "plan": plan.id, "resets_at": crate::routes::rfc3339(period_end),
+                    "limits": {"requests": plan.max_requests, "tokens": plan.max_tokens, "cost_usd": plan.max_cost_usd},
+                }))
+            })
+        }
+    }
+}

@@ -1,0 +1,277 @@
+//! Plans and quotas end to end: usage counted and reconciled, the quota
+//! refusing with the documented error, exactly the quota under 100
+//! concurrent requests, admin plan changes, cancellation, history.
+
+use reqwest::StatusCode;
+use serde_json::json;
+
+use crate::helpers::*;
+use crate::upstream::app_with_upstream;
+
+fn chat() -> serde_json::Value {
+    json!({"model": "up/ok", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16})
+}
+
+#[actix_web::test]
+async fn a_free_user_hits_the_quota_and_an_admin_upgrades_them() {
+    let (app, _up) = app_with_upstream(&[
+        ("ADMIN_EMAIL", "root@example.com"),
+        ("ADMIN_PASSWORD", "an admin passphrase"),
+    ])
+    .await;
+    let admin = access(
+        &app.login("root@example.com", "an admin passphrase")
+            .await
+            .body,
+    );
+    let token = access(&app.user("gina").await);
+    let gina = app.get("/api/v1/auth/me", Some(&token)).await.body["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let plans = app.get("/api/v1/subscription/plans", None).await;
+    assert_eq!(
+        plans.body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["id"].as_str().unwrap())
+            .collect::<Vec<_>>(),
+        ["free", "pro", "team"]
+    );
+    let info = app.get("/api/v1/subscription/info", Some(&token)).await;
+    assert_eq!(
+        (
+            info.body["plan"]["id"].as_str(),
+            info.body["usage"]["requests"].as_i64()
+        ),
+        (Some("free"), Some(0))
+    );
+    assert!(info.body["subscription"].is_null());
+
+    // The admin makes the free plan tiny.
+    let r = app
+        .call(reqwest::Method::PUT, "/api/v1/admin/plans/free", Some(&admin), Some(json!({"name": "Free", "price_cents": 0, "max_requests": 3, "max_tokens": 100000, "max_batch": 2})))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let r = app
+        .call(
+            reqwest::Method::PUT,
+            "/api/v1/admin/plans/free",
+            Some(&token),
+            Some(json!({"name": "x", "price_cents": 0})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    for _ in 0..3 {
+        assert_eq!(
+            app.post("/v1/chat/completions", Some(&token), chat())
+                .await
+                .status,
+            StatusCode::OK
+        );
+    }
+    let r = app.post("/v1/chat/completions", Some(&token), chat()).await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::PAYMENT_REQUIRED, "quota_exceeded")
+    );
+    assert_eq!(
+        (
+            r.body["error"]["details"]["quota"].as_str(),
+            r.body["error"]["details"]["plan"].as_str()
+        ),
+        (Some("requests"), Some("free"))
+    );
+    assert!(r.body["error"]["details"]["resets_at"]
+        .as_str()
+        .unwrap()
+        .ends_with("-01T00:00:00.000Z"));
+    let retry: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!(retry > 0 && retry <= 31 * 86_400);
+    // Every path is gated: execute-prompt and ideas too.
+    let r = app
+        .post(
+            "/api/v1/ai/generate",
+            Some(&token),
+            json!({"prompt": "x", "model": "up/ok"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::PAYMENT_REQUIRED);
+    // Usage was reconciled with the real tokens (12 + 4 per call).
+    let u = app.get("/api/v1/subscription/usage", Some(&token)).await;
+    assert_eq!(
+        (
+            u.body["requests"].as_i64(),
+            u.body["tokens"].as_i64(),
+            u.body["max_requests"].as_i64()
+        ),
+        (Some(3), Some(48), Some(3))
+    );
+    // The plan's batch size.
+    let r = app
+        .post(
+            "/api/v1/ai/generate/batch",
+            Some(&token),
+            json!({"items": [{"prompt": "a"}, {"prompt": "b"}, {"prompt": "c"}]}),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.body["error"]["details"]["max_batch"].as_i64()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some(2))
+    );
+
+    // No payment provider: upgrading says so; an admin moves the user.
+    let r = app
+        .post("/api/v1/subscription/upgrade/pro", Some(&token), json!({}))
+        .await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::CONFLICT, "payments_not_configured")
+    );
+    let r = app
+        .post("/api/v1/subscription/upgrade/gold", Some(&token), json!({}))
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    let r = app
+        .post("/api/v1/subscription/cancel", Some(&token), json!({}))
+        .await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::CONFLICT, "no_subscription")
+    );
+    let r = app
+        .post(
+            &format!("/api/v1/admin/users/{gina}/plan"),
+            Some(&admin),
+            json!({"plan_id": "pro"}),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.body["plan_id"].as_str()),
+        (StatusCode::OK, Some("pro")),
+        "{}",
+        r.text
+    );
+    assert_eq!(
+        app.post("/v1/chat/completions", Some(&token), chat())
+            .await
+            .status,
+        StatusCode::OK
+    );
+    let info = app.get("/api/v1/subscription/info", Some(&token)).await;
+    assert_eq!(
+        (
+            info.body["plan"]["id"].as_str(),
+            info.body["subscription"]["status"].as_str()
+        ),
+        (Some("pro"), Some("active"))
+    );
+    assert_eq!(
+        info.body["usage"]["requests"], 4,
+        "the period's usage carries over"
+    );
+
+    // Plans can restrict models.
+    app.call(
+        reqwest::Method::PUT,
+        "/api/v1/admin/plans/pro",
+        Some(&admin),
+        Some(json!({"name": "Pro", "price_cents": 1900, "allowed_models": ["local/*"]})),
+    )
+    .await;
+    let r = app.post("/v1/chat/completions", Some(&token), chat()).await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::FORBIDDEN, "model_not_in_plan")
+    );
+
+    // Cancelling keeps the plan until the period ends.
+    let r = app
+        .post("/api/v1/subscription/cancel", Some(&token), json!({}))
+        .await;
+    assert_eq!(
+        (r.status, r.body["cancel_at_period_end"].as_bool()),
+        (StatusCode::OK, Some(true))
+    );
+    assert_eq!(
+        app.get("/api/v1/subscription/info", Some(&token))
+            .await
+            .body["plan"]["id"],
+        "pro"
+    );
+    let h = app
+        .get("/api/v1/subscription/billing/history", Some(&token))
+        .await;
+    let kinds: Vec<&str> = h.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["cancellation_requested", "plan_changed"]);
+    let a = app
+        .get("/api/v1/admin/audit?event=plan.", Some(&admin))
+        .await;
+    let events: Vec<&str> = a.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        events,
+        ["plan.edited", "plan.changed", "plan.edited"],
+        "{}",
+        a.text
+    );
+}
+
+#[actix_web::test]
+async fn a_hundred_concurrent_requests_never_pass_the_quota() {
+    let (app, _up) = app_with_upstream(&[
+        ("ADMIN_EMAIL", "root@example.com"),
+        ("ADMIN_PASSWORD", "an admin passphrase"),
+    ])
+    .await;
+    let admin = access(
+        &app.login("root@example.com", "an admin passphrase")
+            .await
+            .body,
+    );
+    app.call(
+        reqwest::Method::PUT,
+        "/api/v1/admin/plans/free",
+        Some(&admin),
+        Some(json!({"name": "Free", "price_cents": 0, "max_requests": 10})),
+    )
+    .await;
+    let token = access(&app.user("hank").await);
+    let calls = (0..100).map(|_| {
+        let (client, url, token) = (
+            app.client.clone(),
+            format!("{}/v1/chat/completions", app.base),
+            token.clone(),
+        );
+        async move {
+            client
+                .post(url)
+                .bearer_auth(token)
+                .json(&chat())
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    });
+    let statuses = futures_util::future::join_all(calls).await;
+    let ok = statuses.iter().filter(|s| **s == StatusCode::OK).count();
+    let refused = statuses
+        .iter()
+        .filter(|s| **s == StatusCode::PAYMENT_REQUIRED)
+        .count();
+    assert_eq!((ok, refused), (10, 90));
+    let u = app.get("/api/v1/subscription/usage", Some(&token)).await;
+    assert_eq!(u.body["requests"], 10);
+}
