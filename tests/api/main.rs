@@ -18,6 +18,7 @@ mod models;
 mod openai_api;
 mod prompts;
 mod rate_limits;
+mod stripe;
 mod system;
 mod tokens;
 mod websocket;

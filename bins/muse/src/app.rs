@@ -68,6 +68,17 @@ pub fn build_state(config: Config, db: Database) -> Result<AppState, StartError>
     let (models, local_unavailable) = crate::inference::build_registry(&config.llm)?;
     let library_repo = Arc::new(muse_persistence::DieselLibraryRepository::new(db.clone()));
     let billing = Arc::new(muse_persistence::DieselBillingRepository::new(db.clone()));
+    let payments: Option<Arc<dyn muse_billing::PaymentGateway>> = match &config.stripe {
+        None => None,
+        Some(s) => Some(Arc::new(
+            muse_billing::StripeGateway::new(s.secret_key.expose(), &s.api_base).map_err(|e| {
+                StartError::Config(crate::config::ConfigError::Invalid {
+                    var: "STRIPE_SECRET_KEY",
+                    message: e.to_string(),
+                })
+            })?,
+        )),
+    };
     let flags = Arc::new(crate::flags::Flags::new(
         Arc::new(muse_persistence::DieselFlagRepository::new(db.clone())),
         std::time::Duration::from_secs(config.feature_flags_refresh_secs.max(1)),
@@ -93,6 +104,7 @@ pub fn build_state(config: Config, db: Database) -> Result<AppState, StartError>
         limiter,
         flags,
         billing,
+        payments,
         started: Instant::now(),
         mail_transport,
     })

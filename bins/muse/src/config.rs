@@ -77,6 +77,16 @@ pub struct Config {
     pub login_failure_window_secs: i64,
     pub llm: LlmConfig,
     pub rate_limits: RateLimitConfig,
+    pub stripe: Option<StripeConfig>,
+}
+
+/// `STRIPE_SECRET_KEY` (turns payments on), `STRIPE_WEBHOOK_SECRET`,
+/// `STRIPE_API_BASE` (tests point it at a local server).
+#[derive(Debug, Clone)]
+pub struct StripeConfig {
+    pub secret_key: Secret<String>,
+    pub webhook_secret: Option<Secret<String>>,
+    pub api_base: String,
 }
 
 /// `RATE_LIMIT_*` and `REDIS_URL`: see docs/rate-limits.md.
@@ -341,6 +351,19 @@ impl Config {
             )?,
             llm: llm_config(&get, &data_dir)?,
             rate_limits: rate_limit_config(&get)?,
+            stripe: match get("STRIPE_SECRET_KEY").filter(|k| !k.trim().is_empty()) {
+                None => None,
+                Some(key) => Some(StripeConfig {
+                    secret_key: Secret::new(key),
+                    webhook_secret: get("STRIPE_WEBHOOK_SECRET")
+                        .filter(|k| !k.trim().is_empty())
+                        .map(Secret::new),
+                    api_base: get("STRIPE_API_BASE")
+                        .map(|u| check_url("STRIPE_API_BASE", &u))
+                        .transpose()?
+                        .unwrap_or_else(|| "https://api.stripe.com".into()),
+                }),
+            },
             host,
             data_dir,
             database_url,

@@ -38,7 +38,7 @@ use crate::ws;
         ideas::history, ideas::get_idea, ideas::rate,
         ws::handshake,
         subscription::info, subscription::plans, subscription::usage, subscription::upgrade,
-        subscription::cancel, subscription::history,
+        subscription::cancel, subscription::history, subscription::webhook,
         admin::stats, admin::list_users, admin::suspend, admin::unsuspend, admin::set_role, admin::audit,
         admin::rate_limit_stats, admin::unblock, admin::list_flags, admin::upsert_flag,
         admin::set_plan, admin::put_plan,

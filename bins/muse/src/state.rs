@@ -31,6 +31,8 @@ pub struct AppState {
     pub limiter: Option<Arc<muse_billing::RateLimiter>>,
     pub flags: Arc<crate::flags::Flags>,
     pub billing: Arc<dyn muse_billing::BillingRepository>,
+    /// `None` without `STRIPE_SECRET_KEY`: plans are changed by administrators.
+    pub payments: Option<Arc<dyn muse_billing::PaymentGateway>>,
     pub started: Instant,
     /// `smtp` or `outbox`.
     pub mail_transport: &'static str,

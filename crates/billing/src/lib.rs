@@ -9,6 +9,7 @@
 pub mod flags;
 pub mod plans;
 pub mod ratelimit;
+pub mod stripe;
 
 pub use flags::{FeatureFlag, FlagRepository, FlagSet, FlagStoreError};
 pub use plans::{
@@ -19,3 +20,4 @@ pub use ratelimit::{
     gcra, Decision, LimitError, MemoryStore, Quota, RateLimitStore, RateLimiter, Refusal,
     RouteClass, Subject,
 };
+pub use stripe::{CheckoutSession, PaymentError, PaymentGateway, SignatureError, StripeGateway};

@@ -90,6 +90,9 @@ pub struct Subscription {
     /// Milliseconds since the epoch.
     pub current_period_end: Option<i64>,
     pub updated_at: i64,
+    /// The `created` time (s) of the last Stripe event applied, so that an
+    /// older event delivered late never overwrites a newer state.
+    pub stripe_event_at: Option<i64>,
 }
 
 /// The user's usage in one period.
@@ -207,7 +210,24 @@ pub trait BillingRepository: Send + Sync + 'static {
         tokens: i64,
         cost_usd: f64,
     ) -> Result<Result<(), QuotaKind>, BillingError>;
-    fn record_event(&self, event: &BillingEvent) -> Result<(), BillingError>;
+    /// Adds a history line; one with an `external_id` already recorded is
+    /// ignored (`Ok(false)`).
+    fn record_event(&self, event: &BillingEvent) -> Result<bool, BillingError>;
+    /// Whether a Stripe event id was already processed.
+    fn stripe_event_seen(&self, id: &str) -> Result<bool, BillingError>;
+    /// Marks a Stripe event processed (`Ok(false)` if it already was).
+    fn mark_stripe_event(
+        &self,
+        id: &str,
+        kind: &str,
+        created: i64,
+        now: i64,
+    ) -> Result<bool, BillingError>;
+    fn subscription_by_customer(
+        &self,
+        customer_id: &str,
+    ) -> Result<Option<Subscription>, BillingError>;
+    fn plan_by_stripe_price(&self, price_id: &str) -> Result<Option<Plan>, BillingError>;
     /// The user's billing history, newest first.
     fn events(
         &self,

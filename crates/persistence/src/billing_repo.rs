@@ -10,7 +10,7 @@ use muse_core::{Page, PageRequest};
 use uuid::Uuid;
 
 use crate::db::Database;
-use crate::schema::{billing_events, plans, subscriptions, usage_counters};
+use crate::schema::{billing_events, plans, stripe_events, subscriptions, usage_counters};
 
 #[derive(Debug, Clone)]
 pub struct DieselBillingRepository {
@@ -85,6 +85,23 @@ struct SubRow {
     stripe_subscription_id: Option<String>,
     current_period_end: Option<i64>,
     updated_at: i64,
+    stripe_event_at: Option<i64>,
+}
+
+impl SubRow {
+    fn into_domain(self) -> Result<Subscription, BillingError> {
+        Ok(Subscription {
+            user_id: Uuid::parse_str(&self.user_id).map_err(|_| corrupt("user_id"))?,
+            status: SubscriptionStatus::parse(&self.status).ok_or_else(|| corrupt("status"))?,
+            plan_id: self.plan_id,
+            cancel_at_period_end: self.cancel_at_period_end,
+            stripe_customer_id: self.stripe_customer_id,
+            stripe_subscription_id: self.stripe_subscription_id,
+            current_period_end: self.current_period_end,
+            updated_at: self.updated_at,
+            stripe_event_at: self.stripe_event_at,
+        })
+    }
 }
 
 #[derive(Queryable, Selectable, Insertable)]
@@ -172,25 +189,74 @@ impl BillingRepository for DieselBillingRepository {
 
     fn subscription(&self, user_id: Uuid) -> Result<Option<Subscription>, BillingError> {
         let mut conn = self.conn()?;
-        let row: Option<SubRow> = subscriptions::table
+        subscriptions::table
             .find(user_id.to_string())
             .select(SubRow::as_select())
             .first(&mut *conn)
             .optional()
+            .map_err(other)?
+            .map(SubRow::into_domain)
+            .transpose()
+    }
+
+    fn subscription_by_customer(
+        &self,
+        customer_id: &str,
+    ) -> Result<Option<Subscription>, BillingError> {
+        let mut conn = self.conn()?;
+        subscriptions::table
+            .filter(subscriptions::stripe_customer_id.eq(customer_id))
+            .select(SubRow::as_select())
+            .first(&mut *conn)
+            .optional()
+            .map_err(other)?
+            .map(SubRow::into_domain)
+            .transpose()
+    }
+
+    fn plan_by_stripe_price(&self, price_id: &str) -> Result<Option<Plan>, BillingError> {
+        let mut conn = self.conn()?;
+        plans::table
+            .filter(plans::stripe_price_id.eq(price_id))
+            .select(PlanRow::as_select())
+            .first(&mut *conn)
+            .optional()
+            .map_err(other)?
+            .map(PlanRow::into_domain)
+            .transpose()
+    }
+
+    fn stripe_event_seen(&self, id: &str) -> Result<bool, BillingError> {
+        let mut conn = self.conn()?;
+        let n: i64 = stripe_events::table
+            .filter(stripe_events::id.eq(id))
+            .count()
+            .get_result(&mut *conn)
             .map_err(other)?;
-        row.map(|r| {
-            Ok(Subscription {
-                user_id,
-                status: SubscriptionStatus::parse(&r.status).ok_or_else(|| corrupt("status"))?,
-                plan_id: r.plan_id,
-                cancel_at_period_end: r.cancel_at_period_end,
-                stripe_customer_id: r.stripe_customer_id,
-                stripe_subscription_id: r.stripe_subscription_id,
-                current_period_end: r.current_period_end,
-                updated_at: r.updated_at,
-            })
-        })
-        .transpose()
+        Ok(n > 0)
+    }
+
+    fn mark_stripe_event(
+        &self,
+        id: &str,
+        kind: &str,
+        created: i64,
+        now: i64,
+    ) -> Result<bool, BillingError> {
+        let mut conn = self.conn()?;
+        match diesel::insert_into(stripe_events::table)
+            .values((
+                stripe_events::id.eq(id),
+                stripe_events::kind.eq(kind),
+                stripe_events::created.eq(created),
+                stripe_events::processed_at.eq(now),
+            ))
+            .execute(&mut *conn)
+        {
+            Ok(_) => Ok(true),
+            Err(DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, _)) => Ok(false),
+            Err(e) => Err(other(e)),
+        }
     }
 
     fn upsert_subscription(&self, s: &Subscription) -> Result<(), BillingError> {
@@ -203,6 +269,7 @@ impl BillingRepository for DieselBillingRepository {
             stripe_subscription_id: s.stripe_subscription_id.clone(),
             current_period_end: s.current_period_end,
             updated_at: s.updated_at,
+            stripe_event_at: s.stripe_event_at,
         };
         let mut conn = self.conn()?;
         conn.transaction(|c| {
@@ -338,9 +405,9 @@ impl BillingRepository for DieselBillingRepository {
             .map_err(other)
     }
 
-    fn record_event(&self, e: &BillingEvent) -> Result<(), BillingError> {
+    fn record_event(&self, e: &BillingEvent) -> Result<bool, BillingError> {
         let mut conn = self.conn()?;
-        diesel::insert_into(billing_events::table)
+        match diesel::insert_into(billing_events::table)
             .values(EventRow {
                 id: e.id.to_string(),
                 user_id: e.user_id.to_string(),
@@ -352,8 +419,11 @@ impl BillingRepository for DieselBillingRepository {
                 created_at: e.created_at,
             })
             .execute(&mut *conn)
-            .map(|_| ())
-            .map_err(other)
+        {
+            Ok(_) => Ok(true),
+            Err(DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, _)) => Ok(false),
+            Err(err) => Err(other(err)),
+        }
     }
 
     fn events(&self, user_id: Uuid, page: PageRequest) -> Result<Page<BillingEvent>, BillingError> {

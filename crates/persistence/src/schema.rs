@@ -100,6 +100,7 @@ diesel::allow_tables_to_appear_in_same_query!(
     subscriptions,
     usage_counters,
     billing_events,
+    stripe_events,
 );
 
 diesel::table! {
@@ -245,6 +246,7 @@ diesel::table! {
         stripe_subscription_id -> Nullable<Text>,
         current_period_end -> Nullable<BigInt>,
         updated_at -> BigInt,
+        stripe_event_at -> Nullable<BigInt>,
     }
 }
 
@@ -268,5 +270,15 @@ diesel::table! {
         currency -> Nullable<Text>,
         external_id -> Nullable<Text>,
         created_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    stripe_events (id) {
+        id -> Text,
+        #[sql_name = "type"]
+        kind -> Text,
+        created -> BigInt,
+        processed_at -> BigInt,
     }
 }

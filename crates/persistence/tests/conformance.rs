@@ -23,7 +23,7 @@ fn each_backend(f: impl Fn(&Database, &DieselAuthRepository)) {
     }
     for t in &dbs {
         let db = Database::connect(&t.url, 4).expect("connect");
-        assert_eq!(db.run_migrations().expect("migrate"), 5);
+        assert_eq!(db.run_migrations().expect("migrate"), 6);
         let repo = DieselAuthRepository::new(db.clone());
         f(&db, &repo);
     }
@@ -508,7 +508,7 @@ struct ColumnInfo {
 #[test]
 fn schema_rs_matches_the_migrated_databases_exactly() {
     let declared = declared_schema();
-    assert_eq!(declared.len(), 17, "parsed {declared:?}");
+    assert_eq!(declared.len(), 18, "parsed {declared:?}");
     each_backend(|db, _| {
         let mut conn = db.get().unwrap();
         for (table, columns) in &declared {
@@ -1071,6 +1071,7 @@ fn quotas_hold_under_100_concurrent_reservations_and_reconcile() {
             stripe_subscription_id: None,
             current_period_end: Some(9_999),
             updated_at: 5,
+            stripe_event_at: None,
         };
         billing.upsert_subscription(&sub).unwrap();
         billing

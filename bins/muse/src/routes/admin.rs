@@ -700,6 +700,7 @@ pub async fn set_plan(
                 .and_then(|s| s.stripe_subscription_id.clone()),
             current_period_end: Some(muse_billing::month_of(now).1),
             updated_at: now,
+            stripe_event_at: before.as_ref().and_then(|s| s.stripe_event_at),
         };
         billing.upsert_subscription(&sub).map_err(store)?;
         billing

@@ -1,10 +1,11 @@
 //! `/api/v1/subscription`: the caller's plan, usage against its quotas,
-//! and billing history. Without a payment provider configured (the Stripe
-//! integration is not built yet), upgrades are made by an administrator
-//! (`POST /api/v1/admin/users/{id}/plan`) and the upgrade endpoint says so.
+//! billing history, and Stripe: upgrades through Checkout, cancellation at
+//! period end, and the webhook that applies Stripe's events. Without
+//! `STRIPE_SECRET_KEY`, upgrades are made by an administrator
+//! (`POST /api/v1/admin/users/{id}/plan`) and the endpoints say so.
 
 use actix_web::http::StatusCode;
-use actix_web::{web, HttpResponse};
+use actix_web::web;
 use muse_billing::{month_of, BillingEvent, Plan, Subscription, SubscriptionStatus, Usage};
 use muse_core::PageRequest;
 use serde::{Deserialize, Serialize};
@@ -25,7 +26,8 @@ pub fn config(cfg: &mut web::ServiceConfig) {
             .service(web::resource("/usage").get(usage))
             .service(web::resource("/upgrade/{plan_id}").post(upgrade))
             .service(web::resource("/cancel").post(cancel))
-            .service(web::resource("/billing/history").get(history)),
+            .service(web::resource("/billing/history").get(history))
+            .service(web::resource("/webhook").post(webhook)),
     );
 }
 
@@ -149,7 +151,7 @@ pub async fn info(
         usage: usage_view(usage, &plan, start, end),
         plan: plan.into(),
         subscription: sub.as_ref().map(SubscriptionView::from),
-        payments_enabled: false,
+        payments_enabled: state.payments.is_some(),
     }))
 }
 
@@ -186,31 +188,118 @@ pub async fn plans(state: web::Data<AppState>) -> Result<web::Json<PlanList>, Ap
     }))
 }
 
-/// Starts a paid upgrade. Paying is not available on this server yet (no
-/// payment provider is configured): the answer is 409
-/// `payments_not_configured`, and an administrator changes plans.
-#[utoipa::path(post, path = "/api/v1/subscription/upgrade/{plan_id}", tag = "subscription", security(("bearer" = [])),
-    params(("plan_id" = String, Path, description = "e.g. pro")),
-    responses((status = 404, description = "no such plan", body = ErrorBody), (status = 409, description = "payments_not_configured", body = ErrorBody)))]
-pub async fn upgrade(
-    state: web::Data<AppState>,
-    _user: CurrentUser,
-    path: web::Path<String>,
-) -> Result<HttpResponse, ApiError> {
-    let (billing, id) = (state.billing.clone(), path.into_inner());
-    let plan = actix_web::web::block(move || billing.plan(&id))
-        .await?
-        .map_err(store_error)?
-        .filter(|p| p.active)
-        .ok_or_else(|| ApiError::not_found("no such plan"))?;
-    Err(ApiError::new(
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CheckoutView {
+    /// Send the user here to pay; the plan changes when Stripe confirms.
+    pub checkout_url: String,
+    pub session_id: String,
+}
+
+fn payment_error(e: muse_billing::PaymentError) -> ApiError {
+    match e {
+        muse_billing::PaymentError::Refused(m) => {
+            ApiError::new(StatusCode::BAD_GATEWAY, "payment_provider_refused", m)
+        }
+        muse_billing::PaymentError::Unavailable(m) => {
+            ApiError::new(StatusCode::BAD_GATEWAY, "payment_provider_unavailable", m)
+        }
+    }
+}
+
+fn no_payments(what: &str) -> ApiError {
+    ApiError::new(
         StatusCode::CONFLICT,
         "payments_not_configured",
-        format!(
-            "this server takes no payments: ask an administrator to move you to the {} plan",
+        format!("this server takes no payments (no STRIPE_SECRET_KEY): {what}"),
+    )
+}
+
+/// Starts an upgrade: a Stripe Checkout session for the plan's price (the
+/// plan changes when Stripe's webhook confirms the payment). Without
+/// payments configured: 409 `payments_not_configured`.
+#[utoipa::path(post, path = "/api/v1/subscription/upgrade/{plan_id}", tag = "subscription", security(("bearer" = [])),
+    params(("plan_id" = String, Path, description = "e.g. pro")),
+    responses((status = 200, body = CheckoutView), (status = 404, description = "no such plan", body = ErrorBody),
+        (status = 409, description = "payments_not_configured, plan_not_purchasable", body = ErrorBody),
+        (status = 502, description = "payment_provider_refused, payment_provider_unavailable", body = ErrorBody)))]
+pub async fn upgrade(
+    state: web::Data<AppState>,
+    user: CurrentUser,
+    path: web::Path<String>,
+) -> Result<web::Json<CheckoutView>, ApiError> {
+    let (billing, id) = (state.billing.clone(), path.into_inner());
+    let uid = user.0.user.id;
+    let (plan, sub) = actix_web::web::block(move || {
+        Ok::<_, muse_billing::BillingError>((billing.plan(&id)?, billing.subscription(uid)?))
+    })
+    .await?
+    .map_err(store_error)?;
+    let plan = plan
+        .filter(|p| p.active)
+        .ok_or_else(|| ApiError::not_found("no such plan"))?;
+    let Some(payments) = state.payments.clone() else {
+        return Err(no_payments(&format!(
+            "ask an administrator to move you to the {} plan",
             plan.name
-        ),
-    ))
+        )));
+    };
+    let Some(price) = plan.stripe_price_id.clone() else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "plan_not_purchasable",
+            format!("the {} plan has no Stripe price", plan.name),
+        ));
+    };
+    let customer = match sub.as_ref().and_then(|s| s.stripe_customer_id.clone()) {
+        Some(c) => c,
+        None => {
+            let c = payments
+                .create_customer(uid, &user.0.user.email)
+                .await
+                .map_err(payment_error)?;
+            // Remember the customer on the user's (free) subscription row.
+            let now = muse_core::Clock::now_ms(&muse_core::SystemClock);
+            let row = match sub.clone() {
+                Some(s) => Subscription {
+                    stripe_customer_id: Some(c.clone()),
+                    updated_at: now,
+                    ..s
+                },
+                None => Subscription {
+                    user_id: uid,
+                    plan_id: muse_billing::FREE_PLAN.into(),
+                    status: SubscriptionStatus::Active,
+                    cancel_at_period_end: false,
+                    stripe_customer_id: Some(c.clone()),
+                    stripe_subscription_id: None,
+                    current_period_end: None,
+                    updated_at: now,
+                    stripe_event_at: None,
+                },
+            };
+            let billing = state.billing.clone();
+            actix_web::web::block(move || billing.upsert_subscription(&row))
+                .await?
+                .map_err(store_error)?;
+            c
+        }
+    };
+    let base = &state.config.public_url;
+    let session = payments
+        .create_checkout(
+            &customer,
+            &price,
+            uid,
+            &plan.id,
+            &format!("{base}/?checkout=success"),
+            &format!("{base}/?checkout=cancelled"),
+        )
+        .await
+        .map_err(payment_error)?;
+    Ok(web::Json(CheckoutView {
+        checkout_url: session.url,
+        session_id: session.id,
+    }))
 }
 
 /// Cancels your subscription at the end of the current period (you keep
@@ -222,12 +311,29 @@ pub async fn cancel(
     user: CurrentUser,
 ) -> Result<web::Json<SubscriptionView>, ApiError> {
     let (billing, uid) = (state.billing.clone(), user.0.user.id);
+    // A Stripe subscription is cancelled at Stripe first (its webhook confirms).
+    let current = {
+        let billing = billing.clone();
+        actix_web::web::block(move || billing.subscription(uid))
+            .await?
+            .map_err(store_error)?
+    };
+    if let (Some(payments), Some(stripe_id)) = (
+        state.payments.as_ref(),
+        current
+            .as_ref()
+            .and_then(|s| s.stripe_subscription_id.clone()),
+    ) {
+        payments
+            .cancel_at_period_end(&stripe_id)
+            .await
+            .map_err(payment_error)?;
+    }
     let now = muse_core::Clock::now_ms(&muse_core::SystemClock);
     let sub = actix_web::web::block(move || {
-        let Some(mut sub) = billing
-            .subscription(uid)?
-            .filter(|s| s.status != SubscriptionStatus::Canceled)
-        else {
+        let Some(mut sub) = billing.subscription(uid)?.filter(|s| {
+            s.status != SubscriptionStatus::Canceled && s.plan_id != muse_billing::FREE_PLAN
+        }) else {
             return Ok(None);
         };
         sub.cancel_at_period_end = true;
@@ -313,4 +419,253 @@ pub async fn history(
             })
             .collect(),
     }))
+}
+
+// ----- Stripe webhook ---------------------------------------------------
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WebhookAck {
+    pub received: bool,
+    /// This event id had been processed before; nothing changed.
+    pub duplicate: bool,
+}
+
+fn bad_event(message: &str) -> ApiError {
+    ApiError::bad_request("invalid_event", message.to_string())
+}
+
+/// Stripe's events: the `Stripe-Signature` header is verified over the raw
+/// body (HMAC-SHA256, every `v1`, 300 s tolerance) before anything is read;
+/// each event id is applied once, and an event older than the last one
+/// applied to a subscription does not overwrite it. Handles
+/// `checkout.session.completed`, `customer.subscription.created|updated|deleted`,
+/// `invoice.paid`, `invoice.payment_failed`; others are acknowledged.
+#[utoipa::path(post, path = "/api/v1/subscription/webhook", tag = "subscription",
+    request_body(content = String, content_type = "application/json", description = "a Stripe event, exactly as Stripe sent it"),
+    responses((status = 200, body = WebhookAck), (status = 400, description = "invalid_signature, invalid_event", body = ErrorBody),
+        (status = 409, description = "payments_not_configured", body = ErrorBody)))]
+pub async fn webhook(
+    state: web::Data<AppState>,
+    req: actix_web::HttpRequest,
+    body: web::Bytes,
+) -> Result<web::Json<WebhookAck>, ApiError> {
+    let Some(secret) = state
+        .config
+        .stripe
+        .as_ref()
+        .and_then(|s| s.webhook_secret.clone())
+    else {
+        return Err(no_payments(
+            "no STRIPE_WEBHOOK_SECRET to verify events with",
+        ));
+    };
+    let header = req
+        .headers()
+        .get("stripe-signature")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let now = muse_core::Clock::now_secs(&muse_core::SystemClock);
+    if let Err(e) = muse_billing::stripe::verify_signature(&body, header, secret.expose(), now) {
+        metrics::counter!("stripe_webhooks_total", "outcome" => "bad_signature").increment(1);
+        tracing::warn!(error = %e, "refused a Stripe webhook");
+        return Err(ApiError::bad_request("invalid_signature", e.to_string()));
+    }
+    let event: serde_json::Value =
+        serde_json::from_slice(&body).map_err(|_| bad_event("the body is not JSON"))?;
+    let id = event["id"]
+        .as_str()
+        .ok_or_else(|| bad_event("no event id"))?
+        .to_string();
+    let kind = event["type"]
+        .as_str()
+        .ok_or_else(|| bad_event("no event type"))?
+        .to_string();
+    let created = event["created"].as_i64().unwrap_or(now);
+    let object = event["data"]["object"].clone();
+    let billing = state.billing.clone();
+    let outcome =
+        actix_web::web::block(move || apply_event(&billing, &id, &kind, created, &object)).await?;
+    let duplicate = match outcome {
+        Ok(d) => d,
+        Err(e) => {
+            metrics::counter!("stripe_webhooks_total", "outcome" => "error").increment(1);
+            // 5xx: Stripe retries later; nothing was marked processed.
+            return Err(store_error(e));
+        }
+    };
+    metrics::counter!("stripe_webhooks_total", "outcome" => if duplicate { "duplicate" } else { "applied" })
+        .increment(1);
+    Ok(web::Json(WebhookAck {
+        received: true,
+        duplicate,
+    }))
+}
+
+/// Applies one event; `Ok(true)` when it had been applied before.
+fn apply_event(
+    billing: &std::sync::Arc<dyn muse_billing::BillingRepository>,
+    id: &str,
+    kind: &str,
+    created: i64,
+    o: &serde_json::Value,
+) -> Result<bool, muse_billing::BillingError> {
+    if billing.stripe_event_seen(id)? {
+        return Ok(true);
+    }
+    let now = muse_core::Clock::now_ms(&muse_core::SystemClock);
+    let customer = o["customer"].as_str();
+    let user_of = |meta_user: Option<&str>| -> Result<Option<(Uuid, Option<Subscription>)>, muse_billing::BillingError> {
+        if let Some(uid) = meta_user.and_then(|u| Uuid::parse_str(u).ok()) {
+            return Ok(Some((uid, billing.subscription(uid)?)));
+        }
+        match customer {
+            Some(c) => Ok(billing.subscription_by_customer(c)?.map(|s| (s.user_id, Some(s)))),
+            None => Ok(None),
+        }
+    };
+    let history = |uid: Uuid, kind: &str, description: String, amount: Option<i64>| {
+        billing.record_event(&BillingEvent {
+            id: Uuid::now_v7(),
+            user_id: uid,
+            kind: kind.into(),
+            description,
+            amount_cents: amount,
+            currency: o["currency"].as_str().map(str::to_string),
+            external_id: Some(id.to_string()),
+            created_at: now,
+        })
+    };
+    match kind {
+        "checkout.session.completed" => {
+            if let Some((uid, before)) = user_of(o["client_reference_id"].as_str())? {
+                let plan_id = o["metadata"]["plan_id"]
+                    .as_str()
+                    .unwrap_or(muse_billing::FREE_PLAN);
+                if billing.plan(plan_id)?.is_some()
+                    && before
+                        .as_ref()
+                        .is_none_or(|s| s.stripe_event_at.is_none_or(|t| t <= created))
+                {
+                    let from = before.as_ref().map_or("free".into(), |s| s.plan_id.clone());
+                    billing.upsert_subscription(&Subscription {
+                        user_id: uid,
+                        plan_id: plan_id.into(),
+                        status: SubscriptionStatus::Active,
+                        cancel_at_period_end: false,
+                        stripe_customer_id: customer
+                            .map(str::to_string)
+                            .or(before.as_ref().and_then(|s| s.stripe_customer_id.clone())),
+                        stripe_subscription_id: o["subscription"].as_str().map(str::to_string),
+                        current_period_end: before.as_ref().and_then(|s| s.current_period_end),
+                        updated_at: now,
+                        stripe_event_at: Some(created),
+                    })?;
+                    history(
+                        uid,
+                        "plan_changed",
+                        format!("{from} → {plan_id} (Stripe checkout)"),
+                        o["amount_total"].as_i64(),
+                    )?;
+                }
+            }
+        }
+        "customer.subscription.created"
+        | "customer.subscription.updated"
+        | "customer.subscription.deleted" => {
+            if let Some((uid, before)) = user_of(o["metadata"]["user_id"].as_str())? {
+                let newer = before
+                    .as_ref()
+                    .is_none_or(|s| s.stripe_event_at.is_none_or(|t| t <= created));
+                if newer {
+                    let price = o["items"]["data"][0]["price"]["id"].as_str();
+                    let plan = match price {
+                        Some(p) => billing.plan_by_stripe_price(p)?.map(|p| p.id),
+                        None => None,
+                    }
+                    .or_else(|| o["metadata"]["plan_id"].as_str().map(str::to_string))
+                    .or_else(|| before.as_ref().map(|s| s.plan_id.clone()))
+                    .unwrap_or_else(|| muse_billing::FREE_PLAN.into());
+                    let status = if kind.ends_with("deleted") {
+                        SubscriptionStatus::Canceled
+                    } else {
+                        o["status"]
+                            .as_str()
+                            .and_then(SubscriptionStatus::parse)
+                            .unwrap_or(SubscriptionStatus::Active)
+                    };
+                    let period_end = o["current_period_end"]
+                        .as_i64()
+                        .or_else(|| o["items"]["data"][0]["current_period_end"].as_i64())
+                        .map(|s| s * 1000);
+                    billing.upsert_subscription(&Subscription {
+                        user_id: uid,
+                        plan_id: plan.clone(),
+                        status,
+                        cancel_at_period_end: o["cancel_at_period_end"].as_bool().unwrap_or(false),
+                        stripe_customer_id: customer
+                            .map(str::to_string)
+                            .or(before.as_ref().and_then(|s| s.stripe_customer_id.clone())),
+                        stripe_subscription_id: o["id"].as_str().map(str::to_string),
+                        current_period_end: period_end,
+                        updated_at: now,
+                        stripe_event_at: Some(created),
+                    })?;
+                    if kind.ends_with("deleted") {
+                        history(
+                            uid,
+                            "subscription_ended",
+                            format!("the {plan} subscription ended"),
+                            None,
+                        )?;
+                    }
+                }
+            }
+        }
+        "invoice.paid" | "invoice.payment_failed" => {
+            if let Some((uid, before)) =
+                user_of(o["subscription_details"]["metadata"]["user_id"].as_str())?
+            {
+                let paid = kind == "invoice.paid";
+                let amount = if paid {
+                    o["amount_paid"].as_i64()
+                } else {
+                    o["amount_due"].as_i64()
+                };
+                let invoice = o["id"].as_str().unwrap_or("an invoice");
+                history(
+                    uid,
+                    if paid {
+                        "invoice_paid"
+                    } else {
+                        "invoice_payment_failed"
+                    },
+                    if paid {
+                        format!("invoice {invoice} paid")
+                    } else {
+                        format!("payment of invoice {invoice} failed")
+                    },
+                    amount,
+                )?;
+                if let Some(sub) = before.filter(|s| s.stripe_event_at.is_none_or(|t| t <= created))
+                {
+                    let status = if paid {
+                        SubscriptionStatus::Active
+                    } else {
+                        SubscriptionStatus::PastDue
+                    };
+                    if sub.status != SubscriptionStatus::Canceled && sub.status != status {
+                        billing.upsert_subscription(&Subscription {
+                            status,
+                            updated_at: now,
+                            stripe_event_at: Some(created),
+                            ..sub
+                        })?;
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
+    // Marked last: a failure above leaves the event unmarked for Stripe's retry.
+    Ok(!billing.mark_stripe_event(id, kind, created, now)?)
 }
