@@ -232,3 +232,62 @@ async fn an_unreachable_redis_fails_open_or_closed_as_configured() {
         }
     }
 }
+
+#[actix_web::test]
+async fn failed_logins_are_throttled_by_the_rate_limiter() {
+    let app = TestApp::spawn_with(&[
+        ("RATE_LIMIT_ENABLED", "true"),
+        ("TRUST_PROXY_HEADERS", "true"),
+        ("LOGIN_MAX_FAILURES_PER_ACCOUNT", "3"),
+        ("LOGIN_FAILURE_WINDOW_SECS", "900"),
+    ])
+    .await;
+    app.user("jill").await;
+    app.user("kate").await;
+    let attempt = |email: &'static str, password: &'static str, ip: &'static str| {
+        let (client, url) = (
+            app.client.clone(),
+            format!("{}/api/v1/auth/login", app.base),
+        );
+        async move {
+            client
+                .post(url)
+                .header("x-forwarded-for", ip)
+                .json(&json!({"email": email, "password": password}))
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    for _ in 0..3 {
+        assert_eq!(
+            attempt("jill@example.com", "wrong password 1", "10.1.0.1")
+                .await
+                .status(),
+            StatusCode::UNAUTHORIZED
+        );
+    }
+    // Refused before checking the password, even the right one.
+    let r = attempt("jill@example.com", PASSWORD, "10.1.0.2").await;
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (299..=301).contains(&retry),
+        "one more attempt per 900/3 s: {retry}"
+    );
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "too_many_attempts");
+    // Successful logins do not count; another account is unaffected.
+    for _ in 0..5 {
+        assert_eq!(
+            attempt("kate@example.com", PASSWORD, "10.1.0.3")
+                .await
+                .status(),
+            StatusCode::OK
+        );
+    }
+}

@@ -50,10 +50,20 @@ pub fn build_state(config: Config, db: Database) -> Result<AppState, StartError>
         access_ttl_secs: config.access_token_ttl_secs,
         refresh_ttl_secs: config.refresh_token_ttl_secs,
         bcrypt_cost: config.bcrypt_cost,
-        throttle: ThrottleConfig {
-            max_per_account: config.login_max_failures_per_account,
-            max_per_ip: config.login_max_failures_per_ip,
-            window_secs: config.login_failure_window_secs,
+        // With the rate limiter on, failed logins are throttled by it
+        // (crate::limits::login_throttle) instead of by counting audit rows.
+        throttle: if config.rate_limits.enabled {
+            ThrottleConfig {
+                max_per_account: 0,
+                max_per_ip: 0,
+                window_secs: config.login_failure_window_secs,
+            }
+        } else {
+            ThrottleConfig {
+                max_per_account: config.login_max_failures_per_account,
+                max_per_ip: config.login_max_failures_per_ip,
+                window_secs: config.login_failure_window_secs,
+            }
         },
         public_url: config.public_url.clone(),
         ..AuthConfig::default()

@@ -177,3 +177,69 @@ pub async fn per_user(
         .map(|_| ())
         .map_err(|r| refusal_error(r, class, "user"))
 }
+
+/// Failed-login throttling on the rate limiter: per account and per IP,
+/// `LOGIN_MAX_FAILURES_PER_ACCOUNT` / `_PER_IP` failures at once, then one
+/// more per `LOGIN_FAILURE_WINDOW_SECS / max` (GCRA). Only failures count.
+pub struct LoginThrottle {
+    limiter: Arc<RateLimiter>,
+    keys: Vec<(String, muse_billing::Quota)>,
+}
+
+/// `None` when the rate limiter is off (the accounts service's own
+/// throttle applies then).
+pub fn login_throttle(state: &AppState, email: &str, ip: Option<&str>) -> Option<LoginThrottle> {
+    let limiter = state.limiter.clone()?;
+    let c = &state.config;
+    let window_ms = u64::try_from(c.login_failure_window_secs.max(1)).unwrap_or(900) * 1000;
+    let quota = |count: u32| muse_billing::Quota {
+        count,
+        period_ms: window_ms,
+    };
+    let mut keys = Vec::new();
+    if c.login_max_failures_per_account > 0 {
+        if let Ok(e) = muse_auth::validate::normalize_email(email) {
+            keys.push((
+                format!("login:account:{e}"),
+                quota(c.login_max_failures_per_account),
+            ));
+        }
+    }
+    if let (Some(ip), true) = (ip, c.login_max_failures_per_ip > 0) {
+        keys.push((format!("login:ip:{ip}"), quota(c.login_max_failures_per_ip)));
+    }
+    Some(LoginThrottle { limiter, keys })
+}
+
+impl LoginThrottle {
+    /// `429 too_many_attempts` while any key has no room left.
+    pub async fn check(&self) -> Result<(), ApiError> {
+        for (key, quota) in &self.keys {
+            match self.limiter.peek(key, *quota).await {
+                Ok(()) => {}
+                Err(Refusal::Limited { decision, .. }) => {
+                    metrics::counter!("rate_limit_refusals_total", "class" => "login", "scope" => if key.starts_with("login:ip:") { "ip" } else { "account" })
+                        .increment(1);
+                    let secs = u64::try_from((decision.retry_after_ms + 999) / 1000)
+                        .unwrap_or(1)
+                        .max(1);
+                    return Err(muse_auth::AuthError::Throttled {
+                        retry_after_secs: secs,
+                    }
+                    .into());
+                }
+                Err(r @ Refusal::StoreDown(_)) => {
+                    return Err(refusal_error(r, RouteClass::Auth, "ip"))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Counts one failed login against every key.
+    pub async fn charge(&self) {
+        for (key, quota) in &self.keys {
+            self.limiter.charge(key, *quota).await;
+        }
+    }
+}

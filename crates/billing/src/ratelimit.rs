@@ -121,6 +121,8 @@ pub trait RateLimitStore: Send + Sync + 'static {
     fn name(&self) -> &'static str;
     /// Applies one request to `key` under `quota`.
     async fn hit(&self, key: &str, quota: Quota) -> Result<Decision, LimitError>;
+    /// What `hit` would decide now, without counting anything.
+    async fn peek(&self, key: &str, quota: Quota) -> Result<Decision, LimitError>;
     /// Forgets `keys` (their limits start afresh) and their refusal counts;
     /// returns how many were limited or known.
     async fn reset(&self, keys: &[String]) -> Result<u64, LimitError>;
@@ -175,6 +177,15 @@ impl RateLimitStore for MemoryStore {
             st.tats.insert(key.to_string(), t);
         }
         Ok(decision)
+    }
+
+    async fn peek(&self, key: &str, quota: Quota) -> Result<Decision, LimitError> {
+        let now = self.clock.now_ms() * 1_000;
+        let st = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Ok(gcra(st.tats.get(key).copied(), now, quota).0)
     }
 
     async fn reset(&self, keys: &[String]) -> Result<u64, LimitError> {
@@ -313,6 +324,27 @@ impl RateLimiter {
         match subject {
             Subject::Ip(_) => self.per_ip.get(&class).copied(),
             Subject::User(_) => self.per_user.get(&class).copied(),
+        }
+    }
+
+    /// Refuses (with the wait) when `key` has no room left under `quota`,
+    /// without counting anything; a store failure follows the fail mode.
+    pub async fn peek(&self, key: &str, quota: Quota) -> Result<(), Refusal> {
+        match self.store.peek(key, quota).await {
+            Ok(d) if d.allowed => Ok(()),
+            Ok(decision) => Err(Refusal::Limited {
+                key: key.to_string(),
+                decision,
+            }),
+            Err(_) if self.fail_open => Ok(()),
+            Err(e) => Err(Refusal::StoreDown(e)),
+        }
+    }
+
+    /// Counts one event against `key` (e.g. a failed login); failures are logged.
+    pub async fn charge(&self, key: &str, quota: Quota) {
+        if let Err(e) = self.store.hit(key, quota).await {
+            tracing::warn!(error = %e, "could not count against a rate limit");
         }
     }
 

@@ -33,10 +33,27 @@ redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', math.ceil(ahead /
 return {1, math.floor((window - ahead) / interval), 0, ahead}
 "#;
 
+/// GCRA without counting: the decision `GCRA` would make now.
+const PEEK: &str = r#"
+local interval = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local tat = tonumber(redis.call('GET', KEYS[1])) or now
+if tat < now then tat = now end
+local ahead = tat + interval - now
+local window = interval * burst
+if ahead > window then
+  return {0, 0, ahead - window, tat - now}
+end
+return {1, math.floor((window - ahead) / interval), 0, ahead}
+"#;
+
 pub struct RedisRateLimitStore {
     client: redis::Client,
     conn: OnceCell<ConnectionManager>,
     script: redis::Script,
+    peek_script: redis::Script,
     timeout: Duration,
 }
 
@@ -49,6 +66,7 @@ impl RedisRateLimitStore {
             client,
             conn: OnceCell::new(),
             script: redis::Script::new(GCRA),
+            peek_script: redis::Script::new(PEEK),
             timeout: Duration::from_millis(500),
         })
     }
@@ -63,6 +81,26 @@ impl RedisRateLimitStore {
         .map_err(|_| LimitError::Unavailable("connecting to Redis timed out".into()))?
         .map_err(|e| LimitError::Unavailable(e.to_string()))?;
         Ok(c.clone())
+    }
+
+    async fn eval(
+        &self,
+        script: &redis::Script,
+        key: &str,
+        quota: Quota,
+    ) -> Result<Decision, LimitError> {
+        let mut conn = self.conn().await?;
+        let mut inv = script.key(format!("{PREFIX}{key}"));
+        inv.arg(quota.interval_us()).arg(quota.count);
+        let (allowed, remaining, retry_us, reset_us): (i64, i64, i64, i64) =
+            self.run(inv.invoke_async(&mut conn)).await?;
+        Ok(Decision {
+            allowed: allowed == 1,
+            limit: quota.count,
+            remaining: u32::try_from(remaining).unwrap_or(0),
+            reset_ms: (reset_us + 999) / 1_000,
+            retry_after_ms: (retry_us + 999) / 1_000,
+        })
     }
 
     async fn run<T>(
@@ -83,18 +121,11 @@ impl RateLimitStore for RedisRateLimitStore {
     }
 
     async fn hit(&self, key: &str, quota: Quota) -> Result<Decision, LimitError> {
-        let mut conn = self.conn().await?;
-        let mut inv = self.script.key(format!("{PREFIX}{key}"));
-        inv.arg(quota.interval_us()).arg(quota.count);
-        let (allowed, remaining, retry_us, reset_us): (i64, i64, i64, i64) =
-            self.run(inv.invoke_async(&mut conn)).await?;
-        Ok(Decision {
-            allowed: allowed == 1,
-            limit: quota.count,
-            remaining: u32::try_from(remaining).unwrap_or(0),
-            reset_ms: (reset_us + 999) / 1_000,
-            retry_after_ms: (retry_us + 999) / 1_000,
-        })
+        self.eval(&self.script, key, quota).await
+    }
+
+    async fn peek(&self, key: &str, quota: Quota) -> Result<Decision, LimitError> {
+        self.eval(&self.peek_script, key, quota).await
     }
 
     async fn reset(&self, keys: &[String]) -> Result<u64, LimitError> {

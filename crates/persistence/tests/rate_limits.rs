@@ -48,6 +48,9 @@ async fn bursts_refusals_and_unblocking_on_every_store() {
             assert!(d.allowed, "{}", store.name());
             assert_eq!(d.remaining, left);
         }
+        // Peeking says the same without counting.
+        assert!(!store.peek(&k, quota).await.unwrap().allowed);
+        assert!(store.peek(&key(), quota).await.unwrap().allowed);
         let d = store.hit(&k, quota).await.unwrap();
         assert!(!d.allowed);
         assert!((19_000..=20_000).contains(&d.retry_after_ms), "{d:?}");

@@ -213,10 +213,21 @@ pub async fn login(
     ctx: ClientContext,
     body: web::Json<LoginRequest>,
 ) -> Result<web::Json<TokenResponse>, ApiError> {
-    let auth = state.auth.clone();
     let b = body.into_inner();
-    let pair = blocking(move || auth.login(&b.email, &b.password, &ctx.0)).await?;
-    Ok(web::Json(pair.into()))
+    // With the rate limiter on, failed logins are throttled by it (shared
+    // across replicas through Redis): refused before any bcrypt work.
+    let throttle = crate::limits::login_throttle(&state, &b.email, ctx.0.ip.as_deref());
+    if let Some(t) = &throttle {
+        t.check().await?;
+    }
+    let auth = state.auth.clone();
+    let result = blocking(move || auth.login(&b.email, &b.password, &ctx.0)).await;
+    if let (Some(t), Err(e)) = (&throttle, &result) {
+        if e.code == "invalid_credentials" {
+            t.charge().await;
+        }
+    }
+    Ok(web::Json(result?.into()))
 }
 
 /// Rotate a refresh token. Reusing an old one revokes its whole session.
