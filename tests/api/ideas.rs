@@ -10,8 +10,31 @@ use crate::upstream::{app_with_upstream, sse_events};
 
 #[actix_web::test]
 async fn ideas_are_generated_streamed_listed_and_rated() {
-    let (app, _up) = app_with_upstream(&[("DEFAULT_MODEL", "up/echo")]).await;
+    let (app, _up) = app_with_upstream(&[
+        ("DEFAULT_MODEL", "up/echo"),
+        ("ADMIN_EMAIL", "root@example.com"),
+        ("ADMIN_PASSWORD", "an admin passphrase"),
+    ])
+    .await;
     let token = access(&app.user("muse").await);
+    // Batches of 4 need more than the free plan's 3.
+    let admin = access(
+        &app.login("root@example.com", "an admin passphrase")
+            .await
+            .body,
+    );
+    let me = app.get("/api/v1/auth/me", Some(&token)).await.body["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = app
+        .post(
+            &format!("/api/v1/admin/users/{me}/plan"),
+            Some(&admin),
+            json!({"plan_id": "pro"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
 
     // One idea from a category: the seeded idea prompt, rendered, run, stored.
     let one = app

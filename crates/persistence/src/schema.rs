@@ -276,7 +276,6 @@ diesel::table! {
 diesel::table! {
     stripe_events (id) {
         id -> Text,
-        #[sql_name = "type"]
         kind -> Text,
         created -> BigInt,
         processed_at -> BigInt,

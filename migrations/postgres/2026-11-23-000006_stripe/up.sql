@@ -2,7 +2,7 @@
 -- applied in event order (an older event never overwrites a newer one).
 CREATE TABLE stripe_events (
     id TEXT PRIMARY KEY NOT NULL,
-    type TEXT NOT NULL,
+    kind TEXT NOT NULL,
     created BIGINT NOT NULL,
     processed_at BIGINT NOT NULL
 );

@@ -14,27 +14,12 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use super::auth::UserProfile;
-use super::{blocking, rfc3339};
+use super::{bad_query, blocking, rfc3339, time};
 use crate::error::{ApiError, ErrorBody};
 use crate::extract::{AdminUser, ClientContext};
 use crate::state::AppState;
 use muse_auth::{AuditFilter, Role, UserQuery, UserStatus};
 use muse_core::PageRequest;
-
-fn bad_query(message: String) -> ApiError {
-    ApiError::bad_request("invalid_query_parameter", message)
-}
-
-fn time(name: &str, value: &Option<String>) -> Result<Option<i64>, ApiError> {
-    value
-        .as_deref()
-        .map(|v| {
-            chrono::DateTime::parse_from_rfc3339(v)
-                .map(|t| t.timestamp_millis())
-                .map_err(|e| bad_query(format!("{name}: expected an RFC 3339 time ({e})")))
-        })
-        .transpose()
-}
 
 // ----- users ------------------------------------------------------------
 

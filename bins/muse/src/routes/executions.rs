@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
-use super::{blocking, rfc3339};
+use super::{bad_query, blocking, rfc3339, time};
 use crate::error::{ApiError, ErrorBody};
 use crate::extract::CurrentUser;
 use crate::state::AppState;
@@ -94,25 +94,6 @@ pub struct ExecutionPage {
     pub page: u32,
     pub per_page: u32,
     pub total: u64,
-}
-
-fn bad_query(message: String) -> ApiError {
-    ApiError::bad_request("invalid_query_parameter", message)
-}
-
-fn time(name: &str, value: &Option<String>) -> Result<Option<i64>, ApiError> {
-    value
-        .as_deref()
-        .map(|v| {
-            chrono::DateTime::parse_from_rfc3339(v)
-                .map(|t| t.timestamp_millis())
-                .map_err(|e| {
-                    bad_query(format!(
-                        "{name}: expected an RFC 3339 time such as 2026-11-22T10:00:00Z ({e})"
-                    ))
-                })
-        })
-        .transpose()
 }
 
 /// The caller's executions (an administrator's: everyone's), newest first, with filters.

@@ -33,3 +33,24 @@ pub fn rfc3339(ms: i64) -> String {
         .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
         .unwrap_or_default()
 }
+
+/// A 400 `invalid_query_parameter`.
+pub fn bad_query(message: String) -> ApiError {
+    ApiError::bad_request("invalid_query_parameter", message)
+}
+
+/// An optional RFC 3339 query parameter as milliseconds since the epoch.
+pub fn time(name: &str, value: &Option<String>) -> Result<Option<i64>, ApiError> {
+    value
+        .as_deref()
+        .map(|v| {
+            chrono::DateTime::parse_from_rfc3339(v)
+                .map(|t| t.timestamp_millis())
+                .map_err(|e| {
+                    bad_query(format!(
+                        "{name}: expected an RFC 3339 time such as 2026-11-22T10:00:00Z ({e})"
+                    ))
+                })
+        })
+        .transpose()
+}
