@@ -76,6 +76,13 @@ pub fn build_state(config: Config, db: Database) -> Result<AppState, StartError>
         auth_config,
     );
     let (models, local_unavailable) = crate::inference::build_registry(&config.llm)?;
+    let training = Arc::new(crate::training::Training::new(&config, &db).map_err(|e| {
+        StartError::Config(crate::config::ConfigError::Invalid {
+            var: "TRAINING_EXTERNAL_COMMAND",
+            message: e,
+        })
+    })?);
+    training.register_all(&models);
     let library_repo = Arc::new(muse_persistence::DieselLibraryRepository::new(db.clone()));
     let billing = Arc::new(muse_persistence::DieselBillingRepository::new(db.clone()));
     let payments: Option<Arc<dyn muse_billing::PaymentGateway>> = match &config.stripe {
@@ -105,6 +112,7 @@ pub fn build_state(config: Config, db: Database) -> Result<AppState, StartError>
         ideas: library_repo,
         specs: Arc::default(),
         hub: crate::ws::Hub::default(),
+        training,
         models: Arc::new(models),
         local_unavailable,
         config: Arc::new(config),
@@ -173,6 +181,7 @@ pub fn build_app(
         .configure(routes::library::config)
         .configure(routes::admin::config)
         .configure(routes::subscription::config)
+        .configure(routes::train::config)
         .configure(crate::ws::config)
         .configure(routes::pages::config)
         .configure(openapi::config)

@@ -23,6 +23,13 @@ pub enum Command {
     Serve,
     /// Apply pending database migrations and exit.
     Migrate,
+    /// Run training workers without the HTTP server (share the database
+    /// and MUSE_DATA_DIR with the server). Stops on SIGTERM/SIGINT.
+    Worker {
+        /// Workers in this process (default: TRAINING_WORKERS, at least 1).
+        #[arg(long)]
+        workers: Option<usize>,
+    },
     /// Administrative tasks.
     Admin {
         #[command(subcommand)]
@@ -57,6 +64,14 @@ pub fn run(cli: Cli) -> ExitCode {
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => {
             let result = actix_web::rt::System::new().block_on(serve(config));
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(e),
+            }
+        }
+        Command::Worker { workers } => {
+            let result =
+                actix_web::rt::System::new().block_on(crate::training::run_worker(config, workers));
             match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(e),

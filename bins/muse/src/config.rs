@@ -78,6 +78,74 @@ pub struct Config {
     pub llm: LlmConfig,
     pub rate_limits: RateLimitConfig,
     pub stripe: Option<StripeConfig>,
+    pub training: TrainingConfig,
+}
+
+/// `TRAINING_*`: see docs/training.md.
+#[derive(Debug, Clone)]
+pub struct TrainingConfig {
+    /// `TRAINING_WORKERS` (default 1): workers inside the server; 0 leaves
+    /// the jobs to `muse worker` processes.
+    pub workers: usize,
+    /// `TRAINING_MAX_UPLOAD_BYTES` (default 100 MiB).
+    pub max_upload_bytes: u64,
+    /// `TRAINING_STORAGE_QUOTA_BYTES` (default 1 GiB): datasets per user.
+    pub storage_quota_bytes: u64,
+    /// `TRAINING_MAX_CONCURRENT_JOBS` (default 2): unfinished jobs per user.
+    pub max_concurrent_jobs: u64,
+    /// `TRAINING_LEASE_SECS` (default 30): a job whose worker is silent
+    /// this long is taken over.
+    pub lease_secs: u64,
+    /// `TRAINING_POLL_MS` (default 1000): how often an idle worker looks
+    /// for a job.
+    pub poll_ms: u64,
+    /// `TRAINING_PROGRESS_POLL_MS` (default 500): how often the server
+    /// relays job changes to WebSockets.
+    pub progress_poll_ms: u64,
+    /// `TRAINING_EXTERNAL_COMMAND`: the external trainer program and its
+    /// first arguments (shell-style quoting); unset: no external trainer.
+    pub external_command: Option<Vec<String>>,
+    /// `TRAINING_EXTERNAL_TIME_LIMIT_SECS` (default 6 h).
+    pub external_time_limit_secs: u64,
+    /// `TRAINING_EXTERNAL_GRACE_SECS` (default 10): SIGTERM → SIGKILL.
+    pub external_grace_secs: u64,
+    /// `TRAINING_PROVIDER_POLL_SECS` (default 10): provider job polling.
+    pub provider_poll_secs: u64,
+    /// `TRAINING_COMPATIBLE` (default false): offer the compatible server's
+    /// fine-tuning API as a trainer too.
+    pub compatible: bool,
+}
+
+impl TrainingConfig {
+    fn load(get: &impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let external_command = match get("TRAINING_EXTERNAL_COMMAND")
+            .filter(|c| !c.trim().is_empty())
+        {
+            None => None,
+            Some(c) => Some(shlex::split(&c).filter(|v| !v.is_empty()).ok_or(
+                ConfigError::Invalid {
+                    var: "TRAINING_EXTERNAL_COMMAND",
+                    message:
+                        "cannot split it into a program and arguments (unbalanced quotes?)".into(),
+                },
+            )?),
+        };
+        Ok(Self {
+            workers: parse(get, "TRAINING_WORKERS", 1)?,
+            max_upload_bytes: parse(get, "TRAINING_MAX_UPLOAD_BYTES", 100 * 1024 * 1024)?,
+            storage_quota_bytes: parse(get, "TRAINING_STORAGE_QUOTA_BYTES", 1024 * 1024 * 1024)?,
+            max_concurrent_jobs: parse(get, "TRAINING_MAX_CONCURRENT_JOBS", 2)?,
+            lease_secs: parse(get, "TRAINING_LEASE_SECS", 30)?.max(1),
+            poll_ms: parse(get, "TRAINING_POLL_MS", 1000)?.max(10),
+            progress_poll_ms: parse(get, "TRAINING_PROGRESS_POLL_MS", 500)?.max(10),
+            external_command,
+            external_time_limit_secs: parse(get, "TRAINING_EXTERNAL_TIME_LIMIT_SECS", 6 * 3600)?
+                .max(1),
+            external_grace_secs: parse(get, "TRAINING_EXTERNAL_GRACE_SECS", 10)?,
+            provider_poll_secs: parse(get, "TRAINING_PROVIDER_POLL_SECS", 10)?.max(1),
+            compatible: parse_bool(get, "TRAINING_COMPATIBLE", false)?,
+        })
+    }
 }
 
 /// `STRIPE_SECRET_KEY` (turns payments on), `STRIPE_WEBHOOK_SECRET`,
@@ -364,6 +432,7 @@ impl Config {
                         .unwrap_or_else(|| "https://api.stripe.com".into()),
                 }),
             },
+            training: TrainingConfig::load(&get)?,
             host,
             data_dir,
             database_url,

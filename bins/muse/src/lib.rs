@@ -19,6 +19,7 @@ pub mod runs;
 pub mod server;
 pub mod state;
 pub mod telemetry;
+pub mod training;
 pub mod ws;
 
 pub use app::{build_app, build_state, StartError};

@@ -8,7 +8,9 @@ use utoipa_redoc::{Redoc, Servable};
 use utoipa_swagger_ui::SwaggerUi;
 
 use crate::error::{ErrorBody, ErrorDetail};
-use crate::routes::{admin, ai, auth, executions, ideas, library, openai, subscription, system};
+use crate::routes::{
+    admin, ai, auth, executions, ideas, library, openai, subscription, system, train,
+};
 use crate::ws;
 
 #[derive(OpenApi)]
@@ -42,6 +44,8 @@ use crate::ws;
         admin::stats, admin::list_users, admin::suspend, admin::unsuspend, admin::set_role, admin::audit,
         admin::rate_limit_stats, admin::unblock, admin::list_flags, admin::upsert_flag,
         admin::set_plan, admin::put_plan,
+        train::upload, train::trainers, train::list_datasets, train::get_dataset, train::delete_dataset,
+        train::start, train::list_jobs, train::status, train::stop, train::logs,
     ),
     components(schemas(ErrorBody, ErrorDetail)),
     modifiers(&Security),
@@ -55,6 +59,7 @@ use crate::ws;
         (name = "websocket", description = "WebSocket protocol: docs/websocket.md"),
         (name = "admin", description = "Administrators only"),
         (name = "subscription", description = "Plans, usage against quotas, billing history"),
+        (name = "training", description = "Fine-tuning: datasets, jobs, trainers (docs/training.md)"),
         (name = "openai", description = "OpenAI-compatible API: point an OpenAI SDK at /v1 with a Muse API key"),
     )
 )]

@@ -55,6 +55,14 @@ pub async fn reserve(
     key: &str,
     request: &GenerateRequest,
 ) -> Result<Reservation, ApiError> {
+    if !state.training.visible(key, user_id) {
+        // Somebody else's trained model: as if it did not exist.
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "model_not_found",
+            format!("{key} is not in the model registry"),
+        ));
+    }
     let prompt_chars: usize = request.messages.iter().map(|m| m.content.len()).sum();
     let prompt_tokens = u32::try_from(prompt_chars / 4 + 1).unwrap_or(u32::MAX);
     let completion = request

@@ -21,6 +21,8 @@ pub fn open_database(config: &Config) -> Result<Database, StartError> {
 /// A running server: its address and a handle to stop it.
 pub struct Running {
     pub addr: std::net::SocketAddr,
+    /// Send `true` to stop the in-process training workers.
+    pub training_stop: tokio::sync::watch::Sender<bool>,
     pub handle: ServerHandle,
     pub server: actix_web::dev::Server,
 }
@@ -42,6 +44,7 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Running, Sta
     .map_err(|e| StartError::Admin(e.to_string()))??;
     let addr = listener.local_addr()?;
     state.flags.clone().spawn_refresh();
+    let training_stop = crate::training::start(&state);
     let server = HttpServer::new(move || build_app(state.clone()))
         .workers(workers)
         // Streamed tokens (SSE, WebSocket) are small writes: send each at
@@ -52,6 +55,7 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Running, Sta
         .run();
     Ok(Running {
         addr,
+        training_stop,
         handle: server.handle(),
         server,
     })
@@ -69,6 +73,7 @@ pub async fn serve(config: Config) -> Result<(), StartError> {
     let running = start(config, listener).await?;
     tracing::info!(addr = %running.addr, "Muse is listening; docs at http://{}/docs/", running.addr);
     running.server.await?;
+    let _ = running.training_stop.send(true);
     tracing::info!("server stopped");
     Ok(())
 }

@@ -24,6 +24,8 @@ pub struct AppState {
     pub ideas: Arc<dyn IdeaRepository>,
     /// Live WebSocket sessions, to push messages (training progress) to a user.
     pub hub: crate::ws::Hub,
+    /// Datasets, jobs, trainers, and who owns which trained model.
+    pub training: Arc<crate::training::Training>,
     /// Why local models are disabled (ONNX Runtime missing), if they are.
     pub local_unavailable: Option<String>,
     pub metrics: PrometheusHandle,

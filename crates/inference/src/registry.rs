@@ -4,7 +4,7 @@
 //! priced, and counted in the metrics.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -49,6 +49,7 @@ pub struct PricedCompletion {
     pub cost: Option<f64>,
 }
 
+#[derive(Clone)]
 struct Entry {
     provider: Arc<dyn LlmProvider>,
     model: String,
@@ -57,7 +58,8 @@ struct Entry {
 
 /// Models by key, the providers behind them, prices, and the retry policy.
 pub struct ModelRegistry {
-    entries: BTreeMap<String, Entry>,
+    /// Written at start, and when a trained model is registered.
+    entries: RwLock<BTreeMap<String, Entry>>,
     providers: BTreeMap<String, Arc<dyn LlmProvider>>,
     prices: PriceTable,
     retry: RetryPolicy,
@@ -67,7 +69,7 @@ pub struct ModelRegistry {
 impl ModelRegistry {
     pub fn new(prices: PriceTable, retry: RetryPolicy) -> Self {
         Self {
-            entries: BTreeMap::new(),
+            entries: RwLock::default(),
             providers: BTreeMap::new(),
             prices,
             retry,
@@ -78,8 +80,9 @@ impl ModelRegistry {
     /// Exposes `models` of `provider` as `provider.id()/model`.
     pub fn add_provider(&mut self, provider: Arc<dyn LlmProvider>, models: &[String]) {
         let id = provider.id().to_string();
+        let entries = self.entries.get_mut().unwrap_or_else(|e| e.into_inner());
         for m in models {
-            self.entries.insert(
+            entries.insert(
                 format!("{id}/{m}"),
                 Entry {
                     provider: provider.clone(),
@@ -94,17 +97,9 @@ impl ModelRegistry {
     /// Exposes every model in the local cache as `local/org/name`, priced
     /// at 0 (it runs on the operator's hardware).
     pub fn add_local(&mut self, provider: Arc<crate::local::LocalProvider>) {
+        let entries = self.entries.get_mut().unwrap_or_else(|e| e.into_inner());
         for m in provider.available() {
-            self.prices.insert(
-                "local",
-                &m,
-                Price {
-                    input_per_million: 0.0,
-                    output_per_million: 0.0,
-                    context_length: None,
-                },
-            );
-            self.entries.insert(
+            entries.insert(
                 format!("local/{m}"),
                 Entry {
                     provider: provider.clone(),
@@ -119,6 +114,76 @@ impl ModelRegistry {
 
     pub fn local(&self) -> Option<&Arc<crate::local::LocalProvider>> {
         self.local.as_ref()
+    }
+
+    /// Adds a model of an existing provider at run time (a fine-tuned
+    /// `ft:…` model); returns its key. Registering it again is harmless.
+    pub fn register_remote(&self, provider: &str, model: &str) -> Result<String, InferenceError> {
+        let p = self.providers.get(provider).cloned().ok_or_else(|| {
+            InferenceError::NotConfigured(format!("no provider {provider} is configured"))
+        })?;
+        if provider == "local" {
+            return Err(InferenceError::BadRequest(
+                "local models are registered from a directory".into(),
+            ));
+        }
+        let key = format!("{provider}/{model}");
+        self.write_entries()?.insert(
+            key.clone(),
+            Entry {
+                provider: p,
+                model: model.to_string(),
+                kind: ModelKind::Remote,
+            },
+        );
+        Ok(key)
+    }
+
+    /// Serves the ONNX export in `dir` as the local model `name` (a
+    /// trained model); returns its key (`local/<name>`).
+    pub fn register_local_dir(
+        &self,
+        name: &str,
+        dir: std::path::PathBuf,
+    ) -> Result<String, InferenceError> {
+        let local = self.local.clone().ok_or_else(|| {
+            InferenceError::NotConfigured("local models are disabled (no ONNX Runtime)".into())
+        })?;
+        local.add_dir(name, dir)?;
+        let key = format!("local/{name}");
+        self.write_entries()?.insert(
+            key.clone(),
+            Entry {
+                provider: local,
+                model: name.to_string(),
+                kind: ModelKind::Local,
+            },
+        );
+        Ok(key)
+    }
+
+    fn write_entries(
+        &self,
+    ) -> Result<std::sync::RwLockWriteGuard<'_, BTreeMap<String, Entry>>, InferenceError> {
+        self.entries
+            .write()
+            .map_err(|_| InferenceError::NotConfigured("model registry poisoned".into()))
+    }
+
+    fn read_entries(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Entry>> {
+        self.entries.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Local models run on the operator's hardware: priced at 0.
+    fn price_of(&self, e: &Entry) -> Option<Price> {
+        match e.kind {
+            ModelKind::Local => Some(Price {
+                input_per_million: 0.0,
+                output_per_million: 0.0,
+                context_length: None,
+            }),
+            ModelKind::Remote => self.prices.price(e.provider.id(), &e.model),
+        }
     }
 
     /// Loads the local model `key` (blocking). Remote models cannot be.
@@ -157,10 +222,10 @@ impl ModelRegistry {
     }
 
     pub fn list(&self) -> Vec<ModelInfo> {
-        self.entries
+        self.read_entries()
             .iter()
             .map(|(key, e)| {
-                let price = self.prices.price(e.provider.id(), &e.model);
+                let price = self.price_of(e);
                 let loaded = match (&self.local, e.kind) {
                     (Some(local), ModelKind::Local) => {
                         local.loaded().into_iter().find(|l| l.model == e.model)
@@ -190,8 +255,8 @@ impl ModelRegistry {
         self.list().into_iter().find(|m| m.key == key)
     }
 
-    fn entry(&self, key: &str) -> Result<&Entry, InferenceError> {
-        self.entries.get(key).ok_or_else(|| {
+    fn entry(&self, key: &str) -> Result<Entry, InferenceError> {
+        self.read_entries().get(key).cloned().ok_or_else(|| {
             InferenceError::ModelNotFound(format!("{key} is not in the model registry"))
         })
     }
@@ -217,8 +282,8 @@ impl ModelRegistry {
         )
         .await?;
         let cost = self
-            .prices
-            .cost(entry.provider.id(), &entry.model, &completion.summary.usage);
+            .price_of(&entry)
+            .map(|p| p.cost(&completion.summary.usage));
         record_usage(entry.provider.id(), &entry.model, &completion.summary, cost);
         Ok(PricedCompletion { completion, cost })
     }
@@ -246,7 +311,7 @@ impl ModelRegistry {
         let provider = entry.provider.id().to_string();
         let model = entry.model.clone();
         // The price is fixed for the call: no need to carry the whole table.
-        let price = self.prices.price(&provider, &model);
+        let price = self.price_of(&entry);
         let stream = opened.inspect(move |event| match event {
             Ok(StreamEvent::Done(summary)) => {
                 let cost = price.map(|p| p.cost(&summary.usage));
@@ -260,8 +325,8 @@ impl ModelRegistry {
 
     /// The cost of `usage` on the model `key` (USD; `None` when unknown).
     pub fn cost(&self, key: &str, usage: &Usage) -> Option<f64> {
-        let entry = self.entries.get(key)?;
-        self.prices.cost(entry.provider.id(), &entry.model, usage)
+        let entry = self.read_entries().get(key).cloned()?;
+        self.price_of(&entry).map(|p| p.cost(usage))
     }
 }
 

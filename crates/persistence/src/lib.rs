@@ -19,6 +19,7 @@ mod library_repo;
 mod redis_limits;
 pub mod schema;
 pub mod testing;
+mod training_repo;
 
 pub use auth_repo::DieselAuthRepository;
 pub use billing_repo::DieselBillingRepository;
@@ -27,3 +28,4 @@ pub use execution_repo::DieselExecutionRepository;
 pub use flags_repo::DieselFlagRepository;
 pub use library_repo::DieselLibraryRepository;
 pub use redis_limits::RedisRateLimitStore;
+pub use training_repo::DieselTrainingRepository;

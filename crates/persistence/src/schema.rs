@@ -101,6 +101,8 @@ diesel::allow_tables_to_appear_in_same_query!(
     usage_counters,
     billing_events,
     stripe_events,
+    datasets,
+    training_jobs,
 );
 
 diesel::table! {
@@ -279,5 +281,46 @@ diesel::table! {
         kind -> Text,
         created -> BigInt,
         processed_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    datasets (id) {
+        id -> Text,
+        user_id -> Text,
+        name -> Text,
+        size_bytes -> BigInt,
+        format -> Nullable<Text>,
+        row_count -> BigInt,
+        token_count -> BigInt,
+        report -> Text,
+        estimated_cost_usd -> Nullable<Double>,
+        base_model -> Nullable<Text>,
+        created_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    training_jobs (id) {
+        id -> Text,
+        user_id -> Text,
+        dataset_id -> Text,
+        base_model -> Text,
+        trainer -> Text,
+        hyperparameters -> Text,
+        suffix -> Nullable<Text>,
+        state -> Text,
+        progress -> Text,
+        error -> Nullable<Text>,
+        result_model -> Nullable<Text>,
+        provider_job_id -> Nullable<Text>,
+        cancel_requested -> Bool,
+        worker_id -> Nullable<Text>,
+        lease_until -> Nullable<BigInt>,
+        attempts -> Integer,
+        created_at -> BigInt,
+        started_at -> Nullable<BigInt>,
+        finished_at -> Nullable<BigInt>,
+        updated_at -> BigInt,
     }
 }

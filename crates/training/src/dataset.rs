@@ -224,6 +224,12 @@ impl<'a> DatasetValidator<'a> {
         Some(self.counter.count(p) + self.counter.count(c))
     }
 
+    /// Counts a line that was longer than [`MAX_LINE_BYTES`] (and not kept).
+    pub fn push_too_long(&mut self) {
+        self.line += 1;
+        self.issue(format!("the line is longer than {MAX_LINE_BYTES} bytes"));
+    }
+
     pub fn finish(self) -> ValidationReport {
         let mut issues = self.issues;
         let mut issue_count = self.issue_count;
@@ -245,6 +251,62 @@ impl<'a> DatasetValidator<'a> {
             issues,
             issue_count,
         }
+    }
+}
+
+/// Feeds a [`DatasetValidator`] from chunks of any size (as they arrive
+/// from the network), cutting lines at `\n`; memory stays under one line.
+pub struct LineSplitter<'a> {
+    validator: DatasetValidator<'a>,
+    partial: Vec<u8>,
+    too_long: bool,
+}
+
+impl<'a> LineSplitter<'a> {
+    pub fn new(validator: DatasetValidator<'a>) -> Self {
+        Self {
+            validator,
+            partial: Vec::new(),
+            too_long: false,
+        }
+    }
+
+    pub fn feed(&mut self, mut chunk: &[u8]) {
+        while let Some(at) = chunk.iter().position(|b| *b == b'\n') {
+            self.take(&chunk[..at]);
+            self.end_line();
+            chunk = &chunk[at + 1..];
+        }
+        self.take(chunk);
+    }
+
+    fn take(&mut self, bytes: &[u8]) {
+        if self.too_long {
+            return;
+        }
+        if self.partial.len() + bytes.len() > MAX_LINE_BYTES {
+            self.too_long = true;
+            self.partial = Vec::new();
+        } else {
+            self.partial.extend_from_slice(bytes);
+        }
+    }
+
+    fn end_line(&mut self) {
+        if self.too_long {
+            self.validator.push_too_long();
+            self.too_long = false;
+        } else {
+            self.validator.push_line(&self.partial);
+            self.partial.clear();
+        }
+    }
+
+    pub fn finish(mut self) -> ValidationReport {
+        if self.too_long || !self.partial.is_empty() {
+            self.end_line();
+        }
+        self.validator.finish()
     }
 }
 
@@ -320,6 +382,33 @@ mod tests {
         assert!(r.issues[0].reason.starts_with("not valid JSON"));
         assert!(r.issues[2].reason.contains("format"));
         assert_eq!(r.rows, 10);
+    }
+
+    #[test]
+    fn chunks_split_anywhere_give_the_same_report() {
+        let good = r#"{"prompt": "q", "completion": "a"}"#;
+        let mut lines = vec![good; 11];
+        lines.insert(5, "{broken");
+        let file = lines.join("\r\n");
+        let whole = validate(&file);
+        for size in [1, 2, 7, 64, 4096] {
+            let mut s = LineSplitter::new(DatasetValidator::new(&EstimateCounter));
+            for c in file.as_bytes().chunks(size) {
+                s.feed(c);
+            }
+            assert_eq!(s.finish(), whole, "chunks of {size}");
+        }
+        assert_eq!((whole.rows, whole.issues[0].line), (11, 6));
+        let mut s = LineSplitter::new(DatasetValidator::new(&EstimateCounter));
+        s.feed(good.as_bytes());
+        s.feed(b"\n");
+        s.feed(&vec![b'x'; MAX_LINE_BYTES + 10]);
+        s.feed(b"\n");
+        s.feed(good.as_bytes());
+        let r = s.finish();
+        assert_eq!(r.issues[0].line, 2);
+        assert!(r.issues[0].reason.contains("longer"));
+        assert_eq!(r.rows, 2);
     }
 
     #[test]

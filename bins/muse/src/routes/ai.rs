@@ -76,12 +76,13 @@ pub struct ModelList {
 /// local ONNX models found in `MODEL_CACHE_DIR` at start.
 #[utoipa::path(get, path = "/api/v1/ai/models", tag = "ai", security(("bearer" = [])),
     responses((status = 200, body = ModelList), (status = 401, body = ErrorBody)))]
-pub async fn list_models(state: web::Data<AppState>, _user: CurrentUser) -> web::Json<ModelList> {
+pub async fn list_models(state: web::Data<AppState>, user: CurrentUser) -> web::Json<ModelList> {
     web::Json(ModelList {
         items: state
             .models
             .list()
             .into_iter()
+            .filter(|m| state.training.visible(&m.key, user.0.user.id))
             .map(ModelEntry::from)
             .collect(),
     })

@@ -11,6 +11,7 @@ pub mod pages;
 pub mod sse;
 pub mod subscription;
 pub mod system;
+pub mod train;
 
 use actix_web::web;
 

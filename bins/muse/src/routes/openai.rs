@@ -262,11 +262,12 @@ pub async fn chat_completions(
 /// Every model in the registry, in the OpenAI list format.
 #[utoipa::path(get, path = "/v1/models", tag = "openai", security(("bearer" = [])),
     responses((status = 200, description = "`{object: \"list\", data: [{id, object: \"model\", created, owned_by}]}`"), (status = 401, body = ErrorBody)))]
-pub async fn list_models(state: web::Data<AppState>, _user: CurrentUser) -> HttpResponse {
+pub async fn list_models(state: web::Data<AppState>, user: CurrentUser) -> HttpResponse {
     let data: Vec<Value> = state
         .models
         .list()
         .into_iter()
+        .filter(|m| state.training.visible(&m.key, user.0.user.id))
         .map(|m| json!({"id": m.key, "object": "model", "created": 0, "owned_by": m.provider}))
         .collect();
     HttpResponse::Ok().json(json!({"object": "list", "data": data}))

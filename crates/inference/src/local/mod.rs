@@ -15,3 +15,27 @@ pub use engine::{DecodeParams, Decoding, KvLayout, LocalModel, StepControl};
 pub use provider::{LoadedModel, LocalConfig, LocalProvider};
 pub use resolve::resolve_model;
 pub use runtime::ensure_runtime;
+
+/// Counts tokens with a model's own tokenizer (dataset reports).
+pub struct TokenCounter {
+    tokenizer: tokenizers::Tokenizer,
+}
+
+impl TokenCounter {
+    /// Reads a `tokenizer.json` (blocking).
+    pub fn from_file(path: &std::path::Path) -> Result<Self, crate::InferenceError> {
+        tokenizers::Tokenizer::from_file(path)
+            .map(|tokenizer| Self { tokenizer })
+            .map_err(|e| {
+                crate::InferenceError::NotConfigured(format!("cannot read {}: {e}", path.display()))
+            })
+    }
+
+    /// Tokens of `text` (without special tokens); 0 if it cannot be encoded.
+    pub fn count(&self, text: &str) -> u64 {
+        self.tokenizer
+            .encode(text, false)
+            .map(|e| e.len() as u64)
+            .unwrap_or(0)
+    }
+}

@@ -58,10 +58,13 @@ struct Worker {
 }
 
 type Workers = Arc<Mutex<BTreeMap<String, Arc<Worker>>>>;
+/// Models served from a directory of their own (trained models), by name.
+type Dirs = Arc<std::sync::RwLock<BTreeMap<String, PathBuf>>>;
 
 pub struct LocalProvider {
     config: LocalConfig,
     workers: Workers,
+    dirs: Dirs,
 }
 
 impl LocalProvider {
@@ -69,17 +72,46 @@ impl LocalProvider {
         Self {
             config,
             workers: Arc::default(),
+            dirs: Arc::default(),
         }
     }
 
-    /// Models present in the cache, and the configured ones (which are
-    /// downloaded when loaded), sorted.
+    /// Models present in the cache, the configured ones (which are
+    /// downloaded when loaded), and the added directories, sorted.
     pub fn available(&self) -> Vec<String> {
         let mut all = cached_models(&self.config.cache_dir);
         all.extend(self.config.extra_models.iter().cloned());
+        if let Ok(dirs) = self.dirs.read() {
+            all.extend(dirs.keys().cloned());
+        }
         all.sort();
         all.dedup();
         all
+    }
+
+    /// Serves the ONNX causal-LM export in `dir` (model.onnx, tokenizer.json,
+    /// config.json) as `name`; loaded on first use like any local model.
+    pub fn add_dir(&self, name: &str, dir: PathBuf) -> Result<(), InferenceError> {
+        if !dir.join("model.onnx").is_file() || !dir.join("tokenizer.json").is_file() {
+            return Err(InferenceError::ModelNotFound(format!(
+                "{} has no model.onnx and tokenizer.json",
+                dir.display()
+            )));
+        }
+        self.dirs
+            .write()
+            .map_err(|_| InferenceError::NotConfigured("model table poisoned".into()))?
+            .insert(name.to_string(), dir);
+        Ok(())
+    }
+
+    /// The `tokenizer.json` of a local model, where there is one on disk.
+    pub fn tokenizer_path(&self, model: &str) -> Option<PathBuf> {
+        let dir = match self.dirs.read().ok().and_then(|d| d.get(model).cloned()) {
+            Some(d) => d,
+            None => resolve_model(&self.config.cache_dir, model).ok()?,
+        };
+        Some(dir.join("tokenizer.json")).filter(|p| p.is_file())
     }
 
     pub fn loaded(&self) -> Vec<LoadedModel> {
@@ -99,7 +131,7 @@ impl LocalProvider {
     /// Loads a model and starts its worker thread. Blocking (reads and
     /// initialises the model): call it from a blocking pool.
     pub fn load_blocking(&self, model: &str) -> Result<LoadedModel, InferenceError> {
-        load(&self.config, &self.workers, model).map(|w| w.info.clone())
+        load(&self.config, &self.workers, &self.dirs, model).map(|w| w.info.clone())
     }
 
     /// Unloads a model: its thread ends after the request it is serving;
@@ -117,9 +149,13 @@ impl LocalProvider {
         if let Some(w) = self.workers.lock().ok().and_then(|w| w.get(model).cloned()) {
             return Ok(w);
         }
-        let (config, workers, model) =
-            (self.config.clone(), self.workers.clone(), model.to_string());
-        tokio::task::spawn_blocking(move || load(&config, &workers, &model))
+        let (config, workers, dirs, model) = (
+            self.config.clone(),
+            self.workers.clone(),
+            self.dirs.clone(),
+            model.to_string(),
+        );
+        tokio::task::spawn_blocking(move || load(&config, &workers, &dirs, &model))
             .await
             .map_err(|e| InferenceError::NotConfigured(format!("model loading failed: {e}")))?
     }
@@ -128,6 +164,7 @@ impl LocalProvider {
 fn load(
     config: &LocalConfig,
     workers: &Workers,
+    dirs: &Dirs,
     model: &str,
 ) -> Result<Arc<Worker>, InferenceError> {
     // One load at a time: a second caller waits and then finds the model.
@@ -138,7 +175,8 @@ fn load(
     if let Some(w) = workers.lock().ok().and_then(|w| w.get(model).cloned()) {
         return Ok(w);
     }
-    let dir = match resolve_model(&config.cache_dir, model) {
+    let own_dir = dirs.read().ok().and_then(|d| d.get(model).cloned());
+    let dir = match own_dir.map_or_else(|| resolve_model(&config.cache_dir, model), Ok) {
         Ok(dir) => dir,
         Err(InferenceError::ModelNotFound(_)) if config.extra_models.iter().any(|m| m == model) => {
             download(config, model)?

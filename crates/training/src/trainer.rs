@@ -1,0 +1,201 @@
+//! The [`Trainer`] trait: something that turns a dataset and a base model
+//! into a new model — a provider's fine-tuning API or an external program.
+
+use std::path::PathBuf;
+
+use async_trait::async_trait;
+use serde::Serialize;
+use serde_json::Value;
+use tokio::sync::{mpsc, watch};
+use uuid::Uuid;
+
+use crate::dataset::DatasetFormat;
+use crate::job::Progress;
+
+/// One problem with a hyper-parameter.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ParamIssue {
+    /// The parameter (`n_epochs`, …), or `base_model`.
+    pub field: String,
+    pub message: String,
+}
+
+impl ParamIssue {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// A hyper-parameter a trainer accepts, for `GET /api/v1/train/trainers`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ParamSpec {
+    pub name: &'static str,
+    /// `integer`, `number`, `string`, or `integer|"auto"`.
+    pub kind: &'static str,
+    pub min: Option<f64>,
+    pub max: Option<f64>,
+    pub description: &'static str,
+}
+
+/// What a trainer is told about the job it runs.
+#[derive(Debug, Clone)]
+pub struct TrainRequest {
+    pub job_id: Uuid,
+    pub dataset_path: PathBuf,
+    pub format: DatasetFormat,
+    pub base_model: String,
+    /// As returned by [`Trainer::validate`].
+    pub hyperparameters: Value,
+    pub suffix: Option<String>,
+    /// A directory of the job's own (the model goes under it).
+    pub output_dir: PathBuf,
+    /// The job's log file (stderr of programs, provider events).
+    pub log_path: PathBuf,
+    /// Set when the job is resumed after its worker was lost.
+    pub provider_job_id: Option<String>,
+}
+
+/// What a trainer reports while it runs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TrainerEvent {
+    Progress(Progress),
+    /// The provider's own job id: stored, so a restart can resume.
+    ProviderJob(String),
+}
+
+/// The trained model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TrainedModel {
+    /// A model served by a remote provider (`openai`, `ft:gpt-4o-mini:…`).
+    Remote { provider: String, model: String },
+    /// An ONNX causal-LM directory to serve locally, under `name`.
+    Local { name: String, dir: PathBuf },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// The job was stopped (at the trainer).
+    #[error("cancelled")]
+    Cancelled,
+    #[error("the time limit of {0} s was reached")]
+    TimedOut(u64),
+    /// The trainer reports the training failed (the provider's or the
+    /// program's reason).
+    #[error("{0}")]
+    Failed(String),
+    /// The trainer could not be reached or misbehaved.
+    #[error("trainer error: {0}")]
+    Trainer(String),
+}
+
+/// A way to train. Implementations must stop promptly (and make the
+/// provider or program stop) when `cancel` turns true.
+#[async_trait]
+pub trait Trainer: Send + Sync + 'static {
+    /// Stable id users pass as `trainer` (`openai`, `external`).
+    fn id(&self) -> &str;
+    fn description(&self) -> String;
+    fn parameters(&self) -> Vec<ParamSpec>;
+    /// Checks the base model and hyper-parameters; returns every problem,
+    /// or the hyper-parameters as they will be used.
+    fn validate(&self, base_model: &str, hyperparameters: &Value)
+        -> Result<Value, Vec<ParamIssue>>;
+    /// Whether a job whose worker died can be picked up again
+    /// (with `provider_job_id`).
+    fn can_resume(&self) -> bool;
+    /// USD per million training tokens for `base_model`, where published.
+    fn price_per_million_tokens(&self, base_model: &str) -> Option<f64>;
+    /// Epochs the cost estimate assumes for these hyper-parameters.
+    fn epochs(&self, hyperparameters: &Value) -> u64;
+    /// Trains. Progress goes to `events` (dropped events are fine: a
+    /// trainer never waits on a slow reader).
+    async fn train(
+        &self,
+        request: TrainRequest,
+        events: mpsc::Sender<TrainerEvent>,
+        cancel: watch::Receiver<bool>,
+    ) -> Result<TrainedModel, TrainError>;
+}
+
+/// Reads an integer hyper-parameter within bounds (`"auto"` allowed when
+/// `auto_ok`); pushes an issue when it is wrong.
+pub fn int_param(
+    hp: &serde_json::Map<String, Value>,
+    name: &str,
+    (min, max): (i64, i64),
+    auto_ok: bool,
+    issues: &mut Vec<ParamIssue>,
+) -> Option<Value> {
+    let v = hp.get(name)?;
+    if auto_ok && v.as_str() == Some("auto") {
+        return Some(v.clone());
+    }
+    match v.as_i64() {
+        Some(n) if (min..=max).contains(&n) => Some(v.clone()),
+        _ => {
+            let auto = if auto_ok { " or \"auto\"" } else { "" };
+            issues.push(ParamIssue::new(
+                name,
+                format!("must be an integer from {min} to {max}{auto}"),
+            ));
+            None
+        }
+    }
+}
+
+/// Reads a number hyper-parameter within bounds (`"auto"` allowed when
+/// `auto_ok`).
+pub fn number_param(
+    hp: &serde_json::Map<String, Value>,
+    name: &str,
+    (min, max): (f64, f64),
+    auto_ok: bool,
+    issues: &mut Vec<ParamIssue>,
+) -> Option<Value> {
+    let v = hp.get(name)?;
+    if auto_ok && v.as_str() == Some("auto") {
+        return Some(v.clone());
+    }
+    match v.as_f64() {
+        Some(n) if n >= min && n <= max => Some(v.clone()),
+        _ => {
+            let auto = if auto_ok { " or \"auto\"" } else { "" };
+            issues.push(ParamIssue::new(
+                name,
+                format!("must be a number from {min} to {max}{auto}"),
+            ));
+            None
+        }
+    }
+}
+
+/// Refuses hyper-parameters not in `known`, and a non-object.
+pub fn check_known<'a>(
+    hyperparameters: &'a Value,
+    known: &[&str],
+    issues: &mut Vec<ParamIssue>,
+) -> Option<&'a serde_json::Map<String, Value>> {
+    let hp = match hyperparameters {
+        Value::Object(m) => m,
+        Value::Null => return None,
+        _ => {
+            issues.push(ParamIssue::new(
+                "hyperparameters",
+                "must be an object of parameters",
+            ));
+            return None;
+        }
+    };
+    for k in hp.keys() {
+        if !known.contains(&k.as_str()) {
+            issues.push(ParamIssue::new(
+                k.clone(),
+                format!("unknown parameter; this trainer takes {}", known.join(", ")),
+            ));
+        }
+    }
+    Some(hp)
+}

@@ -1,0 +1,2 @@
+DROP TABLE training_jobs;
+DROP TABLE datasets;
