@@ -4,6 +4,7 @@
 //! (SQLite, or a fresh PostgreSQL database when TEST_DATABASE_URL is set),
 //! spoken to over HTTP.
 
+mod finetune_upstream;
 mod helpers;
 mod upstream;
 
@@ -21,4 +22,5 @@ mod rate_limits;
 mod stripe;
 mod system;
 mod tokens;
+mod training;
 mod websocket;

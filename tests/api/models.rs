@@ -131,7 +131,7 @@ async fn no_providers_means_an_empty_registry() {
     assert_eq!(r.body, json!({"items": []}));
 }
 
-fn test_models() -> Option<String> {
+pub(crate) fn test_models() -> Option<String> {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-models/hub");
     let ready = std::env::var_os("ORT_DYLIB_PATH").is_some()
         && dir.join("models--muse-test--tiny-gpt2").is_dir();

@@ -38,7 +38,10 @@ fn chunk(model: &str, delta: Value, finish: Value, usage: Value) -> String {
     )
 }
 
-async fn chat(body: web::Json<Value>, sent: web::Data<Arc<AtomicUsize>>) -> HttpResponse {
+pub(crate) async fn chat(
+    body: web::Json<Value>,
+    sent: web::Data<Arc<AtomicUsize>>,
+) -> HttpResponse {
     let model = body["model"].as_str().unwrap_or_default().to_string();
     let last_user = body["messages"]
         .as_array()

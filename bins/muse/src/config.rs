@@ -109,8 +109,8 @@ pub struct TrainingConfig {
     pub external_time_limit_secs: u64,
     /// `TRAINING_EXTERNAL_GRACE_SECS` (default 10): SIGTERM → SIGKILL.
     pub external_grace_secs: u64,
-    /// `TRAINING_PROVIDER_POLL_SECS` (default 10): provider job polling.
-    pub provider_poll_secs: u64,
+    /// `TRAINING_PROVIDER_POLL_MS` (default 10000): provider job polling.
+    pub provider_poll_ms: u64,
     /// `TRAINING_COMPATIBLE` (default false): offer the compatible server's
     /// fine-tuning API as a trainer too.
     pub compatible: bool,
@@ -142,7 +142,7 @@ impl TrainingConfig {
             external_time_limit_secs: parse(get, "TRAINING_EXTERNAL_TIME_LIMIT_SECS", 6 * 3600)?
                 .max(1),
             external_grace_secs: parse(get, "TRAINING_EXTERNAL_GRACE_SECS", 10)?,
-            provider_poll_secs: parse(get, "TRAINING_PROVIDER_POLL_SECS", 10)?.max(1),
+            provider_poll_ms: parse(get, "TRAINING_PROVIDER_POLL_MS", 10_000)?.max(10),
             compatible: parse_bool(get, "TRAINING_COMPATIBLE", false)?,
         })
     }

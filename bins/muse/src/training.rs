@@ -130,7 +130,7 @@ fn build_trainers(config: &Config) -> Result<Trainers, String> {
             grace: Duration::from_secs(t.external_grace_secs),
         })?));
     }
-    let poll = Duration::from_secs(t.provider_poll_secs);
+    let poll = Duration::from_millis(t.provider_poll_ms);
     if let Some(o) = &config.llm.openai {
         trainers.add(Arc::new(OpenAiTrainer::new(OpenAiTrainerConfig {
             provider: "openai".into(),
@@ -185,6 +185,11 @@ impl ModelSink for RegistrySink {
         };
         self.training.register(&self.models, &done);
         Ok(key)
+    }
+
+    fn base_model_dir(&self, base_model: &str) -> Option<PathBuf> {
+        let name = base_model.strip_prefix("local/")?;
+        self.models.local()?.model_dir(name)
     }
 }
 

@@ -23,7 +23,7 @@ fn each_backend(f: impl Fn(&Database, &DieselAuthRepository)) {
     }
     for t in &dbs {
         let db = Database::connect(&t.url, 4).expect("connect");
-        assert_eq!(db.run_migrations().expect("migrate"), 6);
+        assert_eq!(db.run_migrations().expect("migrate"), 7);
         let repo = DieselAuthRepository::new(db.clone());
         f(&db, &repo);
     }

@@ -4,7 +4,8 @@
 //!
 //! ```text
 //! <command…> --dataset PATH --format chat|prompt_completion
-//!            --base-model MODEL --output-dir DIR --hyperparameters JSON
+//!            --base-model MODEL [--base-model-dir DIR]
+//!            --output-dir DIR --hyperparameters JSON
 //! ```
 //!
 //! - stdout: one JSON object per line — `{"type": "progress", "step",
@@ -278,6 +279,12 @@ impl Trainer for ExternalTrainer {
             .arg(&request.dataset_path)
             .args(["--format", request.format.as_str()])
             .args(["--base-model", &request.base_model])
+            .args(
+                request
+                    .base_model_dir
+                    .iter()
+                    .flat_map(|d| [std::ffi::OsStr::new("--base-model-dir"), d.as_os_str()]),
+            )
             .arg("--output-dir")
             .arg(&request.output_dir)
             .arg("--hyperparameters")

@@ -47,6 +47,8 @@ pub struct TrainRequest {
     pub dataset_path: PathBuf,
     pub format: DatasetFormat,
     pub base_model: String,
+    /// The base model's files, when it is a local model on this machine.
+    pub base_model_dir: Option<PathBuf>,
     /// As returned by [`Trainer::validate`].
     pub hyperparameters: Value,
     pub suffix: Option<String>,

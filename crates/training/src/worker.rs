@@ -61,6 +61,8 @@ impl Trainers {
 pub trait ModelSink: Send + Sync + 'static {
     /// Makes the model usable (registry) and returns its registry key.
     fn register(&self, job: &TrainingJob, model: &TrainedModel) -> Result<String, String>;
+    /// The files of `base_model` when it is a local model here.
+    fn base_model_dir(&self, base_model: &str) -> Option<PathBuf>;
 }
 
 #[derive(Debug, Clone)]
@@ -295,6 +297,7 @@ impl Runner {
             dataset_path: path,
             format,
             base_model: held.job.base_model.clone(),
+            base_model_dir: self.sink.base_model_dir(&held.job.base_model),
             hyperparameters,
             suffix: held.job.suffix.clone(),
             output_dir: dir.join("output"),

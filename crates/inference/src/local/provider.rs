@@ -105,13 +105,17 @@ impl LocalProvider {
         Ok(())
     }
 
+    /// The directory of a local model on disk (cache snapshot or added).
+    pub fn model_dir(&self, model: &str) -> Option<PathBuf> {
+        match self.dirs.read().ok().and_then(|d| d.get(model).cloned()) {
+            Some(d) => Some(d),
+            None => resolve_model(&self.config.cache_dir, model).ok(),
+        }
+    }
+
     /// The `tokenizer.json` of a local model, where there is one on disk.
     pub fn tokenizer_path(&self, model: &str) -> Option<PathBuf> {
-        let dir = match self.dirs.read().ok().and_then(|d| d.get(model).cloned()) {
-            Some(d) => d,
-            None => resolve_model(&self.config.cache_dir, model).ok()?,
-        };
-        Some(dir.join("tokenizer.json")).filter(|p| p.is_file())
+        Some(self.model_dir(model)?.join("tokenizer.json")).filter(|p| p.is_file())
     }
 
     pub fn loaded(&self) -> Vec<LoadedModel> {
