@@ -40,6 +40,11 @@ bench:
 openapi:
     UPDATE_SNAPSHOTS=1 cargo test -p muse-tests --test api openapi_snapshot
 
+# Training workers without the HTTP server (same database and data directory as `just run`)
+worker *ARGS:
+    ./scripts/ensure-system-deps.sh
+    ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$(./scripts/ort-path.sh)}" cargo run -p muse-server --bin muse -- worker {{ARGS}}
+
 # Apply migrations and exit
 migrate:
     cargo run -p muse-server --bin muse -- migrate

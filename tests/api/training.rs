@@ -693,7 +693,7 @@ async fn openai_fine_tuning_succeeds_fails_cancels_and_resumes() {
         ("TRAINING_LEASE_SECS", "1"),
     ])
     .await;
-    let (token, _) = trainer_user(&app, "tuner").await;
+    let (token, admin) = trainer_user(&app, "tuner").await;
     let ds = upload(&app, &token, "", "d.jsonl", chat_rows(10).as_bytes()).await;
     let ds = ds.body["dataset_id"].as_str().unwrap().to_string();
     let start = |model: &str| json!({"dataset_id": ds, "base_model": format!("openai/{model}"), "suffix": "poems", "hyperparameters": {"n_epochs": 2, "seed": 7}});
@@ -843,4 +843,11 @@ async fn openai_fine_tuning_succeeds_fails_cancels_and_resumes() {
         .get(&format!("/api/v1/train/logs/{}", job.id), Some(&token))
         .await;
     assert!(log.text.contains("resuming"), "{}", log.text);
+    let stats = app.get("/api/v1/admin/stats", Some(&admin)).await;
+    assert_eq!(
+        stats.body["training_jobs"],
+        json!({"succeeded": 2, "failed": 1, "cancelled": 1}),
+        "{}",
+        stats.text
+    );
 }

@@ -195,6 +195,9 @@ pub struct AdminStats {
     pub cost_usd: f64,
     /// Per provider and model, most used first.
     pub by_model: Vec<ModelUsageView>,
+    /// Training jobs (all time) by state: `queued`, `running`, `succeeded`, …
+    #[schema(value_type = Object)]
+    pub training_jobs: std::collections::BTreeMap<String, u64>,
 }
 
 /// Users, executions, tokens and cost by provider and model over a period.
@@ -235,6 +238,12 @@ pub async fn stats(
         Ok::<_, muse_auth::AuthError>((users, usage, active))
     })
     .await?;
+    let jobs = state.training.jobs.clone();
+    let training_jobs = blocking(move || jobs.count_by_state())
+        .await?
+        .into_iter()
+        .map(|(s, n)| (s.as_str().to_string(), n))
+        .collect();
     let by_model: Vec<ModelUsageView> = usage
         .into_iter()
         .map(|u| ModelUsageView {
@@ -265,6 +274,7 @@ pub async fn stats(
             .sum(),
         cost_usd: by_model.iter().map(|m| m.cost_usd).sum(),
         by_model,
+        training_jobs,
     }))
 }
 
