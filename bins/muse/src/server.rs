@@ -21,8 +21,9 @@ pub fn open_database(config: &Config) -> Result<Database, StartError> {
 /// A running server: its address and a handle to stop it.
 pub struct Running {
     pub addr: std::net::SocketAddr,
-    /// Send `true` to stop the in-process training workers.
-    pub training_stop: tokio::sync::watch::Sender<bool>,
+    /// The in-process training workers (stopped after the server).
+    pub training: crate::training::Workers,
+    pub training_wait: std::time::Duration,
     pub handle: ServerHandle,
     pub server: actix_web::dev::Server,
 }
@@ -44,7 +45,8 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Running, Sta
     .map_err(|e| StartError::Admin(e.to_string()))??;
     let addr = listener.local_addr()?;
     state.flags.clone().spawn_refresh();
-    let training_stop = crate::training::start(&state);
+    let training = crate::training::start(&state);
+    let training_wait = crate::training::shutdown_wait(&state.training.config);
     let server = HttpServer::new(move || build_app(state.clone()))
         .workers(workers)
         // Streamed tokens (SSE, WebSocket) are small writes: send each at
@@ -55,7 +57,8 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Running, Sta
         .run();
     Ok(Running {
         addr,
-        training_stop,
+        training,
+        training_wait,
         handle: server.handle(),
         server,
     })
@@ -73,7 +76,7 @@ pub async fn serve(config: Config) -> Result<(), StartError> {
     let running = start(config, listener).await?;
     tracing::info!(addr = %running.addr, "Muse is listening; docs at http://{}/docs/", running.addr);
     running.server.await?;
-    let _ = running.training_stop.send(true);
+    running.training.shutdown(running.training_wait).await;
     tracing::info!("server stopped");
     Ok(())
 }

@@ -220,23 +220,48 @@ pub fn job_view(j: &TrainingJob) -> Value {
     })
 }
 
+/// Running workers, and how to stop them.
+pub struct Workers {
+    stop: watch::Sender<bool>,
+    handles: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Workers {
+    /// Stops taking jobs; a running external program is stopped (and its
+    /// job failed as interrupted), a provider job is handed to the next
+    /// worker. Waits up to `wait` for that.
+    pub async fn shutdown(self, wait: Duration) {
+        let _ = self.stop.send(true);
+        let all = futures_util::future::join_all(self.handles);
+        if tokio::time::timeout(wait, all).await.is_err() {
+            tracing::warn!("training workers did not stop in time");
+        }
+    }
+}
+
+/// How long stopping may take: the program's grace period, and a margin.
+pub fn shutdown_wait(config: &TrainingConfig) -> Duration {
+    Duration::from_secs(config.external_grace_secs + 5)
+}
+
 /// Starts the in-process workers and the progress relay on the current
-/// runtime. Returns the sender that stops the workers.
-pub fn start(state: &crate::state::AppState) -> watch::Sender<bool> {
+/// runtime.
+pub fn start(state: &crate::state::AppState) -> Workers {
     let (stop, stopped) = watch::channel(false);
     let training = state.training.clone();
+    let mut handles = Vec::new();
     if training.config.workers > 0 {
         if training.trainers.is_empty() {
             tracing::info!(
                 "no trainer is configured: training jobs cannot run (see docs/training.md)"
             );
         }
-        training
+        handles = training
             .runner(state.models.clone())
             .spawn(training.config.workers, stopped);
     }
     spawn_relay(state.clone());
-    stop
+    Workers { stop, handles }
 }
 
 /// Every `TRAINING_PROGRESS_POLL_MS`, sends the jobs that changed to their
@@ -315,11 +340,10 @@ pub async fn run_worker(
     let handles = training.runner(models).spawn(n, stopped);
     tracing::info!(workers = n, trainers = ?training.trainers.ids(), "muse worker running");
     wait_for_signal().await;
-    tracing::info!("stopping: no new jobs are taken; running ones are left to their lease");
-    let _ = stop.send(true);
-    for h in handles {
-        h.abort();
-    }
+    tracing::info!("stopping: no new jobs are taken");
+    Workers { stop, handles }
+        .shutdown(shutdown_wait(&training.config))
+        .await;
     Ok(())
 }
 

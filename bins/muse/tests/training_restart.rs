@@ -16,8 +16,12 @@ use uuid::Uuid;
 /// Prints progress every 50 ms; writes a marker when its stdin closes
 /// (Muse went away) and stops.
 const PROGRAM: &str = r#"
-import json, os, sys, threading, time
+import json, os, signal, sys, threading, time
 marker = os.environ["MARKER"]
+def term(*_):
+    open(os.environ["TERM_MARKER"], "w").write("SIGTERM")
+    sys.exit(143)
+signal.signal(signal.SIGTERM, term)
 def watch():
     sys.stdin.read()
     open(marker, "w").write("stdin closed")
@@ -51,6 +55,7 @@ fn muse(dir: &Path, program: &Path, args: &[&str]) -> Child {
         .env("PORT", port.to_string())
         .env("BCRYPT_COST", "4")
         .env("MARKER", dir.join("stdin-closed"))
+        .env("TERM_MARKER", dir.join("got-sigterm"))
         .env(
             "TRAINING_EXTERNAL_COMMAND",
             format!("python3 {}", program.display()),
@@ -71,11 +76,11 @@ fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
     }
 }
 
-#[test]
-fn a_killed_server_leaves_no_job_running_forever() {
+/// A migrated data directory with a user, a dataset and a queued job.
+fn setup() -> (Work, PathBuf, DieselTrainingRepository, TrainingJob) {
     let dir = std::env::temp_dir().join(format!("muse-restart-{}", Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).unwrap();
-    let _work = Work(dir.clone());
+    let work = Work(dir.clone());
     let program = dir.join("trainer.py");
     std::fs::write(&program, PROGRAM).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_muse"))
@@ -142,6 +147,13 @@ fn a_killed_server_leaves_no_job_running_forever() {
     );
     repo.insert_job(&job).unwrap();
 
+    (work, program, repo, job)
+}
+
+#[test]
+fn a_killed_server_leaves_no_job_running_forever() {
+    let (work, program, repo, job) = setup();
+    let dir = work.0.clone();
     // The server takes it and runs the program…
     let mut server = muse(&dir, &program, &["serve"]);
     wait_for("the job to run", 60, || {
@@ -189,4 +201,43 @@ fn a_killed_server_leaves_no_job_running_forever() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+#[test]
+fn a_stopped_server_stops_the_program_and_fails_the_job_at_once() {
+    let (work, program, repo, job) = setup();
+    let dir = work.0.clone();
+    let mut server = muse(&dir, &program, &["serve"]);
+    wait_for("the job to run", 60, || {
+        let j = repo.job(None, job.id).unwrap().unwrap();
+        j.state == JobState::Running && j.progress.step.unwrap_or(0) >= 2
+    });
+    let status = Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(code) = server.try_wait().unwrap() {
+            assert!(code.success(), "muse exited with {code}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "muse did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Before exiting, the server stopped the program and recorded why.
+    assert!(
+        dir.join("got-sigterm").exists(),
+        "the program got no SIGTERM"
+    );
+    let end = repo.job(None, job.id).unwrap().unwrap();
+    assert_eq!(end.state, JobState::Failed, "{end:?}");
+    assert!(
+        end.error
+            .as_deref()
+            .unwrap()
+            .contains("shut down during training"),
+        "{end:?}"
+    );
 }

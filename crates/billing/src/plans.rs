@@ -34,6 +34,8 @@ pub struct Plan {
     /// Registry keys or `provider/*`; empty allows every model.
     pub allowed_models: Vec<String>,
     pub training_allowed: bool,
+    /// Unfinished training jobs a user may have at once.
+    pub max_training_jobs: i32,
     pub active: bool,
 }
 
@@ -271,6 +273,7 @@ mod tests {
             max_batch: 3,
             allowed_models: vec![],
             training_allowed: false,
+            max_training_jobs: 0,
             active: true,
         };
         assert!(p.allows_model("openai/gpt-4o"));

@@ -52,6 +52,7 @@ struct PlanRow {
     allowed_models: String,
     training_allowed: bool,
     active: bool,
+    max_training_jobs: i32,
 }
 
 impl PlanRow {
@@ -69,6 +70,7 @@ impl PlanRow {
             max_cost_usd: self.max_cost_usd,
             max_batch: self.max_batch,
             training_allowed: self.training_allowed,
+            max_training_jobs: self.max_training_jobs,
             active: self.active,
         })
     }
@@ -158,6 +160,7 @@ impl BillingRepository for DieselBillingRepository {
                     plans::max_batch.eq(p.max_batch),
                     plans::allowed_models.eq(&models),
                     plans::training_allowed.eq(p.training_allowed),
+                    plans::max_training_jobs.eq(p.max_training_jobs),
                     plans::active.eq(p.active),
                     plans::updated_at.eq(now),
                 ))
@@ -176,6 +179,7 @@ impl BillingRepository for DieselBillingRepository {
                         plans::max_batch.eq(p.max_batch),
                         plans::allowed_models.eq(&models),
                         plans::training_allowed.eq(p.training_allowed),
+                        plans::max_training_jobs.eq(p.max_training_jobs),
                         plans::active.eq(p.active),
                         plans::created_at.eq(now),
                         plans::updated_at.eq(now),

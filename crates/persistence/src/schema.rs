@@ -235,6 +235,7 @@ diesel::table! {
         active -> Bool,
         created_at -> BigInt,
         updated_at -> BigInt,
+        max_training_jobs -> Integer,
     }
 }
 

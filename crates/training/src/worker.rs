@@ -134,7 +134,7 @@ impl Runner {
                 Ok(Some(job)) => {
                     let id = job.id;
                     tracing::info!(worker = %worker_id, job = %id, state = job.state.as_str(), "claimed a training job");
-                    self.run(&worker_id, job).await;
+                    self.run(&worker_id, job, &mut shutdown).await;
                     continue;
                 }
                 Ok(None) => {}
@@ -197,7 +197,12 @@ impl Runner {
     }
 
     /// Runs one claimed job to an end (or until it is lost).
-    async fn run(&self, worker_id: &str, claimed: TrainingJob) {
+    async fn run(
+        &self,
+        worker_id: &str,
+        claimed: TrainingJob,
+        shutdown: &mut watch::Receiver<bool>,
+    ) {
         let recovering = claimed.state.is_active();
         let mut held = Held {
             job: claimed,
@@ -305,7 +310,9 @@ impl Runner {
             provider_job_id: held.job.provider_job_id.clone(),
         };
         let (cancel_tx, cancel_rx) = watch::channel(held.job.cancel_requested);
-        let heartbeat = self.heartbeat(held.job.id, worker_id.to_string(), cancel_tx);
+        let cancel_tx = Arc::new(cancel_tx);
+        let heartbeat = self.heartbeat(held.job.id, worker_id.to_string(), cancel_tx.clone());
+        let mut shutting_down = false;
         let (events_tx, mut events) = mpsc::channel(256);
         let training = trainer.train(request, events_tx, cancel_rx);
         tokio::pin!(training);
@@ -315,6 +322,23 @@ impl Runner {
         let result = loop {
             tokio::select! {
                 result = &mut training => break Some(result),
+                Ok(()) = shutdown.changed(), if !shutting_down => {
+                    if !*shutdown.borrow() {
+                        continue;
+                    }
+                    shutting_down = true;
+                    if trainer.can_resume() && held.job.provider_job_id.is_some() {
+                        // The provider keeps training: hand the job to the
+                        // next worker at once (an expired lease).
+                        let (repo, id, wid, now) = (self.jobs.clone(), held.job.id, worker_id.to_string(), self.clock.now_ms());
+                        let _ = blocking(move || repo.heartbeat(id, &wid, now, -1)).await;
+                        tracing::info!(job = %id, "shutting down: the job is left to the next worker");
+                        held.lost = true;
+                        break None;
+                    }
+                    // A program: stop it (SIGTERM, then SIGKILL), then fail the job.
+                    let _ = cancel_tx.send(true);
+                }
                 () = &mut heartbeat => {
                     // Another worker has it now: drop the run here (a
                     // provider job is left running for that worker).
@@ -383,6 +407,13 @@ impl Runner {
                     }
                 }
             }
+            Err(TrainError::Cancelled) if shutting_down => {
+                self.fail(&mut held, format!(
+                    "interrupted: the worker was shut down during training and the {} trainer cannot resume a run; start the job again",
+                    trainer.id()
+                ))
+                .await
+            }
             Err(TrainError::Cancelled) => {
                 tracing::info!(job = %held.job.id, "training job cancelled");
                 let mut u = Self::update(&held.job, JobState::Cancelled);
@@ -395,7 +426,7 @@ impl Runner {
 
     /// Renews the lease every third of it; turns `cancel` on when the owner
     /// asks to stop. Resolves when the job is lost.
-    async fn heartbeat(&self, id: Uuid, worker_id: String, cancel: watch::Sender<bool>) {
+    async fn heartbeat(&self, id: Uuid, worker_id: String, cancel: Arc<watch::Sender<bool>>) {
         let every = (self.config.lease / 3).max(Duration::from_millis(50));
         loop {
             tokio::time::sleep(every).await;

@@ -43,3 +43,8 @@ CREATE INDEX training_jobs_user ON training_jobs (user_id, created_at);
 CREATE INDEX training_jobs_queue ON training_jobs (state, created_at);
 CREATE INDEX training_jobs_updated ON training_jobs (updated_at);
 CREATE INDEX training_jobs_dataset ON training_jobs (dataset_id);
+
+-- Plans cap unfinished training jobs per user.
+ALTER TABLE plans ADD COLUMN max_training_jobs INTEGER NOT NULL DEFAULT 2;
+UPDATE plans SET max_training_jobs = 0 WHERE id = 'free';
+UPDATE plans SET max_training_jobs = 5 WHERE id = 'team';

@@ -739,6 +739,8 @@ pub struct PlanBody {
     pub max_batch: Option<i32>,
     pub allowed_models: Option<Vec<String>>,
     pub training_allowed: Option<bool>,
+    /// Unfinished training jobs per user at once (0–100, default 2).
+    pub max_training_jobs: Option<i32>,
     pub active: Option<bool>,
 }
 
@@ -779,9 +781,10 @@ pub async fn put_plan(
         || b.max_tokens.is_some_and(|v| v < 0)
         || b.max_cost_usd.is_some_and(|v| v.is_nan() || v < 0.0)
         || b.max_batch.is_some_and(|v| !(1..=100).contains(&v))
+        || b.max_training_jobs.is_some_and(|v| !(0..=100).contains(&v))
     {
         return Err(invalid(
-            "prices and quotas must not be negative; max_batch is 1 to 100",
+            "prices and quotas must not be negative; max_batch is 1 to 100, max_training_jobs 0 to 100",
         ));
     }
     let plan = muse_billing::Plan {
@@ -796,6 +799,7 @@ pub async fn put_plan(
         max_batch: b.max_batch.unwrap_or(10),
         allowed_models: b.allowed_models.unwrap_or_default(),
         training_allowed: b.training_allowed.unwrap_or(false),
+        max_training_jobs: b.max_training_jobs.unwrap_or(2),
         active: b.active.unwrap_or(true),
     };
     let (auth, billing, p) = (state.auth.clone(), state.billing.clone(), plan.clone());

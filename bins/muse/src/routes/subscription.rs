@@ -46,6 +46,8 @@ pub struct PlanView {
     /// Registry keys or `provider/*`; empty allows every model.
     pub allowed_models: Vec<String>,
     pub training_allowed: bool,
+    /// Unfinished training jobs at once.
+    pub max_training_jobs: i32,
 }
 
 impl From<Plan> for PlanView {
@@ -61,6 +63,7 @@ impl From<Plan> for PlanView {
             max_batch: p.max_batch,
             allowed_models: p.allowed_models,
             training_allowed: p.training_allowed,
+            max_training_jobs: p.max_training_jobs,
         }
     }
 }

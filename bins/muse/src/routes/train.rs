@@ -80,7 +80,7 @@ fn dataset_view(d: &Dataset) -> Value {
 
 /// The caller may train: the `training` flag is on for them and their
 /// plan allows it (403 `feature_disabled` / `training_not_in_plan`).
-async fn gate(state: &AppState, user: &CurrentUser) -> Result<(), ApiError> {
+async fn gate(state: &AppState, user: &CurrentUser) -> Result<muse_billing::Plan, ApiError> {
     state
         .flags
         .check(muse_billing::flags::known::TRAINING, &user.0)?;
@@ -100,7 +100,7 @@ async fn gate(state: &AppState, user: &CurrentUser) -> Result<(), ApiError> {
         )
         .with_details(json!({"plan": plan.id})));
     }
-    Ok(())
+    Ok(plan)
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -455,8 +455,8 @@ fn invalid(fields: Vec<Value>) -> ApiError {
 }
 
 /// Queue a fine-tuning job. Checks the `training` flag and plan, the
-/// caller's unfinished jobs (`TRAINING_MAX_CONCURRENT_JOBS`, 429
-/// `too_many_jobs`), the dataset (own and valid), the trainer, the base
+/// caller's unfinished jobs (the plan's `max_training_jobs`, capped by
+/// `TRAINING_MAX_CONCURRENT_JOBS`; 429 `too_many_jobs`), the dataset (own and valid), the trainer, the base
 /// model and the hyper-parameters (422 `validation_failed`, every problem).
 #[utoipa::path(post, path = "/api/v1/train/start", tag = "training", security(("bearer" = [])), request_body = StartBody,
     responses((status = 202, description = "the queued job"), (status = 403, description = "feature_disabled or training_not_in_plan", body = ErrorBody),
@@ -467,7 +467,7 @@ pub async fn start(
     user: CurrentUser,
     body: web::Json<StartBody>,
 ) -> Result<HttpResponse, ApiError> {
-    gate(&state, &user).await?;
+    let plan = gate(&state, &user).await?;
     let b = body.into_inner();
     let training = state.training.clone();
     let trainer_id = match (&b.trainer, training.trainers.ids().as_slice()) {
@@ -513,13 +513,21 @@ pub async fn start(
     let uid = user.0.user.id;
     let jobs = training.jobs.clone();
     let unfinished = blocking(move || jobs.unfinished_jobs(uid)).await?;
-    let max = training.config.max_concurrent_jobs;
+    // The plan's limit, under the server's.
+    let max = training
+        .config
+        .max_concurrent_jobs
+        .min(u64::try_from(plan.max_training_jobs).unwrap_or(0));
     if unfinished >= max {
         return Err(ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "too_many_jobs",
-            format!("you have {unfinished} unfinished training job(s); at most {max} at once"),
-        ));
+            format!(
+                "you have {unfinished} unfinished training job(s); the {} plan allows {max} at once",
+                plan.name
+            ),
+        )
+        .with_details(json!({"plan": plan.id, "limit": max})));
     }
     let job = TrainingJob::new(
         uid,
