@@ -67,6 +67,9 @@ async fn an_openai_sdk_works_against_muse_and_every_call_is_recorded() {
     assert_eq!(answer.model, "upstream/ok");
 
     let mut streamed = request.clone();
+    // The workspace builds async-openai with `byot` (muse-training), and
+    // then `create_stream` sends the request as it is: ask for a stream.
+    streamed.stream = Some(true);
     streamed.stream_options = Some(ChatCompletionStreamOptions {
         include_usage: Some(true),
         include_obfuscation: None,

@@ -413,6 +413,12 @@ impl Trainer for ExternalTrainer {
             Some(d) => request.output_dir.join(d),
             None => request.output_dir.join("model"),
         };
+        if !dir.is_dir() {
+            return Err(TrainError::Failed(format!(
+                "the program succeeded but produced no model directory at {}",
+                dir.display()
+            )));
+        }
         if !inside(&dir, &request.output_dir) {
             return Err(TrainError::Failed(format!(
                 "the model directory {} is not inside the output directory",
@@ -467,6 +473,117 @@ mod tests {
         );
         assert!(t.validate("m", &json!([1])).is_err());
         assert_eq!(t.validate("m", &Value::Null).unwrap(), json!({}));
+    }
+
+    fn sh(script: &str, limit_ms: u64) -> ExternalTrainer {
+        // `sh -c SCRIPT sh --dataset …`: Muse's arguments become $1…
+        ExternalTrainer::new(ExternalConfig {
+            command: vec!["sh".into(), "-c".into(), script.into(), "sh".into()],
+            time_limit: Duration::from_millis(limit_ms),
+            grace: Duration::from_millis(500),
+        })
+        .unwrap()
+    }
+
+    fn request(dir: &Path) -> TrainRequest {
+        TrainRequest {
+            job_id: uuid::Uuid::now_v7(),
+            dataset_path: dir.join("d.jsonl"),
+            format: crate::DatasetFormat::Chat,
+            base_model: "local/x".into(),
+            base_model_dir: None,
+            hyperparameters: json!({}),
+            suffix: None,
+            output_dir: dir.join("out"),
+            log_path: dir.join("job.log"),
+            provider_job_id: None,
+        }
+    }
+
+    async fn run(
+        t: &ExternalTrainer,
+        dir: &Path,
+        cancel_after: Option<u64>,
+    ) -> Result<TrainedModel, TrainError> {
+        let (tx, mut rx) = mpsc::channel(64);
+        let (ctx, crx) = watch::channel(false);
+        tokio::spawn(async move { while rx.recv().await.is_some() {} });
+        if let Some(ms) = cancel_after {
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                let _ = ctx.send(true);
+            });
+            t.train(request(dir), tx, crx).await
+        } else {
+            let r = t.train(request(dir), tx, crx).await;
+            drop(ctx);
+            r
+        }
+    }
+
+    #[tokio::test]
+    async fn the_time_limit_stops_the_program_with_sigterm() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = sh(
+            "trap 'echo got TERM >&2; exit 143' TERM; sleep 30 & wait",
+            300,
+        );
+        let started = std::time::Instant::now();
+        let r = run(&t, dir.path(), None).await;
+        assert!(matches!(r, Err(TrainError::TimedOut(_))), "{r:?}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let log = std::fs::read_to_string(dir.path().join("job.log")).unwrap();
+        assert!(log.contains("stderr: got TERM"), "{log}");
+    }
+
+    #[tokio::test]
+    async fn a_program_that_ignores_sigterm_is_killed_and_a_stop_is_a_cancel() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = sh("trap '' TERM; while true; do sleep 0.05; done", 60_000);
+        let started = std::time::Instant::now();
+        let r = run(&t, dir.path(), Some(200)).await;
+        assert!(matches!(r, Err(TrainError::Cancelled)), "{r:?}");
+        // 200 ms, then the 500 ms grace, then SIGKILL.
+        assert!(
+            started.elapsed() >= Duration::from_millis(650),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn success_needs_a_model_inside_the_output_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = run(&sh("exit 0", 5_000), dir.path(), None).await;
+        assert!(
+            matches!(&r, Err(TrainError::Failed(m)) if m.contains("no model directory")),
+            "{r:?}"
+        );
+        let empty = sh(r#"mkdir -p "$8/model""#, 5_000);
+        let r = run(&empty, dir.path(), None).await;
+        assert!(
+            matches!(&r, Err(TrainError::Failed(m)) if m.contains("no model.onnx")),
+            "{r:?}"
+        );
+        let escape = sh(r#"echo '{"type": "model", "dir": "/"}'"#, 5_000);
+        let r = run(&escape, dir.path(), None).await;
+        assert!(
+            matches!(&r, Err(TrainError::Failed(m)) if m.contains("not inside")),
+            "{r:?}"
+        );
+        // $8 is the output directory (after --dataset, --format, --base-model).
+        let ok = sh(
+            r#"mkdir -p "$8/m" && touch "$8/m/model.onnx" "$8/m/tokenizer.json" && echo '{"type": "model", "dir": "m"}'"#,
+            5_000,
+        );
+        match run(&ok, dir.path(), None).await {
+            Ok(TrainedModel::Local { name, dir: d }) => {
+                assert!(name.starts_with("trained/model-"));
+                assert!(d.ends_with("out/m"));
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
