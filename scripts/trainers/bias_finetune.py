@@ -4,7 +4,7 @@
 It speaks Muse's external trainer protocol (docs/training.md):
 
   bias_finetune.py --dataset PATH --format chat|prompt_completion
-                   --base-model NAME [--base-model-dir DIR]
+                   --base-model=NAME [--base-model-dir DIR]
                    --output-dir DIR --hyperparameters JSON
 
 - progress on stdout, one JSON object per line:

@@ -323,7 +323,7 @@ async fn external_jobs_run_report_progress_stop_and_fail() {
         &dir,
         "choose.py",
         &format!(
-            "import os, sys\nargs = sys.argv[1:]\nbase = args[args.index('--base-model') + 1]\nprog = {{'slow': {slow:?}, 'failing': {failing:?}}}[base]\nos.execvp(sys.executable, [sys.executable, prog] + args)\n"
+            "import os, sys\nargs = sys.argv[1:]\nbase = [a.split('=', 1)[1] for a in args if a.startswith('--base-model=')][0]\nprog = {{'slow': {slow:?}, 'failing': {failing:?}}}[base]\nos.execvp(sys.executable, [sys.executable, prog] + args)\n"
         ),
     );
     let app = TestApp::spawn_with(&[

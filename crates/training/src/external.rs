@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! <command…> --dataset PATH --format chat|prompt_completion
-//!            --base-model MODEL [--base-model-dir DIR]
+//!            --base-model=MODEL [--base-model-dir DIR]
 //!            --output-dir DIR --hyperparameters JSON
 //! ```
 //!
@@ -200,8 +200,18 @@ impl Trainer for ExternalTrainer {
         hyperparameters: &Value,
     ) -> Result<Value, Vec<ParamIssue>> {
         let mut issues = Vec::new();
-        if base_model.trim().is_empty() || base_model.len() > 200 {
-            issues.push(ParamIssue::new("base_model", "must be 1 to 200 characters"));
+        // It reaches the program's command line: no option look-alikes.
+        if base_model.is_empty()
+            || base_model.len() > 200
+            || base_model.starts_with('-')
+            || !base_model
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_./:@".contains(c))
+        {
+            issues.push(ParamIssue::new(
+                "base_model",
+                "1 to 200 of letters, digits and - _ . / : @, not starting with -",
+            ));
         }
         let mut out = Map::new();
         if let Some(hp) = check_known(hyperparameters, &PARAMS, &mut issues) {
@@ -278,7 +288,7 @@ impl Trainer for ExternalTrainer {
             .arg("--dataset")
             .arg(&request.dataset_path)
             .args(["--format", request.format.as_str()])
-            .args(["--base-model", &request.base_model])
+            .arg(format!("--base-model={}", request.base_model))
             .args(
                 request
                     .base_model_dir
@@ -472,6 +482,8 @@ mod tests {
             ["base_model", "dropout", "n_epochs", "learning_rate"]
         );
         assert!(t.validate("m", &json!([1])).is_err());
+        assert!(t.validate("--output-dir=/etc", &Value::Null).is_err());
+        assert!(t.validate("local/org/name", &Value::Null).is_ok());
         assert_eq!(t.validate("m", &Value::Null).unwrap(), json!({}));
     }
 
@@ -560,7 +572,7 @@ mod tests {
             matches!(&r, Err(TrainError::Failed(m)) if m.contains("no model directory")),
             "{r:?}"
         );
-        let empty = sh(r#"mkdir -p "$8/model""#, 5_000);
+        let empty = sh(r#"mkdir -p "$7/model""#, 5_000);
         let r = run(&empty, dir.path(), None).await;
         assert!(
             matches!(&r, Err(TrainError::Failed(m)) if m.contains("no model.onnx")),
@@ -572,9 +584,9 @@ mod tests {
             matches!(&r, Err(TrainError::Failed(m)) if m.contains("not inside")),
             "{r:?}"
         );
-        // $8 is the output directory (after --dataset, --format, --base-model).
+        // $7 is the output directory (after --dataset P, --format F, --base-model=M).
         let ok = sh(
-            r#"mkdir -p "$8/m" && touch "$8/m/model.onnx" "$8/m/tokenizer.json" && echo '{"type": "model", "dir": "m"}'"#,
+            r#"mkdir -p "$7/m" && touch "$7/m/model.onnx" "$7/m/tokenizer.json" && echo '{"type": "model", "dir": "m"}'"#,
             5_000,
         );
         match run(&ok, dir.path(), None).await {
