@@ -406,32 +406,24 @@ impl JobRepository for DieselTrainingRepository {
             .execute(c)
         };
         match &mut *conn {
-            DbConnection::Pg(pg) => pg
+            DbConnection::Pg(_) => conn
                 .transaction(|c| {
+                    // The oldest claimable job that no other worker is
+                    // looking at (their rows are skipped, not waited for).
+                    let c: &mut DbConnection = c;
+                    let DbConnection::Pg(pg) = &mut *c else {
+                        return Err(diesel::result::Error::BrokenTransactionManager);
+                    };
                     let row: Option<JobRow> = training_jobs::table
                         .filter(claimable!(trainers, now))
                         .order((training_jobs::created_at.asc(), training_jobs::id.asc()))
                         .for_update()
                         .skip_locked()
                         .select(JobRow::as_select())
-                        .first(c)
+                        .first(pg)
                         .optional()?;
                     let Some(row) = row else { return Ok(None) };
-                    let state = if row.state == "queued" {
-                        "validating"
-                    } else {
-                        row.state.as_str()
-                    };
-                    diesel::update(training_jobs::table.find(&row.id))
-                        .set((
-                            training_jobs::worker_id.eq(worker_id),
-                            training_jobs::lease_until.eq(lease_until),
-                            training_jobs::attempts.eq(training_jobs::attempts + 1),
-                            training_jobs::state.eq(state),
-                            training_jobs::started_at.eq(row.started_at.unwrap_or(now)),
-                            training_jobs::updated_at.eq(now.max(row.updated_at + 1)),
-                        ))
-                        .execute(c)?;
+                    take(c, &row)?;
                     Ok(Some(row))
                 })
                 .map_err(job_err)?

@@ -37,13 +37,6 @@ use crate::trainer::*;
 
 /// Lines of stderr kept for the error message of a failed run.
 const STDERR_TAIL: usize = 20;
-const PARAMS: [&str; 5] = [
-    "n_epochs",
-    "learning_rate",
-    "batch_size",
-    "max_steps",
-    "seed",
-];
 
 #[derive(Debug, Clone)]
 pub struct ExternalConfig {
@@ -213,42 +206,7 @@ impl Trainer for ExternalTrainer {
                 "1 to 200 of letters, digits and - _ . / : @, not starting with -",
             ));
         }
-        let mut out = Map::new();
-        if let Some(hp) = check_known(hyperparameters, &PARAMS, &mut issues) {
-            let checks: [(&str, Option<Value>); 5] = [
-                (
-                    "n_epochs",
-                    int_param(hp, "n_epochs", (1, 100), false, &mut issues),
-                ),
-                (
-                    "learning_rate",
-                    number_param(
-                        hp,
-                        "learning_rate",
-                        (f64::MIN_POSITIVE, 1.0),
-                        false,
-                        &mut issues,
-                    ),
-                ),
-                (
-                    "batch_size",
-                    int_param(hp, "batch_size", (1, 1024), false, &mut issues),
-                ),
-                (
-                    "max_steps",
-                    int_param(hp, "max_steps", (1, 1_000_000), false, &mut issues),
-                ),
-                (
-                    "seed",
-                    int_param(hp, "seed", (0, 4_294_967_295), false, &mut issues),
-                ),
-            ];
-            for (k, v) in checks {
-                if let Some(v) = v {
-                    out.insert(k.to_string(), v);
-                }
-            }
-        }
+        let out = check_params(hyperparameters, &self.parameters(), &mut issues);
         if issues.is_empty() {
             Ok(Value::Object(out))
         } else {

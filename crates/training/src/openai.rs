@@ -19,7 +19,6 @@ use tokio::sync::{mpsc, watch};
 use crate::job::Progress;
 use crate::trainer::*;
 
-const PARAMS: [&str; 4] = ["n_epochs", "batch_size", "learning_rate_multiplier", "seed"];
 /// Polls that may fail in a row (network, 5xx) before the job fails.
 const MAX_POLL_FAILURES: u32 = 10;
 
@@ -245,38 +244,7 @@ impl Trainer for OpenAiTrainer {
                 ),
             ));
         }
-        let mut out = Map::new();
-        if let Some(hp) = check_known(hyperparameters, &PARAMS, &mut issues) {
-            let checks = [
-                (
-                    "n_epochs",
-                    int_param(hp, "n_epochs", (1, 50), true, &mut issues),
-                ),
-                (
-                    "batch_size",
-                    int_param(hp, "batch_size", (1, 256), true, &mut issues),
-                ),
-                (
-                    "learning_rate_multiplier",
-                    number_param(
-                        hp,
-                        "learning_rate_multiplier",
-                        (f64::MIN_POSITIVE, 10.0),
-                        true,
-                        &mut issues,
-                    ),
-                ),
-                (
-                    "seed",
-                    int_param(hp, "seed", (0, 2_147_483_647), false, &mut issues),
-                ),
-            ];
-            for (k, v) in checks {
-                if let Some(v) = v {
-                    out.insert(k.to_string(), v);
-                }
-            }
-        }
+        let out = check_params(hyperparameters, &self.parameters(), &mut issues);
         if issues.is_empty() {
             Ok(Value::Object(out))
         } else {

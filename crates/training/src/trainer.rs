@@ -29,12 +29,14 @@ impl ParamIssue {
     }
 }
 
-/// A hyper-parameter a trainer accepts, for `GET /api/v1/train/trainers`.
+/// A hyper-parameter a trainer accepts (shown by `GET /api/v1/train/trainers`
+/// and checked by [`check_params`]).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ParamSpec {
     pub name: &'static str,
-    /// `integer`, `number`, `string`, or `integer|"auto"`.
+    /// `integer`, `number`, `integer|"auto"` or `number|"auto"`.
     pub kind: &'static str,
+    /// Integers: inclusive; numbers: exclusive below, inclusive above.
     pub min: Option<f64>,
     pub max: Option<f64>,
     pub description: &'static str,
@@ -122,75 +124,28 @@ pub trait Trainer: Send + Sync + 'static {
     ) -> Result<TrainedModel, TrainError>;
 }
 
-/// Reads an integer hyper-parameter within bounds (`"auto"` allowed when
-/// `auto_ok`); pushes an issue when it is wrong.
-pub fn int_param(
-    hp: &serde_json::Map<String, Value>,
-    name: &str,
-    (min, max): (i64, i64),
-    auto_ok: bool,
+/// Checks `hyperparameters` against a trainer's declared parameters:
+/// an object (or null) of known names, integers within `[min, max]`,
+/// numbers within `(min, max]`, `"auto"` where the kind allows it. Pushes
+/// every problem; returns the accepted values.
+pub fn check_params(
+    hyperparameters: &Value,
+    specs: &[ParamSpec],
     issues: &mut Vec<ParamIssue>,
-) -> Option<Value> {
-    let v = hp.get(name)?;
-    if auto_ok && v.as_str() == Some("auto") {
-        return Some(v.clone());
-    }
-    match v.as_i64() {
-        Some(n) if (min..=max).contains(&n) => Some(v.clone()),
-        _ => {
-            let auto = if auto_ok { " or \"auto\"" } else { "" };
-            issues.push(ParamIssue::new(
-                name,
-                format!("must be an integer from {min} to {max}{auto}"),
-            ));
-            None
-        }
-    }
-}
-
-/// Reads a number hyper-parameter within bounds (`"auto"` allowed when
-/// `auto_ok`).
-pub fn number_param(
-    hp: &serde_json::Map<String, Value>,
-    name: &str,
-    (min, max): (f64, f64),
-    auto_ok: bool,
-    issues: &mut Vec<ParamIssue>,
-) -> Option<Value> {
-    let v = hp.get(name)?;
-    if auto_ok && v.as_str() == Some("auto") {
-        return Some(v.clone());
-    }
-    match v.as_f64() {
-        Some(n) if n >= min && n <= max => Some(v.clone()),
-        _ => {
-            let auto = if auto_ok { " or \"auto\"" } else { "" };
-            issues.push(ParamIssue::new(
-                name,
-                format!("must be a number from {min} to {max}{auto}"),
-            ));
-            None
-        }
-    }
-}
-
-/// Refuses hyper-parameters not in `known`, and a non-object.
-pub fn check_known<'a>(
-    hyperparameters: &'a Value,
-    known: &[&str],
-    issues: &mut Vec<ParamIssue>,
-) -> Option<&'a serde_json::Map<String, Value>> {
+) -> serde_json::Map<String, Value> {
+    let mut out = serde_json::Map::new();
     let hp = match hyperparameters {
         Value::Object(m) => m,
-        Value::Null => return None,
+        Value::Null => return out,
         _ => {
             issues.push(ParamIssue::new(
                 "hyperparameters",
                 "must be an object of parameters",
             ));
-            return None;
+            return out;
         }
     };
+    let known: Vec<&str> = specs.iter().map(|s| s.name).collect();
     for k in hp.keys() {
         if !known.contains(&k.as_str()) {
             issues.push(ParamIssue::new(
@@ -199,5 +154,32 @@ pub fn check_known<'a>(
             ));
         }
     }
-    Some(hp)
+    for spec in specs {
+        let Some(v) = hp.get(spec.name) else { continue };
+        let auto_ok = spec.kind.ends_with("|\"auto\"");
+        let (min, max) = (spec.min.unwrap_or(f64::MIN), spec.max.unwrap_or(f64::MAX));
+        let ok = if auto_ok && v.as_str() == Some("auto") {
+            true
+        } else if spec.kind.starts_with("integer") {
+            v.as_i64()
+                .is_some_and(|n| n as f64 >= min && n as f64 <= max)
+        } else {
+            v.as_f64().is_some_and(|n| n > min && n <= max)
+        };
+        if ok {
+            out.insert(spec.name.to_string(), v.clone());
+        } else {
+            let (what, range) = if spec.kind.starts_with("integer") {
+                ("an integer", format!("from {min} to {max}"))
+            } else {
+                ("a number", format!("above {min} and at most {max}"))
+            };
+            let auto = if auto_ok { " or \"auto\"" } else { "" };
+            issues.push(ParamIssue::new(
+                spec.name,
+                format!("must be {what} {range}{auto}"),
+            ));
+        }
+    }
+    out
 }
