@@ -297,12 +297,18 @@ impl Runner {
             return;
         }
 
+        // Looking the model up reads the disk: not on the async worker.
+        let (sink, base) = (self.sink.clone(), held.job.base_model.clone());
+        let base_model_dir = tokio::task::spawn_blocking(move || sink.base_model_dir(&base))
+            .await
+            .ok()
+            .flatten();
         let request = TrainRequest {
             job_id: held.job.id,
             dataset_path: path,
             format,
             base_model: held.job.base_model.clone(),
-            base_model_dir: self.sink.base_model_dir(&held.job.base_model),
+            base_model_dir,
             hyperparameters,
             suffix: held.job.suffix.clone(),
             output_dir: dir.join("output"),

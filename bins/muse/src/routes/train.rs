@@ -123,10 +123,14 @@ impl muse_training::TokenCounter for ModelCounter {
     }
 }
 
-fn counter_for(state: &AppState, base_model: Option<&str>) -> Box<dyn muse_training::TokenCounter> {
+/// Blocking (reads the tokenizer): call it on a blocking thread.
+fn counter_for(
+    models: &muse_inference::ModelRegistry,
+    base_model: Option<&str>,
+) -> Box<dyn muse_training::TokenCounter> {
     let local = base_model
         .and_then(|m| m.strip_prefix("local/"))
-        .and_then(|m| state.models.local().and_then(|l| l.tokenizer_path(m)));
+        .and_then(|m| models.local().and_then(|l| l.tokenizer_path(m)));
     match (local, base_model) {
         (Some(path), Some(model)) => match muse_inference::local::TokenCounter::from_file(&path) {
             Ok(c) => Box::new(ModelCounter(c, model.to_string())),
@@ -203,10 +207,11 @@ pub async fn upload(
     // Chunks go to a blocking thread that writes and validates them; the
     // bounded channel slows the upload down to the disk's pace.
     let (tx, mut rx) = tokio::sync::mpsc::channel::<web::Bytes>(16);
-    let counter = counter_for(&state, base_model.as_deref());
+    let (models, model) = (state.models.clone(), base_model.clone());
     let (dir, file_path) = (training.root.join("datasets"), part.clone());
     let writer = tokio::task::spawn_blocking(move || -> std::io::Result<ValidationReport> {
         use std::io::Write;
+        let counter = counter_for(&models, model.as_deref());
         std::fs::create_dir_all(&dir)?;
         let mut file = std::io::BufWriter::new(std::fs::File::create(&file_path)?);
         let mut lines = LineSplitter::new(DatasetValidator::new(counter.as_ref()));
