@@ -851,3 +851,65 @@ async fn openai_fine_tuning_succeeds_fails_cancels_and_resumes() {
         stats.text
     );
 }
+
+#[actix_web::test]
+async fn the_plan_caps_unfinished_jobs() {
+    let app = TestApp::spawn_with(&[
+        ("ADMIN_EMAIL", ADMIN.0),
+        ("ADMIN_PASSWORD", ADMIN.1),
+        ("TRAINING_EXTERNAL_COMMAND", "true"),
+        // No worker: jobs stay queued.
+        ("TRAINING_WORKERS", "0"),
+        ("TRAINING_MAX_CONCURRENT_JOBS", "10"),
+    ])
+    .await;
+    let (token, admin) = trainer_user(&app, "solo").await;
+    let plan = json!({"name": "Solo", "price_cents": 500, "training_allowed": true, "max_training_jobs": 1});
+    let r = app
+        .call(
+            reqwest::Method::PUT,
+            "/api/v1/admin/plans/solo",
+            Some(&admin),
+            Some(plan),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.body["max_training_jobs"], 1);
+    let r = app
+        .call(
+            reqwest::Method::PUT,
+            "/api/v1/admin/plans/solo",
+            Some(&admin),
+            Some(json!({"name": "Solo", "price_cents": 500, "max_training_jobs": 101})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    let me = app.get("/api/v1/auth/me", Some(&token)).await.body["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = app
+        .post(
+            &format!("/api/v1/admin/users/{me}/plan"),
+            Some(&admin),
+            json!({"plan_id": "solo"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let ds = upload(&app, &token, "", "d.jsonl", chat_rows(10).as_bytes()).await;
+    let ds = ds.body["dataset_id"].as_str().unwrap().to_string();
+    let start = json!({"dataset_id": ds, "base_model": "local/x"});
+    let r = app
+        .post("/api/v1/train/start", Some(&token), start.clone())
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+    let r = app.post("/api/v1/train/start", Some(&token), start).await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::TOO_MANY_REQUESTS, "too_many_jobs")
+    );
+    assert_eq!(
+        r.body["error"]["details"],
+        json!({"plan": "solo", "limit": 1})
+    );
+}

@@ -37,8 +37,8 @@ fn corrupt(what: &str) -> BillingError {
     BillingError::Other(format!("corrupt billing row: {what}"))
 }
 
-#[derive(Queryable, Selectable)]
-#[diesel(table_name = plans)]
+#[derive(Queryable, Selectable, Insertable, AsChangeset)]
+#[diesel(table_name = plans, treat_none_as_null = true)]
 struct PlanRow {
     id: String,
     name: String,
@@ -56,6 +56,25 @@ struct PlanRow {
 }
 
 impl PlanRow {
+    fn from_domain(p: &Plan) -> Self {
+        Self {
+            id: p.id.clone(),
+            name: p.name.clone(),
+            price_cents: p.price_cents,
+            currency: p.currency.clone(),
+            stripe_price_id: p.stripe_price_id.clone(),
+            max_requests: p.max_requests,
+            max_tokens: p.max_tokens,
+            max_cost_usd: p.max_cost_usd,
+            max_batch: p.max_batch,
+            allowed_models: serde_json::to_string(&p.allowed_models)
+                .unwrap_or_else(|_| "[]".into()),
+            training_allowed: p.training_allowed,
+            active: p.active,
+            max_training_jobs: p.max_training_jobs,
+        }
+    }
+
     fn into_domain(self) -> Result<Plan, BillingError> {
         Ok(Plan {
             allowed_models: serde_json::from_str(&self.allowed_models)
@@ -145,45 +164,15 @@ impl BillingRepository for DieselBillingRepository {
     }
 
     fn upsert_plan(&self, p: &Plan, now: i64) -> Result<(), BillingError> {
-        let models = serde_json::to_string(&p.allowed_models).unwrap_or_else(|_| "[]".into());
+        let row = PlanRow::from_domain(p);
         let mut conn = self.conn()?;
         conn.transaction(|c| {
-            let n = diesel::update(plans::table.find(&p.id))
-                .set((
-                    plans::name.eq(&p.name),
-                    plans::price_cents.eq(p.price_cents),
-                    plans::currency.eq(&p.currency),
-                    plans::stripe_price_id.eq(&p.stripe_price_id),
-                    plans::max_requests.eq(p.max_requests),
-                    plans::max_tokens.eq(p.max_tokens),
-                    plans::max_cost_usd.eq(p.max_cost_usd),
-                    plans::max_batch.eq(p.max_batch),
-                    plans::allowed_models.eq(&models),
-                    plans::training_allowed.eq(p.training_allowed),
-                    plans::max_training_jobs.eq(p.max_training_jobs),
-                    plans::active.eq(p.active),
-                    plans::updated_at.eq(now),
-                ))
+            let n = diesel::update(plans::table.find(&row.id))
+                .set((&row, plans::updated_at.eq(now)))
                 .execute(c)?;
             if n == 0 {
                 diesel::insert_into(plans::table)
-                    .values((
-                        plans::id.eq(&p.id),
-                        plans::name.eq(&p.name),
-                        plans::price_cents.eq(p.price_cents),
-                        plans::currency.eq(&p.currency),
-                        plans::stripe_price_id.eq(&p.stripe_price_id),
-                        plans::max_requests.eq(p.max_requests),
-                        plans::max_tokens.eq(p.max_tokens),
-                        plans::max_cost_usd.eq(p.max_cost_usd),
-                        plans::max_batch.eq(p.max_batch),
-                        plans::allowed_models.eq(&models),
-                        plans::training_allowed.eq(p.training_allowed),
-                        plans::max_training_jobs.eq(p.max_training_jobs),
-                        plans::active.eq(p.active),
-                        plans::created_at.eq(now),
-                        plans::updated_at.eq(now),
-                    ))
+                    .values((&row, plans::created_at.eq(now), plans::updated_at.eq(now)))
                     .execute(c)?;
             }
             Ok(())

@@ -596,24 +596,18 @@ pub async fn delete_prompt(
     Ok(HttpResponse::NoContent().finish())
 }
 
-#[derive(Debug, Deserialize, IntoParams)]
-pub struct PageQuery {
-    pub page: Option<u32>,
-    pub per_page: Option<u32>,
-}
-
 /// Every version of a prompt, newest first.
 #[utoipa::path(get, path = "/api/v1/expert-prompts/{id}/versions", tag = "library", security(("bearer" = [])),
-    params(("id" = Uuid, Path, description = "expert prompt id"), PageQuery),
+    params(("id" = Uuid, Path, description = "expert prompt id"), super::PageQuery),
     responses((status = 200, body = PromptVersionPage), (status = 404, body = ErrorBody)))]
 pub async fn list_versions(
     state: web::Data<AppState>,
     user: CurrentUser,
     path: web::Path<Uuid>,
-    query: web::Query<PageQuery>,
+    query: web::Query<super::PageQuery>,
 ) -> Result<web::Json<PromptVersionPage>, ApiError> {
     let (lib, v, id) = (state.library.clone(), viewer(&user.0), path.into_inner());
-    let page = PageRequest::new(query.page, query.per_page);
+    let page = query.request();
     let p = blocking(move || lib.prompt_versions(v, id, page)).await?;
     Ok(web::Json(PromptVersionPage {
         page: p.page,

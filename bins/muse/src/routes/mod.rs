@@ -35,6 +35,19 @@ pub fn rfc3339(ms: i64) -> String {
         .unwrap_or_default()
 }
 
+/// `?page=&per_page=` for lists that take nothing else.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+pub struct PageQuery {
+    pub page: Option<u32>,
+    pub per_page: Option<u32>,
+}
+
+impl PageQuery {
+    pub fn request(&self) -> muse_core::PageRequest {
+        muse_core::PageRequest::new(self.page, self.per_page)
+    }
+}
+
 /// A 400 `invalid_query_parameter`.
 pub fn bad_query(message: String) -> ApiError {
     ApiError::bad_request("invalid_query_parameter", message)

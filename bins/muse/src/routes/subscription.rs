@@ -7,9 +7,8 @@
 use actix_web::http::StatusCode;
 use actix_web::web;
 use muse_billing::{month_of, BillingEvent, Plan, Subscription, SubscriptionStatus, Usage};
-use muse_core::PageRequest;
-use serde::{Deserialize, Serialize};
-use utoipa::{IntoParams, ToSchema};
+use serde::Serialize;
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::rfc3339;
@@ -367,12 +366,6 @@ pub async fn cancel(
         })
 }
 
-#[derive(Debug, Deserialize, IntoParams)]
-pub struct HistoryQuery {
-    pub page: Option<u32>,
-    pub per_page: Option<u32>,
-}
-
 #[derive(Debug, Serialize, ToSchema)]
 pub struct BillingEventView {
     pub id: Uuid,
@@ -393,15 +386,15 @@ pub struct BillingHistory {
 }
 
 /// Your billing history, newest first.
-#[utoipa::path(get, path = "/api/v1/subscription/billing/history", tag = "subscription", security(("bearer" = [])), params(HistoryQuery),
+#[utoipa::path(get, path = "/api/v1/subscription/billing/history", tag = "subscription", security(("bearer" = [])), params(super::PageQuery),
     responses((status = 200, body = BillingHistory), (status = 401, body = ErrorBody)))]
 pub async fn history(
     state: web::Data<AppState>,
     user: CurrentUser,
-    query: web::Query<HistoryQuery>,
+    query: web::Query<super::PageQuery>,
 ) -> Result<web::Json<BillingHistory>, ApiError> {
     let (billing, uid) = (state.billing.clone(), user.0.user.id);
-    let page = PageRequest::new(query.page, query.per_page);
+    let page = query.request();
     let p = actix_web::web::block(move || billing.events(uid, page))
         .await?
         .map_err(store_error)?;

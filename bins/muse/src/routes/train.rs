@@ -346,21 +346,15 @@ pub async fn upload(
     Ok(HttpResponse::Created().json(dataset_view(&dataset)))
 }
 
-#[derive(Debug, Deserialize, IntoParams)]
-pub struct PageParams {
-    pub page: Option<u32>,
-    pub per_page: Option<u32>,
-}
-
 /// The caller's datasets, newest first.
-#[utoipa::path(get, path = "/api/v1/train/datasets", tag = "training", security(("bearer" = [])), params(PageParams),
+#[utoipa::path(get, path = "/api/v1/train/datasets", tag = "training", security(("bearer" = [])), params(super::PageQuery),
     responses((status = 200, description = "`{items, page, per_page, total}`"), (status = 401, body = ErrorBody)))]
 pub async fn list_datasets(
     state: web::Data<AppState>,
     user: CurrentUser,
-    query: web::Query<PageParams>,
+    query: web::Query<super::PageQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    let page = PageRequest::new(query.page, query.per_page);
+    let page = query.request();
     let (datasets, uid) = (state.training.datasets.clone(), user.0.user.id);
     let p = blocking(move || datasets.list(uid, page)).await?;
     Ok(HttpResponse::Ok().json(json!({
