@@ -15,12 +15,13 @@ test: lint test-models
     ./scripts/check-domain-deps.sh
     ORT_DYLIB_PATH="$(./scripts/ort-path.sh)" MUSE_REQUIRE_LOCAL_MODELS=1 cargo test --workspace --no-fail-fast
 
-# Generate the tiny ONNX test models (deterministic, checked) into target/test-models/hub, and check them against the reference onnxruntime loop
+# Generate the tiny ONNX test models (deterministic, checked) into target/test-models/hub, check them against the reference onnxruntime loop, and write the chat-template reference (transformers) into target/test-models/chat-templates
 test-models:
     ./scripts/ensure-venv.sh
     .venv/bin/python scripts/make_test_models.py --check
     .venv/bin/python scripts/reference_generate.py --verify --model target/test-models/hub/models--muse-test--tiny-gpt2 --prompt "Once upon a time" --max-new-tokens 24
     .venv/bin/python scripts/reference_generate.py --verify --model target/test-models/hub/models--muse-test--tiny-llama --prompt "Once upon a time" --max-new-tokens 24
+    .venv/bin/python scripts/chat_template_reference.py --tokenizer "$(ls -d target/test-models/hub/models--muse-test--tiny-llama/snapshots/*)/tokenizer.json"
 
 # Formatting and clippy, warnings are errors
 lint:

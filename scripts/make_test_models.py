@@ -6,7 +6,11 @@ Writes, under OUT (default: target/test-models/hub):
                                    fp32, onnx/model.onnx, ByteLevel BPE tokenizer
   models--muse-test--tiny-llama/   Llama-like: RMSNorm, RoPE, SwiGLU MLP, no biases,
                                    fp16, model.onnx + model.onnx.data (external data),
-                                   chat template in tokenizer_config.json
+                                   Llama-2-chat's real chat template in tokenizer_config.json,
+                                   a tokenizer that adds BOS like Llama's, and a
+                                   generation_config.json with two stop ids
+The tiny GPT-2 carries the ChatML template of transformers in chat_template.jinja (the
+separate file newer exports use); its tokenizer adds no special tokens, like GPT-2's.
 Both take the standard inputs input_ids, attention_mask, position_ids and
 past_key_values.N.key/value [batch, heads, past, head_dim], and return logits and
 present.N.key/value — the Optimum/transformers.js layout — so the KV-cache
@@ -26,7 +30,7 @@ import tempfile
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 OPSET = 17
 CORPUS = [
@@ -52,7 +56,17 @@ def train_tokenizer(kind):
         vocab_size=384, min_frequency=1, special_tokens=special,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(CORPUS, trainer=trainer)
+    if kind == "llama":
+        # Llama's tokenizer.json: `tokenizer(text)` prepends BOS.
+        bos = tok.token_to_id("<s>")
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
     return tok
+
+
+# meta-llama/Llama-2-7b-chat-hf's chat template, verbatim (see tests/data/chat_templates/corpus.json).
+LLAMA2_CHAT_TEMPLATE = "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}{% for message in loop_messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if loop.index0 == 0 and system_message != false %}{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}{% else %}{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
+# transformers' ChatML template (huggingface.js e2e tests, `_base`).
+CHATML_TEMPLATE = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 
 
 class Graph:
@@ -211,17 +225,24 @@ def write_model(out, repo, kind, seed, size=None):
     files["tokenizer.json"] = tok.to_str().encode()
     if kind == "gpt2":
         eos = "<|endoftext|>"
-        tcfg = {"bos_token": eos, "eos_token": eos, "unk_token": eos, "model_max_length": shape["max_position_embeddings"], "tokenizer_class": "GPT2Tokenizer"}
+        tcfg = {"bos_token": eos, "eos_token": eos, "unk_token": eos, "model_max_length": shape["max_position_embeddings"], "tokenizer_class": "PreTrainedTokenizerFast"}
         cfg = {"model_type": "gpt2", "vocab_size": vocab, "n_layer": shape["layers"], "n_head": shape["heads"], "n_embd": shape["hidden"],
                "n_positions": shape["max_position_embeddings"], "eos_token_id": tok.token_to_id(eos), "bos_token_id": tok.token_to_id(eos)}
     else:
         tcfg = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "model_max_length": shape["max_position_embeddings"],
-                "tokenizer_class": "LlamaTokenizerFast",
-                "chat_template": "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"}
+                # The tokenizer is a byte-level BPE, not Llama's SentencePiece:
+                # the generic fast class keeps transformers on tokenizer.json.
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "chat_template": LLAMA2_CHAT_TEMPLATE}
         cfg = {"model_type": "llama", "vocab_size": vocab, "num_hidden_layers": shape["layers"], "num_attention_heads": shape["heads"],
                "num_key_value_heads": shape["heads"], "hidden_size": shape["hidden"], "max_position_embeddings": shape["max_position_embeddings"],
                "torch_dtype": "float16", "bos_token_id": tok.token_to_id("<s>"), "eos_token_id": tok.token_to_id("</s>")}
     files["tokenizer_config.json"] = json.dumps(tcfg, indent=2, sort_keys=True).encode()
+    if kind == "llama":
+        # Llama-3 style: several stop ids (</s> and <unk>), greedy by default.
+        files["generation_config.json"] = json.dumps({"bos_token_id": tok.token_to_id("<s>"), "eos_token_id": [tok.token_to_id("</s>"), tok.token_to_id("<unk>")], "do_sample": False}, indent=2).encode()
+    elif size is None:
+        files["chat_template.jinja"] = CHATML_TEMPLATE.encode()
     files["config.json"] = json.dumps(cfg, indent=2, sort_keys=True).encode()
     digest = hashlib.sha1()
     for k in sorted(files):

@@ -7,6 +7,11 @@ the prompt once, then one token at a time feeding present.* back as
 past_key_values.*, taking the argmax. Prints JSON:
 {"prompt_ids", "output_ids", "text", "seconds", "tokens_per_second"}.
 
+--chat '[{"role": "user", "content": "Hi"}]' builds the prompt as transformers does:
+AutoTokenizer.from_pretrained(snapshot).apply_chat_template(messages,
+add_generation_prompt=True) (tokenized without added special tokens); --prompt is
+tokenized like `tokenizer(prompt)`.
+
 --verify also decodes without the cache (whole sequence every step) and fails if
 the two disagree — a check of the model's own KV-cache path.
 """
@@ -89,7 +94,9 @@ def greedy(model, prompt_ids, n, use_cache=True, timing=None):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)
-    ap.add_argument("--prompt", required=True)
+    group = ap.add_mutually_exclusive_group(required=True)
+    group.add_argument("--prompt")
+    group.add_argument("--chat", help="JSON list of messages, rendered with the model's chat template by transformers")
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--verify", action="store_true")
@@ -98,7 +105,14 @@ def main():
     snapshot = resolve(args.model)
     tok = Tokenizer.from_file(os.path.join(snapshot, "tokenizer.json"))
     model = Model(snapshot, args.threads)
-    ids = tok.encode(args.prompt).ids
+    if args.chat is not None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        import transformers
+        hf = transformers.AutoTokenizer.from_pretrained(snapshot, local_files_only=True)
+        ids = list(hf.apply_chat_template(json.loads(args.chat), add_generation_prompt=True, tokenize=True, return_dict=False))
+    else:
+        ids = tok.encode(args.prompt).ids
     if args.repeat > 1:
         greedy(model, ids, 8)
     best = None

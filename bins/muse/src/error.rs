@@ -213,6 +213,7 @@ impl From<muse_inference::InferenceError> for ApiError {
             E::Protocol(_) => ApiError::new(S::BAD_GATEWAY, "provider_protocol_error", msg),
             E::Cancelled => ApiError::new(S::BAD_REQUEST, "cancelled", msg),
             E::NotConfigured(_) => ApiError::new(S::SERVICE_UNAVAILABLE, "not_configured", msg),
+            E::BrokenModel(_) => ApiError::new(S::SERVICE_UNAVAILABLE, "model_unavailable", msg),
         }
     }
 }

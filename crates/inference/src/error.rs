@@ -32,6 +32,10 @@ pub enum InferenceError {
     Cancelled,
     #[error("not configured: {0}")]
     NotConfigured(String),
+    /// A local model's files are broken (an ONNX file that does not load, a
+    /// chat template that does not parse): the operator's to fix.
+    #[error("the model cannot be served: {0}")]
+    BrokenModel(String),
 }
 
 impl InferenceError {
@@ -53,7 +57,9 @@ impl InferenceError {
         self.is_retryable()
             || matches!(
                 self,
-                InferenceError::ModelNotFound(_) | InferenceError::NotConfigured(_)
+                InferenceError::ModelNotFound(_)
+                    | InferenceError::NotConfigured(_)
+                    | InferenceError::BrokenModel(_)
             )
     }
 

@@ -385,6 +385,7 @@ fn record_error(provider: &str, model: &str, error: &InferenceError) {
         InferenceError::Protocol(_) => "protocol",
         InferenceError::Cancelled => "cancelled",
         InferenceError::NotConfigured(_) => "not_configured",
+        InferenceError::BrokenModel(_) => "model_unavailable",
     };
     metrics::counter!(
         "llm_errors_total",

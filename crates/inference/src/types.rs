@@ -61,6 +61,12 @@ pub struct GenerateRequest {
     /// > 1 discourages repeating tokens (local models only).
     #[serde(default)]
     pub repetition_penalty: Option<f32>,
+    /// A raw text completion (OpenAI's legacy `/v1/completions`): the model
+    /// continues this text as it is, with no chat template, and `messages`
+    /// is ignored. Local models and OpenAI-protocol servers take it; the
+    /// other providers refuse it.
+    #[serde(default)]
+    pub prompt: Option<String>,
 }
 
 impl GenerateRequest {
@@ -75,7 +81,15 @@ impl GenerateRequest {
             seed: None,
             top_k: None,
             repetition_penalty: None,
+            prompt: None,
         }
+    }
+
+    /// A raw text completion of `prompt`.
+    pub fn completion(model: impl Into<String>, prompt: impl Into<String>) -> Self {
+        let mut r = Self::new(model, Vec::new());
+        r.prompt = Some(prompt.into());
+        r
     }
 
     /// Whole prompt text (for providers and tests that need a flat view).

@@ -110,7 +110,11 @@ fn kv_layout_is_read_from_the_model_inputs() {
     let llama =
         LocalModel::load(&resolve_model(&cache, "muse-test/tiny-llama").unwrap(), 1).unwrap();
     assert!(llama.layout().fp16, "fp16 model with external data");
-    assert_eq!(llama.eos_ids().len(), 1);
+    assert_eq!(
+        llama.eos_ids().len(),
+        2,
+        "generation_config.json lists two stop ids"
+    );
     assert_eq!(
         cached_models(&cache),
         ["muse-test/tiny-gpt2", "muse-test/tiny-llama"]
@@ -195,15 +199,47 @@ fn streaming_text_never_splits_a_character_and_sampling_is_reproducible() {
 
 #[test]
 fn chat_templates_and_limits() {
+    use muse_inference::local::template::{message_values, ChatInput};
     let Some(cache) = cache() else { return };
     let mut llama =
         LocalModel::load(&resolve_model(&cache, "muse-test/tiny-llama").unwrap(), 1).unwrap();
+    let input = |messages: Vec<Message>| ChatInput {
+        messages: message_values(&messages),
+        add_generation_prompt: true,
+        ..Default::default()
+    };
+    // Llama-2-chat's own template; its BOS comes from the template only.
     let prompt = llama
-        .render_chat(&[Message::system("Be brief."), Message::user("Hi")])
+        .render_chat(&input(vec![
+            Message::system("Be brief."),
+            Message::user(" Hi "),
+        ]))
         .unwrap();
     assert_eq!(
         prompt,
-        "<s><|system|>\nBe brief.</s>\n<|user|>\nHi</s>\n<|assistant|>\n"
+        "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\n Hi [/INST]"
+    );
+    let chat_ids = llama.encode_chat(&prompt).unwrap();
+    assert_eq!(
+        chat_ids.iter().filter(|&&i| i == 1).count(),
+        1,
+        "{chat_ids:?}"
+    );
+    assert_eq!(
+        llama.encode("Hi").unwrap()[0],
+        1,
+        "a raw prompt gets the tokenizer's BOS"
+    );
+    // The template's refusal is the caller's error; a model without a
+    // template joins the messages.
+    assert!(matches!(
+        llama.render_chat(&input(vec![Message::user("a"), Message::user("b")])),
+        Err(InferenceError::BadRequest(m)) if m.contains("alternate")
+    ));
+    assert_eq!(
+        llama.eos_ids(),
+        &[0, 2],
+        "generation_config.json's stop ids"
     );
     let long: Vec<u32> = std::iter::repeat_n(300u32, 300).collect();
     assert!(matches!(

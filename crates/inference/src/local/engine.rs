@@ -2,6 +2,7 @@
 //! own thread (see `LocalProvider`).
 
 use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use half::f16;
@@ -13,8 +14,9 @@ use tokenizers::Tokenizer;
 use super::resolve::onnx_file;
 use super::runtime::environment;
 use super::sampling::{Sampler, SamplingParams};
+use super::template::{special_tokens, ChatInput, ChatTemplate, ChatTemplates, TemplateError};
 use crate::error::InferenceError;
-use crate::types::{FinishReason, Message};
+use crate::types::FinishReason;
 
 /// KV-cache geometry, read from the model's own `past_key_values.*` inputs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,12 +57,88 @@ pub struct LocalModel {
     /// `past_key_values.{i}.{key,value}` in layer order, key before value.
     past_names: Vec<String>,
     eos_ids: Vec<u32>,
-    chat_template: Option<String>,
-    bos: String,
-    eos: String,
+    /// Compiled chat templates by name (`default`, `tool_use`, …); a
+    /// template that does not compile keeps its error for chat requests.
+    templates: BTreeMap<String, Result<ChatTemplate, TemplateError>>,
     context_length: Option<usize>,
+    generation: GenerationDefaults,
     weight_bytes: u64,
     dir: PathBuf,
+    name: String,
+}
+
+/// What `generation_config.json` asks for when a request does not say.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GenerationDefaults {
+    /// `do_sample`: false (transformers' default) means greedy.
+    pub do_sample: bool,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<usize>,
+    pub repetition_penalty: Option<f32>,
+    pub max_new_tokens: Option<usize>,
+    /// Prompt and answer together (transformers' `max_length`).
+    pub max_length: Option<usize>,
+}
+
+impl GenerationDefaults {
+    /// Reads `generation_config.json` (absent: transformers' defaults).
+    pub fn from_value(v: &Value) -> Self {
+        let f = |k: &str| v[k].as_f64().map(|x| x as f32);
+        let u = |k: &str| v[k].as_u64().map(|x| x as usize);
+        Self {
+            do_sample: v["do_sample"].as_bool().unwrap_or(false),
+            temperature: f("temperature"),
+            top_p: f("top_p"),
+            top_k: u("top_k"),
+            repetition_penalty: f("repetition_penalty"),
+            max_new_tokens: u("max_new_tokens"),
+            max_length: u("max_length"),
+        }
+    }
+
+    /// Sampling settings for a request: what it gives, else what the model's
+    /// generation config says (greedy unless `do_sample`; transformers'
+    /// `top_k` of 50 when sampling with none set).
+    pub fn sampling(
+        &self,
+        temperature: Option<f32>,
+        top_p: Option<f32>,
+        top_k: Option<u32>,
+        repetition_penalty: Option<f32>,
+        seed: Option<u64>,
+    ) -> SamplingParams {
+        let given = temperature.is_some() || top_p.is_some() || top_k.is_some();
+        let (t, p, k) = if given || !self.do_sample {
+            (
+                temperature.unwrap_or(if given { 1.0 } else { 0.0 }),
+                top_p,
+                top_k.map(|k| k as usize),
+            )
+        } else {
+            (
+                self.temperature.unwrap_or(1.0),
+                self.top_p.filter(|p| *p < 1.0),
+                Some(self.top_k.unwrap_or(50)).filter(|k| *k > 0),
+            )
+        };
+        SamplingParams {
+            temperature: t,
+            top_k: k,
+            top_p: p,
+            repetition_penalty: repetition_penalty
+                .or(self.repetition_penalty)
+                .unwrap_or(1.0),
+            seed,
+        }
+    }
+
+    /// New tokens when a request gives no `max_tokens`.
+    pub fn max_new_tokens(&self, prompt_len: usize, fallback: usize) -> usize {
+        self.max_new_tokens
+            .or_else(|| self.max_length.map(|m| m.saturating_sub(prompt_len).max(1)))
+            .unwrap_or(fallback)
+    }
 }
 
 impl std::fmt::Debug for LocalModel {
@@ -79,19 +157,44 @@ fn read_json(path: &Path) -> Value {
         .unwrap_or(Value::Null)
 }
 
-fn token_string(v: &Value) -> Option<String> {
-    v.as_str()
-        .map(str::to_string)
-        .or_else(|| v["content"].as_str().map(str::to_string))
-}
+use super::template::token_string;
 
 impl LocalModel {
-    /// Loads the ONNX model and tokenizer of a snapshot directory.
+    /// Loads the ONNX model and tokenizer of a snapshot directory (errors
+    /// name the directory's last component).
     pub fn load(dir: &Path, threads: usize) -> Result<Self, InferenceError> {
+        let name = dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("model")
+            .to_string();
+        Self::load_named(dir, &name, threads)
+    }
+
+    /// Loads the ONNX model and tokenizer of a snapshot directory. Errors
+    /// name the model as `name`, never the server's paths (those go to the
+    /// log).
+    pub fn load_named(dir: &Path, name: &str, threads: usize) -> Result<Self, InferenceError> {
+        Self::load_inner(dir, name, threads).map_err(|e| {
+            tracing::error!(model = name, dir = %dir.display(), error = %e, "cannot load a local model");
+            let dir_text = dir.display().to_string();
+            let scrub = |m: String| m.replace(&dir_text, name);
+            match e {
+                InferenceError::NotConfigured(m) => InferenceError::NotConfigured(scrub(m)),
+                InferenceError::BrokenModel(m) => InferenceError::BrokenModel(scrub(m)),
+                InferenceError::Upstream { status, message } => {
+                    InferenceError::BrokenModel(scrub(format!("{message} (status {status:?})")))
+                }
+                other => other,
+            }
+        })
+    }
+
+    fn load_inner(dir: &Path, name: &str, threads: usize) -> Result<Self, InferenceError> {
         let env = environment()?;
         let model_path = onnx_file(dir)?;
         let tokenizer = Tokenizer::from_file(dir.join("tokenizer.json")).map_err(|e| {
-            InferenceError::NotConfigured(format!("tokenizer.json in {}: {e}", dir.display()))
+            InferenceError::BrokenModel(format!("the tokenizer.json of {name} cannot be read: {e}"))
         })?;
         let session = Session::builder(env)
             .map_err(ort_err("session"))?
@@ -101,7 +204,14 @@ impl LocalModel {
             .map_err(|e| InferenceError::NotConfigured(format!("session options: {e}")))?
             .commit_from_file(&model_path)
             .map_err(|e| {
-                InferenceError::NotConfigured(format!("cannot load {}: {e}", model_path.display()))
+                let file = model_path
+                    .strip_prefix(dir)
+                    .unwrap_or(&model_path)
+                    .display()
+                    .to_string();
+                InferenceError::BrokenModel(format!(
+                    "ONNX Runtime cannot load {file} of {name}: {e}"
+                ))
             })?;
 
         let mut past: Vec<(usize, bool, String, ValueType)> = Vec::new();
@@ -123,16 +233,14 @@ impl LocalModel {
         }
         for required in ["input_ids", "attention_mask"] {
             if !session.inputs().iter().any(|i| i.name() == required) {
-                return Err(InferenceError::NotConfigured(format!(
-                    "{} has no {required} input: not a causal LM export",
-                    model_path.display()
+                return Err(InferenceError::BrokenModel(format!(
+                    "{name} has no {required} input: not a causal LM export"
                 )));
             }
         }
         if past.is_empty() {
-            return Err(InferenceError::NotConfigured(format!(
-                "{} has no past_key_values inputs: export it with a KV cache (e.g. optimum `--task text-generation-with-past`)",
-                model_path.display()
+            return Err(InferenceError::BrokenModel(format!(
+                "{name} has no past_key_values inputs: export it with a KV cache (e.g. optimum `--task text-generation-with-past`)"
             )));
         }
         past.sort_by_key(|(layer, is_value, _, _)| (*layer, *is_value));
@@ -168,18 +276,26 @@ impl LocalModel {
 
         let tcfg = read_json(&dir.join("tokenizer_config.json"));
         let cfg = read_json(&dir.join("config.json"));
+        let gen_cfg = read_json(&dir.join("generation_config.json"));
         let eos = token_string(&tcfg["eos_token"]).unwrap_or_default();
-        let bos = token_string(&tcfg["bos_token"]).unwrap_or_default();
-        let mut eos_ids: Vec<u32> = Vec::new();
-        if let Some(id) = tokenizer.token_to_id(&eos) {
-            eos_ids.push(id);
-        }
-        match &cfg["eos_token_id"] {
-            Value::Number(n) => eos_ids.extend(n.as_u64().map(|v| v as u32)),
-            Value::Array(a) => {
-                eos_ids.extend(a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32))
+        // Stop ids as transformers takes them: generation_config.json's
+        // `eos_token_id` (a number or a list), else config.json's plus the
+        // tokenizer's EOS token.
+        let ids_of = |v: &Value| -> Vec<u32> {
+            match v {
+                Value::Number(n) => n.as_u64().map(|v| v as u32).into_iter().collect(),
+                Value::Array(a) => a
+                    .iter()
+                    .filter_map(|v| v.as_u64())
+                    .map(|v| v as u32)
+                    .collect(),
+                _ => Vec::new(),
             }
-            _ => {}
+        };
+        let mut eos_ids = ids_of(&gen_cfg["eos_token_id"]);
+        if eos_ids.is_empty() {
+            eos_ids = ids_of(&cfg["eos_token_id"]);
+            eos_ids.extend(tokenizer.token_to_id(&eos));
         }
         eos_ids.sort_unstable();
         eos_ids.dedup();
@@ -192,6 +308,20 @@ impl LocalModel {
                     .filter(|v| *v < 10_000_000)
             })
             .map(|v| v as usize);
+        let special = special_tokens(dir);
+        let templates = ChatTemplates::from_dir(dir)
+            .templates
+            .into_iter()
+            .map(|(tname, source)| {
+                let compiled = ChatTemplate::new(&source, special.clone()).map_err(|e| {
+                    TemplateError::Broken(format!("{name}'s chat template {tname:?}: {e}"))
+                });
+                if let Err(e) = &compiled {
+                    tracing::warn!(model = name, error = %e, "a chat template does not compile");
+                }
+                (tname, compiled)
+            })
+            .collect();
         let weight_bytes = std::fs::read_dir(model_path.parent().unwrap_or(dir))
             .map(|d| {
                 d.filter_map(|e| e.ok())
@@ -207,12 +337,12 @@ impl LocalModel {
             layout,
             past_names: past.into_iter().map(|(_, _, n, _)| n).collect(),
             eos_ids,
-            chat_template: tcfg["chat_template"].as_str().map(str::to_string),
-            bos,
-            eos,
+            templates,
             context_length,
+            generation: GenerationDefaults::from_value(&gen_cfg),
             weight_bytes,
             dir: dir.to_path_buf(),
+            name: name.to_string(),
         })
     }
 
@@ -237,21 +367,86 @@ impl LocalModel {
         &self.eos_ids
     }
 
+    /// The model's generation defaults (`generation_config.json`).
+    pub fn generation(&self) -> &GenerationDefaults {
+        &self.generation
+    }
+
+    /// Whether the model has a chat template.
+    pub fn has_chat_template(&self) -> bool {
+        !self.templates.is_empty()
+    }
+
+    /// Tokenizes a raw prompt the way `tokenizer(prompt)` does: the
+    /// tokenizer's own rule for special tokens (Llama's adds BOS, GPT-2's
+    /// adds nothing).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, InferenceError> {
+        self.encode_with(text, true)
+    }
+
+    /// Tokenizes a rendered chat the way `apply_chat_template(tokenize=True)`
+    /// does: no special tokens added (the template wrote them).
+    pub fn encode_chat(&self, text: &str) -> Result<Vec<u32>, InferenceError> {
+        self.encode_with(text, false)
+    }
+
+    fn encode_with(&self, text: &str, special: bool) -> Result<Vec<u32>, InferenceError> {
         self.tokenizer
-            .encode(text, true)
+            .encode(text, special)
             .map(|e| e.get_ids().to_vec())
             .map_err(|e| InferenceError::BadRequest(format!("cannot tokenize the prompt: {e}")))
     }
 
-    /// The prompt for chat messages, through the model's chat template.
-    pub fn render_chat(&self, messages: &[Message]) -> Result<String, InferenceError> {
-        super::template::render(
-            self.chat_template.as_deref(),
-            messages,
-            &self.bos,
-            &self.eos,
-        )
+    /// The prompt for a chat, through the model's chat template (the
+    /// `tool_use` one when tools are given and there is one); without a
+    /// template, the messages' contents one per line. Refusals by the template are the caller's (400), a broken
+    /// template the model's (503).
+    pub fn render_chat(&self, input: &ChatInput) -> Result<String, InferenceError> {
+        if self.templates.is_empty() {
+            return Ok(input
+                .messages
+                .iter()
+                .map(|m| match &m["content"] {
+                    Value::String(s) => s.clone(),
+                    Value::Null => String::new(),
+                    other => other.to_string(),
+                })
+                .collect::<Vec<_>>()
+                .join("\n"));
+        }
+        let with_tools = input.tools.is_some();
+        let pick = if with_tools && self.templates.contains_key("tool_use") {
+            self.templates.get("tool_use")
+        } else {
+            self.templates.get("default").or_else(|| {
+                (self.templates.len() == 1)
+                    .then(|| self.templates.values().next())
+                    .flatten()
+            })
+        };
+        let Some(template) = pick else {
+            return Err(InferenceError::BrokenModel(format!(
+                "{} has several chat templates ({}) and no default",
+                self.name,
+                self.templates
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        };
+        match template {
+            Err(e) => Err(InferenceError::BrokenModel(e.to_string())),
+            Ok(t) => t.render(input).map_err(|e| match e {
+                TemplateError::Refused(m) => InferenceError::BadRequest(format!(
+                    "{}'s chat template refused the conversation: {m}",
+                    self.name
+                )),
+                TemplateError::Broken(m) => {
+                    InferenceError::BrokenModel(format!("{}: {m}", self.name))
+                }
+            }),
+        }
     }
 
     fn empty_past(&self) -> Result<Vec<DynValue>, InferenceError> {

@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 
 use super::engine::{DecodeParams, LocalModel};
 use super::resolve::{cached_models, resolve_model};
-use super::sampling::SamplingParams;
+use super::template::{message_values, ChatInput};
 use super::text::{Detokenizer, StopFilter};
 use crate::error::InferenceError;
 use crate::types::*;
@@ -187,7 +187,7 @@ fn load(
         }
         Err(e) => return Err(e),
     };
-    let engine = LocalModel::load(&dir, config.threads)?;
+    let engine = LocalModel::load_named(&dir, model, config.threads)?;
     let info = LoadedModel {
         model: model.to_string(),
         weight_bytes: engine.weight_bytes(),
@@ -313,20 +313,31 @@ fn start_job(engine: &mut LocalModel, job: Job, default_max: usize) -> Option<Ac
         return None;
     }
     let begun = (|| {
-        let prompt = engine.render_chat(&request.messages)?;
-        let ids = engine.encode(&prompt)?;
+        let ids = match &request.prompt {
+            Some(prompt) => engine.encode(prompt)?,
+            None => {
+                let input = ChatInput {
+                    messages: message_values(&request.messages),
+                    add_generation_prompt: true,
+                    ..Default::default()
+                };
+                let prompt = engine.render_chat(&input)?;
+                engine.encode_chat(&prompt)?
+            }
+        };
+        let gen = engine.generation();
         let params = DecodeParams {
             max_new_tokens: request
                 .max_tokens
                 .map(|m| m as usize)
-                .unwrap_or(default_max),
-            sampling: SamplingParams {
-                temperature: request.temperature.unwrap_or(0.0),
-                top_k: request.top_k.map(|k| k as usize),
-                top_p: request.top_p,
-                repetition_penalty: request.repetition_penalty.unwrap_or(1.0),
-                seed: request.seed,
-            },
+                .unwrap_or_else(|| gen.max_new_tokens(ids.len(), default_max)),
+            sampling: gen.sampling(
+                request.temperature,
+                request.top_p,
+                request.top_k,
+                request.repetition_penalty,
+                request.seed,
+            ),
         };
         engine.start(&ids, &params)
     })();
