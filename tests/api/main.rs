@@ -15,6 +15,7 @@ mod billing;
 mod email_flows;
 mod errors;
 mod ideas;
+mod local_fidelity;
 mod models;
 mod openai_api;
 mod prompts;

@@ -38,7 +38,8 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
-    pub details: Option<Value>,
+    /// Boxed: keeps `Result<_, ApiError>` small.
+    pub details: Option<Box<Value>>,
     pub retry_after: Option<u64>,
     /// Sent as `RateLimit-*` headers (429 from the rate limiter).
     pub rate_limit: Option<Box<muse_billing::Decision>>,
@@ -69,7 +70,7 @@ impl ApiError {
     }
 
     pub fn with_details(mut self, details: Value) -> Self {
-        self.details = Some(details);
+        self.details = Some(Box::new(details));
         self
     }
 
@@ -114,7 +115,7 @@ impl ApiError {
             error: ErrorDetail {
                 code: self.code.to_string(),
                 message: self.message.clone(),
-                details: self.details.clone(),
+                details: self.details.as_deref().cloned(),
             },
         }
     }

@@ -63,7 +63,12 @@ pub async fn reserve(
             format!("{key} is not in the model registry"),
         ));
     }
-    let prompt_chars: usize = request.messages.iter().map(|m| m.content.len()).sum();
+    let prompt_chars: usize = request
+        .messages
+        .iter()
+        .map(|m| m.content.len())
+        .sum::<usize>()
+        + request.prompt.as_ref().map_or(0, String::len);
     let prompt_tokens = u32::try_from(prompt_chars / 4 + 1).unwrap_or(u32::MAX);
     let completion = request
         .max_tokens

@@ -120,7 +120,11 @@ impl Run {
         request: GenerateRequest,
     ) -> Self {
         metrics::gauge!("active_executions").increment(1.0);
-        let rendered = transcript(&request.messages);
+        let rendered = match &request.prompt {
+            Some(p) if p.len() > 100_000 => p[..p.floor_char_boundary(100_000)].to_string(),
+            Some(p) => p.clone(),
+            None => transcript(&request.messages),
+        };
         Self {
             state: state.clone(),
             id: Uuid::now_v7(),

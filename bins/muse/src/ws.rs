@@ -463,7 +463,7 @@ async fn generation(
         Ok(events) => events,
         Err(failed) => {
             let mut e = ApiError::from(failed.error);
-            e.details = Some(json!({"execution_id": failed.execution.id}));
+            e.details = Some(Box::new(json!({"execution_id": failed.execution.id})));
             let _ = out.send(api_error_message(Some(&id), e)).await;
             return;
         }

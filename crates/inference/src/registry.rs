@@ -39,6 +39,9 @@ pub struct ModelInfo {
     pub loaded: bool,
     /// Bytes of weights in memory (loaded local models).
     pub memory_bytes: Option<u64>,
+    /// Why the model cannot be served (local models whose files are
+    /// incomplete); `None` when it can.
+    pub unavailable: Option<String>,
 }
 
 /// A finished call with its price.
@@ -64,6 +67,8 @@ pub struct ModelRegistry {
     prices: PriceTable,
     retry: RetryPolicy,
     local: Option<Arc<crate::local::LocalProvider>>,
+    /// Local models in the cache that cannot be served, with the reason.
+    unservable: BTreeMap<String, String>,
 }
 
 impl ModelRegistry {
@@ -74,6 +79,7 @@ impl ModelRegistry {
             prices,
             retry,
             local: None,
+            unservable: BTreeMap::new(),
         }
     }
 
@@ -98,7 +104,12 @@ impl ModelRegistry {
     /// at 0 (it runs on the operator's hardware).
     pub fn add_local(&mut self, provider: Arc<crate::local::LocalProvider>) {
         let entries = self.entries.get_mut().unwrap_or_else(|e| e.into_inner());
-        for m in provider.available() {
+        let unservable: BTreeMap<String, String> = provider.unservable().into_iter().collect();
+        for m in provider
+            .available()
+            .into_iter()
+            .chain(unservable.keys().cloned())
+        {
             entries.insert(
                 format!("local/{m}"),
                 Entry {
@@ -108,6 +119,7 @@ impl ModelRegistry {
                 },
             );
         }
+        self.unservable = unservable;
         self.providers.insert("local".to_string(), provider.clone());
         self.local = Some(provider);
     }
@@ -246,6 +258,9 @@ impl ModelRegistry {
                     }),
                     loaded: e.kind == ModelKind::Remote || loaded.is_some(),
                     memory_bytes: loaded.map(|l| l.weight_bytes),
+                    unavailable: (e.kind == ModelKind::Local)
+                        .then(|| self.unservable.get(&e.model).cloned())
+                        .flatten(),
                 }
             })
             .collect()

@@ -49,13 +49,16 @@ impl EchoProvider {
     }
 
     fn answer(request: &GenerateRequest) -> (Vec<String>, Usage, FinishReason) {
-        let last = request
-            .messages
-            .iter()
-            .rev()
-            .find(|m| m.role == Role::User)
-            .map(|m| m.content.as_str())
-            .unwrap_or_default();
+        let last = match &request.prompt {
+            Some(p) => p.as_str(),
+            None => request
+                .messages
+                .iter()
+                .rev()
+                .find(|m| m.role == Role::User)
+                .map(|m| m.content.as_str())
+                .unwrap_or_default(),
+        };
         let mut words: Vec<String> = std::iter::once("echo:".to_string())
             .chain(last.split_whitespace().map(str::to_string))
             .collect();
@@ -70,7 +73,11 @@ impl EchoProvider {
             .messages
             .iter()
             .map(|m| m.content.split_whitespace().count())
-            .sum();
+            .sum::<usize>()
+            + request
+                .prompt
+                .as_deref()
+                .map_or(0, |p| p.split_whitespace().count());
         let usage = Usage {
             prompt_tokens: u32::try_from(prompt_tokens).unwrap_or(u32::MAX),
             completion_tokens: u32::try_from(words.len()).unwrap_or(u32::MAX),

@@ -9,6 +9,8 @@
 //! tokenization without added special tokens); every pair must match byte
 //! for byte and id for id.
 
+#![allow(clippy::print_stderr)]
+
 use std::path::PathBuf;
 use std::sync::Arc;
 

@@ -258,7 +258,7 @@ fn missing_models_are_clear_errors() {
     std::fs::create_dir_all(&dir).unwrap();
     match resolve_model(&dir, "org/not-here") {
         Err(InferenceError::ModelNotFound(m)) => assert!(
-            m.contains("org/not-here") && m.contains("huggingface-cli download"),
+            m.contains("org/not-here") && m.contains("muse models pull org/not-here"),
             "{m}"
         ),
         other => panic!("{other:?}"),

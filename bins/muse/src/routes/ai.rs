@@ -44,6 +44,10 @@ pub struct ModelEntry {
     pub loaded: bool,
     /// Bytes of weights in memory (loaded local models).
     pub memory_bytes: Option<u64>,
+    /// Why the model cannot be served (a local model whose files are
+    /// incomplete, e.g. no ONNX export); absent when it can.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unavailable_reason: Option<String>,
 }
 
 impl From<ModelInfo> for ModelEntry {
@@ -63,6 +67,7 @@ impl From<ModelInfo> for ModelEntry {
             }),
             loaded: m.loaded,
             memory_bytes: m.memory_bytes,
+            unavailable_reason: m.unavailable,
         }
     }
 }

@@ -326,7 +326,7 @@ pub async fn generate_batch(
                 error: Some(BatchError {
                     code: e.code.to_string(),
                     message: e.message,
-                    details: e.details,
+                    details: e.details.map(|d| *d),
                 }),
             },
         })

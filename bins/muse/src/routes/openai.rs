@@ -1,5 +1,6 @@
 //! The OpenAI-compatible API: `POST /v1/chat/completions` (whole or
-//! streamed as SSE) and `GET /v1/models`, over every model in the registry,
+//! streamed as SSE), `POST /v1/completions` (the legacy text completion:
+//! a raw prompt, no chat template) and `GET /v1/models`, over every model in the registry,
 //! so the official OpenAI SDKs work against Muse unchanged (base URL
 //! `…/v1`, API key = a Muse API key or access token). Every call is
 //! recorded as an execution, failures and cancellations included.
@@ -23,7 +24,8 @@ pub fn config(cfg: &mut web::ServiceConfig) {
     cfg.service(
         web::scope("/v1")
             .service(web::resource("/models").get(list_models))
-            .service(web::resource("/chat/completions").post(chat_completions)),
+            .service(web::resource("/chat/completions").post(chat_completions))
+            .service(web::resource("/completions").post(completions)),
     );
 }
 
@@ -271,4 +273,243 @@ pub async fn list_models(state: web::Data<AppState>, user: CurrentUser) -> HttpR
         .map(|m| json!({"id": m.key, "object": "model", "created": 0, "owned_by": m.provider}))
         .collect();
     HttpResponse::Ok().json(json!({"object": "list", "data": data}))
+}
+
+/// Most prompts in one `/v1/completions` request.
+pub const MAX_PROMPTS: usize = 16;
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum PromptField {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// OpenAI's legacy text completion request. `echo`, `logprobs`, `suffix`,
+/// `n` > 1 and `best_of` > 1 are refused with 400 `unsupported_parameter`.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct CompletionRequest {
+    /// A registry key of a local model or an OpenAI-protocol model.
+    pub model: String,
+    /// A string, or an array of strings (one choice each; not streamed).
+    pub prompt: PromptField,
+    /// Defaults to 16, as OpenAI's does.
+    pub max_tokens: Option<u32>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub stop: Option<StopField>,
+    pub seed: Option<u64>,
+    /// Extension: honoured by local models.
+    pub top_k: Option<u32>,
+    pub stream: Option<bool>,
+    pub stream_options: Option<StreamOptions>,
+    pub echo: Option<bool>,
+    pub logprobs: Option<u32>,
+    pub suffix: Option<String>,
+    pub n: Option<u32>,
+    pub best_of: Option<u32>,
+}
+
+fn unsupported(param: &str, why: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "unsupported_parameter",
+        format!("{param} is not supported: {why}"),
+    )
+    .with_details(json!({ "param": param }))
+}
+
+fn completion_requests(body: &CompletionRequest) -> Result<Vec<GenerateRequest>, ApiError> {
+    if body.echo == Some(true) {
+        return Err(unsupported("echo", "the answer never repeats the prompt"));
+    }
+    if body.logprobs.is_some() {
+        return Err(unsupported(
+            "logprobs",
+            "log-probabilities are not returned",
+        ));
+    }
+    if body.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+        return Err(unsupported(
+            "suffix",
+            "insertion (fill-in-the-middle) is not available",
+        ));
+    }
+    if body.n.is_some_and(|n| n != 1) {
+        return Err(unsupported(
+            "n",
+            "one choice per prompt; send several prompts instead",
+        ));
+    }
+    if body.best_of.is_some_and(|n| n != 1) {
+        return Err(unsupported("best_of", "one choice per prompt"));
+    }
+    let prompts: Vec<String> = match &body.prompt {
+        PromptField::One(p) => vec![p.clone()],
+        PromptField::Many(v) => v.clone(),
+    };
+    if prompts.is_empty() || prompts.len() > MAX_PROMPTS {
+        return Err(invalid(format!(
+            "prompt must hold 1 to {MAX_PROMPTS} strings"
+        )));
+    }
+    if body.stream.unwrap_or(false) && prompts.len() > 1 {
+        return Err(unsupported(
+            "prompt",
+            "a streamed completion takes one prompt",
+        ));
+    }
+    if let Some(t) = body.temperature.filter(|t| !(0.0..=2.0).contains(t)) {
+        return Err(invalid(format!(
+            "temperature must be between 0 and 2, got {t}"
+        )));
+    }
+    if let Some(p) = body.top_p.filter(|p| !(0.0..=1.0).contains(p)) {
+        return Err(invalid(format!("top_p must be between 0 and 1, got {p}")));
+    }
+    let max_tokens = body.max_tokens.unwrap_or(16);
+    if max_tokens == 0 || max_tokens > 128_000 {
+        return Err(invalid("max_tokens must be between 1 and 128000"));
+    }
+    let stop = match &body.stop {
+        None => Vec::new(),
+        Some(StopField::One(s)) => vec![s.clone()],
+        Some(StopField::Many(v)) => v.clone(),
+    };
+    if stop.len() > 4 {
+        return Err(invalid("at most 4 stop sequences"));
+    }
+    Ok(prompts
+        .into_iter()
+        .map(|p| {
+            let mut req = GenerateRequest::completion(body.model.clone(), p);
+            req.temperature = body.temperature;
+            req.top_p = body.top_p;
+            req.max_tokens = Some(max_tokens);
+            req.stop = stop.clone();
+            req.seed = body.seed;
+            req.top_k = body.top_k;
+            req
+        })
+        .collect())
+}
+
+/// Text completion, OpenAI's legacy API (`stream: true` for SSE): the
+/// model continues the prompt as it is, with no chat template. Local
+/// models and OpenAI-protocol servers; Anthropic and Gemini refuse it.
+#[utoipa::path(post, path = "/v1/completions", tag = "openai", security(("bearer" = [])), request_body = CompletionRequest,
+    responses(
+        (status = 200, description = "`text_completion`, or `text/event-stream` of `text_completion` chunks ending with `data: [DONE]`"),
+        (status = 400, description = "unsupported_parameter, invalid_model_request (e.g. a chat-only provider)", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 404, description = "model_not_found", body = ErrorBody),
+        (status = 422, description = "validation_failed", body = ErrorBody),
+        (status = 429, description = "provider_rate_limited", body = ErrorBody),
+        (status = 502, description = "provider errors", body = ErrorBody),
+    ))]
+pub async fn completions(
+    state: web::Data<AppState>,
+    user: CurrentUser,
+    body: web::Json<CompletionRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let body = body.into_inner();
+    let requests = completion_requests(&body)?;
+    let key = body.model.clone();
+    super::library::provider_gate(&state, &user.0, &key)?;
+    let stream = body.stream.unwrap_or(false);
+    if stream {
+        state
+            .flags
+            .check(muse_billing::flags::known::STREAMING, &user.0)?;
+    }
+    let created = muse_core::Clock::now_secs(&muse_core::SystemClock);
+
+    if !stream {
+        let mut choices = Vec::with_capacity(requests.len());
+        let (mut prompt_tokens, mut completion_tokens) = (0u64, 0u64);
+        let mut ids = Vec::with_capacity(requests.len());
+        for (index, request) in requests.into_iter().enumerate() {
+            let run = Run::new(
+                &state,
+                user.0.user.id,
+                ExecutionSource::OpenaiApi,
+                &key,
+                request,
+            )
+            .admit()
+            .await?;
+            ids.push(run.id.to_string());
+            let done = run.complete().await.map_err(|f| ApiError::from(f.error))?;
+            let e = &done.execution;
+            prompt_tokens += u64::from(e.prompt_tokens);
+            completion_tokens += u64::from(e.completion_tokens);
+            choices.push(json!({"text": e.output, "index": index, "logprobs": null, "finish_reason": finish(&done.finish_reason)}));
+        }
+        let id = ids.first().cloned().unwrap_or_default();
+        let response = json!({
+            "id": format!("cmpl-{}", id.replace('-', "")), "object": "text_completion", "created": created, "model": key,
+            "choices": choices,
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens},
+        });
+        return Ok(HttpResponse::Ok()
+            .insert_header(("x-muse-execution-id", ids.join(",")))
+            .json(response));
+    }
+
+    let Some(request) = requests.into_iter().next() else {
+        return Err(invalid("prompt must hold 1 string when streamed"));
+    };
+    let include_usage = body
+        .stream_options
+        .as_ref()
+        .and_then(|o| o.include_usage)
+        .unwrap_or(false);
+    let run = Run::new(
+        &state,
+        user.0.user.id,
+        ExecutionSource::OpenaiApi,
+        &key,
+        request,
+    )
+    .admit()
+    .await?;
+    let id = run.id;
+    let completion_id = format!("cmpl-{}", id.simple());
+    let events = run.stream().await.map_err(|f| ApiError::from(f.error))?;
+    let chunk = move |text: &str, finish: Value, usage: Value, model: &str, id: &str| -> Bytes {
+        let choices = if usage.is_null() {
+            json!([{"text": text, "index": 0, "logprobs": null, "finish_reason": finish}])
+        } else {
+            json!([])
+        };
+        Bytes::from(format!(
+            "data: {}\n\n",
+            json!({"id": id, "object": "text_completion", "created": created, "model": model, "choices": choices, "usage": usage})
+        ))
+    };
+    let (model, cid) = (key.clone(), completion_id.clone());
+    let body_stream = events.map(move |event| {
+        let bytes = match event {
+            RunEvent::Token(text) => chunk(&text, Value::Null, Value::Null, &model, &cid),
+            RunEvent::Done(done) => {
+                let e = &done.execution;
+                let mut out = chunk("", json!(finish(&done.finish_reason)), Value::Null, &model, &cid).to_vec();
+                if include_usage {
+                    out.extend_from_slice(&chunk("", Value::Null, json!({"prompt_tokens": e.prompt_tokens, "completion_tokens": e.completion_tokens, "total_tokens": e.prompt_tokens + e.completion_tokens}), &model, &cid));
+                }
+                out.extend_from_slice(b"data: [DONE]\n\n");
+                Bytes::from(out)
+            }
+            RunEvent::Failed(failed) => {
+                let api = ApiError::from(failed.error);
+                Bytes::from(format!("data: {}\n\ndata: [DONE]\n\n", json!({"error": {"code": api.code, "message": api.message}})))
+            }
+        };
+        Ok::<_, actix_web::Error>(bytes)
+    });
+    Ok(HttpResponse::Ok()
+        .content_type("text/event-stream")
+        .insert_header(("cache-control", "no-cache"))
+        .insert_header(("x-muse-execution-id", id.to_string()))
+        .streaming(body_stream))
 }

@@ -89,6 +89,15 @@ impl LocalProvider {
         all
     }
 
+    /// Cached models that cannot be served, with the reason (listed so an
+    /// operator sees why, instead of the model vanishing).
+    pub fn unservable(&self) -> Vec<(String, String)> {
+        super::resolve::scan_cache(&self.config.cache_dir)
+            .into_iter()
+            .filter_map(|m| m.problem.map(|p| (m.id, p)))
+            .collect()
+    }
+
     /// Serves the ONNX causal-LM export in `dir` (model.onnx, tokenizer.json,
     /// config.json) as `name`; loaded on first use like any local model.
     pub fn add_dir(&self, name: &str, dir: PathBuf) -> Result<(), InferenceError> {
@@ -187,6 +196,11 @@ fn load(
         }
         Err(e) => return Err(e),
     };
+    if let Some(problem) = super::resolve::servable_problem(&dir) {
+        return Err(InferenceError::BrokenModel(format!(
+            "{model} cannot be served: {problem}"
+        )));
+    }
     let engine = LocalModel::load_named(&dir, model, config.threads)?;
     let info = LoadedModel {
         model: model.to_string(),

@@ -95,6 +95,12 @@ impl AnthropicProvider {
         stream: bool,
     ) -> Result<reqwest::Response, InferenceError> {
         check_model_name(&request.model)?;
+        if request.prompt.is_some() {
+            return Err(InferenceError::BadRequest(format!(
+                "{} models take chats only: raw text completion (/v1/completions) is served by local models and OpenAI-protocol servers; use /v1/chat/completions",
+                "Anthropic"
+            )));
+        }
         let builder = self
             .client
             .post(format!("{}/v1/messages", self.config.base_url))

@@ -241,6 +241,9 @@ impl LlmProvider for OpenAiProvider {
     }
 
     async fn complete(&self, request: &GenerateRequest) -> Result<Completion, InferenceError> {
+        if request.prompt.is_some() {
+            return self.complete_text(request).await;
+        }
         let started = Instant::now();
         let req = self.request(request, false)?;
         let call = async { self.client.chat().create(req).await.map_err(map_error) };
@@ -278,6 +281,9 @@ impl LlmProvider for OpenAiProvider {
     }
 
     async fn stream(&self, request: &GenerateRequest) -> Result<CompletionStream, InferenceError> {
+        if request.prompt.is_some() {
+            return self.stream_text(request).await;
+        }
         let started = Instant::now();
         let req = self.request(request, true)?;
         let builder = self
@@ -360,6 +366,194 @@ impl StreamParser for Parser {
     /// The stream ends at `data: [DONE]`. Without a finish
     /// reason the stream was cut; without usage (servers that ignore
     /// `include_usage`) the usage is reported as zero.
+    fn end(&mut self) -> Result<Step, InferenceError> {
+        match self.finish.take() {
+            Some(finish_reason) => Ok(Step::Done {
+                model: self.model.clone(),
+                usage: self.usage.unwrap_or_default(),
+                finish_reason,
+            }),
+            None => Err(InferenceError::Protocol(
+                "the stream was cut before a finish reason".into(),
+            )),
+        }
+    }
+}
+
+/// The legacy text completion API (`POST /completions`), for raw prompts:
+/// OpenAI's instruct models and every OpenAI-compatible server (vLLM,
+/// llama.cpp, Ollama, …) take it.
+impl OpenAiProvider {
+    fn text_body(
+        &self,
+        request: &GenerateRequest,
+        stream: bool,
+    ) -> Result<serde_json::Value, InferenceError> {
+        check_model_name(&request.model)?;
+        let mut body = serde_json::json!({
+            "model": request.model,
+            "prompt": request.prompt.clone().unwrap_or_default(),
+        });
+        let fields: [(&str, serde_json::Value); 5] = [
+            ("max_tokens", request.max_tokens.into()),
+            (
+                "temperature",
+                request.temperature.map(f32_json).unwrap_or_default(),
+            ),
+            ("top_p", request.top_p.map(f32_json).unwrap_or_default()),
+            ("seed", request.seed.into()),
+            (
+                "stop",
+                if request.stop.is_empty() {
+                    serde_json::Value::Null
+                } else {
+                    request.stop.clone().into()
+                },
+            ),
+        ];
+        for (k, v) in fields {
+            if !v.is_null() {
+                body[k] = v;
+            }
+        }
+        if stream {
+            body["stream"] = true.into();
+            body["stream_options"] = serde_json::json!({"include_usage": true});
+        }
+        Ok(body)
+    }
+
+    fn text_url(&self) -> String {
+        format!("{}/completions", self.config.base_url.trim_end_matches('/'))
+    }
+
+    async fn complete_text(&self, request: &GenerateRequest) -> Result<Completion, InferenceError> {
+        let started = Instant::now();
+        let builder = self
+            .http
+            .post(self.text_url())
+            .bearer_auth(self.config.api_key.expose())
+            .json(&self.text_body(request, false)?);
+        let response = send(builder, false, &self.config.timeouts, map_http_error).await?;
+        let v: serde_json::Value = response
+            .json()
+            .await
+            .map_err(|e| InferenceError::Protocol(format!("unreadable response: {e}")))?;
+        let choice = v["choices"]
+            .get(0)
+            .ok_or_else(|| InferenceError::Protocol("no choices in the response".into()))?;
+        let total = started.elapsed();
+        Ok(Completion {
+            text: choice["text"].as_str().unwrap_or_default().to_string(),
+            summary: Summary {
+                model: v["model"].as_str().unwrap_or(&request.model).to_string(),
+                usage: text_usage(&v["usage"]).unwrap_or_default(),
+                finish_reason: text_finish(choice["finish_reason"].as_str()),
+                timing: Timing {
+                    time_to_first_token: Some(total),
+                    total,
+                },
+            },
+        })
+    }
+
+    async fn stream_text(
+        &self,
+        request: &GenerateRequest,
+    ) -> Result<CompletionStream, InferenceError> {
+        let started = Instant::now();
+        let builder = self
+            .http
+            .post(self.text_url())
+            .bearer_auth(self.config.api_key.expose())
+            .json(&self.text_body(request, true)?);
+        let response = send(builder, true, &self.config.timeouts, map_http_error).await?;
+        let events = crate::sse::events(response)
+            .take_while(|e| {
+                let more = !matches!(e, Ok(ev) if ev.data.trim() == "[DONE]");
+                async move { more }
+            })
+            .filter(|e| {
+                let keep =
+                    !matches!(e, Ok(ev) if ev.data.trim().is_empty() || ev.event == "keepalive");
+                async move { keep }
+            })
+            .map(|e| {
+                e.and_then(|ev| {
+                    let v: serde_json::Value = serde_json::from_str(&ev.data).map_err(|e| {
+                        InferenceError::Protocol(format!("unreadable stream chunk: {e}"))
+                    })?;
+                    match v["error"]["message"].as_str() {
+                        Some(m) => Err(InferenceError::Upstream {
+                            status: None,
+                            message: m.to_string(),
+                        }),
+                        None => Ok(v),
+                    }
+                })
+            })
+            .boxed();
+        let parser = TextParser {
+            model: request.model.clone(),
+            usage: None,
+            finish: None,
+        };
+        Ok(drive(events, parser, started, self.config.timeouts))
+    }
+}
+
+/// An `f32` as the decimal it was written as (0.3, not 0.30000001192092896).
+fn f32_json(x: f32) -> serde_json::Value {
+    x.to_string()
+        .parse::<f64>()
+        .map(serde_json::Value::from)
+        .unwrap_or_default()
+}
+
+fn text_usage(v: &serde_json::Value) -> Option<Usage> {
+    Some(Usage {
+        prompt_tokens: u32::try_from(v["prompt_tokens"].as_u64()?).unwrap_or(u32::MAX),
+        completion_tokens: u32::try_from(v["completion_tokens"].as_u64()?).unwrap_or(u32::MAX),
+    })
+}
+
+fn text_finish(reason: Option<&str>) -> FinishReason {
+    match reason {
+        Some("length") => FinishReason::Length,
+        Some("content_filter") => FinishReason::ContentFilter,
+        Some("stop") | None => FinishReason::Stop,
+        Some(other) => FinishReason::Other(other.to_string()),
+    }
+}
+
+/// `text_completion` chunks: `choices[].text` deltas, a finish reason, and
+/// usage in the last chunk when the server honours `include_usage`.
+struct TextParser {
+    model: String,
+    usage: Option<Usage>,
+    finish: Option<FinishReason>,
+}
+
+impl StreamParser for TextParser {
+    type Event = serde_json::Value;
+
+    fn event(&mut self, v: serde_json::Value) -> Result<Step, InferenceError> {
+        if let Some(m) = v["model"].as_str().filter(|m| !m.is_empty()) {
+            self.model = m.to_string();
+        }
+        if let Some(u) = text_usage(&v["usage"]) {
+            self.usage = Some(u);
+        }
+        let mut text = String::new();
+        for choice in v["choices"].as_array().into_iter().flatten() {
+            text.push_str(choice["text"].as_str().unwrap_or_default());
+            if let Some(r) = choice["finish_reason"].as_str() {
+                self.finish = Some(text_finish(Some(r)));
+            }
+        }
+        Ok(Step::Delta(text))
+    }
+
     fn end(&mut self) -> Result<Step, InferenceError> {
         match self.finish.take() {
             Some(finish_reason) => Ok(Step::Done {
