@@ -5,10 +5,14 @@ set shell := ["bash", "-euo", "pipefail", "-c"]
 default:
     @just --list
 
-# Start Muse on SQLite (./data/muse.db), http://127.0.0.1:8000, docs at /docs/
+# Start Muse on SQLite (./data/muse.db), http://127.0.0.1:8000, docs at /docs/; offers local/HuggingFaceTB/SmolLM2-135M-Instruct (pulled on first use when online)
 run *ARGS:
     ./scripts/ensure-system-deps.sh
-    ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$(./scripts/ort-path.sh)}" cargo run -p muse-server --bin muse -- {{ARGS}}
+    ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$(./scripts/ort-path.sh)}" LOCAL_MODELS="${LOCAL_MODELS:-HuggingFaceTB/SmolLM2-135M-Instruct}" cargo run -p muse-server --bin muse -- {{ARGS}}
+
+# Local model cache: `just models list`, `just models pull ORG/NAME [--variant fp32|fp16|int8|q4]`
+models *ARGS:
+    ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$(./scripts/ort-path.sh)}" cargo run -q -p muse-server --bin muse -- models {{ARGS}}
 
 # fmt, clippy -D warnings, dependency rules, test models, and every test (PostgreSQL too when TEST_DATABASE_URL is set)
 test: lint test-models

@@ -35,6 +35,28 @@ pub enum Command {
         #[command(subcommand)]
         command: AdminCommand,
     },
+    /// The local model cache (MODEL_CACHE_DIR, a Hugging Face cache layout).
+    Models {
+        #[command(subcommand)]
+        command: ModelsCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ModelsCommand {
+    /// Download one ONNX variant of a model from the Hugging Face Hub
+    /// (HF_ENDPOINT, HF_TOKEN; refused when HF_HUB_OFFLINE is set): only
+    /// the files that variant needs, its tokenizer and configs.
+    Pull {
+        /// `org/name`, e.g. HuggingFaceTB/SmolLM2-135M-Instruct.
+        model: String,
+        /// `fp32` (default), `fp16`, `int8`, `q4`, `quantized`, … as the
+        /// repository publishes them (`onnx/model_<variant>.onnx`).
+        #[arg(long)]
+        variant: Option<String>,
+    },
+    /// What is in the cache: size, and whether each model can be served.
+    List,
 }
 
 #[derive(Debug, Subcommand)]
@@ -88,6 +110,34 @@ pub fn run(cli: Cli) -> ExitCode {
             }
             Err(e) => fail(e),
         },
+        Command::Models {
+            command: ModelsCommand::List,
+        } => {
+            let models = muse_inference::local::resolve::scan_cache(&config.llm.model_cache_dir);
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(
+                out,
+                "{} ({} models)",
+                config.llm.model_cache_dir.display(),
+                models.len()
+            );
+            for m in models {
+                let status = m
+                    .problem
+                    .as_deref()
+                    .map_or("ready".to_string(), |p| format!("cannot be served: {p}"));
+                let _ = writeln!(
+                    out,
+                    "{:<50} {:>10.1} MB  {status}",
+                    m.id,
+                    m.size_bytes as f64 / 1e6
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Command::Models {
+            command: ModelsCommand::Pull { model, variant },
+        } => pull(&config, &model, variant.as_deref()),
         Command::Admin {
             command: AdminCommand::Create { email, username },
         } => {
@@ -119,5 +169,72 @@ pub fn run(cli: Cli) -> ExitCode {
                 Err(e) => fail(format!("cannot create the admin: {}", describe(e))),
             }
         }
+    }
+}
+
+/// `muse models pull`: progress on stderr (one updating line on a
+/// terminal, a line per 10 % otherwise).
+fn pull(config: &Config, model: &str, variant: Option<&str>) -> ExitCode {
+    use std::io::IsTerminal;
+    let hub = muse_inference::local::download::HubConfig {
+        endpoint: config.llm.hf_endpoint.clone(),
+        token: config.llm.hf_token.clone(),
+        offline: config.llm.hf_offline,
+    };
+    let tty = std::io::stderr().is_terminal();
+    let last = std::sync::Mutex::new((String::new(), 0u64));
+    let progress = move |p: muse_inference::local::download::DownloadProgress| {
+        let pct = (p.done_bytes * 100)
+            .checked_div(p.total_bytes)
+            .unwrap_or(100);
+        let Ok(mut last) = last.lock() else { return };
+        if !tty && last.0 == p.file && pct < last.1 + 10 && pct < 100 {
+            return;
+        }
+        *last = (p.file.clone(), pct);
+        let line = format!(
+            "{} {:>3}% ({:.1}/{:.1} MB)",
+            p.file,
+            pct,
+            p.done_bytes as f64 / 1e6,
+            p.total_bytes as f64 / 1e6
+        );
+        let mut err = std::io::stderr().lock();
+        let _ = if tty {
+            write!(err, "\r\x1b[2K{line}")
+        } else {
+            writeln!(err, "{line}")
+        };
+        if tty && pct >= 100 {
+            let _ = writeln!(err);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => return fail(e),
+    };
+    let result = runtime.block_on(muse_inference::local::download::ensure_model_variant(
+        &config.llm.model_cache_dir,
+        model,
+        &hub,
+        variant,
+        progress,
+    ));
+    match result {
+        Ok(dir) => {
+            let _ = writeln!(
+                std::io::stdout(),
+                "{model} is ready ({}); use it as local/{model}",
+                match muse_inference::local::resolve::servable_problem(&dir) {
+                    None => "servable".to_string(),
+                    Some(p) => format!("but cannot be served: {p}"),
+                }
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(format!("cannot pull {model}: {e}")),
     }
 }

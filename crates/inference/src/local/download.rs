@@ -101,13 +101,53 @@ impl Reporter {
     }
 }
 
-/// The files a causal-LM ONNX export needs, from a repo's file list.
-pub fn files_to_fetch(files: &[String]) -> Result<Vec<String>, InferenceError> {
+/// The ONNX variants a repository publishes (transformers.js layout:
+/// `onnx/model.onnx` is `fp32`, `onnx/model_<variant>.onnx` the others).
+pub fn variants(files: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = files
+        .iter()
+        .filter_map(|f| {
+            let name = f.strip_prefix("onnx/").unwrap_or(f);
+            if name == "model.onnx" {
+                return Some("fp32".to_string());
+            }
+            name.strip_prefix("model_")?
+                .strip_suffix(".onnx")
+                .map(str::to_string)
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// The files a causal-LM ONNX export needs, from a repo's file list: one
+/// ONNX variant (`variant`: `fp32`, `fp16`, `int8`, `q4`, …; default the
+/// full-precision one), its external data, the tokenizer and the configs
+/// — never the whole repository.
+pub fn files_to_fetch(
+    files: &[String],
+    variant: Option<&str>,
+) -> Result<Vec<String>, InferenceError> {
     let has = |f: &str| files.iter().any(|x| x == f);
     if !has("tokenizer.json") {
         return Err(InferenceError::NotConfigured(
             "the repo has no tokenizer.json".into(),
         ));
+    }
+    if let Some(v) = variant {
+        let wanted = if v == "fp32" {
+            vec!["onnx/model.onnx".to_string(), "model.onnx".to_string()]
+        } else {
+            vec![format!("onnx/model_{v}.onnx"), format!("model_{v}.onnx")]
+        };
+        let Some(onnx) = wanted.into_iter().find(|f| has(f)) else {
+            return Err(InferenceError::BadRequest(format!(
+                "the repo has no {v} ONNX variant (it has: {})",
+                variants(files).join(", ")
+            )));
+        };
+        return Ok(with_companions(files, onnx));
     }
     let onnx = ["model.onnx", "onnx/model.onnx"]
         .into_iter()
@@ -126,10 +166,19 @@ pub fn files_to_fetch(files: &[String]) -> Result<Vec<String>, InferenceError> {
                 "the repo has no ONNX export (model.onnx or onnx/model*.onnx)".into(),
             )
         })?;
+    Ok(with_companions(files, onnx))
+}
+
+/// An ONNX file with its external data, the tokenizer and config files.
+fn with_companions(files: &[String], onnx: String) -> Vec<String> {
+    let has = |f: &str| files.iter().any(|x| x == f);
     let mut out = vec!["tokenizer.json".to_string()];
     out.extend(
         [
             "tokenizer_config.json",
+            "special_tokens_map.json",
+            "chat_template.jinja",
+            "chat_template.json",
             "config.json",
             "generation_config.json",
         ]
@@ -146,7 +195,7 @@ pub fn files_to_fetch(files: &[String]) -> Result<Vec<String>, InferenceError> {
             .cloned(),
     );
     out.push(onnx);
-    Ok(out)
+    out
 }
 
 /// The model's snapshot directory, downloading it first when it is not in
@@ -158,11 +207,25 @@ pub async fn ensure_model(
     hub: &HubConfig,
     progress: impl Fn(DownloadProgress) + Send + Sync + 'static,
 ) -> Result<PathBuf, InferenceError> {
+    ensure_model_variant(cache_dir, model, hub, None, progress).await
+}
+
+/// [`ensure_model`] for one ONNX variant (`fp32`, `fp16`, `int8`, `q4`, …).
+pub async fn ensure_model_variant(
+    cache_dir: &Path,
+    model: &str,
+    hub: &HubConfig,
+    variant: Option<&str>,
+    progress: impl Fn(DownloadProgress) + Send + Sync + 'static,
+) -> Result<PathBuf, InferenceError> {
     match resolve_model(cache_dir, model) {
-        Ok(dir) => return Ok(dir),
-        Err(InferenceError::ModelNotFound(m)) if hub.offline => {
+        Ok(dir) if super::resolve::servable_problem(&dir).is_none() => return Ok(dir),
+        Ok(_) => {}
+        Err(InferenceError::ModelNotFound(_)) if hub.offline => {
             return Err(InferenceError::ModelNotFound(format!(
-                "{m} (HF_HUB_OFFLINE is set: no download attempted)"
+                "{model} is not in the local model cache and HF_HUB_OFFLINE is set: no download attempted \
+                 (unset HF_HUB_OFFLINE on a machine that can reach the hub and run `muse models pull {model}`, \
+                 or copy its files into MODEL_CACHE_DIR in the Hugging Face cache layout)"
             )))
         }
         Err(InferenceError::ModelNotFound(_)) => {}
@@ -191,7 +254,7 @@ pub async fn ensure_model(
     let info = repo.info().await.map_err(|e| hub_err("cannot list", e))?;
     let files: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
     let sink: ProgressFn = Arc::new(progress);
-    for file in files_to_fetch(&files)? {
+    for file in files_to_fetch(&files, variant)? {
         let reporter = Reporter {
             model: model.to_string(),
             file: file.clone(),
@@ -227,7 +290,7 @@ mod tests {
         .map(|s| s.to_string())
         .collect();
         assert_eq!(
-            files_to_fetch(&files).unwrap(),
+            files_to_fetch(&files, None).unwrap(),
             [
                 "tokenizer.json",
                 "tokenizer_config.json",
@@ -236,7 +299,21 @@ mod tests {
                 "onnx/model.onnx"
             ]
         );
-        assert!(files_to_fetch(&["model.onnx".to_string()]).is_err());
-        assert!(files_to_fetch(&["tokenizer.json".to_string()]).is_err());
+        assert!(files_to_fetch(&["model.onnx".to_string()], None).is_err());
+        assert!(files_to_fetch(&["tokenizer.json".to_string()], None).is_err());
+        assert_eq!(variants(&files), ["fp32", "quantized"]);
+        assert_eq!(
+            files_to_fetch(&files, Some("quantized")).unwrap(),
+            [
+                "tokenizer.json",
+                "tokenizer_config.json",
+                "config.json",
+                "onnx/model_quantized.onnx"
+            ]
+        );
+        match files_to_fetch(&files, Some("q4")) {
+            Err(InferenceError::BadRequest(m)) => assert!(m.contains("fp32, quantized"), "{m}"),
+            other => panic!("{other:?}"),
+        }
     }
 }
