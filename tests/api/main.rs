@@ -16,6 +16,7 @@ mod email_flows;
 mod errors;
 mod ideas;
 mod local_fidelity;
+mod model_pulls;
 mod models;
 mod openai_api;
 mod prompts;

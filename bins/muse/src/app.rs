@@ -115,6 +115,7 @@ pub fn build_state(config: Config, db: Database) -> Result<AppState, StartError>
         training,
         models: Arc::new(models),
         local_unavailable,
+        pulls: crate::pulls::Pulls::default(),
         config: Arc::new(config),
         db,
         auth: Arc::new(auth),

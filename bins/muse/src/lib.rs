@@ -13,6 +13,7 @@ pub mod inference;
 pub mod limits;
 pub mod mail;
 pub mod openapi;
+pub mod pulls;
 pub mod quota;
 pub mod routes;
 pub mod runs;

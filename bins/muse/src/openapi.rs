@@ -43,7 +43,7 @@ use crate::ws;
         subscription::cancel, subscription::history, subscription::webhook,
         admin::stats, admin::list_users, admin::suspend, admin::unsuspend, admin::set_role, admin::audit,
         admin::rate_limit_stats, admin::unblock, admin::list_flags, admin::upsert_flag,
-        admin::set_plan, admin::put_plan,
+        admin::set_plan, admin::put_plan, admin::pull_model, admin::list_pulls,
         train::upload, train::trainers, train::list_datasets, train::get_dataset, train::delete_dataset,
         train::start, train::list_jobs, train::status, train::stop, train::logs,
     ),

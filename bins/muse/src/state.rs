@@ -26,6 +26,8 @@ pub struct AppState {
     pub hub: crate::ws::Hub,
     /// Datasets, jobs, trainers, and who owns which trained model.
     pub training: Arc<crate::training::Training>,
+    /// Model downloads started by administrators.
+    pub pulls: crate::pulls::Pulls,
     /// Why local models are disabled (ONNX Runtime missing), if they are.
     pub local_unavailable: Option<String>,
     pub metrics: PrometheusHandle,

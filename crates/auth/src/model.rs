@@ -163,6 +163,7 @@ pub mod audit {
     pub const FEATURE_FLAG_CHANGED: &str = "feature_flag.changed";
     pub const PLAN_CHANGED: &str = "plan.changed";
     pub const PLAN_EDITED: &str = "plan.edited";
+    pub const MODEL_PULLED: &str = "model.pulled";
 }
 
 /// A row of the audit log.

@@ -68,7 +68,7 @@ pub struct ModelRegistry {
     retry: RetryPolicy,
     local: Option<Arc<crate::local::LocalProvider>>,
     /// Local models in the cache that cannot be served, with the reason.
-    unservable: BTreeMap<String, String>,
+    unservable: RwLock<BTreeMap<String, String>>,
 }
 
 impl ModelRegistry {
@@ -79,7 +79,7 @@ impl ModelRegistry {
             prices,
             retry,
             local: None,
-            unservable: BTreeMap::new(),
+            unservable: RwLock::default(),
         }
     }
 
@@ -119,7 +119,7 @@ impl ModelRegistry {
                 },
             );
         }
-        self.unservable = unservable;
+        self.unservable = RwLock::new(unservable);
         self.providers.insert("local".to_string(), provider.clone());
         self.local = Some(provider);
     }
@@ -168,6 +168,34 @@ impl ModelRegistry {
             Entry {
                 provider: local,
                 model: name.to_string(),
+                kind: ModelKind::Local,
+            },
+        );
+        Ok(key)
+    }
+
+    /// Offers a model pulled into the cache after start as `local/{model}`
+    /// (or updates why it cannot be served). Returns its key.
+    pub fn register_cached(&self, model: &str) -> Result<String, InferenceError> {
+        let local = self.local.clone().ok_or_else(|| {
+            InferenceError::NotConfigured("local models are disabled (no ONNX Runtime)".into())
+        })?;
+        let problem = match local.model_dir(model) {
+            Some(d) => crate::local::resolve::servable_problem(&d),
+            None => Some("not in the cache, or no tokenizer.json".to_string()),
+        };
+        if let Ok(mut u) = self.unservable.write() {
+            match problem {
+                Some(p) => u.insert(model.to_string(), p),
+                None => u.remove(model),
+            };
+        }
+        let key = format!("local/{model}");
+        self.write_entries()?.insert(
+            key.clone(),
+            Entry {
+                provider: local,
+                model: model.to_string(),
                 kind: ModelKind::Local,
             },
         );
@@ -259,7 +287,12 @@ impl ModelRegistry {
                     loaded: e.kind == ModelKind::Remote || loaded.is_some(),
                     memory_bytes: loaded.map(|l| l.weight_bytes),
                     unavailable: (e.kind == ModelKind::Local)
-                        .then(|| self.unservable.get(&e.model).cloned())
+                        .then(|| {
+                            self.unservable
+                                .read()
+                                .ok()
+                                .and_then(|u| u.get(&e.model).cloned())
+                        })
                         .flatten(),
                 }
             })

@@ -363,16 +363,29 @@ async fn the_local_provider_streams_through_the_common_trait() {
 /// (`/api/models/{repo}/revision/main`, ranged `resolve/main/{file}`),
 /// serving one snapshot; it requires `Authorization: Bearer hf_test`.
 async fn fake_hub(snapshot: PathBuf, repo: &'static str) -> String {
+    fake_hub_with(snapshot, repo, None).await
+}
+
+/// [`fake_hub`], serving `corrupt` with its first byte flipped (while the
+/// listing still publishes the true size and SHA-256, as the hub does for
+/// LFS files).
+async fn fake_hub_with(
+    snapshot: PathBuf,
+    repo: &'static str,
+    corrupt: Option<&'static str>,
+) -> String {
     use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
     let files: Vec<String> = walk(&snapshot);
     let srv = HttpServer::new(move || {
         let snapshot = snapshot.clone();
+        let snapshot_list = snapshot.clone();
         let files = files.clone();
         App::new()
             .route(
                 &format!("/api/models/{repo}/revision/main"),
                 web::get().to(move |req: HttpRequest| {
                     let files = files.clone();
+                    let snapshot_list = snapshot_list.clone();
                     async move {
                         if req
                             .headers()
@@ -384,7 +397,16 @@ async fn fake_hub(snapshot: PathBuf, repo: &'static str) -> String {
                         }
                         let siblings: Vec<_> = files
                             .iter()
-                            .map(|f| serde_json::json!({"rfilename": f}))
+                            .map(|f| {
+                                use sha2::Digest;
+                                let bytes = std::fs::read(snapshot_list.join(f)).unwrap();
+                                let mut entry = serde_json::json!({"rfilename": f, "size": bytes.len()});
+                                if f.contains(".onnx") {
+                                    let sha: String = sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+                                    entry["lfs"] = serde_json::json!({"sha256": sha, "size": bytes.len(), "pointerSize": 134});
+                                }
+                                entry
+                            })
                             .collect();
                         HttpResponse::Ok()
                             .json(serde_json::json!({"sha": "abc123", "siblings": siblings}))
@@ -394,7 +416,9 @@ async fn fake_hub(snapshot: PathBuf, repo: &'static str) -> String {
             .route(
                 &format!("/{repo}/resolve/main/{{file:.*}}"),
                 web::get().to(move |req: HttpRequest, file: web::Path<String>| {
-                    let path = snapshot.join(file.into_inner());
+                    let file = file.into_inner();
+                    let flip = corrupt == Some(file.as_str());
+                    let path = snapshot.join(file);
                     async move {
                         if req
                             .headers()
@@ -404,9 +428,12 @@ async fn fake_hub(snapshot: PathBuf, repo: &'static str) -> String {
                         {
                             return HttpResponse::Unauthorized().finish();
                         }
-                        let Ok(bytes) = std::fs::read(&path) else {
+                        let Ok(mut bytes) = std::fs::read(&path) else {
                             return HttpResponse::NotFound().finish();
                         };
+                        if flip {
+                            bytes[0] ^= 0xff;
+                        }
                         let total = bytes.len();
                         let (start, end) = req
                             .headers()
@@ -577,4 +604,85 @@ async fn generations_on_one_model_are_interleaved_and_slow_readers_block_nobody(
         .unwrap();
     assert_eq!(c.summary.usage.completion_tokens, 5);
     drop(idle);
+}
+
+#[actix_web::test]
+async fn pulls_fetch_one_variant_and_verify_it_against_the_hub() {
+    use muse_inference::local::download::{ensure_model_variant, HubConfig};
+    use muse_inference::local::resolve::scan_cache;
+    let Some(cache) = cache() else { return };
+    let source = resolve_model(&cache, "muse-test/tiny-gpt2").unwrap();
+    let hub = |endpoint: String| HubConfig {
+        endpoint,
+        token: Some("hf_test".to_string().into()),
+        offline: false,
+    };
+    let empty = tempfile::tempdir().unwrap();
+
+    // A variant the repository does not publish: refused, naming the ones it has.
+    let good = fake_hub(source.clone(), "muse-test/tiny-gpt2").await;
+    match ensure_model_variant(
+        empty.path(),
+        "muse-test/tiny-gpt2",
+        &hub(good.clone()),
+        Some("q4"),
+        |_| {},
+    )
+    .await
+    {
+        Err(InferenceError::BadRequest(m)) => {
+            assert!(m.contains("no q4") && m.contains("fp32"), "{m}")
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // A corrupted transfer is caught by the hub's SHA-256 and removed.
+    let bad = fake_hub_with(
+        source.clone(),
+        "muse-test/tiny-gpt2",
+        Some("onnx/model.onnx"),
+    )
+    .await;
+    match ensure_model_variant(
+        empty.path(),
+        "muse-test/tiny-gpt2",
+        &hub(bad),
+        Some("fp32"),
+        |_| {},
+    )
+    .await
+    {
+        Err(InferenceError::Protocol(m)) => assert!(
+            m.contains("SHA-256") && m.contains("onnx/model.onnx"),
+            "{m}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    let listed = scan_cache(empty.path());
+    assert!(
+        listed.iter().all(|m| m.problem.is_some()),
+        "a failed pull is never servable: {listed:?}"
+    );
+
+    // Pulled again from a good hub: complete, verified, servable.
+    let dir = ensure_model_variant(
+        empty.path(),
+        "muse-test/tiny-gpt2",
+        &hub(good),
+        Some("fp32"),
+        |_| {},
+    )
+    .await
+    .unwrap();
+    let listed = scan_cache(empty.path());
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        (listed[0].id.as_str(), listed[0].problem.as_deref()),
+        ("muse-test/tiny-gpt2", None)
+    );
+    assert!(listed[0].size_bytes > 100_000);
+    assert!(
+        dir.join("chat_template.jinja").is_file(),
+        "the chat template file comes along"
+    );
 }

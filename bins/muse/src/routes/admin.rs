@@ -370,6 +370,8 @@ pub fn config(cfg: &mut web::ServiceConfig) {
                     .get(list_flags)
                     .post(upsert_flag),
             )
+            .service(web::resource("/models/pull").post(pull_model))
+            .service(web::resource("/models/pulls").get(list_pulls))
             .service(web::resource("/rate-limits/stats").get(rate_limit_stats))
             .service(web::resource("/rate-limits/unblock").post(unblock)),
     );
@@ -819,4 +821,122 @@ pub async fn put_plan(
     })
     .await?;
     Ok(web::Json(plan.into()))
+}
+
+// ----- local model pulls --------------------------------------------------
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PullBody {
+    /// A Hugging Face repo id, `org/name`.
+    #[schema(example = "HuggingFaceTB/SmolLM2-135M-Instruct")]
+    pub model: String,
+    /// `fp32` (default), `fp16`, `int8`, `q4`, … as the repo publishes
+    /// them (`onnx/model_<variant>.onnx`).
+    pub variant: Option<String>,
+}
+
+fn valid_repo_id(id: &str) -> bool {
+    let mut parts = id.split('/');
+    let ok_part = |p: &str| {
+        !p.is_empty()
+            && p.len() <= 96
+            && !p.starts_with('.')
+            && p.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    };
+    matches!((parts.next(), parts.next(), parts.next()), (Some(a), Some(b), None) if ok_part(a) && ok_part(b))
+        && !id.contains("..")
+}
+
+/// Downloads one ONNX variant of a model from the Hugging Face Hub into
+/// `MODEL_CACHE_DIR`, in the background (202); follow it with
+/// `GET /api/v1/admin/models/pulls`. Once verified against the hub's sizes
+/// and hashes, it is served as `local/{model}` at once. Audited.
+#[utoipa::path(post, path = "/api/v1/admin/models/pull", tag = "admin", security(("bearer" = [])), request_body = PullBody,
+    responses((status = 202, body = crate::pulls::PullStatus), (status = 403, body = ErrorBody), (status = 409, description = "a pull of this model is running", body = ErrorBody),
+        (status = 422, body = ErrorBody), (status = 503, description = "local models are disabled", body = ErrorBody)))]
+pub async fn pull_model(
+    state: web::Data<AppState>,
+    admin: AdminUser,
+    ctx: ClientContext,
+    body: web::Json<PullBody>,
+) -> Result<actix_web::HttpResponse, ApiError> {
+    let body = body.into_inner();
+    if !valid_repo_id(&body.model) {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation_failed",
+            format!(
+                "model {:?} is not a Hugging Face repo id (org/name)",
+                body.model
+            ),
+        ));
+    }
+    if let Some(v) = &body.variant {
+        if v.is_empty() || v.len() > 24 || !v.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "validation_failed",
+                format!("variant {v:?} is not a variant name (fp32, fp16, int8, q4, …)"),
+            ));
+        }
+    }
+    if let Some(why) = &state.local_unavailable {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_configured",
+            format!("local models are disabled: {why}"),
+        ));
+    }
+    let llm = &state.config.llm;
+    let hub = muse_inference::local::download::HubConfig {
+        endpoint: llm.hf_endpoint.clone(),
+        token: llm.hf_token.clone(),
+        offline: llm.hf_offline,
+    };
+    let started = state.pulls.start(
+        state.models.clone(),
+        llm.model_cache_dir.clone(),
+        hub,
+        body.model.clone(),
+        body.variant.clone(),
+    );
+    let Some(status) = started else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "pull_running",
+            format!("{} is already being pulled", body.model),
+        ));
+    };
+    let auth = state.auth.clone();
+    let detail = json!({"variant": body.variant});
+    blocking(move || {
+        auth.audit(
+            Some(admin.0.user.id),
+            muse_auth::audit::MODEL_PULLED,
+            Some(&body.model),
+            &ctx.0,
+            Some(detail),
+        );
+        Ok::<_, ApiError>(())
+    })
+    .await?;
+    Ok(actix_web::HttpResponse::Accepted().json(status))
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PullList {
+    pub items: Vec<crate::pulls::PullStatus>,
+}
+
+/// Model pulls of this server process: running, succeeded, failed (with
+/// the reason).
+#[utoipa::path(get, path = "/api/v1/admin/models/pulls", tag = "admin", security(("bearer" = [])),
+    responses((status = 200, body = PullList), (status = 403, body = ErrorBody)))]
+pub async fn list_pulls(state: web::Data<AppState>, _admin: AdminUser) -> web::Json<PullList> {
+    web::Json(PullList {
+        items: state.pulls.list(),
+    })
 }

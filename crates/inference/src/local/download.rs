@@ -248,11 +248,16 @@ pub async fn ensure_model_variant(
         } else if text.contains("404") {
             InferenceError::ModelNotFound(format!("{model} is not on the hub: {text}"))
         } else {
-            InferenceError::Connection(format!("{what} {model}: {text}"))
+            InferenceError::Connection(format!(
+                "{what} {model}: the Hugging Face Hub at {} cannot be reached ({text}); check the network \
+                 or HF_ENDPOINT, or pull the model on a machine that can reach it and copy it into \
+                 MODEL_CACHE_DIR (HF_HUB_OFFLINE=1 stops these attempts)",
+                hub.endpoint
+            ))
         }
     };
-    let info = repo.info().await.map_err(|e| hub_err("cannot list", e))?;
-    let files: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
+    let listing = hub_files(&repo, model, hub).await?;
+    let files: Vec<String> = listing.keys().cloned().collect();
     let sink: ProgressFn = Arc::new(progress);
     for file in files_to_fetch(&files, variant)? {
         let reporter = Reporter {
@@ -263,11 +268,134 @@ pub async fn ensure_model_variant(
             last_reported: 0,
             sink: sink.clone(),
         };
-        repo.download_with_progress(&file, reporter)
+        let path = repo
+            .download_with_progress(&file, reporter)
             .await
             .map_err(|e| hub_err("cannot download", e))?;
+        if let Some(expected) = listing.get(&file) {
+            let (expected, path, name) =
+                (expected.clone(), path.clone(), format!("{file} of {model}"));
+            tokio::task::spawn_blocking(move || verify(&path, &expected, &name))
+                .await
+                .map_err(|e| {
+                    InferenceError::NotConfigured(format!("verification failed to run: {e}"))
+                })??;
+        }
     }
     resolve_model(cache_dir, model)
+}
+
+/// What the hub publishes about one file (`?blobs=true`): its size, and the
+/// SHA-256 of large (LFS) files.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HubFile {
+    pub size: Option<u64>,
+    pub sha256: Option<String>,
+}
+
+/// The repository's files with their sizes and hashes.
+async fn hub_files(
+    repo: &hf_hub::api::tokio::ApiRepo,
+    model: &str,
+    hub: &HubConfig,
+) -> Result<std::collections::BTreeMap<String, HubFile>, InferenceError> {
+    let response = repo
+        .info_request()
+        .query(&[("blobs", "true")])
+        .send()
+        .await
+        .map_err(|e| {
+            InferenceError::Connection(format!(
+                "cannot list {model}: the Hugging Face Hub at {} cannot be reached ({}); check the network \
+                 or HF_ENDPOINT, or pull the model on a machine that can reach it and copy it into \
+                 MODEL_CACHE_DIR (HF_HUB_OFFLINE=1 stops these attempts)",
+                hub.endpoint,
+                crate::error::strip_url(&e.to_string())
+            ))
+        })?;
+    let status = response.status().as_u16();
+    match status {
+        200 => {}
+        401 | 403 => {
+            return Err(InferenceError::Auth(format!(
+                "cannot list {model}: HTTP {status} (set HF_TOKEN for gated or private models)"
+            )))
+        }
+        404 => {
+            return Err(InferenceError::ModelNotFound(format!(
+                "{model} is not on the hub (HTTP 404)"
+            )))
+        }
+        s => {
+            return Err(InferenceError::Upstream {
+                status: Some(s),
+                message: format!("cannot list {model} on the hub"),
+            })
+        }
+    }
+    let v: serde_json::Value = response.json().await.map_err(|e| {
+        InferenceError::Protocol(format!("the hub's listing of {model} is unreadable: {e}"))
+    })?;
+    Ok(v["siblings"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| {
+            let name = s["rfilename"].as_str()?.to_string();
+            let size = s["lfs"]["size"].as_u64().or_else(|| s["size"].as_u64());
+            let sha256 = s["lfs"]["sha256"].as_str().map(str::to_ascii_lowercase);
+            Some((name, HubFile { size, sha256 }))
+        })
+        .collect())
+}
+
+/// Checks a downloaded file against the hub's size and SHA-256; a file that
+/// does not match is removed (so the next pull fetches it again).
+pub fn verify(path: &Path, expected: &HubFile, name: &str) -> Result<(), InferenceError> {
+    use sha2::Digest;
+    use std::io::Read;
+    let fail = |what: String| {
+        let blob = std::fs::canonicalize(path).ok();
+        let _ = std::fs::remove_file(path);
+        if let Some(b) = blob {
+            let _ = std::fs::remove_file(b);
+        }
+        InferenceError::Protocol(format!(
+            "{name} {what}: the download was removed, pull it again"
+        ))
+    };
+    let len = std::fs::metadata(path)
+        .map_err(|e| InferenceError::NotConfigured(format!("{name}: {e}")))?
+        .len();
+    if let Some(size) = expected.size {
+        if len != size {
+            return Err(fail(format!("has {len} bytes where the hub says {size}")));
+        }
+    }
+    if let Some(want) = &expected.sha256 {
+        let mut file = std::fs::File::open(path)
+            .map_err(|e| InferenceError::NotConfigured(format!("{name}: {e}")))?;
+        let mut hasher = sha2::Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = file
+                .read(&mut buf)
+                .map_err(|e| InferenceError::NotConfigured(format!("{name}: {e}")))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+        }
+        let got = hex_lower(&hasher.finalize());
+        if &got != want {
+            return Err(fail(format!("has SHA-256 {got} where the hub says {want}")));
+        }
+    }
+    Ok(())
+}
+
+fn hex_lower(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]
