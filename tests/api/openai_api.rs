@@ -389,3 +389,67 @@ async fn the_official_python_sdk_works_against_muse() {
         .await;
     assert_eq!(h.body["total"], 2, "{}", h.text);
 }
+
+#[actix_web::test]
+async fn text_completions_reach_openai_protocol_servers_and_chat_only_providers_refuse_them() {
+    let (app, up) =
+        crate::upstream::app_with_upstream(&[("ANTHROPIC_API_KEY", "sk-ant-test")]).await;
+    let token = crate::helpers::access(&app.user("tex").await);
+    let r = app
+        .post(
+            "/v1/completions",
+            Some(&token),
+            serde_json::json!({"model": "up/ok", "prompt": "Once upon a time", "max_tokens": 7, "temperature": 0.3, "stop": ["\n"], "seed": 4}),
+        )
+        .await;
+    assert_eq!(r.status, reqwest::StatusCode::OK, "{}", r.text);
+    assert_eq!(r.body["choices"][0]["text"], " and then");
+    assert_eq!(r.body["choices"][0]["finish_reason"], "length");
+    assert_eq!(r.body["usage"]["prompt_tokens"], 4);
+    let sent = up.last_completion.lock().unwrap().clone();
+    assert_eq!(
+        (
+            sent["prompt"].as_str(),
+            sent["max_tokens"].as_u64(),
+            sent["temperature"].as_f64(),
+            sent["seed"].as_u64()
+        ),
+        (Some("Once upon a time"), Some(7), Some(0.3), Some(4)),
+        "forwarded as given: {sent}"
+    );
+    assert_eq!(sent["stop"], serde_json::json!(["\n"]));
+    assert!(sent.get("messages").is_none(), "{sent}");
+
+    let res = app
+        .client
+        .post(format!("{}/v1/completions", app.base))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({"model": "up/ok", "prompt": "Once", "stream": true, "stream_options": {"include_usage": true}}))
+        .send()
+        .await
+        .unwrap();
+    let body = res.text().await.unwrap();
+    let events = crate::upstream::sse_events(&body);
+    let text: String = events
+        .iter()
+        .filter_map(|(_, v)| v["choices"][0]["text"].as_str())
+        .collect();
+    assert_eq!(text, " and then", "{body}");
+    assert!(
+        events
+            .iter()
+            .any(|(_, v)| v["usage"]["completion_tokens"] == 2),
+        "{body}"
+    );
+    assert!(body.trim_end().ends_with("data: [DONE]"));
+
+    let r = app
+        .post(
+            "/v1/completions",
+            Some(&token),
+            serde_json::json!({"model": "anthropic/claude-3-5-haiku-latest", "prompt": "x"}),
+        )
+        .await;
+    assert_eq!(r.status, reqwest::StatusCode::BAD_REQUEST, "{}", r.text);
+    assert!(r.text.contains("chats only"), "{}", r.text);
+}

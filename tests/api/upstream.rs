@@ -9,6 +9,13 @@
 //!
 //! The chunks of `slow` and `flood` actually written are counted in
 //! `Upstream::sent`.
+//!
+//! `/v1/completions` speaks OpenAI's legacy text completion as its API
+//! reference shows it (https://platform.openai.com/docs/api-reference/completions):
+//! `text_completion` objects with `choices[].text`, streamed as chunks of the
+//! same shape, a usage chunk with `stream_options.include_usage`, then
+//! `data: [DONE]`. It continues any prompt with " and then" (2 tokens) and
+//! keeps the last request body in `Upstream::last_completion`.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -24,6 +31,59 @@ pub struct Upstream {
     pub url: String,
     /// Chunks of `slow` streams written so far.
     pub sent: Arc<AtomicUsize>,
+    /// The last `/v1/completions` request body.
+    pub last_completion: Arc<std::sync::Mutex<Value>>,
+}
+
+async fn text_completion(
+    body: web::Json<Value>,
+    last: web::Data<Arc<std::sync::Mutex<Value>>>,
+) -> HttpResponse {
+    *last.lock().unwrap() = body.0.clone();
+    let model = body["model"].as_str().unwrap_or_default().to_string();
+    let prompt_tokens = body["prompt"]
+        .as_str()
+        .unwrap_or_default()
+        .split_whitespace()
+        .count();
+    let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": 2, "total_tokens": prompt_tokens + 2});
+    let obj = |choices: Value, usage: Value| json!({"id": "cmpl-up", "object": "text_completion", "created": 1, "model": model, "choices": choices, "usage": usage});
+    if !body["stream"].as_bool().unwrap_or(false) {
+        return HttpResponse::Ok().json(obj(
+            json!([{"text": " and then", "index": 0, "logprobs": null, "finish_reason": "length"}]),
+            usage,
+        ));
+    }
+    let mut frames: Vec<String> = [" and", " then"]
+        .iter()
+        .map(|t| {
+            format!(
+                "data: {}\n\n",
+                obj(
+                    json!([{"text": t, "index": 0, "logprobs": null, "finish_reason": null}]),
+                    Value::Null
+                )
+            )
+        })
+        .collect();
+    frames.push(format!(
+        "data: {}\n\n",
+        obj(
+            json!([{"text": "", "index": 0, "logprobs": null, "finish_reason": "length"}]),
+            Value::Null
+        )
+    ));
+    if body["stream_options"]["include_usage"].as_bool() == Some(true) {
+        frames.push(format!("data: {}\n\n", obj(json!([]), usage)));
+    }
+    frames.push("data: [DONE]\n\n".into());
+    HttpResponse::Ok()
+        .content_type("text/event-stream")
+        .streaming(futures_util::stream::iter(
+            frames
+                .into_iter()
+                .map(|f| Ok::<_, actix_web::Error>(Bytes::from(f))),
+        ))
 }
 
 fn chunk(model: &str, delta: Value, finish: Value, usage: Value) -> String {
@@ -118,10 +178,14 @@ pub(crate) async fn chat(
 pub async fn upstream() -> Upstream {
     let sent = Arc::new(AtomicUsize::new(0));
     let data = web::Data::new(sent.clone());
+    let last_completion = Arc::new(std::sync::Mutex::new(Value::Null));
+    let last = web::Data::new(last_completion.clone());
     let srv = HttpServer::new(move || {
         App::new()
             .app_data(data.clone())
+            .app_data(last.clone())
             .route("/v1/chat/completions", web::post().to(chat))
+            .route("/v1/completions", web::post().to(text_completion))
     })
     .workers(1)
     .bind(("127.0.0.1", 0))
@@ -131,6 +195,7 @@ pub async fn upstream() -> Upstream {
     Upstream {
         url: format!("http://{addr}/v1"),
         sent,
+        last_completion,
     }
 }
 

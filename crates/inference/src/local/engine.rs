@@ -650,3 +650,51 @@ impl Decoding {
         self.finished.clone()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generation_config_defaults_apply_only_when_the_request_says_nothing() {
+        let greedy = GenerationDefaults::from_value(&serde_json::json!({"eos_token_id": [1, 2]}));
+        let s = greedy.sampling(None, None, None, None, None);
+        assert_eq!(
+            (s.temperature, s.top_k, s.top_p),
+            (0.0, None, None),
+            "transformers' default is greedy"
+        );
+
+        let sampled = GenerationDefaults::from_value(&serde_json::json!({
+            "do_sample": true, "temperature": 0.6, "top_p": 0.9, "repetition_penalty": 1.1, "max_length": 100
+        }));
+        let s = sampled.sampling(None, None, None, None, Some(7));
+        assert_eq!(
+            (
+                s.temperature,
+                s.top_p,
+                s.top_k,
+                s.repetition_penalty,
+                s.seed
+            ),
+            (0.6, Some(0.9), Some(50), 1.1, Some(7)),
+            "the model's sampling settings, with transformers' top_k of 50"
+        );
+        let s = sampled.sampling(Some(0.0), None, None, None, None);
+        assert_eq!(
+            (s.temperature, s.top_p, s.top_k),
+            (0.0, None, None),
+            "the request wins"
+        );
+        assert_eq!(
+            sampled.max_new_tokens(30, 256),
+            70,
+            "max_length counts the prompt"
+        );
+        assert_eq!(greedy.max_new_tokens(30, 256), 256);
+        let capped = GenerationDefaults::from_value(
+            &serde_json::json!({"max_new_tokens": 12, "max_length": 100}),
+        );
+        assert_eq!(capped.max_new_tokens(30, 256), 12);
+    }
+}
