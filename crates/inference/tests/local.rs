@@ -686,3 +686,69 @@ async fn pulls_fetch_one_variant_and_verify_it_against_the_hub() {
         "the chat template file comes along"
     );
 }
+
+#[test]
+fn models_without_a_template_join_and_broken_templates_are_the_servers_fault() {
+    use muse_inference::local::template::{message_values, ChatInput};
+    let Some(cache) = cache() else { return };
+    let source = resolve_model(&cache, "muse-test/tiny-gpt2").unwrap();
+    let copy = |dir: &std::path::Path| {
+        std::fs::create_dir_all(dir.join("onnx")).unwrap();
+        for f in [
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "config.json",
+            "onnx/model.onnx",
+        ] {
+            std::fs::copy(source.join(f), dir.join(f)).unwrap();
+        }
+    };
+    let input = ChatInput {
+        messages: message_values(&[
+            Message::user("a"),
+            Message::assistant("b"),
+            Message::user("c"),
+        ]),
+        add_generation_prompt: true,
+        ..Default::default()
+    };
+
+    // No chat_template.jinja: the messages, one per line.
+    let plain = tempfile::tempdir().unwrap();
+    copy(plain.path());
+    let model = LocalModel::load_named(plain.path(), "org/plain", 1).unwrap();
+    assert!(!model.has_chat_template());
+    assert_eq!(model.render_chat(&input).unwrap(), "a\nb\nc");
+
+    // A template that does not parse: the model still loads (raw prompts
+    // work); chats get the model's error, naming the model, not the path.
+    let broken = tempfile::tempdir().unwrap();
+    copy(broken.path());
+    std::fs::write(
+        broken.path().join("chat_template.jinja"),
+        "{% for m in messages %}{{ m.content ",
+    )
+    .unwrap();
+    let model = LocalModel::load_named(broken.path(), "org/broken", 1).unwrap();
+    assert!(model.encode("Once upon a time").is_ok());
+    match model.render_chat(&input) {
+        Err(InferenceError::BrokenModel(m)) => {
+            assert!(
+                m.contains("org/broken") && m.contains("does not parse"),
+                "{m}"
+            );
+            assert!(!m.contains(&broken.path().display().to_string()), "{m}");
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // Files that do not load: the model's name, not the server's path.
+    std::fs::write(broken.path().join("onnx/model.onnx"), b"not onnx").unwrap();
+    match LocalModel::load_named(broken.path(), "org/broken", 1) {
+        Err(InferenceError::BrokenModel(m)) => {
+            assert!(m.contains("org/broken"), "{m}");
+            assert!(!m.contains(&broken.path().display().to_string()), "{m}");
+        }
+        other => panic!("{other:?}"),
+    }
+}

@@ -77,8 +77,9 @@ pub struct ModelList {
     pub items: Vec<ModelEntry>,
 }
 
-/// Every model this server can run: configured remote providers, and the
-/// local ONNX models found in `MODEL_CACHE_DIR` at start.
+/// Every model this server can run: configured remote providers, the local
+/// ONNX models found in `MODEL_CACHE_DIR` at start or pulled since, and
+/// cached models that cannot be served (with `unavailable_reason`).
 #[utoipa::path(get, path = "/api/v1/ai/models", tag = "ai", security(("bearer" = [])),
     responses((status = 200, body = ModelList), (status = 401, body = ErrorBody)))]
 pub async fn list_models(state: web::Data<AppState>, user: CurrentUser) -> web::Json<ModelList> {
