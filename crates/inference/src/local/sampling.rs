@@ -45,7 +45,12 @@ impl Sampler {
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
         let p = &self.params;
         if p.repetition_penalty != 1.0 && p.repetition_penalty > 0.0 {
+            // Once per distinct token, as transformers' gather/scatter does.
+            let mut seen = std::collections::HashSet::with_capacity(history.len());
             for &t in history {
+                if !seen.insert(t) {
+                    continue;
+                }
                 if let Some(l) = logits.get_mut(t as usize) {
                     *l = if *l > 0.0 {
                         *l / p.repetition_penalty
@@ -169,6 +174,9 @@ mod tests {
             ..Default::default()
         };
         let mut s = Sampler::new(p);
+        let mut logits = [1.0, 4.0, 1.5];
+        s.sample(&mut logits, &[1, 1, 1]);
+        assert_eq!(logits[1], 0.4, "once per distinct token, as transformers does");
         assert_eq!(
             s.sample(&mut [1.0, 2.0, 1.5], &[1]),
             2,
