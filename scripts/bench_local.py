@@ -2,8 +2,9 @@
 """Local decode speed: Muse vs the onnxruntime Python loop, same model file and threads.
 
 Model: muse-test/gpt2-124m (GPT-2 small's shape, 124.5M parameters, fp32, random
-weights; written by `make_test_models.py --bench`). Greedy, NEW new tokens, best of 3
-after a warm-up. Two views:
+weights; written by `make_test_models.py --bench`). Greedy, NEW new tokens, best of
+REPEAT runs after a warm-up, in two rounds whose order alternates (Python first, then
+Muse first) so that neither side always runs on a warmer or quieter machine. Two views:
   * decode alone: Muse's engine (examples/local_decode) vs scripts/reference_generate.py,
     tokens/s of the decode steps after the first token;
   * whole request: `POST /v1/completions` on the release server (HTTP, auth, tokenization,
@@ -33,18 +34,18 @@ def ort_env():
     return dict(os.environ, ORT_DYLIB_PATH=lib)
 
 
-def python_loop(model, new, threads):
+def python_loop(model, new, threads, repeat):
     return json.loads(subprocess.run([PY, os.path.join(ROOT, "scripts", "reference_generate.py"), "--model", model, "--prompt", PROMPT,
-                                      "--max-new-tokens", str(new), "--threads", str(threads), "--repeat", "3"],
+                                      "--max-new-tokens", str(new), "--threads", str(threads), "--repeat", str(repeat)],
                                      check=True, capture_output=True, text=True).stdout)
 
 
-def muse_engine(model, new, threads):
-    return json.loads(subprocess.run([os.path.join(ROOT, "target", "release", "examples", "local_decode"), model, PROMPT, str(new), str(threads)],
+def muse_engine(model, new, threads, repeat):
+    return json.loads(subprocess.run([os.path.join(ROOT, "target", "release", "examples", "local_decode"), model, PROMPT, str(new), str(threads), str(repeat)],
                                      check=True, capture_output=True, text=True, env=ort_env()).stdout)
 
 
-def muse_request(hub, new, threads):
+def muse_request(hub, new, threads, repeat):
     """Best wall time of /v1/completions (greedy, `new` tokens) after a warm-up."""
     workdir = tempfile.mkdtemp(prefix="muse-bench-local-")
     os.environ.update(ort_env())
@@ -56,7 +57,7 @@ def muse_request(hub, new, threads):
         body = {"model": "local/muse-test/gpt2-124m", "prompt": PROMPT, "max_tokens": new, "temperature": 0}
         bench.request(base, "POST", "/v1/completions", body, token)  # load + warm-up
         best = None
-        for _ in range(3):
+        for _ in range(repeat):
             t0 = time.perf_counter()
             r = bench.request(base, "POST", "/v1/completions", body, token)
             dt = time.perf_counter() - t0
@@ -71,6 +72,7 @@ def muse_request(hub, new, threads):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -78,19 +80,23 @@ def main():
     hub = os.path.join(ROOT, "target", "test-models", "hub")
     model = os.path.join(hub, "models--muse-test--gpt2-124m")
     rows = [f"Local decode, GPT-2 small's shape (124.5M parameters, fp32, random weights), greedy, {args.new} new tokens, "
-            "best of 3 after a warm-up, same model file and thread count:", "",
+            f"best of {args.repeat} runs after a warm-up in each of two rounds of alternating order, same model file and thread count:", "",
             "| threads | view | Muse tokens/s | onnxruntime Python tokens/s | Muse ÷ Python |",
             "|---:|---|---:|---:|---:|"]
     out = []
     for threads in [int(t) for t in args.threads.split(",")]:
-        ref = python_loop(model, args.new, threads)
-        rust = muse_engine(model, args.new, threads)
-        whole = muse_request(hub, args.new, threads)
-        decode = (rust["decode_tokens_per_second"], ref["decode_tokens_per_second"])
-        request = (args.new / whole, ref["tokens_per_second"])
+        refs, rusts, wholes = [], [], []
+        for order in (0, 1):
+            steps = [lambda: refs.append(python_loop(model, args.new, threads, args.repeat)),
+                     lambda: rusts.append(muse_engine(model, args.new, threads, args.repeat)),
+                     lambda: wholes.append(muse_request(hub, args.new, threads, args.repeat))]
+            for step in (steps if order == 0 else steps[::-1]):
+                step()
+        decode = (max(r["decode_tokens_per_second"] for r in rusts), max(r["decode_tokens_per_second"] for r in refs))
+        request = (args.new / min(wholes), max(r["tokens_per_second"] for r in refs))
         rows.append(f"| {threads} | decode alone | {decode[0]:.1f} | {decode[1]:.1f} | {decode[0] / decode[1]:.2f} |")
         rows.append(f"| {threads} | whole request (`/v1/completions` vs prompt + decode loop) | {request[0]:.1f} | {request[1]:.1f} | {request[0] / request[1]:.2f} |")
-        out.append({"threads": threads, "decode": decode, "request": request, "muse_request_seconds": whole, "python_seconds": ref["seconds"]})
+        out.append({"threads": threads, "decode": decode, "request": request})
     print(json.dumps(out) if args.json else "\n".join(rows))
 
 

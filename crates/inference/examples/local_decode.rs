@@ -28,6 +28,7 @@ fn main() {
         .unwrap_or_else(|| "Once upon a time there was".into());
     let new_tokens: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(64);
     let threads: usize = args.get(4).and_then(|s| s.parse().ok()).unwrap_or(1);
+    let repeat: usize = args.get(5).and_then(|s| s.parse().ok()).unwrap_or(3).max(1);
     let dir = if model.join("refs/main").exists() {
         let cache = model.parent().unwrap();
         let repo = model
@@ -58,7 +59,7 @@ fn main() {
         )
         .unwrap();
     let mut best: Option<(f64, f64, f64)> = None;
-    for _ in 0..3 {
+    for _ in 0..repeat {
         let start = Instant::now();
         let mut first = None;
         let (out, _) = engine

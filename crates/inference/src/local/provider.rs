@@ -48,6 +48,9 @@ pub struct LoadedModel {
 
 struct Job {
     request: GenerateRequest,
+    /// `false` for whole answers: the text is handed over once, at the end
+    /// (one wake-up of the caller instead of one per token).
+    streaming: bool,
     events: mpsc::Sender<Result<StreamEvent, InferenceError>>,
     started: Instant,
 }
@@ -262,14 +265,25 @@ struct Active {
     first_token: Option<std::time::Duration>,
     /// Events the consumer has not taken yet (its channel was full).
     pending: std::collections::VecDeque<Result<StreamEvent, InferenceError>>,
+    streaming: bool,
+    /// Text of a whole (not streamed) answer, handed over at the end.
+    held: String,
     done: bool,
 }
 
 impl Active {
     fn queue(&mut self, event: Result<StreamEvent, InferenceError>) {
-        if matches!(event, Ok(StreamEvent::Delta(_))) {
+        if let Ok(StreamEvent::Delta(text)) = &event {
             self.first_token
                 .get_or_insert_with(|| self.started.elapsed());
+            if !self.streaming {
+                self.held.push_str(text);
+                return;
+            }
+        }
+        if matches!(event, Ok(StreamEvent::Done(_))) && !self.held.is_empty() {
+            let text = std::mem::take(&mut self.held);
+            self.pending.push_back(Ok(StreamEvent::Delta(text)));
         }
         self.pending.push_back(event);
     }
@@ -320,6 +334,7 @@ impl Active {
 fn start_job(engine: &mut LocalModel, job: Job, default_max: usize) -> Option<Active> {
     let Job {
         request,
+        streaming,
         events,
         started,
     } = job;
@@ -365,6 +380,8 @@ fn start_job(engine: &mut LocalModel, job: Job, default_max: usize) -> Option<Ac
             started,
             first_token: None,
             pending: Default::default(),
+            streaming,
+            held: String::new(),
             done: false,
         }),
         Err(e) => {
@@ -458,14 +475,26 @@ impl LlmProvider for LocalProvider {
     }
 
     async fn complete(&self, request: &GenerateRequest) -> Result<Completion, InferenceError> {
-        crate::providers::collect(self.stream(request).await?).await
+        crate::providers::collect(self.submit(request, false).await?).await
     }
 
     async fn stream(&self, request: &GenerateRequest) -> Result<CompletionStream, InferenceError> {
+        self.submit(request, true).await
+    }
+}
+
+impl LocalProvider {
+    /// Queues a generation on the model's thread.
+    async fn submit(
+        &self,
+        request: &GenerateRequest,
+        streaming: bool,
+    ) -> Result<CompletionStream, InferenceError> {
         let worker = self.worker(&request.model).await?;
         let (tx, rx) = mpsc::channel(64);
         let job = Job {
             request: request.clone(),
+            streaming,
             events: tx,
             started: Instant::now(),
         };

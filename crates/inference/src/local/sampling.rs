@@ -176,7 +176,10 @@ mod tests {
         let mut s = Sampler::new(p);
         let mut logits = [1.0, 4.0, 1.5];
         s.sample(&mut logits, &[1, 1, 1]);
-        assert_eq!(logits[1], 0.4, "once per distinct token, as transformers does");
+        assert_eq!(
+            logits[1], 0.4,
+            "once per distinct token, as transformers does"
+        );
         assert_eq!(
             s.sample(&mut [1.0, 2.0, 1.5], &[1]),
             2,
