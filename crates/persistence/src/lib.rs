@@ -21,6 +21,22 @@ pub mod schema;
 pub mod testing;
 mod training_repo;
 
+/// Text as both backends can store it: PostgreSQL refuses NUL characters
+/// in text, so model output, prompts and errors are written with every NUL
+/// replaced by U+FFFD (the replacement character), on SQLite too, so that
+/// the same call reads back the same on either database.
+pub fn storable(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.contains('\0') {
+        std::borrow::Cow::Owned(s.replace('\0', "\u{FFFD}"))
+    } else {
+        std::borrow::Cow::Borrowed(s)
+    }
+}
+
+fn storable_opt(s: &Option<String>) -> Option<String> {
+    s.as_deref().map(|v| storable(v).into_owned())
+}
+
 pub use auth_repo::DieselAuthRepository;
 pub use billing_repo::DieselBillingRepository;
 pub use db::{Backend, Database, DbConnection, DbError, PooledConn};

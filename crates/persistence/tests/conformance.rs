@@ -670,6 +670,32 @@ fn executions_are_recorded_and_read_back_per_user() {
                 .total,
             0
         );
+        // Model output may hold NUL characters, which PostgreSQL text cannot:
+        // the execution is still written, NUL as U+FFFD, on every backend.
+        let c = user("exec-c@example.com", "execc");
+        repo.create_user(&c).unwrap();
+        let mut nul = mk(7, ExecutionStatus::Succeeded);
+        nul.id = Uuid::now_v7();
+        nul.user_id = c.id;
+        nul.output = Some("a\0b".into());
+        nul.rendered_prompt = Some("\0".into());
+        nul.variables = Some(serde_json::json!({"k": "\u{0}"}));
+        execs.record(&nul).unwrap();
+        let back = execs
+            .get(muse_prompts::ExecutionScope::User(c.id), nul.id)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            back.output.as_deref(),
+            Some("a\u{FFFD}b"),
+            "{}",
+            db.backend().name()
+        );
+        assert_eq!(back.rendered_prompt.as_deref(), Some("\u{FFFD}"));
+        assert_eq!(
+            back.variables, nul.variables,
+            "JSON text escapes NUL itself"
+        );
     });
 }
 
