@@ -68,6 +68,28 @@ def main() -> int:
     except openai.AuthenticationError as e:
         seen["bad_key"] = {"status": e.status_code}
 
+    # `models.retrieve` with a key holding a slash, and a bare model name.
+    seen["retrieve"] = client.models.retrieve(args.model).id
+    bare = args.model.split("/", 1)[1]
+    seen["bare"] = client.chat.completions.create(model=bare, messages=[{"role": "user", "content": "hi"}]).model
+
+    # OpenAI's error shape: the SDK's exception classes, type, param and code.
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}}]
+    try:
+        client.chat.completions.create(model=args.model, messages=[{"role": "user", "content": "x"}], tools=tools)
+        seen["tools"] = "no error"
+    except openai.BadRequestError as e:
+        seen["tools"] = {"status": e.status_code, "type": e.type, "param": e.param, "code": e.code}
+    try:
+        client.chat.completions.create(model=args.model, messages=[{"role": "user", "content": "x"}], temperature=9)
+        seen["temperature"] = "no error"
+    except openai.BadRequestError as e:
+        seen["temperature"] = {"status": e.status_code, "type": e.type, "param": e.param, "code": e.code}
+    try:
+        client.chat.completions.create(model=args.missing_model, messages=[{"role": "user", "content": "x"}])
+    except openai.NotFoundError as e:
+        seen["missing_type"] = {"type": e.type, "code": e.code}
+
     print(json.dumps(seen))
     return 0
 

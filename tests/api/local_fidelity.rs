@@ -206,7 +206,7 @@ async fn template_refusals_are_the_callers_and_unsupported_fields_are_named() {
         let r = app.post("/v1/completions", Some(&token), body).await;
         assert_eq!(r.status, StatusCode::BAD_REQUEST, "{field}: {}", r.text);
         assert_eq!(r.error_code(), "unsupported_parameter");
-        assert_eq!(r.body["error"]["details"]["param"], field);
+        assert_eq!(r.body["error"]["param"], field, "OpenAI's error shape");
     }
     // Several prompts: one choice each, in order.
     let r = app

@@ -286,23 +286,116 @@ async fn bad_openai_requests_are_4xx_in_the_error_shape() {
         )
         .await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
-    for body in [
-        json!({"model": "compatible/ok", "messages": []}),
-        json!({"model": "compatible/ok", "messages": [{"role": "tool", "content": "x"}]}),
-        json!({"model": "compatible/ok", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}),
-        json!({"model": "compatible/ok", "messages": [{"role": "user", "content": "x"}], "temperature": 5}),
-        json!({"model": "compatible/ok", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}),
-        json!({"model": "compatible/ok", "messages": [{"role": "user", "content": "x"}], "stop": ["a", "b", "c", "d", "e"]}),
+    assert_eq!(
+        r.body["error"]["type"], "authentication_error",
+        "{}",
+        r.text
+    );
+    // OpenAI's error shape on /v1: validation is 400 with the field in `param`.
+    for (body, code, param) in [
+        (
+            json!({"model": "compatible/ok", "messages": []}),
+            "validation_failed",
+            "messages",
+        ),
+        (
+            json!({"model": "compatible/ok", "messages": [{"role": "tool", "content": "x"}]}),
+            "unsupported_parameter",
+            "messages[0].role",
+        ),
+        (
+            json!({"model": "compatible/ok", "messages": [{"role": "robot", "content": "x"}]}),
+            "validation_failed",
+            "messages[0].role",
+        ),
+        (
+            json!({"model": "compatible/ok", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}]}),
+            "unsupported_parameter",
+            "messages[0].content[0]",
+        ),
+        (
+            json!({"model": "compatible/ok", "messages": [{"role": "user", "content": "x", "name": "ann"}]}),
+            "unsupported_parameter",
+            "messages[0].name",
+        ),
+        (
+            json!({"model": "compatible/ok", "messages": [{"role": "user", "content": "x"}], "temperature": 5}),
+            "validation_failed",
+            "temperature",
+        ),
+        (
+            json!({"model": "compatible/ok", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}),
+            "validation_failed",
+            "max_tokens",
+        ),
+        (
+            json!({"model": "compatible/ok", "messages": [{"role": "user", "content": "x"}], "stop": ["a", "b", "c", "d", "e"]}),
+            "validation_failed",
+            "stop",
+        ),
+        (
+            json!({"model": "compatible/ok", "messages": [{"role": "user", "content": "x"}], "presence_penalty": 3}),
+            "validation_failed",
+            "presence_penalty",
+        ),
+        // Never dropped silently: what is not served is refused by name.
+        (
+            json!({"model": "compatible/ok", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {"name": "f"}}]}),
+            "unsupported_parameter",
+            "tools",
+        ),
+        (
+            json!({"model": "compatible/ok", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}),
+            "unsupported_parameter",
+            "response_format",
+        ),
+        (
+            json!({"model": "compatible/ok", "messages": [{"role": "user", "content": "x"}], "n": 2}),
+            "unsupported_parameter",
+            "n",
+        ),
+        (
+            json!({"model": "compatible/ok", "messages": [{"role": "user", "content": "x"}], "logprobs": true}),
+            "unsupported_parameter",
+            "logprobs",
+        ),
+        (
+            json!({"model": "compatible/ok", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"50256": -100}}),
+            "unsupported_parameter",
+            "logit_bias",
+        ),
+        (
+            json!({"model": "compatible/ok", "messages": [{"role": "user", "content": "x"}], "temprature": 0.2}),
+            "unsupported_parameter",
+            "temprature",
+        ),
     ] {
         let r = app
             .post("/v1/chat/completions", Some(&token), body.clone())
             .await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{body}: {}", r.text);
         assert_eq!(
-            (r.status, r.error_code()),
-            (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed"),
-            "{body}"
+            (
+                r.body["error"]["code"].as_str(),
+                r.body["error"]["param"].as_str(),
+                r.body["error"]["type"].as_str()
+            ),
+            (Some(code), Some(param), Some("invalid_request_error")),
+            "{body}: {}",
+            r.text
         );
+        assert!(r.body["error"]["message"].is_string());
     }
+    // Fields that mean "off", and those ignored by rule, are accepted.
+    let r = app
+        .post(
+            "/v1/chat/completions",
+            Some(&token),
+            json!({"model": "compatible/ok", "messages": [{"role": "user", "content": "x"}], "n": 1, "tools": [], "logprobs": false,
+                   "presence_penalty": 0, "response_format": {"type": "text"}, "user": "u-1", "metadata": {"a": "b"}, "store": false}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
     let r = app
         .post(
             "/v1/chat/completions",
@@ -312,12 +405,72 @@ async fn bad_openai_requests_are_4xx_in_the_error_shape() {
         .await;
     assert_eq!(
         (r.status, r.error_code()),
-        (StatusCode::UNPROCESSABLE_ENTITY, "invalid_body")
+        (StatusCode::BAD_REQUEST, "invalid_body")
     );
-    // Content as text parts works.
-    let r = app.post("/v1/chat/completions", Some(&token), json!({"model": "compatible/ok", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]})).await;
+    // Models by key (slashes plain or encoded), bare name; unknown ones are 404.
+    for path in [
+        "/v1/models/compatible/ok",
+        "/v1/models/compatible%2Fok",
+        "/v1/models/ok",
+    ] {
+        let r = app.get(path, Some(&token)).await;
+        assert_eq!(r.status, StatusCode::OK, "{path}: {}", r.text);
+        assert_eq!(r.body["object"], "model");
+        assert_eq!(r.body["owned_by"], "compatible");
+        assert!(r.body["created"].as_i64().unwrap() > 1_700_000_000);
+    }
+    let r = app.get("/v1/models/nope/nothing", Some(&token)).await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::NOT_FOUND, "model_not_found")
+    );
+    assert_eq!(r.body["error"]["type"], "invalid_request_error");
+    // Content as text parts works; a bare model name resolves.
+    let r = app.post("/v1/chat/completions", Some(&token), json!({"model": "ok", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]})).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.body["model"], "compatible/ok");
     assert!(r.headers.get("x-muse-execution-id").is_some());
+}
+
+#[actix_web::test]
+async fn text_parts_penalties_and_aliases_reach_the_upstream() {
+    let (app, up) = crate::upstream::app_with_upstream(&[("MODEL_ALIASES", "quick=up/echo")]).await;
+    let token = access(&app.user("par").await);
+    // Text parts are joined with "\n", as OpenAI-compatible servers do.
+    let r = app
+        .post(
+            "/v1/chat/completions",
+            Some(&token),
+            json!({"model": "quick", "messages": [{"role": "user", "content": [{"type": "text", "text": "p1"}, {"type": "text", "text": "p2"}]}],
+                   "presence_penalty": 0.3, "frequency_penalty": -0.5, "temperature": 0.3}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.body["choices"][0]["message"]["content"], "p1\np2");
+    assert_eq!(r.body["model"], "up/echo", "the alias names its model");
+    let sent = up.last_chat.lock().unwrap().clone();
+    assert_eq!(sent["messages"][0]["content"], "p1\np2");
+    assert_eq!(
+        (
+            sent["presence_penalty"].as_f64(),
+            sent["frequency_penalty"].as_f64(),
+            sent["temperature"].as_f64()
+        ),
+        (Some(0.3), Some(-0.5), Some(0.3)),
+        "{sent}"
+    );
+    let models = app.get("/v1/models", Some(&token)).await;
+    assert!(
+        models.body["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["id"] == "quick" && m["owned_by"] == "up"),
+        "{}",
+        models.text
+    );
+    let r = app.get("/v1/models/quick", Some(&token)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
 }
 
 /// The official `openai` Python package (installed in ./.venv by
@@ -381,13 +534,30 @@ async fn the_official_python_sdk_works_against_muse() {
     assert_eq!(seen["stream"]["total_tokens"], 16);
     assert_eq!(seen["missing"]["status"], 404);
     assert_eq!(seen["bad_key"]["status"], 401);
+    assert_eq!(seen["retrieve"], "up/ok");
+    assert_eq!(
+        seen["bare"], "up/ok",
+        "a bare name one provider offers resolves"
+    );
+    assert_eq!(
+        seen["tools"],
+        json!({"status": 400, "type": "invalid_request_error", "param": "tools", "code": "unsupported_parameter"})
+    );
+    assert_eq!(
+        seen["temperature"],
+        json!({"status": 400, "type": "invalid_request_error", "param": "temperature", "code": "validation_failed"})
+    );
+    assert_eq!(
+        seen["missing_type"],
+        json!({"type": "invalid_request_error", "code": "model_not_found"})
+    );
     let h = app
         .get(
             "/api/v1/executions/history?provider=up&status=succeeded",
             Some(&token),
         )
         .await;
-    assert_eq!(h.body["total"], 2, "{}", h.text);
+    assert_eq!(h.body["total"], 3, "{}", h.text);
 }
 
 #[actix_web::test]

@@ -33,7 +33,22 @@ pub struct Upstream {
     pub sent: Arc<AtomicUsize>,
     /// The last `/v1/completions` request body.
     pub last_completion: Arc<std::sync::Mutex<Value>>,
+    /// The last `/v1/chat/completions` request body.
+    pub last_chat: Arc<std::sync::Mutex<Value>>,
 }
+
+/// Keeps the last chat request body, then answers as [`chat`].
+async fn recorded_chat(
+    body: web::Json<Value>,
+    sent: web::Data<Arc<AtomicUsize>>,
+    last: web::Data<LastChat>,
+) -> HttpResponse {
+    *last.0.lock().unwrap() = body.0.clone();
+    chat(body, sent).await
+}
+
+/// The last chat request body (a type of its own for `web::Data`).
+struct LastChat(Arc<std::sync::Mutex<Value>>);
 
 async fn text_completion(
     body: web::Json<Value>,
@@ -180,11 +195,14 @@ pub async fn upstream() -> Upstream {
     let data = web::Data::new(sent.clone());
     let last_completion = Arc::new(std::sync::Mutex::new(Value::Null));
     let last = web::Data::new(last_completion.clone());
+    let last_chat = Arc::new(std::sync::Mutex::new(Value::Null));
+    let chats = web::Data::new(LastChat(last_chat.clone()));
     let srv = HttpServer::new(move || {
         App::new()
             .app_data(data.clone())
             .app_data(last.clone())
-            .route("/v1/chat/completions", web::post().to(chat))
+            .app_data(chats.clone())
+            .route("/v1/chat/completions", web::post().to(recorded_chat))
             .route("/v1/completions", web::post().to(text_completion))
     })
     .workers(1)
@@ -196,6 +214,7 @@ pub async fn upstream() -> Upstream {
         url: format!("http://{addr}/v1"),
         sent,
         last_completion,
+        last_chat,
     }
 }
 

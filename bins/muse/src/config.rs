@@ -265,6 +265,9 @@ pub struct LlmConfig {
     /// `DEFAULT_MODEL`: the registry key ideas use when a request names no
     /// model (else the first model of `GET /api/v1/ai/models`).
     pub default_model: Option<String>,
+    /// `MODEL_ALIASES`: `name=provider/model` pairs, comma separated
+    /// (`gpt=openai/gpt-4o-mini,fast=local/org/name`).
+    pub model_aliases: std::collections::BTreeMap<String, String>,
 }
 
 /// Secrets that ship in tutorials and must never protect a real server.
@@ -632,7 +635,32 @@ fn llm_config(
         hf_token: get("HF_TOKEN").map(Secret::new),
         hf_offline: parse_bool(get, "HF_HUB_OFFLINE", false)?,
         default_model: get("DEFAULT_MODEL"),
+        model_aliases: aliases(get("MODEL_ALIASES"))?,
     })
+}
+
+/// `MODEL_ALIASES`: `name=key` pairs separated by commas.
+fn aliases(v: Option<String>) -> Result<std::collections::BTreeMap<String, String>, ConfigError> {
+    let mut out = std::collections::BTreeMap::new();
+    for pair in v
+        .iter()
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+    {
+        match pair.split_once('=') {
+            Some((name, key)) if !name.trim().is_empty() && key.trim().contains('/') => {
+                out.insert(name.trim().to_string(), key.trim().to_string());
+            }
+            _ => {
+                return Err(ConfigError::Invalid {
+                    var: "MODEL_ALIASES",
+                    message: format!("{pair:?} is not name=provider/model"),
+                })
+            }
+        }
+    }
+    Ok(out)
 }
 
 fn parse<T: std::str::FromStr>(

@@ -87,5 +87,6 @@ pub fn build_registry(
             Some(e.to_string())
         }
     };
+    registry.set_aliases(config.model_aliases.clone())?;
     Ok((registry, local_unavailable))
 }

@@ -69,6 +69,8 @@ pub struct ModelRegistry {
     local: Option<Arc<crate::local::LocalProvider>>,
     /// Local models in the cache that cannot be served, with the reason.
     unservable: RwLock<BTreeMap<String, String>>,
+    /// Operator-defined names (`gpt` → `openai/gpt-4o-mini`).
+    aliases: BTreeMap<String, String>,
 }
 
 impl ModelRegistry {
@@ -80,6 +82,7 @@ impl ModelRegistry {
             retry,
             local: None,
             unservable: RwLock::default(),
+            aliases: BTreeMap::new(),
         }
     }
 
@@ -200,6 +203,65 @@ impl ModelRegistry {
             },
         );
         Ok(key)
+    }
+
+    /// Names that stand for a registry key (`MODEL_ALIASES`). An alias may
+    /// not shadow a key.
+    pub fn set_aliases(&mut self, aliases: BTreeMap<String, String>) -> Result<(), InferenceError> {
+        let entries = self.read_entries();
+        for (alias, target) in &aliases {
+            if entries.contains_key(alias) {
+                return Err(InferenceError::NotConfigured(format!(
+                    "the alias {alias:?} is already a model key"
+                )));
+            }
+            if !entries.contains_key(target) {
+                return Err(InferenceError::NotConfigured(format!(
+                    "the alias {alias:?} points at {target:?}, which is not in the registry"
+                )));
+            }
+        }
+        drop(entries);
+        self.aliases = aliases;
+        Ok(())
+    }
+
+    /// The aliases and the keys they stand for.
+    pub fn aliases(&self) -> &BTreeMap<String, String> {
+        &self.aliases
+    }
+
+    /// The registry key a request's model name means: a key as it is, an
+    /// alias, or a bare model name (`gpt-4o-mini`) that exactly one
+    /// provider offers. Several providers offering it is an error listing
+    /// them.
+    pub fn resolve(&self, name: &str) -> Result<String, InferenceError> {
+        let entries = self.read_entries();
+        if entries.contains_key(name) {
+            return Ok(name.to_string());
+        }
+        if let Some(target) = self.aliases.get(name) {
+            return Ok(target.clone());
+        }
+        let matches: Vec<&String> = entries
+            .iter()
+            .filter(|(_, e)| e.model == name)
+            .map(|(k, _)| k)
+            .collect();
+        match matches.as_slice() {
+            [one] => Ok((*one).clone()),
+            [] => Err(InferenceError::ModelNotFound(format!(
+                "{name} is not in the model registry"
+            ))),
+            several => Err(InferenceError::BadRequest(format!(
+                "{name} is offered by several providers ({}): name one of them",
+                several
+                    .iter()
+                    .map(|k| k.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))),
+        }
     }
 
     fn write_entries(

@@ -67,6 +67,14 @@ pub struct GenerateRequest {
     /// other providers refuse it.
     #[serde(default)]
     pub prompt: Option<String>,
+    /// OpenAI's presence penalty (-2..2): subtracted once from the logit of
+    /// every token already present. Local models, OpenAI-protocol servers
+    /// and Gemini; Anthropic refuses it.
+    #[serde(default)]
+    pub presence_penalty: Option<f32>,
+    /// OpenAI's frequency penalty (-2..2): subtracted per occurrence.
+    #[serde(default)]
+    pub frequency_penalty: Option<f32>,
 }
 
 impl GenerateRequest {
@@ -82,6 +90,8 @@ impl GenerateRequest {
             top_k: None,
             repetition_penalty: None,
             prompt: None,
+            presence_penalty: None,
+            frequency_penalty: None,
         }
     }
 

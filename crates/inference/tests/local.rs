@@ -170,6 +170,7 @@ fn streaming_text_never_splits_a_character_and_sampling_is_reproducible() {
             top_p: Some(0.95),
             repetition_penalty: 1.1,
             seed: Some(42),
+            ..Default::default()
         },
     };
     let a = model

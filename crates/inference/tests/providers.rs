@@ -252,6 +252,17 @@ async fn scenario(
             .map(str::to_string),
     };
     if key.as_deref() != Some(KEY) {
+        if proto == Proto::Gemini {
+            // What the Gemini API answers for a bad key: 400 INVALID_ARGUMENT
+            // with an ErrorInfo detail (https://ai.google.dev/gemini-api/docs/troubleshooting).
+            return HttpResponse::BadRequest().json(json!({"error": {
+                "code": 400,
+                "message": "API key not valid. Please pass a valid API key.",
+                "status": "INVALID_ARGUMENT",
+                "details": [{"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID",
+                             "domain": "googleapis.com", "metadata": {"service": "generativelanguage.googleapis.com"}}]
+            }}));
+        }
         return error(proto, 401, "invalid api key", None);
     }
     match model {
@@ -472,6 +483,11 @@ async fn requests_follow_each_wire_protocol() {
     assert_eq!(body["stop_sequences"], json!(["###"]));
     assert_eq!(body["top_k"], 40);
     assert_eq!(
+        body["temperature"],
+        json!(0.2),
+        "0.2 as written, not 0.20000000298023224"
+    );
+    assert_eq!(
         srv.rec.last_headers.lock().unwrap()["anthropic-version"],
         "2023-06-01"
     );
@@ -486,6 +502,7 @@ async fn requests_follow_each_wire_protocol() {
     assert_eq!(body["generationConfig"]["maxOutputTokens"], 16);
     assert_eq!(body["generationConfig"]["stopSequences"], json!(["###"]));
     assert_eq!(body["generationConfig"]["topK"], 40);
+    assert_eq!(body["generationConfig"]["temperature"], json!(0.2));
     let uri = srv.rec.last_uri.lock().unwrap().clone();
     assert_eq!(uri, "/v1beta/models/ok:generateContent");
     collect(gemini.stream(&request("ok")).await.unwrap())

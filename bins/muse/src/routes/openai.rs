@@ -23,7 +23,9 @@ use crate::state::AppState;
 pub fn config(cfg: &mut web::ServiceConfig) {
     cfg.service(
         web::scope("/v1")
+            .wrap(actix_web::middleware::from_fn(openai_errors))
             .service(web::resource("/models").get(list_models))
+            .service(web::resource("/models/{id:.*}").get(get_model))
             .service(web::resource("/chat/completions").post(chat_completions))
             .service(web::resource("/completions").post(completions)),
     );
@@ -41,9 +43,14 @@ pub enum StopField {
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct ContentPart {
+    /// `text`; other part types (`image_url`, `input_audio`, `file`) are
+    /// refused by name.
     #[serde(rename = "type")]
     pub kind: String,
     pub text: Option<String>,
+    #[serde(flatten)]
+    #[schema(value_type = Object)]
+    pub extra: serde_json::Map<String, Value>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -57,18 +64,30 @@ pub enum ContentField {
 pub struct ChatMessage {
     /// `system`, `developer`, `user` or `assistant`.
     pub role: String,
-    pub content: ContentField,
+    pub content: Option<ContentField>,
+    /// Any other member (`name`, `tool_calls`, `tool_call_id`, `refusal`,
+    /// `audio`): refused by name, never dropped.
+    #[serde(flatten)]
+    #[schema(value_type = Object)]
+    pub extra: serde_json::Map<String, Value>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct StreamOptions {
     pub include_usage: Option<bool>,
+    /// Ignored: Muse's chunks carry no obfuscation padding.
+    pub include_obfuscation: Option<bool>,
 }
 
-/// The OpenAI chat request (the fields Muse uses; others are ignored).
+/// OpenAI's Chat Completions request. Every field of OpenAI's reference is
+/// either honoured, ignored by a documented rule (`user`, `metadata`,
+/// `store`, `service_tier`, `prompt_cache_key`, `safety_identifier`), or
+/// refused with 400 `unsupported_parameter` naming it; so is any field the
+/// reference does not have. See docs/openai.md.
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct ChatRequest {
-    /// A registry key, e.g. `openai/gpt-4o-mini` or `local/org/name`.
+    /// A registry key (`openai/gpt-4o-mini`, `local/org/name`), an alias
+    /// (`MODEL_ALIASES`), or a bare model name that one provider offers.
     pub model: String,
     pub messages: Vec<ChatMessage>,
     pub temperature: Option<f32>,
@@ -77,11 +96,40 @@ pub struct ChatRequest {
     pub max_completion_tokens: Option<u32>,
     pub stop: Option<StopField>,
     pub seed: Option<u64>,
+    /// -2 to 2: honoured by local models, OpenAI-protocol servers and
+    /// Gemini; refused by Anthropic.
+    pub presence_penalty: Option<f32>,
+    /// -2 to 2: as `presence_penalty`.
+    pub frequency_penalty: Option<f32>,
     /// Extension: honoured by local models, Anthropic and Gemini.
     pub top_k: Option<u32>,
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
+    /// Only 1.
+    pub n: Option<u32>,
+    /// Only `false`.
+    pub logprobs: Option<bool>,
+    /// Only `{"type": "text"}`.
+    #[schema(value_type = Object)]
+    pub response_format: Option<Value>,
+    /// Fields of OpenAI's reference Muse does not serve yet (tools,
+    /// structured outputs, log-probabilities, …) and fields that are not in
+    /// the reference: refused by name.
+    #[serde(flatten)]
+    #[schema(value_type = Object)]
+    pub extra: serde_json::Map<String, Value>,
 }
+
+/// Fields of the reference that change nothing in Muse's answer: accepted
+/// and ignored (documented in docs/openai.md).
+const IGNORED_FIELDS: [&str; 6] = [
+    "user",
+    "metadata",
+    "store",
+    "service_tier",
+    "prompt_cache_key",
+    "safety_identifier",
+];
 
 fn invalid(message: impl Into<String>) -> ApiError {
     ApiError::new(
@@ -91,11 +139,89 @@ fn invalid(message: impl Into<String>) -> ApiError {
     )
 }
 
+/// A validation error about one field (`param` in OpenAI's error shape).
+fn invalid_param(param: &str, message: impl Into<String>) -> ApiError {
+    invalid(message).with_details(json!({ "param": param }))
+}
+
+/// A field Muse does not serve: 400 `unsupported_parameter` naming it.
+fn unsupported(param: &str, why: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "unsupported_parameter",
+        format!("{param} is not supported: {why}"),
+    )
+    .with_details(json!({ "param": param }))
+}
+
+/// Values of reference fields that mean "off": accepted as absent.
+fn is_off(v: &Value) -> bool {
+    match v {
+        Value::Null | Value::Bool(false) => true,
+        Value::Array(a) => a.is_empty(),
+        Value::Object(o) => o.is_empty(),
+        Value::String(s) => s.is_empty() || s == "none" || s == "auto",
+        _ => false,
+    }
+}
+
+fn check_extra(extra: &serde_json::Map<String, Value>) -> Result<(), ApiError> {
+    for (name, value) in extra {
+        if IGNORED_FIELDS.contains(&name.as_str()) {
+            continue;
+        }
+        let why = match name.as_str() {
+            "tools" | "functions" if is_off(value) => continue,
+            "tool_choice" | "function_call" | "parallel_tool_calls"
+                if !extra.contains_key("tools") && !extra.contains_key("functions") =>
+            {
+                continue
+            }
+            "tools" | "tool_choice" | "parallel_tool_calls" | "functions" | "function_call" => {
+                "tool calling is not served yet"
+            }
+            "top_logprobs" if is_off(value) || value == &json!(0) => continue,
+            "top_logprobs" => "log-probabilities are not returned",
+            "logit_bias" if is_off(value) => continue,
+            "logit_bias" => "token biases are not applied",
+            "modalities" if value == &json!(["text"]) => continue,
+            "audio" | "modalities" => "only text answers are served",
+            "prediction" if value.is_null() => continue,
+            "prediction" => "predicted outputs are not used",
+            "reasoning_effort" | "verbosity" if value.is_null() => continue,
+            "reasoning_effort" | "verbosity" => "it cannot be passed to the providers yet",
+            "web_search_options" => "web search is not available",
+            _ => "it is not a field of OpenAI's Chat Completions API",
+        };
+        return Err(unsupported(name, why));
+    }
+    Ok(())
+}
+
 fn to_request(body: &ChatRequest) -> Result<GenerateRequest, ApiError> {
+    check_extra(&body.extra)?;
+    if body.n.is_some_and(|n| n != 1) {
+        return Err(unsupported("n", "one choice per request"));
+    }
+    if body.logprobs == Some(true) {
+        return Err(unsupported(
+            "logprobs",
+            "log-probabilities are not returned",
+        ));
+    }
+    if let Some(rf) = &body.response_format {
+        if !(rf.is_null() || rf["type"] == "text") {
+            return Err(unsupported(
+                "response_format",
+                "structured outputs are not served yet",
+            ));
+        }
+    }
     if body.messages.is_empty() || body.messages.len() > MAX_MESSAGES {
-        return Err(invalid(format!(
-            "messages must hold 1 to {MAX_MESSAGES} messages"
-        )));
+        return Err(invalid_param(
+            "messages",
+            format!("messages must hold 1 to {MAX_MESSAGES} messages"),
+        ));
     }
     let mut messages = Vec::with_capacity(body.messages.len());
     for (i, m) in body.messages.iter().enumerate() {
@@ -103,34 +229,84 @@ fn to_request(body: &ChatRequest) -> Result<GenerateRequest, ApiError> {
             "system" | "developer" => Role::System,
             "user" => Role::User,
             "assistant" => Role::Assistant,
-            other => return Err(invalid(format!("messages[{i}].role {other:?} is not supported (system, developer, user, assistant)"))),
+            "tool" | "function" => {
+                return Err(unsupported(
+                    &format!("messages[{i}].role"),
+                    "tool results need tool calling, which is not served yet",
+                ))
+            }
+            other => {
+                return Err(invalid_param(
+                    &format!("messages[{i}].role"),
+                    format!(
+                    "messages[{i}].role {other:?} is not one of system, developer, user, assistant"
+                ),
+                ))
+            }
         };
+        if let Some((name, _)) = m.extra.iter().find(|(_, v)| !v.is_null()) {
+            return Err(unsupported(
+                &format!("messages[{i}].{name}"),
+                "only role and content are served",
+            ));
+        }
         let content = match &m.content {
-            ContentField::Text(t) => t.clone(),
-            ContentField::Parts(parts) => {
-                let mut text = String::new();
+            None => String::new(),
+            Some(ContentField::Text(t)) => t.clone(),
+            Some(ContentField::Parts(parts)) => {
+                let mut texts = Vec::with_capacity(parts.len());
                 for (j, p) in parts.iter().enumerate() {
                     match (p.kind.as_str(), &p.text) {
-                        ("text", Some(t)) => text.push_str(t),
-                        (kind, _) => return Err(invalid(format!("messages[{i}].content[{j}]: only text parts are supported, not {kind:?}"))),
+                        ("text", Some(t)) => texts.push(t.as_str()),
+                        ("text", None) => {
+                            return Err(invalid_param(
+                                &format!("messages[{i}].content[{j}].text"),
+                                format!("messages[{i}].content[{j}] has no text"),
+                            ))
+                        }
+                        (kind, _) => {
+                            return Err(unsupported(
+                                &format!("messages[{i}].content[{j}]"),
+                                &format!("{kind} parts are not supported by {}", body.model),
+                            ))
+                        }
                     }
                 }
-                text
+                // As OpenAI-compatible servers join text parts.
+                texts.join("\n")
             }
         };
         messages.push(Message { role, content });
     }
     if let Some(t) = body.temperature.filter(|t| !(0.0..=2.0).contains(t)) {
-        return Err(invalid(format!(
-            "temperature must be between 0 and 2, got {t}"
-        )));
+        return Err(invalid_param(
+            "temperature",
+            format!("temperature must be between 0 and 2, got {t}"),
+        ));
     }
     if let Some(p) = body.top_p.filter(|p| !(0.0..=1.0).contains(p)) {
-        return Err(invalid(format!("top_p must be between 0 and 1, got {p}")));
+        return Err(invalid_param(
+            "top_p",
+            format!("top_p must be between 0 and 1, got {p}"),
+        ));
+    }
+    for (name, v) in [
+        ("presence_penalty", body.presence_penalty),
+        ("frequency_penalty", body.frequency_penalty),
+    ] {
+        if let Some(v) = v.filter(|v| !(-2.0..=2.0).contains(v)) {
+            return Err(invalid_param(
+                name,
+                format!("{name} must be between -2 and 2, got {v}"),
+            ));
+        }
     }
     let max_tokens = body.max_completion_tokens.or(body.max_tokens);
     if max_tokens == Some(0) || max_tokens.is_some_and(|m| m > 128_000) {
-        return Err(invalid("max_tokens must be between 1 and 128000"));
+        return Err(invalid_param(
+            "max_tokens",
+            "max_tokens must be between 1 and 128000",
+        ));
     }
     let stop = match &body.stop {
         None => Vec::new(),
@@ -138,7 +314,7 @@ fn to_request(body: &ChatRequest) -> Result<GenerateRequest, ApiError> {
         Some(StopField::Many(v)) => v.clone(),
     };
     if stop.len() > 4 {
-        return Err(invalid("at most 4 stop sequences"));
+        return Err(invalid_param("stop", "at most 4 stop sequences"));
     }
     let mut req = GenerateRequest::new(body.model.clone(), messages);
     req.temperature = body.temperature;
@@ -147,6 +323,8 @@ fn to_request(body: &ChatRequest) -> Result<GenerateRequest, ApiError> {
     req.stop = stop;
     req.seed = body.seed;
     req.top_k = body.top_k;
+    req.presence_penalty = body.presence_penalty.filter(|v| *v != 0.0);
+    req.frequency_penalty = body.frequency_penalty.filter(|v| *v != 0.0);
     Ok(req)
 }
 
@@ -175,8 +353,9 @@ pub async fn chat_completions(
     body: web::Json<ChatRequest>,
 ) -> Result<HttpResponse, ApiError> {
     let body = body.into_inner();
-    let request = to_request(&body)?;
-    let key = body.model.clone();
+    let mut request = to_request(&body)?;
+    let key = resolve_model(&state, &body.model)?;
+    request.model = key.clone();
     super::library::provider_gate(&state, &user.0, &key)?;
     if body.stream.unwrap_or(false) {
         state
@@ -249,7 +428,7 @@ pub async fn chat_completions(
             }
             RunEvent::Failed(failed) => {
                 let api = ApiError::from(failed.error);
-                Bytes::from(format!("data: {}\n\ndata: [DONE]\n\n", json!({"error": {"code": api.code, "message": api.message}})))
+                Bytes::from(format!("data: {}\n\ndata: [DONE]\n\n", openai_error(api.status, api.code, &api.message, api.details.as_deref())))
             }
         };
         Ok::<_, actix_web::Error>(bytes)
@@ -261,18 +440,138 @@ pub async fn chat_completions(
         .streaming(head.chain(body_stream)))
 }
 
-/// Every model in the registry, in the OpenAI list format.
+/// The registry key `name` means (key, alias, or bare name). An unknown
+/// name is passed on as it is, so that the call fails with
+/// `model_not_found` and is recorded like any failed call.
+fn resolve_model(state: &AppState, name: &str) -> Result<String, ApiError> {
+    match state.models.resolve(name) {
+        Ok(key) => Ok(key),
+        Err(muse_inference::InferenceError::ModelNotFound(_)) => Ok(name.to_string()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A model in OpenAI's format; `created` is when this server started.
+fn model_object(state: &AppState, id: &str, owned_by: &str) -> Value {
+    let now = muse_core::Clock::now_secs(&muse_core::SystemClock);
+    let created = now.saturating_sub(i64::try_from(state.started.elapsed().as_secs()).unwrap_or(0));
+    json!({"id": id, "object": "model", "created": created, "owned_by": owned_by})
+}
+
+/// Every model in the registry, and the aliases, in the OpenAI list format.
 #[utoipa::path(get, path = "/v1/models", tag = "openai", security(("bearer" = [])),
     responses((status = 200, description = "`{object: \"list\", data: [{id, object: \"model\", created, owned_by}]}`"), (status = 401, body = ErrorBody)))]
 pub async fn list_models(state: web::Data<AppState>, user: CurrentUser) -> HttpResponse {
-    let data: Vec<Value> = state
-        .models
-        .list()
-        .into_iter()
+    let models = state.models.list();
+    let mut data: Vec<Value> = models
+        .iter()
         .filter(|m| state.training.visible(&m.key, user.0.user.id))
-        .map(|m| json!({"id": m.key, "object": "model", "created": 0, "owned_by": m.provider}))
+        .map(|m| model_object(&state, &m.key, &m.provider))
         .collect();
+    for (alias, target) in state.models.aliases() {
+        if let Some(m) = models.iter().find(|m| &m.key == target) {
+            data.push(model_object(&state, alias, &m.provider));
+        }
+    }
     HttpResponse::Ok().json(json!({"object": "list", "data": data}))
+}
+
+/// One model, by registry key (slashes allowed, `%2F`-encoded or not), alias
+/// or bare name (`models.retrieve` in the SDKs).
+#[utoipa::path(get, path = "/v1/models/{id}", tag = "openai", security(("bearer" = [])),
+    params(("id" = String, Path, description = "e.g. `openai/gpt-4o-mini`, `gpt-4o-mini`, `local/org/name`")),
+    responses((status = 200, description = "`{id, object: \"model\", created, owned_by}`"), (status = 401, body = ErrorBody), (status = 404, description = "model_not_found", body = ErrorBody)))]
+pub async fn get_model(
+    state: web::Data<AppState>,
+    user: CurrentUser,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let id = path.into_inner().replace("%2F", "/").replace("%2f", "/");
+    let not_found = || {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "model_not_found",
+            format!("{id} is not in the model registry"),
+        )
+        .with_details(json!({"param": "model"}))
+    };
+    let key = state.models.resolve(&id).map_err(|_| not_found())?;
+    if !state.training.visible(&key, user.0.user.id) {
+        return Err(not_found());
+    }
+    let model = state.models.get(&key).ok_or_else(not_found)?;
+    Ok(HttpResponse::Ok().json(model_object(&state, &id, &model.provider)))
+}
+
+/// OpenAI's error object: `{"error": {"message", "type", "param", "code"}}`.
+pub fn openai_error(
+    status: StatusCode,
+    code: &str,
+    message: &str,
+    details: Option<&Value>,
+) -> Value {
+    let kind = match status.as_u16() {
+        401 => "authentication_error",
+        402 => "insufficient_quota",
+        403 => "permission_error",
+        429 => "rate_limit_error",
+        500 => "server_error",
+        s if s >= 500 => "api_error",
+        _ => "invalid_request_error",
+    };
+    let param = details.and_then(|d| {
+        d["param"]
+            .as_str()
+            .or_else(|| d["fields"][0]["field"].as_str())
+            .map(str::to_string)
+    });
+    let mut error = json!({"message": message, "type": kind, "param": param, "code": code});
+    // Muse's structured details (quota, plan, execution id, …) ride along;
+    // OpenAI clients ignore members they do not know.
+    if let Some(d) = details.filter(|d| !d.is_null()) {
+        error["details"] = d.clone();
+    }
+    json!({ "error": error })
+}
+
+/// On `/v1/*`, errors take OpenAI's shape (what the SDKs parse into
+/// `e.type`, `e.param`, `e.code`), and validation errors are 400 as
+/// OpenAI's are; headers (`Retry-After`, `WWW-Authenticate`, …) are kept.
+async fn openai_errors(
+    req: actix_web::dev::ServiceRequest,
+    next: actix_web::middleware::Next<impl actix_web::body::MessageBody + 'static>,
+) -> Result<actix_web::dev::ServiceResponse<actix_web::body::BoxBody>, actix_web::Error> {
+    let res = next.call(req).await?;
+    let status = res.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return Ok(res.map_into_boxed_body());
+    }
+    let (req, res) = res.into_parts();
+    let headers = res.headers().clone();
+    let bytes = actix_web::body::to_bytes(res.into_body())
+        .await
+        .unwrap_or_default();
+    let muse: Value = serde_json::from_slice(&bytes).unwrap_or_default();
+    let code = muse["error"]["code"].as_str().unwrap_or("error");
+    let message = muse["error"]["message"]
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| status.canonical_reason().unwrap_or("error").to_string());
+    let status = if status == StatusCode::UNPROCESSABLE_ENTITY {
+        StatusCode::BAD_REQUEST
+    } else {
+        status
+    };
+    let body = openai_error(status, code, &message, muse["error"].get("details"));
+    let mut out = HttpResponse::build(status).json(body);
+    for (name, value) in headers.iter() {
+        if name != actix_web::http::header::CONTENT_TYPE
+            && name != actix_web::http::header::CONTENT_LENGTH
+        {
+            out.headers_mut().append(name.clone(), value.clone());
+        }
+    }
+    Ok(actix_web::dev::ServiceResponse::new(req, out))
 }
 
 /// Most prompts in one `/v1/completions` request.
@@ -308,18 +607,37 @@ pub struct CompletionRequest {
     pub suffix: Option<String>,
     pub n: Option<u32>,
     pub best_of: Option<u32>,
-}
-
-fn unsupported(param: &str, why: &str) -> ApiError {
-    ApiError::new(
-        StatusCode::BAD_REQUEST,
-        "unsupported_parameter",
-        format!("{param} is not supported: {why}"),
-    )
-    .with_details(json!({ "param": param }))
+    /// -2 to 2, as in chat completions.
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    /// Ignored (it changes nothing in the answer).
+    pub user: Option<String>,
+    /// Any other field: refused by name.
+    #[serde(flatten)]
+    #[schema(value_type = Object)]
+    pub extra: serde_json::Map<String, Value>,
 }
 
 fn completion_requests(body: &CompletionRequest) -> Result<Vec<GenerateRequest>, ApiError> {
+    for (name, value) in &body.extra {
+        let why = match name.as_str() {
+            "logit_bias" if is_off(value) => continue,
+            "logit_bias" => "token biases are not applied",
+            _ => "it is not a field of OpenAI's Completions API",
+        };
+        return Err(unsupported(name, why));
+    }
+    for (name, v) in [
+        ("presence_penalty", body.presence_penalty),
+        ("frequency_penalty", body.frequency_penalty),
+    ] {
+        if let Some(v) = v.filter(|v| !(-2.0..=2.0).contains(v)) {
+            return Err(invalid_param(
+                name,
+                format!("{name} must be between -2 and 2, got {v}"),
+            ));
+        }
+    }
     if body.echo == Some(true) {
         return Err(unsupported("echo", "the answer never repeats the prompt"));
     }
@@ -389,6 +707,8 @@ fn completion_requests(body: &CompletionRequest) -> Result<Vec<GenerateRequest>,
             req.stop = stop.clone();
             req.seed = body.seed;
             req.top_k = body.top_k;
+            req.presence_penalty = body.presence_penalty.filter(|v| *v != 0.0);
+            req.frequency_penalty = body.frequency_penalty.filter(|v| *v != 0.0);
             req
         })
         .collect())
@@ -413,8 +733,14 @@ pub async fn completions(
     body: web::Json<CompletionRequest>,
 ) -> Result<HttpResponse, ApiError> {
     let body = body.into_inner();
-    let requests = completion_requests(&body)?;
-    let key = body.model.clone();
+    let key = resolve_model(&state, &body.model)?;
+    let requests = completion_requests(&body)?
+        .into_iter()
+        .map(|mut r| {
+            r.model = key.clone();
+            r
+        })
+        .collect::<Vec<_>>();
     super::library::provider_gate(&state, &user.0, &key)?;
     let stream = body.stream.unwrap_or(false);
     if stream {
@@ -502,7 +828,7 @@ pub async fn completions(
             }
             RunEvent::Failed(failed) => {
                 let api = ApiError::from(failed.error);
-                Bytes::from(format!("data: {}\n\ndata: [DONE]\n\n", json!({"error": {"code": api.code, "message": api.message}})))
+                Bytes::from(format!("data: {}\n\ndata: [DONE]\n\n", openai_error(api.status, api.code, &api.message, api.details.as_deref())))
             }
         };
         Ok::<_, actix_web::Error>(bytes)

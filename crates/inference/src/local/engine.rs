@@ -130,6 +130,7 @@ impl GenerationDefaults {
                 .or(self.repetition_penalty)
                 .unwrap_or(1.0),
             seed,
+            ..SamplingParams::default()
         }
     }
 
@@ -587,7 +588,7 @@ impl LocalModel {
             d.logits = logits;
             d.past = past;
         }
-        let next = d.sampler.sample(&mut d.logits, &d.history);
+        let next = d.sampler.sample(&mut d.logits, &d.history, &d.out);
         if self.eos_ids.contains(&next) {
             d.finished = Some(FinishReason::Stop);
             return Ok(None);

@@ -360,13 +360,17 @@ fn start_job(engine: &mut LocalModel, job: Job, default_max: usize) -> Option<Ac
                 .max_tokens
                 .map(|m| m as usize)
                 .unwrap_or_else(|| gen.max_new_tokens(ids.len(), default_max)),
-            sampling: gen.sampling(
-                request.temperature,
-                request.top_p,
-                request.top_k,
-                request.repetition_penalty,
-                request.seed,
-            ),
+            sampling: super::sampling::SamplingParams {
+                presence_penalty: request.presence_penalty.unwrap_or(0.0),
+                frequency_penalty: request.frequency_penalty.unwrap_or(0.0),
+                ..gen.sampling(
+                    request.temperature,
+                    request.top_p,
+                    request.top_k,
+                    request.repetition_penalty,
+                    request.seed,
+                )
+            },
         };
         engine.start(&ids, &params)
     })();

@@ -12,6 +12,10 @@ pub struct SamplingParams {
     pub top_p: Option<f32>,
     /// > 1 discourages tokens already generated or in the prompt.
     pub repetition_penalty: f32,
+    /// OpenAI's presence and frequency penalties, over the generated tokens:
+    /// `logit[j] -= count[j] * frequency + (count[j] > 0) * presence`.
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
     pub seed: Option<u64>,
 }
 
@@ -22,6 +26,8 @@ impl Default for SamplingParams {
             top_k: None,
             top_p: None,
             repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
             seed: None,
         }
     }
@@ -41,9 +47,21 @@ impl Sampler {
         Self { params, rng }
     }
 
-    /// Picks a token; `history` is every token so far (prompt included).
-    pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
+    /// Picks a token; `history` is every token so far (prompt included),
+    /// `generated` the ones this generation produced.
+    pub fn sample(&mut self, logits: &mut [f32], history: &[u32], generated: &[u32]) -> u32 {
         let p = &self.params;
+        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            let mut counts: std::collections::HashMap<u32, f32> = std::collections::HashMap::new();
+            for &t in generated {
+                *counts.entry(t).or_default() += 1.0;
+            }
+            for (t, c) in counts {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l -= c * p.frequency_penalty + p.presence_penalty;
+                }
+            }
+        }
         if p.repetition_penalty != 1.0 && p.repetition_penalty > 0.0 {
             // Once per distinct token, as transformers' gather/scatter does.
             let mut seen = std::collections::HashSet::with_capacity(history.len());
@@ -125,7 +143,7 @@ mod tests {
     #[test]
     fn greedy_and_seeded_sampling() {
         let mut s = Sampler::new(SamplingParams::default());
-        assert_eq!(s.sample(&mut [0.1, 3.0, 2.0], &[]), 1);
+        assert_eq!(s.sample_for_test(&mut [0.1, 3.0, 2.0], &[]), 1);
         let params = SamplingParams {
             temperature: 1.0,
             seed: Some(7),
@@ -134,7 +152,7 @@ mod tests {
         let draw = |params: &SamplingParams| {
             let mut s = Sampler::new(params.clone());
             (0..20)
-                .map(|_| s.sample(&mut [1.0, 1.1, 0.9, 1.05], &[]))
+                .map(|_| s.sample_for_test(&mut [1.0, 1.1, 0.9, 1.05], &[]))
                 .collect::<Vec<_>>()
         };
         assert_eq!(draw(&params), draw(&params), "same seed, same draws");
@@ -144,6 +162,28 @@ mod tests {
                 .collect::<std::collections::HashSet<_>>()
                 .len()
                 > 1
+        );
+    }
+
+    impl Sampler {
+        fn sample_for_test(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
+            self.sample(logits, history, history)
+        }
+    }
+
+    #[test]
+    fn presence_and_frequency_penalties_follow_openais_formula() {
+        let mut s = Sampler::new(SamplingParams {
+            presence_penalty: 0.5,
+            frequency_penalty: 1.0,
+            ..Default::default()
+        });
+        let mut logits = [3.0, 3.2, 1.0];
+        // Token 1 generated twice: 3.2 - 2 * 1.0 - 0.5; the prompt's token 2 is not penalised.
+        assert_eq!(s.sample(&mut logits, &[2, 1, 1], &[1, 1]), 0);
+        assert!(
+            (logits[1] - 0.7).abs() < 1e-6 && logits[0] == 3.0 && logits[2] == 1.0,
+            "{logits:?}"
         );
     }
 
@@ -157,7 +197,7 @@ mod tests {
         };
         let mut s = Sampler::new(p);
         for _ in 0..10 {
-            assert_eq!(s.sample(&mut [0.0, 5.0, 4.9], &[]), 1);
+            assert_eq!(s.sample_for_test(&mut [0.0, 5.0, 4.9], &[]), 1);
         }
         let p = SamplingParams {
             temperature: 1.0,
@@ -167,7 +207,7 @@ mod tests {
         };
         let mut s = Sampler::new(p);
         for _ in 0..10 {
-            assert_eq!(s.sample(&mut [0.0, 10.0, 1.0], &[]), 1);
+            assert_eq!(s.sample_for_test(&mut [0.0, 10.0, 1.0], &[]), 1);
         }
         let p = SamplingParams {
             repetition_penalty: 10.0,
@@ -175,13 +215,13 @@ mod tests {
         };
         let mut s = Sampler::new(p);
         let mut logits = [1.0, 4.0, 1.5];
-        s.sample(&mut logits, &[1, 1, 1]);
+        s.sample_for_test(&mut logits, &[1, 1, 1]);
         assert_eq!(
             logits[1], 0.4,
             "once per distinct token, as transformers does"
         );
         assert_eq!(
-            s.sample(&mut [1.0, 2.0, 1.5], &[1]),
+            s.sample_for_test(&mut [1.0, 2.0, 1.5], &[1]),
             2,
             "the repeated token is penalised"
         );

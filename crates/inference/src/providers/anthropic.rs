@@ -75,10 +75,10 @@ impl AnthropicProvider {
             body["system"] = json!(system);
         }
         if let Some(t) = request.temperature {
-            body["temperature"] = json!(t);
+            body["temperature"] = super::f32_json(t);
         }
         if let Some(p) = request.top_p {
-            body["top_p"] = json!(p);
+            body["top_p"] = super::f32_json(p);
         }
         if !request.stop.is_empty() {
             body["stop_sequences"] = json!(request.stop);
@@ -95,6 +95,21 @@ impl AnthropicProvider {
         stream: bool,
     ) -> Result<reqwest::Response, InferenceError> {
         check_model_name(&request.model)?;
+        for (name, v) in [
+            ("presence_penalty", request.presence_penalty),
+            ("frequency_penalty", request.frequency_penalty),
+        ] {
+            if v.is_some() {
+                return Err(InferenceError::BadRequest(format!(
+                    "Anthropic's Messages API has no {name}: leave it out for Anthropic models"
+                )));
+            }
+        }
+        if request.seed.is_some() {
+            return Err(InferenceError::BadRequest(
+                "Anthropic's Messages API has no seed: leave it out for Anthropic models".into(),
+            ));
+        }
         if request.prompt.is_some() {
             return Err(InferenceError::BadRequest(format!(
                 "{} models take chats only: raw text completion (/v1/completions) is served by local models and OpenAI-protocol servers; use /v1/chat/completions",

@@ -55,10 +55,10 @@ fn body(request: &GenerateRequest) -> Value {
         .collect();
     let mut config = serde_json::Map::new();
     if let Some(t) = request.temperature {
-        config.insert("temperature".into(), json!(t));
+        config.insert("temperature".into(), super::f32_json(t));
     }
     if let Some(p) = request.top_p {
-        config.insert("topP".into(), json!(p));
+        config.insert("topP".into(), super::f32_json(p));
     }
     if let Some(m) = request.max_tokens {
         config.insert("maxOutputTokens".into(), json!(m));
@@ -68,6 +68,12 @@ fn body(request: &GenerateRequest) -> Value {
     }
     if let Some(s) = request.seed {
         config.insert("seed".into(), json!(s));
+    }
+    if let Some(v) = request.presence_penalty {
+        config.insert("presencePenalty".into(), super::f32_json(v));
+    }
+    if let Some(v) = request.frequency_penalty {
+        config.insert("frequencyPenalty".into(), super::f32_json(v));
     }
     if let Some(k) = request.top_k {
         config.insert("topK".into(), json!(k));
@@ -113,6 +119,10 @@ fn map_error(status: u16, headers: &reqwest::header::HeaderMap, body: &str) -> I
             }
         }
         (401 | 403, _) | (_, "UNAUTHENTICATED" | "PERMISSION_DENIED") => {
+            InferenceError::Auth(message)
+        }
+        // A bad key is a 400 INVALID_ARGUMENT whose detail says API_KEY_INVALID.
+        (400, _) if body.contains("API_KEY_INVALID") || lower.contains("api key not valid") => {
             InferenceError::Auth(message)
         }
         (404, _) | (_, "NOT_FOUND") => InferenceError::ModelNotFound(message),

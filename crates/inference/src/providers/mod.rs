@@ -42,6 +42,15 @@ pub(crate) fn http_client(timeouts: &Timeouts) -> Result<reqwest::Client, Infere
         .map_err(|e| InferenceError::NotConfigured(format!("HTTP client: {e}")))
 }
 
+/// An `f32` as the decimal it was written as: 0.3, not
+/// 0.30000001192092896 (what `f64::from(0.3f32)` prints).
+pub(crate) fn f32_json(x: f32) -> serde_json::Value {
+    x.to_string()
+        .parse::<f64>()
+        .map(serde_json::Value::from)
+        .unwrap_or_default()
+}
+
 /// Model names go into URL paths: allow only what real names use.
 pub(crate) fn check_model_name(model: &str) -> Result<(), InferenceError> {
     let ok = !model.is_empty()
@@ -210,4 +219,14 @@ pub async fn collect(mut stream: CompletionStream) -> Result<Completion, Inferen
     Err(InferenceError::Protocol(
         "the stream ended without a final event".into(),
     ))
+}
+
+#[cfg(test)]
+mod f32_tests {
+    #[test]
+    fn floats_keep_their_decimal_form() {
+        assert_eq!(super::f32_json(0.3).to_string(), "0.3");
+        assert_eq!(super::f32_json(1.0).to_string(), "1.0");
+        assert_eq!(super::f32_json(0.95).to_string(), "0.95");
+    }
 }

@@ -18,7 +18,7 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use muse_core::Secret;
 
-use super::{check_model_name, drive, http_client, send, Step, StreamParser, Timeouts};
+use super::{check_model_name, drive, f32_json, http_client, send, Step, StreamParser, Timeouts};
 use crate::error::InferenceError;
 use crate::types::*;
 
@@ -143,6 +143,8 @@ impl OpenAiProvider {
             seed: request.seed.map(|s| s as i64),
             stop: (!request.stop.is_empty())
                 .then(|| StopConfiguration::StringArray(request.stop.clone())),
+            presence_penalty: request.presence_penalty,
+            frequency_penalty: request.frequency_penalty,
             ..Default::default()
         };
         if self.config.use_max_completion_tokens {
@@ -394,7 +396,15 @@ impl OpenAiProvider {
             "model": request.model,
             "prompt": request.prompt.clone().unwrap_or_default(),
         });
-        let fields: [(&str, serde_json::Value); 5] = [
+        let fields: [(&str, serde_json::Value); 7] = [
+            (
+                "presence_penalty",
+                request.presence_penalty.map(f32_json).unwrap_or_default(),
+            ),
+            (
+                "frequency_penalty",
+                request.frequency_penalty.map(f32_json).unwrap_or_default(),
+            ),
             ("max_tokens", request.max_tokens.into()),
             (
                 "temperature",
@@ -500,14 +510,6 @@ impl OpenAiProvider {
         };
         Ok(drive(events, parser, started, self.config.timeouts))
     }
-}
-
-/// An `f32` as the decimal it was written as (0.3, not 0.30000001192092896).
-fn f32_json(x: f32) -> serde_json::Value {
-    x.to_string()
-        .parse::<f64>()
-        .map(serde_json::Value::from)
-        .unwrap_or_default()
 }
 
 fn text_usage(v: &serde_json::Value) -> Option<Usage> {
