@@ -19,6 +19,7 @@ def main() -> int:
     parser.add_argument("--api-key", required=True)
     parser.add_argument("--model", required=True)
     parser.add_argument("--missing-model", default="nope/nothing")
+    parser.add_argument("--tools-model", help="a model that calls tools (the test upstream's `tools`)")
     args = parser.parse_args()
 
     client = openai.OpenAI(base_url=args.base_url, api_key=args.api_key, max_retries=0, timeout=30)
@@ -74,12 +75,41 @@ def main() -> int:
     seen["bare"] = client.chat.completions.create(model=bare, messages=[{"role": "user", "content": "hi"}]).model
 
     # OpenAI's error shape: the SDK's exception classes, type, param and code.
-    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}}]
     try:
-        client.chat.completions.create(model=args.model, messages=[{"role": "user", "content": "x"}], tools=tools)
-        seen["tools"] = "no error"
+        client.chat.completions.create(model=args.model, messages=[{"role": "user", "content": "x"}], logprobs=True)
+        seen["logprobs"] = "no error"
     except openai.BadRequestError as e:
-        seen["tools"] = {"status": e.status_code, "type": e.type, "param": e.param, "code": e.code}
+        seen["logprobs"] = {"status": e.status_code, "type": e.type, "param": e.param, "code": e.code}
+
+    # A tool round trip (call -> tool result -> final answer), whole and streamed.
+    if args.tools_model:
+        tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                  "parameters": {"type": "object", "properties": {"location": {"type": "string"}}, "required": ["location"]}}}]
+        ask = [{"role": "user", "content": "What's the weather in Paris?"}]
+        first = client.chat.completions.create(model=args.tools_model, messages=ask, tools=tools, tool_choice="auto")
+        call = first.choices[0].message.tool_calls[0]
+        follow = ask + [first.choices[0].message.model_dump(exclude_none=True),
+                        {"role": "tool", "tool_call_id": call.id, "content": "22 C"}]
+        final = client.chat.completions.create(model=args.tools_model, messages=follow, tools=tools)
+        calls, finish = {}, None
+        for chunk in client.chat.completions.create(model=args.tools_model, messages=ask, tools=tools, stream=True):
+            for choice in chunk.choices:
+                for d in choice.delta.tool_calls or []:
+                    c = calls.setdefault(d.index, {"id": None, "name": "", "arguments": ""})
+                    if d.id:
+                        c["id"] = d.id
+                    if d.function and d.function.name:
+                        c["name"] += d.function.name
+                    if d.function and d.function.arguments:
+                        c["arguments"] += d.function.arguments
+                if choice.finish_reason:
+                    finish = choice.finish_reason
+        seen["tool_round_trip"] = {
+            "finish_reason": first.choices[0].finish_reason,
+            "call": {"id": call.id, "name": call.function.name, "arguments": json.loads(call.function.arguments)},
+            "final": final.choices[0].message.content,
+            "streamed": {"calls": list(calls.values()), "finish_reason": finish},
+        }
     try:
         client.chat.completions.create(model=args.model, messages=[{"role": "user", "content": "x"}], temperature=9)
         seen["temperature"] = "no error"

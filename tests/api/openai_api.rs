@@ -299,9 +299,14 @@ async fn bad_openai_requests_are_4xx_in_the_error_shape() {
             "messages",
         ),
         (
-            json!({"model": "compatible/ok", "messages": [{"role": "tool", "content": "x"}]}),
+            json!({"model": "compatible/ok", "messages": [{"role": "function", "content": "x"}]}),
             "unsupported_parameter",
             "messages[0].role",
+        ),
+        (
+            json!({"model": "compatible/ok", "messages": [{"role": "tool", "content": "x"}]}),
+            "validation_failed",
+            "messages[0].tool_call_id",
         ),
         (
             json!({"model": "compatible/ok", "messages": [{"role": "robot", "content": "x"}]}),
@@ -340,9 +345,19 @@ async fn bad_openai_requests_are_4xx_in_the_error_shape() {
         ),
         // Never dropped silently: what is not served is refused by name.
         (
-            json!({"model": "compatible/ok", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {"name": "f"}}]}),
+            json!({"model": "compatible/ok", "messages": [{"role": "user", "content": "x"}], "functions": [{"name": "f"}]}),
             "unsupported_parameter",
-            "tools",
+            "functions",
+        ),
+        (
+            json!({"model": "compatible/ok", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {"name": "a b"}}]}),
+            "validation_failed",
+            "tools[0].function.name",
+        ),
+        (
+            json!({"model": "compatible/ok", "messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}),
+            "validation_failed",
+            "tool_choice",
         ),
         (
             json!({"model": "compatible/ok", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}),
@@ -505,7 +520,16 @@ async fn the_official_python_sdk_works_against_muse() {
     let out = tokio::task::spawn_blocking(move || {
         std::process::Command::new(python)
             .arg(script)
-            .args(["--base-url", &base, "--api-key", &key, "--model", "up/ok"])
+            .args([
+                "--base-url",
+                &base,
+                "--api-key",
+                &key,
+                "--model",
+                "up/ok",
+                "--tools-model",
+                "up/tools",
+            ])
             .output()
             .unwrap()
     })
@@ -540,8 +564,17 @@ async fn the_official_python_sdk_works_against_muse() {
         "a bare name one provider offers resolves"
     );
     assert_eq!(
-        seen["tools"],
-        json!({"status": 400, "type": "invalid_request_error", "param": "tools", "code": "unsupported_parameter"})
+        seen["logprobs"],
+        json!({"status": 400, "type": "invalid_request_error", "param": "logprobs", "code": "unsupported_parameter"})
+    );
+    assert_eq!(
+        seen["tool_round_trip"],
+        json!({
+            "finish_reason": "tool_calls",
+            "call": {"id": "call_abc123", "name": "get_weather", "arguments": {"location": "Paris"}},
+            "final": "It is 22 C in Paris.",
+            "streamed": {"calls": [{"id": "call_abc123", "name": "get_weather", "arguments": "{\"location\": \"Paris\"}"}], "finish_reason": "tool_calls"}
+        })
     );
     assert_eq!(
         seen["temperature"],
@@ -557,7 +590,8 @@ async fn the_official_python_sdk_works_against_muse() {
             Some(&token),
         )
         .await;
-    assert_eq!(h.body["total"], 3, "{}", h.text);
+    // up/ok: whole, streamed, bare name; up/tools: call, final answer, streamed call.
+    assert_eq!(h.body["total"], 6, "{}", h.text);
 }
 
 #[actix_web::test]
@@ -622,4 +656,79 @@ async fn text_completions_reach_openai_protocol_servers_and_chat_only_providers_
         .await;
     assert_eq!(r.status, reqwest::StatusCode::BAD_REQUEST, "{}", r.text);
     assert!(r.text.contains("chats only"), "{}", r.text);
+}
+
+#[actix_web::test]
+async fn tool_calls_are_recorded_and_providers_without_them_refuse_by_name() {
+    let cache = crate::models::test_models();
+    let mut extra = vec![
+        ("ANTHROPIC_API_KEY", "sk-ant-test"),
+        ("GEMINI_API_KEY", "gm-test"),
+    ];
+    if let Some(c) = &cache {
+        extra.push(("MODEL_CACHE_DIR", c.as_str()));
+    }
+    let (app, _up) = crate::upstream::app_with_upstream(&extra).await;
+    let token = access(&app.user("tooler").await);
+    let tools = json!([{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]);
+    let r = app
+        .post(
+            "/v1/chat/completions",
+            Some(&token),
+            json!({"model": "up/tools", "messages": [{"role": "user", "content": "weather?"}], "tools": tools}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.body["choices"][0]["finish_reason"], "tool_calls");
+    assert!(r.body["choices"][0]["message"]["content"].is_null());
+    let id = r.headers["x-muse-execution-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let e = app
+        .get(&format!("/api/v1/executions/{id}"), Some(&token))
+        .await;
+    assert!(
+        e.body["output"]
+            .as_str()
+            .unwrap()
+            .contains("\"name\":\"get_weather\""),
+        "the call is in the record: {}",
+        e.text
+    );
+
+    let mut models = vec![
+        "anthropic/claude-3-5-haiku-latest",
+        "gemini/gemini-2.0-flash",
+    ];
+    if cache.is_some() {
+        models.push("local/muse-test/tiny-llama");
+    }
+    for model in models {
+        let r = app
+            .post(
+                "/v1/chat/completions",
+                Some(&token),
+                json!({"model": model, "messages": [{"role": "user", "content": "weather?"}], "tools": tools}),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{model}: {}", r.text);
+        assert_eq!(
+            (
+                r.body["error"]["code"].as_str(),
+                r.body["error"]["param"].as_str()
+            ),
+            (Some("unsupported_parameter"), Some("tools")),
+            "{model}: {}",
+            r.text
+        );
+    }
+    let r = app
+        .post(
+            "/v1/chat/completions",
+            Some(&token),
+            json!({"model": "anthropic/claude-3-5-haiku-latest", "messages": [{"role": "user", "content": "x"}], "seed": 3}),
+        )
+        .await;
+    assert_eq!(r.body["error"]["param"], "seed", "{}", r.text);
 }

@@ -124,6 +124,9 @@ pub(crate) async fn chat(
         .and_then(|m| m["content"].as_str())
         .unwrap_or_default()
         .to_string();
+    if model == "tools" {
+        return tool_answer(&body);
+    }
     let (pieces, delay): (Vec<String>, u64) = match model.as_str() {
         "broken" => {
             return HttpResponse::InternalServerError().json(json!({"error": {"message": "boom", "type": "server_error", "param": null, "code": null}}));
@@ -190,6 +193,67 @@ pub(crate) async fn chat(
         .streaming(stream)
 }
 
+/// The `tools` model, as OpenAI's function-calling guide shows the wire
+/// format (https://platform.openai.com/docs/guides/function-calling): when
+/// the last message is the user's and tools are offered, it calls the
+/// first tool with `{"location": "Paris"}` (`finish_reason: "tool_calls"`;
+/// streamed as an `id`/`name` fragment followed by argument fragments);
+/// after a `tool` message it answers with the tool's result.
+fn tool_answer(body: &Value) -> HttpResponse {
+    let messages = body["messages"].as_array().cloned().unwrap_or_default();
+    let last = messages.last().cloned().unwrap_or_default();
+    let stream = body["stream"].as_bool().unwrap_or(false);
+    let usage = json!({"prompt_tokens": 20, "completion_tokens": 9, "total_tokens": 29});
+    let name = body["tools"][0]["function"]["name"]
+        .as_str()
+        .map(str::to_string);
+    match (last["role"].as_str(), name) {
+        (Some("user"), Some(name)) => {
+            let args = ["{\"loca", "tion\": \"Pa", "ris\"}"];
+            if !stream {
+                return HttpResponse::Ok().json(json!({
+                    "id": "up-t", "object": "chat.completion", "created": 1, "model": "tools",
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": null, "refusal": null,
+                        "tool_calls": [{"id": "call_abc123", "type": "function", "function": {"name": name, "arguments": args.concat()}}]},
+                        "finish_reason": "tool_calls", "logprobs": null}],
+                    "usage": usage
+                }));
+            }
+            let mut frames = vec![chunk("tools", json!({"role": "assistant", "content": null,
+                "tool_calls": [{"index": 0, "id": "call_abc123", "type": "function", "function": {"name": name, "arguments": ""}}]}), Value::Null, Value::Null)];
+            for a in args {
+                frames.push(chunk("tools", json!({"tool_calls": [{"index": 0, "function": {"arguments": a}}]}), Value::Null, Value::Null));
+            }
+            frames.push(chunk("tools", json!({}), json!("tool_calls"), Value::Null));
+            frames.push(chunk("tools", Value::Null, Value::Null, usage));
+            frames.push("data: [DONE]\n\n".into());
+            HttpResponse::Ok()
+                .content_type("text/event-stream")
+                .streaming(futures_util::stream::iter(frames.into_iter().map(|f| Ok::<_, actix_web::Error>(Bytes::from(f)))))
+        }
+        (Some("tool"), _) => {
+            let answer = format!("It is {} in Paris.", last["content"].as_str().unwrap_or("?"));
+            if !stream {
+                return HttpResponse::Ok().json(json!({
+                    "id": "up-t", "object": "chat.completion", "created": 1, "model": "tools",
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop", "logprobs": null}],
+                    "usage": usage
+                }));
+            }
+            let frames = vec![
+                chunk("tools", json!({"role": "assistant", "content": answer}), Value::Null, Value::Null),
+                chunk("tools", json!({}), json!("stop"), Value::Null),
+                chunk("tools", Value::Null, Value::Null, usage),
+                "data: [DONE]\n\n".to_string(),
+            ];
+            HttpResponse::Ok()
+                .content_type("text/event-stream")
+                .streaming(futures_util::stream::iter(frames.into_iter().map(|f| Ok::<_, actix_web::Error>(Bytes::from(f)))))
+        }
+        _ => HttpResponse::BadRequest().json(json!({"error": {"message": "the tools model needs tools and a user or tool message", "type": "invalid_request_error", "param": "tools", "code": null}})),
+    }
+}
+
 pub async fn upstream() -> Upstream {
     let sent = Arc::new(AtomicUsize::new(0));
     let data = web::Data::new(sent.clone());
@@ -219,13 +283,16 @@ pub async fn upstream() -> Upstream {
 }
 
 /// Muse started with the upstream above as the compatible server `up`
-/// (models `ok`, `echo`, `broken`, `slow`, `flood`; no retries).
+/// (models `ok`, `echo`, `broken`, `slow`, `flood`, `tools`; no retries).
 pub async fn app_with_upstream(extra: &[(&str, &str)]) -> (crate::helpers::TestApp, Upstream) {
     let up = upstream().await;
     let mut vars: Vec<(&str, &str)> = vec![
         ("OPENAI_COMPATIBLE_BASE_URL", &up.url),
         ("OPENAI_COMPATIBLE_NAME", "up"),
-        ("OPENAI_COMPATIBLE_MODELS", "ok,echo,broken,slow,flood"),
+        (
+            "OPENAI_COMPATIBLE_MODELS",
+            "ok,echo,broken,slow,flood,tools",
+        ),
         ("LLM_MAX_RETRIES", "0"),
     ];
     vars.extend_from_slice(extra);

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use futures_util::{Stream, StreamExt};
 use muse_inference::{
     CompletionStream, FinishReason, GenerateRequest, InferenceError, Message, Role, StreamEvent,
-    Usage,
+    ToolCall, ToolCallCollector, ToolCallDelta, Usage,
 };
 use muse_prompts::{Execution, ExecutionSource, ExecutionStatus, Idea};
 use serde_json::Value;
@@ -34,6 +34,10 @@ pub struct Run {
     idea: Option<Idea>,
     started: Instant,
     text: String,
+    /// Tool calls of the answer (whole, or assembled from fragments).
+    calls: ToolCallCollector,
+    /// The calls once recorded (handed to [`Finished`]).
+    finished_calls: Vec<ToolCall>,
     deltas: u32,
     first: Option<Duration>,
     finished: bool,
@@ -46,6 +50,8 @@ pub struct Run {
 pub struct Finished {
     pub execution: Execution,
     pub finish_reason: FinishReason,
+    /// The functions the model asked to call.
+    pub tool_calls: Vec<ToolCall>,
     /// The stored idea, for idea generations.
     pub idea: Option<Idea>,
 }
@@ -69,6 +75,7 @@ impl Finished {
                 FinishReason::Stop => "stop",
                 FinishReason::Length => "length",
                 FinishReason::ContentFilter => "content_filter",
+                FinishReason::ToolCalls => "tool_calls",
                 FinishReason::Other(_) => "other",
             },
         })
@@ -86,6 +93,8 @@ pub struct Failed {
 #[derive(Debug)]
 pub enum RunEvent {
     Token(String),
+    /// A fragment of a tool call (only when the request offered tools).
+    ToolCall(ToolCallDelta),
     Done(Box<Finished>),
     Failed(Box<Failed>),
 }
@@ -98,10 +107,14 @@ pub fn transcript(messages: &[Message]) -> String {
             Role::System => "system",
             Role::User => "user",
             Role::Assistant => "assistant",
+            Role::Tool => "tool",
         };
         out.push_str(role);
         out.push_str(": ");
         out.push_str(&m.content);
+        for c in &m.tool_calls {
+            out.push_str(&format!(" [call {} {}({})]", c.id, c.name, c.arguments));
+        }
         out.push('\n');
         if out.len() > 100_000 {
             out.truncate(out.floor_char_boundary(100_000));
@@ -138,6 +151,8 @@ impl Run {
             idea: None,
             started: Instant::now(),
             text: String::new(),
+            calls: ToolCallCollector::default(),
+            finished_calls: Vec::new(),
             deltas: 0,
             first: None,
             finished: false,
@@ -211,7 +226,7 @@ impl Run {
             model: model.clone(),
             variables: self.variables.take(),
             rendered_prompt: Some(std::mem::take(&mut self.rendered)),
-            output: Some(std::mem::take(&mut self.text)),
+            output: Some(self.output_record()),
             prompt_tokens: usage.prompt_tokens,
             completion_tokens: usage.completion_tokens,
             cost_usd: cost,
@@ -267,15 +282,40 @@ impl Run {
         (execution, idea, handle)
     }
 
+    /// The answer as recorded: its text, then each tool call on a line of
+    /// its own as OpenAI's JSON (`{"id", "type", "function"}`).
+    fn output_record(&mut self) -> String {
+        let mut out = std::mem::take(&mut self.text);
+        for c in std::mem::take(&mut self.calls).finish() {
+            if !out.is_empty() {
+                out.push('\n');
+            }
+            out.push_str(
+                &serde_json::json!({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}})
+                    .to_string(),
+            );
+            self.finished_calls.push(c);
+        }
+        out
+    }
+
     async fn succeed(mut self, usage: Usage, reason: FinishReason) -> Finished {
         let cost = self.state.models.cost(&self.key, &usage);
-        let (execution, idea, written) = self.record(ExecutionStatus::Succeeded, usage, cost, None);
+        let text = self.text.clone();
+        let (mut execution, idea, written) =
+            self.record(ExecutionStatus::Succeeded, usage, cost, None);
         if let Some(w) = written {
             let _ = w.await;
+        }
+        let tool_calls = std::mem::take(&mut self.finished_calls);
+        if !tool_calls.is_empty() {
+            // Callers answer with the text; the calls travel apart.
+            execution.output = Some(text);
         }
         Finished {
             execution,
             finish_reason: reason,
+            tool_calls,
             idea,
         }
     }
@@ -316,6 +356,14 @@ impl Run {
             Ok(priced) => {
                 let c = priced.completion;
                 self.text = c.text;
+                for (i, call) in c.tool_calls.into_iter().enumerate() {
+                    self.calls.push(&ToolCallDelta {
+                        index: u32::try_from(i).unwrap_or(u32::MAX),
+                        id: Some(call.id),
+                        name: Some(call.name),
+                        arguments: call.arguments,
+                    });
+                }
                 self.first = c.summary.timing.time_to_first_token;
                 Ok(self.succeed(c.summary.usage, c.summary.finish_reason).await)
             }
@@ -339,6 +387,11 @@ impl Run {
                     run.deltas = run.deltas.saturating_add(1);
                     run.text.push_str(&text);
                     Some((RunEvent::Token(text), Some((run, upstream))))
+                }
+                Some(Ok(StreamEvent::ToolCall(d))) => {
+                    run.first.get_or_insert_with(|| run.started.elapsed());
+                    run.calls.push(&d);
+                    Some((RunEvent::ToolCall(d), Some((run, upstream))))
                 }
                 Some(Ok(StreamEvent::Done(summary))) => {
                     let done = run.succeed(summary.usage, summary.finish_reason).await;

@@ -32,6 +32,9 @@ pub enum InferenceError {
     Cancelled,
     #[error("not configured: {0}")]
     NotConfigured(String),
+    /// The provider or model cannot serve a request field (`param`).
+    #[error("{message}")]
+    Unsupported { param: String, message: String },
     /// A local model's files are broken (an ONNX file that does not load, a
     /// chat template that does not parse): the operator's to fix.
     #[error("the model cannot be served: {0}")]

@@ -428,7 +428,7 @@ impl ModelRegistry {
                 record_usage(&provider, &model, summary, cost);
             }
             Err(e) => record_error(&provider, &model, e),
-            Ok(StreamEvent::Delta(_)) => {}
+            Ok(StreamEvent::Delta(_) | StreamEvent::ToolCall(_)) => {}
         });
         Ok(stream.boxed())
     }
@@ -496,6 +496,7 @@ fn record_error(provider: &str, model: &str, error: &InferenceError) {
         InferenceError::Cancelled => "cancelled",
         InferenceError::NotConfigured(_) => "not_configured",
         InferenceError::BrokenModel(_) => "model_unavailable",
+        InferenceError::Unsupported { .. } => "unsupported_parameter",
     };
     metrics::counter!(
         "llm_errors_total",

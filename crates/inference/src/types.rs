@@ -14,31 +14,85 @@ pub enum Role {
     System,
     User,
     Assistant,
+    /// The result of a tool call (`tool_call_id` says which).
+    Tool,
+}
+
+/// A function the model asked to be called. `arguments` is the JSON text
+/// the model wrote (not validated: models may write invalid JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolCall {
+    pub id: String,
+    pub name: String,
+    pub arguments: String,
+}
+
+/// A fragment of a streamed tool call, addressed by `index` as OpenAI's
+/// chunks are: the first fragment of a call carries its `id` and `name`,
+/// later ones pieces of `arguments`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolCallDelta {
+    pub index: u32,
+    pub id: Option<String>,
+    pub name: Option<String>,
+    pub arguments: String,
+}
+
+/// A function the model may call.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Tool {
+    pub name: String,
+    pub description: Option<String>,
+    /// JSON Schema of the arguments.
+    pub parameters: Option<serde_json::Value>,
+    pub strict: Option<bool>,
+}
+
+/// Whether and which tool the model must call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ToolChoice {
+    Auto,
+    None,
+    Required,
+    Function(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {
     pub role: Role,
     pub content: String,
+    /// Calls an assistant message made.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    /// The call a `Role::Tool` message answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 impl Message {
-    pub fn system(content: impl Into<String>) -> Self {
+    pub fn new(role: Role, content: impl Into<String>) -> Self {
         Self {
-            role: Role::System,
+            role,
             content: content.into(),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
         }
+    }
+    pub fn system(content: impl Into<String>) -> Self {
+        Self::new(Role::System, content)
     }
     pub fn user(content: impl Into<String>) -> Self {
-        Self {
-            role: Role::User,
-            content: content.into(),
-        }
+        Self::new(Role::User, content)
     }
     pub fn assistant(content: impl Into<String>) -> Self {
+        Self::new(Role::Assistant, content)
+    }
+    /// The result of the tool call `id`.
+    pub fn tool(id: impl Into<String>, content: impl Into<String>) -> Self {
         Self {
-            role: Role::Assistant,
-            content: content.into(),
+            tool_call_id: Some(id.into()),
+            ..Self::new(Role::Tool, content)
         }
     }
 }
@@ -75,6 +129,14 @@ pub struct GenerateRequest {
     /// OpenAI's frequency penalty (-2..2): subtracted per occurrence.
     #[serde(default)]
     pub frequency_penalty: Option<f32>,
+    /// Functions the model may call (OpenAI-protocol providers so far;
+    /// the others refuse them by name).
+    #[serde(default)]
+    pub tools: Vec<Tool>,
+    #[serde(default)]
+    pub tool_choice: Option<ToolChoice>,
+    #[serde(default)]
+    pub parallel_tool_calls: Option<bool>,
 }
 
 impl GenerateRequest {
@@ -92,7 +154,20 @@ impl GenerateRequest {
             prompt: None,
             presence_penalty: None,
             frequency_penalty: None,
+            tools: Vec::new(),
+            tool_choice: None,
+            parallel_tool_calls: None,
         }
+    }
+
+    /// Whether the request uses tool calling (tools offered, or a
+    /// conversation holding tool calls or results).
+    pub fn uses_tools(&self) -> bool {
+        !self.tools.is_empty()
+            || self
+                .messages
+                .iter()
+                .any(|m| m.role == Role::Tool || !m.tool_calls.is_empty())
     }
 
     /// A raw text completion of `prompt`.
@@ -135,6 +210,8 @@ pub enum FinishReason {
     Stop,
     /// `max_tokens` reached.
     Length,
+    /// The model called tools.
+    ToolCalls,
     /// Refused by the provider's safety filter.
     ContentFilter,
     /// Anything else the provider said, verbatim.
@@ -161,6 +238,8 @@ pub struct Summary {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Completion {
     pub text: String,
+    #[serde(default)]
+    pub tool_calls: Vec<ToolCall>,
     pub summary: Summary,
 }
 
@@ -169,7 +248,45 @@ pub struct Completion {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum StreamEvent {
     Delta(String),
+    /// A fragment of a tool call.
+    ToolCall(ToolCallDelta),
     Done(Summary),
+}
+
+/// Assembles streamed tool-call fragments into whole calls.
+#[derive(Debug, Default, Clone)]
+pub struct ToolCallCollector {
+    calls: Vec<ToolCall>,
+    indexes: Vec<u32>,
+}
+
+impl ToolCallCollector {
+    pub fn push(&mut self, d: &ToolCallDelta) {
+        let at = match self.indexes.iter().position(|i| *i == d.index) {
+            Some(at) => at,
+            None => {
+                self.indexes.push(d.index);
+                self.calls.push(ToolCall {
+                    id: String::new(),
+                    name: String::new(),
+                    arguments: String::new(),
+                });
+                self.calls.len() - 1
+            }
+        };
+        let call = &mut self.calls[at];
+        if let Some(id) = &d.id {
+            call.id.clone_from(id);
+        }
+        if let Some(name) = &d.name {
+            call.name.push_str(name);
+        }
+        call.arguments.push_str(&d.arguments);
+    }
+
+    pub fn finish(self) -> Vec<ToolCall> {
+        self.calls
+    }
 }
 
 /// A streamed answer. Dropping it cancels the work upstream (the HTTP
@@ -200,5 +317,47 @@ impl LlmProvider for std::sync::Arc<dyn LlmProvider> {
 
     async fn stream(&self, request: &GenerateRequest) -> Result<CompletionStream, InferenceError> {
         (**self).stream(request).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tool_call_fragments_assemble_by_index() {
+        let mut c = ToolCallCollector::default();
+        let d = |index, id: Option<&str>, name: Option<&str>, args: &str| ToolCallDelta {
+            index,
+            id: id.map(str::to_string),
+            name: name.map(str::to_string),
+            arguments: args.to_string(),
+        };
+        c.push(&d(0, Some("call_a"), Some("f"), ""));
+        c.push(&d(1, Some("call_b"), Some("g"), "{\"x\""));
+        c.push(&d(0, None, None, "{\"y\": 1}"));
+        c.push(&d(1, None, None, ": 2}"));
+        assert_eq!(
+            c.finish(),
+            [
+                ToolCall {
+                    id: "call_a".into(),
+                    name: "f".into(),
+                    arguments: "{\"y\": 1}".into()
+                },
+                ToolCall {
+                    id: "call_b".into(),
+                    name: "g".into(),
+                    arguments: "{\"x\": 2}".into()
+                },
+            ]
+        );
+        let mut r = GenerateRequest::new("m", vec![Message::user("x")]);
+        assert!(!r.uses_tools());
+        r.messages.push(Message::tool("call_a", "22 C"));
+        assert!(
+            r.uses_tools(),
+            "a tool result needs a provider that takes tools"
+        );
     }
 }

@@ -313,6 +313,7 @@ async fn the_local_provider_streams_through_the_common_trait() {
         match ev.unwrap() {
             StreamEvent::Delta(t) => text.push_str(&t),
             StreamEvent::Done(sum) => done = Some(sum),
+            StreamEvent::ToolCall(c) => panic!("no tools were offered: {c:?}"),
         }
     }
     let done = done.unwrap();

@@ -430,6 +430,7 @@ async fn complete_and_stream_with_usage_on_every_protocol() {
             match ev.unwrap_or_else(|e| panic!("{}: {e}", p.id())) {
                 StreamEvent::Delta(t) => deltas.push(t),
                 StreamEvent::Done(sum) => done = Some(sum),
+                StreamEvent::ToolCall(c) => panic!("{}: no tools were offered: {c:?}", p.id()),
             }
         }
         assert_eq!(deltas, DELTAS, "{} streams token by token", p.id());
@@ -655,6 +656,7 @@ async fn retries_honour_retry_after_and_never_follow_the_first_token() {
             match ev {
                 Ok(StreamEvent::Delta(t)) => got.push_str(&t),
                 Ok(StreamEvent::Done(_)) => panic!("{id}: a cut stream cannot finish"),
+                Ok(StreamEvent::ToolCall(_)) => panic!("{id}: no tools were offered"),
                 Err(_) => failed = true,
             }
         }

@@ -61,12 +61,50 @@ pub enum ContentField {
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
+pub struct FunctionCallField {
+    pub name: String,
+    /// The arguments as JSON text.
+    pub arguments: String,
+}
+
+/// A tool call of an assistant message (OpenAI's `tool_calls[]`).
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct ToolCallField {
+    pub id: String,
+    /// `function`.
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub function: FunctionCallField,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct FunctionField {
+    pub name: String,
+    pub description: Option<String>,
+    #[schema(value_type = Object)]
+    pub parameters: Option<Value>,
+    pub strict: Option<bool>,
+}
+
+/// A tool the model may call (`{"type": "function", "function": {…}}`).
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct ToolField {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub function: FunctionField,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct ChatMessage {
-    /// `system`, `developer`, `user` or `assistant`.
+    /// `system`, `developer`, `user`, `assistant` or `tool`.
     pub role: String,
     pub content: Option<ContentField>,
-    /// Any other member (`name`, `tool_calls`, `tool_call_id`, `refusal`,
-    /// `audio`): refused by name, never dropped.
+    /// The calls an assistant message made.
+    pub tool_calls: Option<Vec<ToolCallField>>,
+    /// The call a `tool` message answers.
+    pub tool_call_id: Option<String>,
+    /// Any other member (`name`, `refusal`, `audio`, `function_call`):
+    /// refused by name, never dropped.
     #[serde(flatten)]
     #[schema(value_type = Object)]
     pub extra: serde_json::Map<String, Value>,
@@ -112,6 +150,13 @@ pub struct ChatRequest {
     /// Only `{"type": "text"}`.
     #[schema(value_type = Object)]
     pub response_format: Option<Value>,
+    /// Functions the model may call: served by OpenAI-protocol providers;
+    /// the others answer 400 `unsupported_parameter` (`tools`).
+    pub tools: Option<Vec<ToolField>>,
+    /// `auto`, `none`, `required` or `{"type": "function", "function": {"name"}}`.
+    #[schema(value_type = Object)]
+    pub tool_choice: Option<Value>,
+    pub parallel_tool_calls: Option<bool>,
     /// Fields of OpenAI's reference Muse does not serve yet (tools,
     /// structured outputs, log-probabilities, …) and fields that are not in
     /// the reference: refused by name.
@@ -171,14 +216,10 @@ fn check_extra(extra: &serde_json::Map<String, Value>) -> Result<(), ApiError> {
             continue;
         }
         let why = match name.as_str() {
-            "tools" | "functions" if is_off(value) => continue,
-            "tool_choice" | "function_call" | "parallel_tool_calls"
-                if !extra.contains_key("tools") && !extra.contains_key("functions") =>
-            {
-                continue
-            }
-            "tools" | "tool_choice" | "parallel_tool_calls" | "functions" | "function_call" => {
-                "tool calling is not served yet"
+            "functions" if is_off(value) => continue,
+            "function_call" if !extra.contains_key("functions") => continue,
+            "functions" | "function_call" => {
+                "the deprecated functions API is not served: use tools"
             }
             "top_logprobs" if is_off(value) || value == &json!(0) => continue,
             "top_logprobs" => "log-probabilities are not returned",
@@ -229,10 +270,11 @@ fn to_request(body: &ChatRequest) -> Result<GenerateRequest, ApiError> {
             "system" | "developer" => Role::System,
             "user" => Role::User,
             "assistant" => Role::Assistant,
-            "tool" | "function" => {
+            "tool" => Role::Tool,
+            "function" => {
                 return Err(unsupported(
                     &format!("messages[{i}].role"),
-                    "tool results need tool calling, which is not served yet",
+                    "the deprecated functions API is not served: use tools",
                 ))
             }
             other => {
@@ -276,7 +318,101 @@ fn to_request(body: &ChatRequest) -> Result<GenerateRequest, ApiError> {
                 texts.join("\n")
             }
         };
-        messages.push(Message { role, content });
+        let mut message = Message::new(role, content);
+        if role == Role::Tool {
+            match &m.tool_call_id {
+                Some(id) if !id.is_empty() => message.tool_call_id = Some(id.clone()),
+                _ => {
+                    return Err(invalid_param(
+                        &format!("messages[{i}].tool_call_id"),
+                        format!("messages[{i}] is a tool result without its tool_call_id"),
+                    ))
+                }
+            }
+        } else if m.tool_call_id.is_some() {
+            return Err(invalid_param(
+                &format!("messages[{i}].tool_call_id"),
+                "only tool messages carry a tool_call_id",
+            ));
+        }
+        if let Some(calls) = &m.tool_calls {
+            if role != Role::Assistant {
+                return Err(invalid_param(
+                    &format!("messages[{i}].tool_calls"),
+                    "only assistant messages carry tool_calls",
+                ));
+            }
+            message.tool_calls = calls
+                .iter()
+                .map(|c| muse_inference::ToolCall {
+                    id: c.id.clone(),
+                    name: c.function.name.clone(),
+                    arguments: c.function.arguments.clone(),
+                })
+                .collect();
+        }
+        messages.push(message);
+    }
+    let tools = match &body.tools {
+        None => Vec::new(),
+        Some(tools) => {
+            let mut out = Vec::with_capacity(tools.len());
+            for (i, t) in tools.iter().enumerate() {
+                if t.kind != "function" {
+                    return Err(unsupported(
+                        &format!("tools[{i}].type"),
+                        "only function tools are served",
+                    ));
+                }
+                let name = &t.function.name;
+                if name.is_empty()
+                    || name.len() > 64
+                    || !name
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+                {
+                    return Err(invalid_param(
+                        &format!("tools[{i}].function.name"),
+                        format!("tool name {name:?} must be 1 to 64 letters, digits, _ or -"),
+                    ));
+                }
+                out.push(muse_inference::Tool {
+                    name: name.clone(),
+                    description: t.function.description.clone(),
+                    parameters: t.function.parameters.clone(),
+                    strict: t.function.strict,
+                });
+            }
+            out
+        }
+    };
+    let tool_choice = match &body.tool_choice {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if s == "auto" => Some(muse_inference::ToolChoice::Auto),
+        Some(Value::String(s)) if s == "none" => Some(muse_inference::ToolChoice::None),
+        Some(Value::String(s)) if s == "required" => Some(muse_inference::ToolChoice::Required),
+        Some(v) => match v["function"]["name"].as_str() {
+            Some(name) if v["type"] == "function" && tools.iter().any(|t| t.name == name) => {
+                Some(muse_inference::ToolChoice::Function(name.to_string()))
+            }
+            _ => {
+                return Err(invalid_param(
+                    "tool_choice",
+                    "tool_choice must be auto, none, required, or {\"type\": \"function\", \"function\": {\"name\"}} naming one of the tools",
+                ))
+            }
+        },
+    };
+    if tools.is_empty()
+        && matches!(
+            tool_choice,
+            Some(muse_inference::ToolChoice::Required | muse_inference::ToolChoice::Function(_))
+        )
+    {
+        return Err(invalid_param(
+            "tool_choice",
+            "tool_choice asks for a tool but no tools are given",
+        ));
     }
     if let Some(t) = body.temperature.filter(|t| !(0.0..=2.0).contains(t)) {
         return Err(invalid_param(
@@ -325,6 +461,11 @@ fn to_request(body: &ChatRequest) -> Result<GenerateRequest, ApiError> {
     req.top_k = body.top_k;
     req.presence_penalty = body.presence_penalty.filter(|v| *v != 0.0);
     req.frequency_penalty = body.frequency_penalty.filter(|v| *v != 0.0);
+    if !tools.is_empty() {
+        req.tool_choice = tool_choice;
+        req.parallel_tool_calls = body.parallel_tool_calls;
+    }
+    req.tools = tools;
     Ok(req)
 }
 
@@ -333,6 +474,7 @@ fn finish(reason: &FinishReason) -> &'static str {
         FinishReason::Stop => "stop",
         FinishReason::Length => "length",
         FinishReason::ContentFilter => "content_filter",
+        FinishReason::ToolCalls => "tool_calls",
         FinishReason::Other(_) => "stop",
     }
 }
@@ -380,7 +522,7 @@ pub async fn chat_completions(
         let e = &done.execution;
         let response = json!({
             "id": completion_id, "object": "chat.completion", "created": created, "model": key,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": e.output}, "finish_reason": finish(&done.finish_reason), "logprobs": null}],
+            "choices": [{"index": 0, "message": assistant_message(e.output.as_deref().unwrap_or_default(), &done.tool_calls), "finish_reason": finish(&done.finish_reason), "logprobs": null}],
             "usage": {"prompt_tokens": e.prompt_tokens, "completion_tokens": e.completion_tokens, "total_tokens": e.prompt_tokens + e.completion_tokens},
         });
         return Ok(HttpResponse::Ok()
@@ -417,6 +559,17 @@ pub async fn chat_completions(
     let body_stream = events.map(move |event| {
         let bytes = match event {
             RunEvent::Token(text) => chunk(json!({"content": text}), Value::Null, Value::Null, &model, &cid),
+            RunEvent::ToolCall(d) => {
+                let mut call = json!({"index": d.index, "function": {"arguments": d.arguments}});
+                if let Some(id) = d.id {
+                    call["id"] = id.into();
+                    call["type"] = "function".into();
+                }
+                if let Some(name) = d.name {
+                    call["function"]["name"] = name.into();
+                }
+                chunk(json!({"tool_calls": [call]}), Value::Null, Value::Null, &model, &cid)
+            }
             RunEvent::Done(done) => {
                 let e = &done.execution;
                 let mut out = chunk(json!({}), json!(finish(&done.finish_reason)), Value::Null, &model, &cid).to_vec();
@@ -438,6 +591,19 @@ pub async fn chat_completions(
         .insert_header(("cache-control", "no-cache"))
         .insert_header(("x-muse-execution-id", id.to_string()))
         .streaming(head.chain(body_stream)))
+}
+
+/// The assistant message of an answer, with its tool calls as OpenAI
+/// writes them (`content` is null when the model only called tools).
+fn assistant_message(text: &str, calls: &[muse_inference::ToolCall]) -> Value {
+    if calls.is_empty() {
+        return json!({"role": "assistant", "content": text});
+    }
+    let calls: Vec<Value> = calls
+        .iter()
+        .map(|c| json!({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}))
+        .collect();
+    json!({"role": "assistant", "content": if text.is_empty() { Value::Null } else { json!(text) }, "tool_calls": calls})
 }
 
 /// The registry key `name` means (key, alias, or bare name). An unknown
@@ -817,6 +983,8 @@ pub async fn completions(
     let body_stream = events.map(move |event| {
         let bytes = match event {
             RunEvent::Token(text) => chunk(&text, Value::Null, Value::Null, &model, &cid),
+            // Text completions offer no tools.
+            RunEvent::ToolCall(_) => Bytes::new(),
             RunEvent::Done(done) => {
                 let e = &done.execution;
                 let mut out = chunk("", json!(finish(&done.finish_reason)), Value::Null, &model, &cid).to_vec();

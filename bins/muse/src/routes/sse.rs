@@ -28,6 +28,10 @@ fn event(name: &str, data: &Value) -> Bytes {
 pub fn encode(event: RunEvent, execution_id: uuid::Uuid) -> (&'static str, Value) {
     match event {
         RunEvent::Token(text) => ("token", json!({ "text": text })),
+        RunEvent::ToolCall(d) => (
+            "tool_call",
+            json!({ "index": d.index, "id": d.id, "name": d.name, "arguments": d.arguments }),
+        ),
         RunEvent::Done(done) => ("done", done.summary()),
         RunEvent::Failed(failed) => {
             let api = ApiError::from(failed.error);

@@ -494,6 +494,15 @@ impl LocalProvider {
         request: &GenerateRequest,
         streaming: bool,
     ) -> Result<CompletionStream, InferenceError> {
+        if request.uses_tools() {
+            return Err(InferenceError::Unsupported {
+                param: "tools".into(),
+                message: format!(
+                    "tool calling is not served on the local model {} yet",
+                    request.model
+                ),
+            });
+        }
         let worker = self.worker(&request.model).await?;
         let (tx, rx) = mpsc::channel(64);
         let job = Job {

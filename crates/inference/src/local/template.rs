@@ -682,8 +682,20 @@ pub fn message_values(messages: &[crate::types::Message]) -> Vec<Value> {
                 crate::types::Role::System => "system",
                 crate::types::Role::User => "user",
                 crate::types::Role::Assistant => "assistant",
+                crate::types::Role::Tool => "tool",
             };
-            serde_json::json!({"role": role, "content": m.content})
+            let mut v = serde_json::json!({"role": role, "content": m.content});
+            if let Some(id) = &m.tool_call_id {
+                v["tool_call_id"] = id.clone().into();
+            }
+            if !m.tool_calls.is_empty() {
+                v["tool_calls"] = m
+                    .tool_calls
+                    .iter()
+                    .map(|c| serde_json::json!({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}))
+                    .collect();
+            }
+            v
         })
         .collect()
 }

@@ -100,15 +100,25 @@ impl AnthropicProvider {
             ("frequency_penalty", request.frequency_penalty),
         ] {
             if v.is_some() {
-                return Err(InferenceError::BadRequest(format!(
-                    "Anthropic's Messages API has no {name}: leave it out for Anthropic models"
-                )));
+                return Err(InferenceError::Unsupported {
+                    param: name.into(),
+                    message: format!(
+                        "{name} is not supported by Anthropic's Messages API: leave it out for Anthropic models"
+                    ),
+                });
             }
         }
+        if request.uses_tools() {
+            return Err(InferenceError::Unsupported {
+                param: "tools".into(),
+                message: "tool calling is not served on Anthropic models yet (it is on OpenAI-protocol providers)".into(),
+            });
+        }
         if request.seed.is_some() {
-            return Err(InferenceError::BadRequest(
-                "Anthropic's Messages API has no seed: leave it out for Anthropic models".into(),
-            ));
+            return Err(InferenceError::Unsupported {
+                param: "seed".into(),
+                message: "seed is not supported by Anthropic's Messages API: leave it out for Anthropic models".into(),
+            });
         }
         if request.prompt.is_some() {
             return Err(InferenceError::BadRequest(format!(
@@ -206,6 +216,7 @@ impl LlmProvider for AnthropicProvider {
         };
         let total = started.elapsed();
         Ok(Completion {
+            tool_calls: Vec::new(),
             text,
             summary: Summary {
                 model: v["model"].as_str().unwrap_or(&request.model).to_string(),

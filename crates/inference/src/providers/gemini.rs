@@ -180,6 +180,12 @@ impl GeminiProvider {
         stream: bool,
     ) -> Result<reqwest::Response, InferenceError> {
         check_model_name(&request.model)?;
+        if request.uses_tools() {
+            return Err(InferenceError::Unsupported {
+                param: "tools".into(),
+                message: "tool calling is not served on Gemini models yet (it is on OpenAI-protocol providers)".into(),
+            });
+        }
         if request.prompt.is_some() {
             return Err(InferenceError::BadRequest(format!(
                 "{} models take chats only: raw text completion (/v1/completions) is served by local models and OpenAI-protocol servers; use /v1/chat/completions",
@@ -227,6 +233,7 @@ impl LlmProvider for GeminiProvider {
         }
         let total = started.elapsed();
         Ok(Completion {
+            tool_calls: Vec::new(),
             text: text_of(&v),
             summary: Summary {
                 model: v["modelVersion"]

@@ -72,6 +72,9 @@ pub(crate) fn check_model_name(model: &str) -> Result<(), InferenceError> {
 pub(crate) enum Step {
     Skip,
     Delta(String),
+    /// Several events from one protocol event (text and tool-call
+    /// fragments of one chunk), yielded in order.
+    Events(Vec<StreamEvent>),
     Done {
         model: String,
         usage: Usage,
@@ -95,6 +98,8 @@ struct Drive<S, P> {
     first_token: Option<Duration>,
     timeouts: Timeouts,
     finished: bool,
+    /// Events parsed but not yet yielded.
+    queued: std::collections::VecDeque<StreamEvent>,
 }
 
 /// Runs `parser` over `events` with the first-token and idle timeouts, and
@@ -117,8 +122,12 @@ where
         first_token: None,
         timeouts,
         finished: false,
+        queued: Default::default(),
     };
     futures::stream::unfold(state, |mut st| async move {
+        if let Some(e) = st.queued.pop_front() {
+            return Some((Ok(e), st));
+        }
         if st.finished {
             return None;
         }
@@ -141,6 +150,14 @@ where
                     st.first_token.get_or_insert_with(|| st.started.elapsed());
                     return Some((Ok(StreamEvent::Delta(text)), st));
                 }
+                Ok(Step::Events(events)) if !events.is_empty() => {
+                    st.first_token.get_or_insert_with(|| st.started.elapsed());
+                    // One event per poll; the rest wait in order.
+                    st.queued.extend(events);
+                    let first = st.queued.pop_front()?;
+                    return Some((Ok(first), st));
+                }
+                Ok(Step::Events(_)) => continue,
                 Ok(Step::Done {
                     model,
                     usage,
@@ -210,10 +227,18 @@ pub(crate) async fn send(
 /// want both shapes from one code path).
 pub async fn collect(mut stream: CompletionStream) -> Result<Completion, InferenceError> {
     let mut text = String::new();
+    let mut calls = ToolCallCollector::default();
     while let Some(event) = stream.next().await {
         match event? {
             StreamEvent::Delta(t) => text.push_str(&t),
-            StreamEvent::Done(summary) => return Ok(Completion { text, summary }),
+            StreamEvent::ToolCall(d) => calls.push(&d),
+            StreamEvent::Done(summary) => {
+                return Ok(Completion {
+                    text,
+                    tool_calls: calls.finish(),
+                    summary,
+                })
+            }
         }
     }
     Err(InferenceError::Protocol(

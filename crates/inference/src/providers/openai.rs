@@ -133,6 +133,11 @@ impl OpenAiProvider {
                 Role::Assistant => ChatCompletionRequestMessage::Assistant(
                     ChatCompletionRequestAssistantMessage::from(m.content.as_str()),
                 ),
+                // Conversations with tool calls take the JSON path
+                // (`tools_body`); a stray tool result is a user turn here.
+                Role::Tool => ChatCompletionRequestMessage::User(
+                    ChatCompletionRequestUserMessage::from(m.content.as_str()),
+                ),
             })
             .collect();
         let mut req = CreateChatCompletionRequest {
@@ -231,7 +236,7 @@ fn finish(reason: Option<OpenAiFinish>) -> FinishReason {
         Some(OpenAiFinish::Stop) | None => FinishReason::Stop,
         Some(OpenAiFinish::Length) => FinishReason::Length,
         Some(OpenAiFinish::ContentFilter) => FinishReason::ContentFilter,
-        Some(OpenAiFinish::ToolCalls) => FinishReason::Other("tool_calls".into()),
+        Some(OpenAiFinish::ToolCalls) => FinishReason::ToolCalls,
         Some(OpenAiFinish::FunctionCall) => FinishReason::Other("function_call".into()),
     }
 }
@@ -245,6 +250,9 @@ impl LlmProvider for OpenAiProvider {
     async fn complete(&self, request: &GenerateRequest) -> Result<Completion, InferenceError> {
         if request.prompt.is_some() {
             return self.complete_text(request).await;
+        }
+        if request.uses_tools() {
+            return self.complete_tools(request).await;
         }
         let started = Instant::now();
         let req = self.request(request, false)?;
@@ -270,6 +278,7 @@ impl LlmProvider for OpenAiProvider {
         let total = started.elapsed();
         Ok(Completion {
             text: choice.message.content.unwrap_or_default(),
+            tool_calls: Vec::new(),
             summary: Summary {
                 model: response.model,
                 usage,
@@ -287,7 +296,12 @@ impl LlmProvider for OpenAiProvider {
             return self.stream_text(request).await;
         }
         let started = Instant::now();
-        let req = self.request(request, true)?;
+        let body = if request.uses_tools() {
+            self.tools_body(request, true)?
+        } else {
+            serde_json::to_value(self.request(request, true)?)
+                .map_err(|e| InferenceError::Protocol(format!("request: {e}")))?
+        };
         let builder = self
             .http
             .post(format!(
@@ -295,7 +309,7 @@ impl LlmProvider for OpenAiProvider {
                 self.config.base_url.trim_end_matches('/')
             ))
             .bearer_auth(self.config.api_key.expose())
-            .json(&req);
+            .json(&body);
         let response = send(builder, true, &self.config.timeouts, map_http_error).await?;
         // Read as the caller polls; the stream ends at `data: [DONE]`.
         let events = crate::sse::events(response)
@@ -354,15 +368,33 @@ impl StreamParser for Parser {
             });
         }
         let mut text = String::new();
+        let mut calls = Vec::new();
         for choice in chunk.choices {
             if let Some(t) = choice.delta.content {
                 text.push_str(&t);
+            }
+            for c in choice.delta.tool_calls.into_iter().flatten() {
+                let function = c.function;
+                calls.push(ToolCallDelta {
+                    index: c.index,
+                    id: c.id,
+                    name: function.as_ref().and_then(|f| f.name.clone()),
+                    arguments: function.and_then(|f| f.arguments).unwrap_or_default(),
+                });
             }
             if choice.finish_reason.is_some() {
                 self.finish = Some(finish(choice.finish_reason));
             }
         }
-        Ok(Step::Delta(text))
+        if calls.is_empty() {
+            return Ok(Step::Delta(text));
+        }
+        let mut events = Vec::with_capacity(calls.len() + 1);
+        if !text.is_empty() {
+            events.push(StreamEvent::Delta(text));
+        }
+        events.extend(calls.into_iter().map(StreamEvent::ToolCall));
+        Ok(Step::Events(events))
     }
 
     /// The stream ends at `data: [DONE]`. Without a finish
@@ -455,6 +487,7 @@ impl OpenAiProvider {
         let total = started.elapsed();
         Ok(Completion {
             text: choice["text"].as_str().unwrap_or_default().to_string(),
+            tool_calls: Vec::new(),
             summary: Summary {
                 model: v["model"].as_str().unwrap_or(&request.model).to_string(),
                 usage: text_usage(&v["usage"]).unwrap_or_default(),
@@ -566,6 +599,138 @@ impl StreamParser for TextParser {
             None => Err(InferenceError::Protocol(
                 "the stream was cut before a finish reason".into(),
             )),
+        }
+    }
+}
+
+/// Tool calling over the OpenAI protocol: the request is written as JSON
+/// (tools, tool_choice, parallel_tool_calls, assistant `tool_calls` and
+/// `tool` messages exactly as OpenAI's reference shows them) and the answer
+/// read as JSON, so whatever the server sends back reaches the caller.
+impl OpenAiProvider {
+    fn tools_body(
+        &self,
+        request: &GenerateRequest,
+        stream: bool,
+    ) -> Result<serde_json::Value, InferenceError> {
+        let mut body = serde_json::to_value(self.request(request, stream)?)
+            .map_err(|e| InferenceError::Protocol(format!("request: {e}")))?;
+        body["messages"] = request.messages.iter().map(openai_message).collect();
+        if !request.tools.is_empty() {
+            body["tools"] = request
+                .tools
+                .iter()
+                .map(|t| {
+                    let mut f = serde_json::json!({"name": t.name});
+                    if let Some(d) = &t.description {
+                        f["description"] = d.clone().into();
+                    }
+                    if let Some(p) = &t.parameters {
+                        f["parameters"] = p.clone();
+                    }
+                    if let Some(strict) = t.strict {
+                        f["strict"] = strict.into();
+                    }
+                    serde_json::json!({"type": "function", "function": f})
+                })
+                .collect();
+        }
+        if let Some(choice) = &request.tool_choice {
+            body["tool_choice"] = match choice {
+                ToolChoice::Auto => "auto".into(),
+                ToolChoice::None => "none".into(),
+                ToolChoice::Required => "required".into(),
+                ToolChoice::Function(name) => {
+                    serde_json::json!({"type": "function", "function": {"name": name}})
+                }
+            };
+        }
+        if let Some(p) = request.parallel_tool_calls {
+            body["parallel_tool_calls"] = p.into();
+        }
+        Ok(body)
+    }
+
+    async fn complete_tools(
+        &self,
+        request: &GenerateRequest,
+    ) -> Result<Completion, InferenceError> {
+        let started = Instant::now();
+        let builder = self
+            .http
+            .post(format!(
+                "{}/chat/completions",
+                self.config.base_url.trim_end_matches('/')
+            ))
+            .bearer_auth(self.config.api_key.expose())
+            .json(&self.tools_body(request, false)?);
+        let response = send(builder, false, &self.config.timeouts, map_http_error).await?;
+        let v: serde_json::Value = response
+            .json()
+            .await
+            .map_err(|e| InferenceError::Protocol(format!("unreadable response: {e}")))?;
+        let choice = v["choices"]
+            .get(0)
+            .ok_or_else(|| InferenceError::Protocol("no choices in the response".into()))?;
+        let message = &choice["message"];
+        let tool_calls = message["tool_calls"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|c| ToolCall {
+                id: c["id"].as_str().unwrap_or_default().to_string(),
+                name: c["function"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                arguments: c["function"]["arguments"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            })
+            .collect();
+        let finish_reason = match choice["finish_reason"].as_str() {
+            Some("tool_calls") | Some("function_call") => FinishReason::ToolCalls,
+            other => text_finish(other),
+        };
+        let total = started.elapsed();
+        Ok(Completion {
+            text: message["content"].as_str().unwrap_or_default().to_string(),
+            tool_calls,
+            summary: Summary {
+                model: v["model"].as_str().unwrap_or(&request.model).to_string(),
+                usage: text_usage(&v["usage"]).unwrap_or_default(),
+                finish_reason,
+                timing: Timing {
+                    time_to_first_token: Some(total),
+                    total,
+                },
+            },
+        })
+    }
+}
+
+/// One message as OpenAI's Chat Completions API writes it.
+fn openai_message(m: &Message) -> serde_json::Value {
+    match m.role {
+        Role::System => serde_json::json!({"role": "system", "content": m.content}),
+        Role::User => serde_json::json!({"role": "user", "content": m.content}),
+        Role::Tool => {
+            serde_json::json!({"role": "tool", "tool_call_id": m.tool_call_id, "content": m.content})
+        }
+        Role::Assistant => {
+            let mut v = serde_json::json!({"role": "assistant", "content": m.content});
+            if !m.tool_calls.is_empty() {
+                if m.content.is_empty() {
+                    v["content"] = serde_json::Value::Null;
+                }
+                v["tool_calls"] = m
+                    .tool_calls
+                    .iter()
+                    .map(|c| serde_json::json!({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}))
+                    .collect();
+            }
+            v
         }
     }
 }
