@@ -1,10 +1,8 @@
 //! One [`LlmProvider`] trait over remote model APIs (OpenAI and any
-//! OpenAI-compatible server, Anthropic, Google Gemini), with typed errors,
-//! retries with backoff, fallback chains and a price table.
-//!
-//! Status: remote providers, retries, fallbacks, prices and the model
-//! registry are here; local ONNX models are not yet (see the inference
-//! issue).
+//! OpenAI-compatible server, Anthropic, Google Gemini) and local ONNX
+//! models (`local`: chat templates rendered as Hugging Face does, a
+//! KV-cache decode loop), with typed errors, retries with backoff, fallback
+//! chains, a price table, a model registry, and tool calling.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), muse_inference::InferenceError> {
@@ -18,6 +16,7 @@
 //! while let Some(event) = stream.next().await {
 //!     match event? {
 //!         StreamEvent::Delta(text) => print!("{text}"),
+//!         StreamEvent::ToolCall(call) => print!("[{:?}({})]", call.name, call.arguments),
 //!         StreamEvent::Done(summary) => println!("\n{:?}", summary.usage),
 //!     }
 //! }
