@@ -52,19 +52,23 @@ impl AnthropicProvider {
     }
 
     fn body(&self, request: &GenerateRequest, stream: bool) -> Value {
-        let messages: Vec<Value> = request
-            .messages
-            .iter()
-            .filter(|m| m.role != Role::System)
-            .map(|m| {
-                let role = if m.role == Role::Assistant {
-                    "assistant"
-                } else {
-                    "user"
-                };
-                json!({"role": role, "content": m.content})
-            })
-            .collect();
+        let messages = if request.uses_tools() {
+            tool_messages(&request.messages)
+        } else {
+            request
+                .messages
+                .iter()
+                .filter(|m| m.role != Role::System)
+                .map(|m| {
+                    let role = if m.role == Role::Assistant {
+                        "assistant"
+                    } else {
+                        "user"
+                    };
+                    json!({"role": role, "content": m.content})
+                })
+                .collect()
+        };
         let mut body = json!({
             "model": request.model,
             "messages": messages,
@@ -85,6 +89,32 @@ impl AnthropicProvider {
         }
         if let Some(k) = request.top_k {
             body["top_k"] = json!(k);
+        }
+        if !request.tools.is_empty() {
+            body["tools"] = request
+                .tools
+                .iter()
+                .map(|t| {
+                    let mut tool = json!({
+                        "name": t.name,
+                        "input_schema": t.parameters.clone().unwrap_or_else(|| json!({"type": "object"})),
+                    });
+                    if let Some(d) = &t.description {
+                        tool["description"] = json!(d);
+                    }
+                    tool
+                })
+                .collect();
+            let mut choice = match &request.tool_choice {
+                None | Some(ToolChoice::Auto) => json!({"type": "auto"}),
+                Some(ToolChoice::None) => json!({"type": "none"}),
+                Some(ToolChoice::Required) => json!({"type": "any"}),
+                Some(ToolChoice::Function(name)) => json!({"type": "tool", "name": name}),
+            };
+            if request.parallel_tool_calls == Some(false) && choice["type"] != "none" {
+                choice["disable_parallel_tool_use"] = json!(true);
+            }
+            body["tool_choice"] = choice;
         }
         body
     }
@@ -107,12 +137,6 @@ impl AnthropicProvider {
                     ),
                 });
             }
-        }
-        if request.uses_tools() {
-            return Err(InferenceError::Unsupported {
-                param: "tools".into(),
-                message: "tool calling is not served on Anthropic models yet (it is on OpenAI-protocol providers)".into(),
-            });
         }
         if request.seed.is_some() {
             return Err(InferenceError::Unsupported {
@@ -185,6 +209,7 @@ fn finish(reason: Option<&str>) -> FinishReason {
         Some("end_turn" | "stop_sequence") | None => FinishReason::Stop,
         Some("max_tokens") => FinishReason::Length,
         Some("refusal") => FinishReason::ContentFilter,
+        Some("tool_use") => FinishReason::ToolCalls,
         Some(other) => FinishReason::Other(other.to_string()),
     }
 }
@@ -210,13 +235,22 @@ impl LlmProvider for AnthropicProvider {
             .filter(|b| b["type"] == "text")
             .filter_map(|b| b["text"].as_str())
             .collect();
+        let tool_calls: Vec<ToolCall> = content
+            .iter()
+            .filter(|b| b["type"] == "tool_use")
+            .map(|b| ToolCall {
+                id: b["id"].as_str().unwrap_or_default().to_string(),
+                name: b["name"].as_str().unwrap_or_default().to_string(),
+                arguments: b["input"].to_string(),
+            })
+            .collect();
         let usage = Usage {
             prompt_tokens: v["usage"]["input_tokens"].as_u64().unwrap_or(0) as u32,
             completion_tokens: v["usage"]["output_tokens"].as_u64().unwrap_or(0) as u32,
         };
         let total = started.elapsed();
         Ok(Completion {
-            tool_calls: Vec::new(),
+            tool_calls,
             text,
             summary: Summary {
                 model: v["model"].as_str().unwrap_or(&request.model).to_string(),
@@ -237,6 +271,7 @@ impl LlmProvider for AnthropicProvider {
             model: request.model.clone(),
             usage: Usage::default(),
             stop_reason: None,
+            tool_blocks: Vec::new(),
         };
         Ok(drive(
             events(response).boxed(),
@@ -251,6 +286,9 @@ struct Parser {
     model: String,
     usage: Usage,
     stop_reason: Option<String>,
+    /// Content-block index → (tool-call index, whether input arrived) for
+    /// `tool_use` blocks: OpenAI numbers tool calls, not blocks.
+    tool_blocks: Vec<(u64, u32, bool)>,
 }
 
 impl StreamParser for Parser {
@@ -279,12 +317,55 @@ impl StreamParser for Parser {
                     v["message"]["usage"]["output_tokens"].as_u64().unwrap_or(0) as u32;
                 Ok(Step::Skip)
             }
+            "content_block_start" if v["content_block"]["type"] == "tool_use" => {
+                let block = v["index"].as_u64().unwrap_or(0);
+                let index = u32::try_from(self.tool_blocks.len()).unwrap_or(u32::MAX);
+                self.tool_blocks.push((block, index, false));
+                Ok(Step::Events(vec![StreamEvent::ToolCall(ToolCallDelta {
+                    index,
+                    id: v["content_block"]["id"].as_str().map(str::to_string),
+                    name: v["content_block"]["name"].as_str().map(str::to_string),
+                    arguments: String::new(),
+                })]))
+            }
             "content_block_delta" => match v["delta"]["type"].as_str() {
                 Some("text_delta") => Ok(Step::Delta(
                     v["delta"]["text"].as_str().unwrap_or_default().to_string(),
                 )),
+                Some("input_json_delta") => {
+                    let block = v["index"].as_u64().unwrap_or(0);
+                    let partial = v["delta"]["partial_json"].as_str().unwrap_or_default();
+                    match self.tool_blocks.iter_mut().find(|(b, _, _)| *b == block) {
+                        Some((_, index, seen)) if !partial.is_empty() => {
+                            *seen = true;
+                            Ok(Step::Events(vec![StreamEvent::ToolCall(ToolCallDelta {
+                                index: *index,
+                                id: None,
+                                name: None,
+                                arguments: partial.to_string(),
+                            })]))
+                        }
+                        _ => Ok(Step::Skip),
+                    }
+                }
                 _ => Ok(Step::Skip),
             },
+            "content_block_stop" => {
+                // A tool called with no input streams none: its arguments are `{}`.
+                let block = v["index"].as_u64().unwrap_or(0);
+                match self.tool_blocks.iter_mut().find(|(b, _, _)| *b == block) {
+                    Some((_, index, seen)) if !*seen => {
+                        *seen = true;
+                        Ok(Step::Events(vec![StreamEvent::ToolCall(ToolCallDelta {
+                            index: *index,
+                            id: None,
+                            name: None,
+                            arguments: "{}".into(),
+                        })]))
+                    }
+                    _ => Ok(Step::Skip),
+                }
+            }
             "message_delta" => {
                 if let Some(r) = v["delta"]["stop_reason"].as_str() {
                     self.stop_reason = Some(r.to_string());
@@ -319,4 +400,48 @@ impl StreamParser for Parser {
             "the stream was cut before message_stop".into(),
         ))
     }
+}
+
+/// Messages with tool calls as Anthropic's Messages API takes them
+/// (https://docs.anthropic.com/en/docs/build-with-claude/tool-use): an
+/// assistant turn's calls become `tool_use` blocks (arguments parsed into
+/// `input`), tool results `tool_result` blocks in a user turn, and
+/// consecutive turns of one role are merged (the API wants them to
+/// alternate: several results answer one turn's several calls).
+fn tool_messages(messages: &[Message]) -> Vec<Value> {
+    let mut out: Vec<(&str, Vec<Value>)> = Vec::new();
+    for m in messages.iter().filter(|m| m.role != Role::System) {
+        let (role, mut blocks) = match m.role {
+            Role::Assistant => {
+                let mut blocks = Vec::new();
+                if !m.content.is_empty() {
+                    blocks.push(json!({"type": "text", "text": m.content}));
+                }
+                for c in &m.tool_calls {
+                    let input: Value = serde_json::from_str(&c.arguments)
+                        .ok()
+                        .filter(Value::is_object)
+                        .unwrap_or_else(|| json!({}));
+                    blocks.push(
+                        json!({"type": "tool_use", "id": c.id, "name": c.name, "input": input}),
+                    );
+                }
+                ("assistant", blocks)
+            }
+            Role::Tool => (
+                "user",
+                vec![
+                    json!({"type": "tool_result", "tool_use_id": m.tool_call_id, "content": m.content}),
+                ],
+            ),
+            _ => ("user", vec![json!({"type": "text", "text": m.content})]),
+        };
+        match out.last_mut() {
+            Some((last, prev)) if *last == role => prev.append(&mut blocks),
+            _ => out.push((role, blocks)),
+        }
+    }
+    out.into_iter()
+        .map(|(role, content)| json!({"role": role, "content": content}))
+        .collect()
 }

@@ -40,19 +40,23 @@ pub struct GeminiProvider {
 }
 
 fn body(request: &GenerateRequest) -> Value {
-    let contents: Vec<Value> = request
-        .messages
-        .iter()
-        .filter(|m| m.role != Role::System)
-        .map(|m| {
-            let role = if m.role == Role::Assistant {
-                "model"
-            } else {
-                "user"
-            };
-            json!({"role": role, "parts": [{"text": m.content}]})
-        })
-        .collect();
+    let contents: Vec<Value> = if request.uses_tools() {
+        tool_contents(&request.messages)
+    } else {
+        request
+            .messages
+            .iter()
+            .filter(|m| m.role != Role::System)
+            .map(|m| {
+                let role = if m.role == Role::Assistant {
+                    "model"
+                } else {
+                    "user"
+                };
+                json!({"role": role, "parts": [{"text": m.content}]})
+            })
+            .collect()
+    };
     let mut config = serde_json::Map::new();
     if let Some(t) = request.temperature {
         config.insert("temperature".into(), super::f32_json(t));
@@ -84,6 +88,32 @@ fn body(request: &GenerateRequest) -> Value {
     }
     if let Some(system) = request.system_prompt() {
         body["systemInstruction"] = json!({"parts": [{"text": system}]});
+    }
+    if !request.tools.is_empty() {
+        let declarations: Vec<Value> = request
+            .tools
+            .iter()
+            .map(|t| {
+                let mut f = json!({"name": t.name});
+                if let Some(d) = &t.description {
+                    f["description"] = json!(d);
+                }
+                if let Some(p) = &t.parameters {
+                    f["parameters"] = p.clone();
+                }
+                f
+            })
+            .collect();
+        body["tools"] = json!([{"functionDeclarations": declarations}]);
+        let config = match &request.tool_choice {
+            None | Some(ToolChoice::Auto) => json!({"mode": "AUTO"}),
+            Some(ToolChoice::None) => json!({"mode": "NONE"}),
+            Some(ToolChoice::Required) => json!({"mode": "ANY"}),
+            Some(ToolChoice::Function(name)) => {
+                json!({"mode": "ANY", "allowedFunctionNames": [name]})
+            }
+        };
+        body["toolConfig"] = json!({"functionCallingConfig": config});
     }
     body
 }
@@ -180,12 +210,7 @@ impl GeminiProvider {
         stream: bool,
     ) -> Result<reqwest::Response, InferenceError> {
         check_model_name(&request.model)?;
-        if request.uses_tools() {
-            return Err(InferenceError::Unsupported {
-                param: "tools".into(),
-                message: "tool calling is not served on Gemini models yet (it is on OpenAI-protocol providers)".into(),
-            });
-        }
+
         if request.prompt.is_some() {
             return Err(InferenceError::BadRequest(format!(
                 "{} models take chats only: raw text completion (/v1/completions) is served by local models and OpenAI-protocol servers; use /v1/chat/completions",
@@ -232,8 +257,21 @@ impl LlmProvider for GeminiProvider {
             )));
         }
         let total = started.elapsed();
+        let tool_calls: Vec<ToolCall> = function_calls(&v, 0)
+            .into_iter()
+            .map(|d| ToolCall {
+                id: d.id.unwrap_or_default(),
+                name: d.name.unwrap_or_default(),
+                arguments: d.arguments,
+            })
+            .collect();
+        let mut finish_reason =
+            finish(v["candidates"][0]["finishReason"].as_str()).unwrap_or(FinishReason::Stop);
+        if !tool_calls.is_empty() && finish_reason == FinishReason::Stop {
+            finish_reason = FinishReason::ToolCalls;
+        }
         Ok(Completion {
-            tool_calls: Vec::new(),
+            tool_calls,
             text: text_of(&v),
             summary: Summary {
                 model: v["modelVersion"]
@@ -241,8 +279,7 @@ impl LlmProvider for GeminiProvider {
                     .unwrap_or(&request.model)
                     .to_string(),
                 usage: usage(&v).unwrap_or_default(),
-                finish_reason: finish(v["candidates"][0]["finishReason"].as_str())
-                    .unwrap_or(FinishReason::Stop),
+                finish_reason,
                 timing: Timing {
                     time_to_first_token: Some(total),
                     total,
@@ -258,6 +295,7 @@ impl LlmProvider for GeminiProvider {
             model: request.model.clone(),
             usage: Usage::default(),
             finish: None,
+            calls: 0,
         };
         Ok(drive(
             events(response).boxed(),
@@ -274,6 +312,8 @@ struct Parser {
     model: String,
     usage: Usage,
     finish: Option<FinishReason>,
+    /// Function calls seen so far (they arrive whole, one index each).
+    calls: u32,
 }
 
 impl StreamParser for Parser {
@@ -301,11 +341,28 @@ impl StreamParser for Parser {
         if let Some(f) = finish(v["candidates"][0]["finishReason"].as_str()) {
             self.finish = Some(f);
         }
-        Ok(Step::Delta(text_of(&v)))
+        let calls = function_calls(&v, self.calls);
+        if calls.is_empty() {
+            return Ok(Step::Delta(text_of(&v)));
+        }
+        self.calls += u32::try_from(calls.len()).unwrap_or(0);
+        let mut events = Vec::with_capacity(calls.len() + 1);
+        let text = text_of(&v);
+        if !text.is_empty() {
+            events.push(StreamEvent::Delta(text));
+        }
+        events.extend(calls.into_iter().map(StreamEvent::ToolCall));
+        Ok(Step::Events(events))
     }
 
     fn end(&mut self) -> Result<Step, InferenceError> {
         match self.finish.take() {
+            // Gemini ends a function call with STOP; OpenAI's callers expect tool_calls.
+            Some(FinishReason::Stop) if self.calls > 0 => Ok(Step::Done {
+                model: self.model.clone(),
+                usage: self.usage,
+                finish_reason: FinishReason::ToolCalls,
+            }),
             Some(finish_reason) => Ok(Step::Done {
                 model: self.model.clone(),
                 usage: self.usage,
@@ -316,4 +373,91 @@ impl StreamParser for Parser {
             )),
         }
     }
+}
+
+/// The `functionCall` parts of a response, numbered from `first`. Gemini
+/// gives no call ids (newer models may send `id`): Muse names them
+/// `call_<n>` so that results can be matched back.
+fn function_calls(v: &Value, first: u32) -> Vec<ToolCallDelta> {
+    v["candidates"][0]["content"]["parts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p.get("functionCall"))
+        .enumerate()
+        .map(|(i, c)| {
+            let index = first + u32::try_from(i).unwrap_or(0);
+            ToolCallDelta {
+                index,
+                id: Some(
+                    c["id"]
+                        .as_str()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| format!("call_{index}")),
+                ),
+                name: c["name"].as_str().map(str::to_string),
+                arguments: if c["args"].is_null() {
+                    "{}".into()
+                } else {
+                    c["args"].to_string()
+                },
+            }
+        })
+        .collect()
+}
+
+/// Messages with tool calls as the Gemini API takes them
+/// (https://ai.google.dev/gemini-api/docs/function-calling): an assistant
+/// turn's calls become `functionCall` parts of a `model` turn, a tool
+/// result a `functionResponse` part (named after the call it answers,
+/// found by its id) of a `user` turn; consecutive turns of one role merge.
+fn tool_contents(messages: &[Message]) -> Vec<Value> {
+    let names: std::collections::HashMap<&str, &str> = messages
+        .iter()
+        .flat_map(|m| m.tool_calls.iter())
+        .map(|c| (c.id.as_str(), c.name.as_str()))
+        .collect();
+    let mut out: Vec<(&str, Vec<Value>)> = Vec::new();
+    for m in messages.iter().filter(|m| m.role != Role::System) {
+        let (role, mut parts) = match m.role {
+            Role::Assistant => {
+                let mut parts = Vec::new();
+                if !m.content.is_empty() {
+                    parts.push(json!({"text": m.content}));
+                }
+                for c in &m.tool_calls {
+                    let args: Value = serde_json::from_str(&c.arguments)
+                        .ok()
+                        .filter(Value::is_object)
+                        .unwrap_or_else(|| json!({}));
+                    parts.push(json!({"functionCall": {"name": c.name, "args": args}}));
+                }
+                ("model", parts)
+            }
+            Role::Tool => {
+                let name = m
+                    .tool_call_id
+                    .as_deref()
+                    .and_then(|id| names.get(id))
+                    .copied()
+                    .unwrap_or_default();
+                let response: Value = serde_json::from_str(&m.content)
+                    .ok()
+                    .filter(Value::is_object)
+                    .unwrap_or_else(|| json!({"content": m.content}));
+                (
+                    "user",
+                    vec![json!({"functionResponse": {"name": name, "response": response}})],
+                )
+            }
+            _ => ("user", vec![json!({"text": m.content})]),
+        };
+        match out.last_mut() {
+            Some((last, prev)) if *last == role => prev.append(&mut parts),
+            _ => out.push((role, parts)),
+        }
+    }
+    out.into_iter()
+        .map(|(role, parts)| json!({"role": role, "parts": parts}))
+        .collect()
 }
