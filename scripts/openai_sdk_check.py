@@ -20,6 +20,7 @@ def main() -> int:
     parser.add_argument("--model", required=True)
     parser.add_argument("--missing-model", default="nope/nothing")
     parser.add_argument("--tools-model", help="a model that calls tools (the test upstream's `tools`)")
+    parser.add_argument("--json-model", help="a model answering structured output (the test upstream's `json`)")
     args = parser.parse_args()
 
     client = openai.OpenAI(base_url=args.base_url, api_key=args.api_key, max_retries=0, timeout=30)
@@ -119,6 +120,23 @@ def main() -> int:
         client.chat.completions.create(model=args.missing_model, messages=[{"role": "user", "content": "x"}])
     except openai.NotFoundError as e:
         seen["missing_type"] = {"type": e.type, "code": e.code}
+
+    # Structured output through the SDK's parse helper (a pydantic model
+    # becomes a strict json_schema response_format).
+    if args.json_model:
+        import pydantic
+
+        class Idea(pydantic.BaseModel):
+            title: str
+            year: int
+
+        parsed = client.chat.completions.parse(model=args.json_model, messages=[{"role": "user", "content": "An idea"}], response_format=Idea)
+        seen["parsed"] = parsed.choices[0].message.parsed.model_dump()
+        try:
+            client.chat.completions.parse(model=args.json_model, messages=[{"role": "user", "content": "break it"}], response_format=Idea)
+            seen["broken_schema"] = "no error"
+        except openai.APIStatusError as e:
+            seen["broken_schema"] = {"status": e.status_code, "code": e.code, "param": e.param}
 
     print(json.dumps(seen))
     return 0

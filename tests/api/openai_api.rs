@@ -360,9 +360,14 @@ async fn bad_openai_requests_are_4xx_in_the_error_shape() {
             "tool_choice",
         ),
         (
-            json!({"model": "compatible/ok", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}),
-            "unsupported_parameter",
-            "response_format",
+            json!({"model": "compatible/ok", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}}),
+            "validation_failed",
+            "response_format.type",
+        ),
+        (
+            json!({"model": "compatible/ok", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 12}}}}),
+            "validation_failed",
+            "response_format.json_schema.schema",
         ),
         (
             json!({"model": "compatible/ok", "messages": [{"role": "user", "content": "x"}], "n": 2}),
@@ -529,6 +534,8 @@ async fn the_official_python_sdk_works_against_muse() {
                 "up/ok",
                 "--tools-model",
                 "up/tools",
+                "--json-model",
+                "up/json",
             ])
             .output()
             .unwrap()
@@ -563,6 +570,12 @@ async fn the_official_python_sdk_works_against_muse() {
         seen["bare"], "up/ok",
         "a bare name one provider offers resolves"
     );
+    assert_eq!(seen["parsed"], json!({"title": "Muse", "year": 2026}));
+    assert_eq!(
+        seen["broken_schema"],
+        json!({"status": 502, "code": "invalid_structured_output", "param": "response_format"}),
+        "an answer that breaks the schema is not returned as if it kept it"
+    );
     assert_eq!(
         seen["logprobs"],
         json!({"status": 400, "type": "invalid_request_error", "param": "logprobs", "code": "unsupported_parameter"})
@@ -591,7 +604,7 @@ async fn the_official_python_sdk_works_against_muse() {
         )
         .await;
     // up/ok: whole, streamed, bare name; up/tools: call, final answer, streamed call.
-    assert_eq!(h.body["total"], 6, "{}", h.text);
+    assert_eq!(h.body["total"], 8, "{}", h.text);
 }
 
 #[actix_web::test]
@@ -903,4 +916,65 @@ async fn tool_calls_are_recorded_and_local_models_refuse_them_by_name() {
         )
         .await;
     assert_eq!(r.body["error"]["param"], "seed", "{}", r.text);
+}
+
+#[actix_web::test]
+async fn structured_answers_are_checked_and_local_models_refuse_them_by_name() {
+    let cache = crate::models::test_models();
+    let mut extra = Vec::new();
+    if let Some(c) = &cache {
+        extra.push(("MODEL_CACHE_DIR", c.as_str()));
+    }
+    let (app, up) = crate::upstream::app_with_upstream(&extra).await;
+    let token = access(&app.user("structured").await);
+    let schema = json!({"type": "json_schema", "json_schema": {"name": "idea", "strict": true,
+        "schema": {"type": "object", "properties": {"title": {"type": "string"}, "year": {"type": "integer"}}, "required": ["title", "year"], "additionalProperties": false}}});
+    let r = app
+        .post("/v1/chat/completions", Some(&token), json!({"model": "up/json", "messages": [{"role": "user", "content": "idea"}], "response_format": schema}))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let sent = up.last_chat.lock().unwrap().clone();
+    assert_eq!(sent["response_format"], schema, "forwarded as given");
+
+    // "Hello, world!" is not JSON: a broken promise is a 502, not an answer.
+    for stream in [false, true] {
+        let body = json!({"model": "up/ok", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}, "stream": stream});
+        let res = app
+            .client
+            .post(format!("{}/v1/chat/completions", app.base))
+            .bearer_auth(&token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        if stream {
+            let text = res.text().await.unwrap();
+            assert!(
+                text.contains("invalid_structured_output")
+                    && text.trim_end().ends_with("data: [DONE]"),
+                "{text}"
+            );
+            assert!(!text.contains("\"finish_reason\":\"stop\""), "{text}");
+        } else {
+            let r = TestApp::read(res).await;
+            assert_eq!(
+                (r.status, r.error_code()),
+                (StatusCode::BAD_GATEWAY, "invalid_structured_output"),
+                "{}",
+                r.text
+            );
+            assert!(r.body["error"]["details"]["execution_id"].is_string());
+        }
+    }
+    if cache.is_some() {
+        let r = app
+            .post("/v1/chat/completions", Some(&token), json!({"model": "local/muse-test/tiny-gpt2", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}))
+            .await;
+        assert_eq!(
+            (r.status, r.body["error"]["param"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("response_format")),
+            "{}",
+            r.text
+        );
+    }
 }

@@ -127,6 +127,22 @@ pub(crate) async fn chat(
     if model == "tools" {
         return tool_answer(&body);
     }
+    if model == "json" {
+        // Structured output as OpenAI documents it
+        // (https://platform.openai.com/docs/guides/structured-outputs): the
+        // answer is the JSON text in `content`. "break" in the prompt makes
+        // it answer JSON that misses the schema.
+        let answer = if last_user.contains("break") {
+            json!({"title": 5}).to_string()
+        } else {
+            json!({"title": "Muse", "year": 2026}).to_string()
+        };
+        return HttpResponse::Ok().json(json!({
+            "id": "up-j", "object": "chat.completion", "created": 1, "model": "json",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": answer, "refusal": null}, "finish_reason": "stop", "logprobs": null}],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 8, "total_tokens": 18}
+        }));
+    }
     let (pieces, delay): (Vec<String>, u64) = match model.as_str() {
         "broken" => {
             return HttpResponse::InternalServerError().json(json!({"error": {"message": "boom", "type": "server_error", "param": null, "code": null}}));
@@ -283,7 +299,7 @@ pub async fn upstream() -> Upstream {
 }
 
 /// Muse started with the upstream above as the compatible server `up`
-/// (models `ok`, `echo`, `broken`, `slow`, `flood`, `tools`; no retries).
+/// (models `ok`, `echo`, `broken`, `slow`, `flood`, `tools`, `json`; no retries).
 pub async fn app_with_upstream(extra: &[(&str, &str)]) -> (crate::helpers::TestApp, Upstream) {
     let up = upstream().await;
     let mut vars: Vec<(&str, &str)> = vec![
@@ -291,7 +307,7 @@ pub async fn app_with_upstream(extra: &[(&str, &str)]) -> (crate::helpers::TestA
         ("OPENAI_COMPATIBLE_NAME", "up"),
         (
             "OPENAI_COMPATIBLE_MODELS",
-            "ok,echo,broken,slow,flood,tools",
+            "ok,echo,broken,slow,flood,tools,json",
         ),
         ("LLM_MAX_RETRIES", "0"),
     ];

@@ -48,6 +48,50 @@ pub struct Tool {
     pub strict: Option<bool>,
 }
 
+/// The shape the answer must take (OpenAI's `response_format`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResponseFormat {
+    /// Any JSON object.
+    JsonObject,
+    /// JSON matching `schema`.
+    JsonSchema {
+        name: String,
+        schema: serde_json::Value,
+        strict: bool,
+    },
+}
+
+impl ResponseFormat {
+    /// Checks an answer: JSON, an object, and — with a schema — valid
+    /// against it. The reason when it is not.
+    pub fn check(&self, answer: &str) -> Result<(), String> {
+        let value: serde_json::Value = serde_json::from_str(answer.trim())
+            .map_err(|e| format!("the answer is not JSON: {e}"))?;
+        match self {
+            ResponseFormat::JsonObject if value.is_object() => Ok(()),
+            ResponseFormat::JsonObject => Err("the answer is JSON but not an object".into()),
+            ResponseFormat::JsonSchema { schema, .. } => {
+                let validator = jsonschema::validator_for(schema)
+                    .map_err(|e| format!("the schema does not compile: {e}"))?;
+                let errors: Vec<String> = validator
+                    .iter_errors(&value)
+                    .take(5)
+                    .map(|e| format!("{} at {}", e, e.instance_path()))
+                    .collect();
+                if errors.is_empty() {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "the answer does not match the schema: {}",
+                        errors.join("; ")
+                    ))
+                }
+            }
+        }
+    }
+}
+
 /// Whether and which tool the model must call.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -137,6 +181,11 @@ pub struct GenerateRequest {
     pub tool_choice: Option<ToolChoice>,
     #[serde(default)]
     pub parallel_tool_calls: Option<bool>,
+    /// Structured output: OpenAI-protocol providers, Gemini
+    /// (`responseMimeType` / `responseJsonSchema`) and Anthropic (a forced
+    /// tool) take it; local models refuse it by name.
+    #[serde(default)]
+    pub response_format: Option<ResponseFormat>,
 }
 
 impl GenerateRequest {
@@ -157,6 +206,7 @@ impl GenerateRequest {
             tools: Vec::new(),
             tool_choice: None,
             parallel_tool_calls: None,
+            response_format: None,
         }
     }
 

@@ -48,6 +48,9 @@ async fn server(seen: Seen) -> String {
                     let (a, seen) = (a.clone(), seen_a.clone());
                     async move {
                         seen.0.lock().unwrap().push(body.0.clone());
+                        if body["tool_choice"]["name"] == "json_response" {
+                            return HttpResponse::Ok().json(&a["json_mode_response"]);
+                        }
                         let answered = body.to_string().contains("tool_result");
                         if body["stream"] == true {
                             let frames: String = a["stream"]
@@ -76,6 +79,9 @@ async fn server(seen: Seen) -> String {
                     let (g, seen) = (g.clone(), seen_g.clone());
                     async move {
                         seen.0.lock().unwrap().push(body.0.clone());
+                        if body["generationConfig"]["responseMimeType"] == "application/json" {
+                            return HttpResponse::Ok().json(&g["json_response"]);
+                        }
                         let answered = body.to_string().contains("functionResponse");
                         if req.path().contains("streamGenerateContent") {
                             let frames: String = g["stream"]
@@ -267,4 +273,67 @@ async fn gemini_function_calling_round_trip_whole_and_streamed() {
     assert_eq!(streamed.text, "Checking. ");
     assert_eq!(streamed.tool_calls[0].name, "get_weather");
     assert_eq!(streamed.summary.finish_reason, FinishReason::ToolCalls);
+}
+
+fn structured(model: &str) -> GenerateRequest {
+    let mut r = GenerateRequest::new(model, vec![Message::user("An idea, as JSON")]);
+    r.response_format = Some(muse_inference::ResponseFormat::JsonSchema {
+        name: "idea".into(),
+        schema: json!({"type": "object", "properties": {"title": {"type": "string"}, "year": {"type": "integer"}}, "required": ["title", "year"]}),
+        strict: true,
+    });
+    r
+}
+
+#[actix_web::test]
+async fn structured_output_uses_json_mode_on_anthropic_and_a_response_schema_on_gemini() {
+    let seen = Seen::default();
+    let base = server(seen.clone()).await;
+    let mut config = AnthropicConfig::new("sk-ant-test");
+    config.base_url = base.clone();
+    let anthropic = AnthropicProvider::new(config).unwrap();
+    let answer = anthropic
+        .complete(&structured("claude-3-5-sonnet-20241022"))
+        .await
+        .unwrap();
+    let sent = seen.0.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(
+        sent["tool_choice"],
+        json!({"type": "tool", "name": "json_response"})
+    );
+    assert_eq!(
+        sent["tools"][0]["input_schema"]["required"],
+        json!(["title", "year"])
+    );
+    assert_eq!(
+        serde_json::from_str::<Value>(&answer.text).unwrap(),
+        json!({"title": "Muse", "year": 2026})
+    );
+    assert!(
+        answer.tool_calls.is_empty(),
+        "the forced tool is Muse's, not the caller's"
+    );
+    assert_eq!(answer.summary.finish_reason, FinishReason::Stop);
+    let format = structured("x").response_format.unwrap();
+    assert_eq!(format.check(&answer.text), Ok(()));
+    assert!(format.check("{\"title\": 1}").is_err());
+    assert!(format.check("not json").is_err());
+
+    let mut config = GeminiConfig::new("gm-test");
+    config.base_url = base;
+    let gemini = GeminiProvider::new(config).unwrap();
+    let answer = gemini
+        .complete(&structured("gemini-2.0-flash"))
+        .await
+        .unwrap();
+    let sent = seen.0.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(
+        sent["generationConfig"]["responseMimeType"],
+        "application/json"
+    );
+    assert_eq!(
+        sent["generationConfig"]["responseJsonSchema"]["required"],
+        json!(["title", "year"])
+    );
+    assert_eq!(format.check(&answer.text), Ok(()));
 }

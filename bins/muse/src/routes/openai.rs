@@ -147,7 +147,9 @@ pub struct ChatRequest {
     pub n: Option<u32>,
     /// Only `false`.
     pub logprobs: Option<bool>,
-    /// Only `{"type": "text"}`.
+    /// `{"type": "text"}`, `{"type": "json_object"}` or
+    /// `{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}`;
+    /// the answer is checked against it before it is returned.
     #[schema(value_type = Object)]
     pub response_format: Option<Value>,
     /// Functions the model may call: served by OpenAI-protocol providers;
@@ -250,14 +252,41 @@ fn to_request(body: &ChatRequest) -> Result<GenerateRequest, ApiError> {
             "log-probabilities are not returned",
         ));
     }
-    if let Some(rf) = &body.response_format {
-        if !(rf.is_null() || rf["type"] == "text") {
-            return Err(unsupported(
-                "response_format",
-                "structured outputs are not served yet",
-            ));
-        }
-    }
+    let response_format = match &body.response_format {
+        None | Some(Value::Null) => None,
+        Some(rf) => match rf["type"].as_str() {
+            Some("text") => None,
+            Some("json_object") => Some(muse_inference::ResponseFormat::JsonObject),
+            Some("json_schema") => {
+                let spec = &rf["json_schema"];
+                let name = spec["name"].as_str().unwrap_or("response").to_string();
+                let schema = spec["schema"].clone();
+                if !schema.is_object() {
+                    return Err(invalid_param(
+                        "response_format.json_schema.schema",
+                        "json_schema needs a schema (a JSON Schema object)",
+                    ));
+                }
+                if let Err(e) = jsonschema::validator_for(&schema) {
+                    return Err(invalid_param(
+                        "response_format.json_schema.schema",
+                        format!("the schema does not compile: {e}"),
+                    ));
+                }
+                Some(muse_inference::ResponseFormat::JsonSchema {
+                    name,
+                    schema,
+                    strict: spec["strict"].as_bool().unwrap_or(false),
+                })
+            }
+            _ => {
+                return Err(invalid_param(
+                    "response_format.type",
+                    "response_format.type must be text, json_object or json_schema",
+                ))
+            }
+        },
+    };
     if body.messages.is_empty() || body.messages.len() > MAX_MESSAGES {
         return Err(invalid_param(
             "messages",
@@ -466,6 +495,7 @@ fn to_request(body: &ChatRequest) -> Result<GenerateRequest, ApiError> {
         req.parallel_tool_calls = body.parallel_tool_calls;
     }
     req.tools = tools;
+    req.response_format = response_format;
     Ok(req)
 }
 
@@ -498,6 +528,7 @@ pub async fn chat_completions(
     let mut request = to_request(&body)?;
     let key = resolve_model(&state, &body.model)?;
     request.model = key.clone();
+    let request_format = request.response_format.clone();
     super::library::provider_gate(&state, &user.0, &key)?;
     if body.stream.unwrap_or(false) {
         state
@@ -517,9 +548,17 @@ pub async fn chat_completions(
     let id = run.id;
     let completion_id = format!("chatcmpl-{}", id.simple());
 
+    let format = request_format.clone();
     if !body.stream.unwrap_or(false) {
         let done = run.complete().await.map_err(|f| ApiError::from(f.error))?;
         let e = &done.execution;
+        if let Some(format) = &format {
+            if done.tool_calls.is_empty() {
+                if let Err(why) = format.check(e.output.as_deref().unwrap_or_default()) {
+                    return Err(invalid_output(&why, id));
+                }
+            }
+        }
         let response = json!({
             "id": completion_id, "object": "chat.completion", "created": created, "model": key,
             "choices": [{"index": 0, "message": assistant_message(e.output.as_deref().unwrap_or_default(), &done.tool_calls), "finish_reason": finish(&done.finish_reason), "logprobs": null}],
@@ -572,6 +611,15 @@ pub async fn chat_completions(
             }
             RunEvent::Done(done) => {
                 let e = &done.execution;
+                if let (Some(format), true) = (&format, done.tool_calls.is_empty()) {
+                    if let Err(why) = format.check(e.output.as_deref().unwrap_or_default()) {
+                        let api = invalid_output(&why, e.id);
+                        return Ok::<_, actix_web::Error>(Bytes::from(format!(
+                            "data: {}\n\ndata: [DONE]\n\n",
+                            openai_error(api.status, api.code, &api.message, api.details.as_deref())
+                        )));
+                    }
+                }
                 let mut out = chunk(json!({}), json!(finish(&done.finish_reason)), Value::Null, &model, &cid).to_vec();
                 if include_usage {
                     out.extend_from_slice(&chunk(Value::Null, Value::Null, json!({"prompt_tokens": e.prompt_tokens, "completion_tokens": e.completion_tokens, "total_tokens": e.prompt_tokens + e.completion_tokens}), &model, &cid));
@@ -591,6 +639,17 @@ pub async fn chat_completions(
         .insert_header(("cache-control", "no-cache"))
         .insert_header(("x-muse-execution-id", id.to_string()))
         .streaming(head.chain(body_stream)))
+}
+
+/// A structured answer that does not match its `response_format`: the
+/// provider did not keep the promise (502), the execution id to look it up.
+fn invalid_output(why: &str, execution_id: uuid::Uuid) -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_GATEWAY,
+        "invalid_structured_output",
+        format!("the model's answer breaks the requested response_format: {why}"),
+    )
+    .with_details(json!({"param": "response_format", "execution_id": execution_id}))
 }
 
 /// The assistant message of an answer, with its tool calls as OpenAI

@@ -494,6 +494,15 @@ impl LocalProvider {
         request: &GenerateRequest,
         streaming: bool,
     ) -> Result<CompletionStream, InferenceError> {
+        if request.response_format.is_some() {
+            return Err(InferenceError::Unsupported {
+                param: "response_format".into(),
+                message: format!(
+                    "structured output (constrained decoding) is not served on the local model {} yet",
+                    request.model
+                ),
+            });
+        }
         if request.uses_tools() {
             return Err(InferenceError::Unsupported {
                 param: "tools".into(),

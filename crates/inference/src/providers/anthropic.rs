@@ -116,6 +116,15 @@ impl AnthropicProvider {
             }
             body["tool_choice"] = choice;
         }
+        if let Some(format) = &request.response_format {
+            // Anthropic's JSON mode: one tool whose input is the answer, forced.
+            let schema = match format {
+                ResponseFormat::JsonObject => json!({"type": "object"}),
+                ResponseFormat::JsonSchema { schema, .. } => schema.clone(),
+            };
+            body["tools"] = json!([{"name": JSON_TOOL, "description": "Give the answer as this JSON object.", "input_schema": schema}]);
+            body["tool_choice"] = json!({"type": "tool", "name": JSON_TOOL});
+        }
         body
     }
 
@@ -137,6 +146,12 @@ impl AnthropicProvider {
                     ),
                 });
             }
+        }
+        if request.response_format.is_some() && !request.tools.is_empty() {
+            return Err(InferenceError::Unsupported {
+                param: "response_format".into(),
+                message: "structured output with tools is not served on Anthropic models (it uses a forced tool of its own)".into(),
+            });
         }
         if request.seed.is_some() {
             return Err(InferenceError::Unsupported {
@@ -230,20 +245,33 @@ impl LlmProvider for AnthropicProvider {
         let content = v["content"]
             .as_array()
             .ok_or_else(|| InferenceError::Protocol("no content in the response".into()))?;
-        let text: String = content
-            .iter()
-            .filter(|b| b["type"] == "text")
-            .filter_map(|b| b["text"].as_str())
-            .collect();
+        let json_answer = request.response_format.is_some().then(|| {
+            content
+                .iter()
+                .find(|b| b["type"] == "tool_use" && b["name"] == JSON_TOOL)
+                .map(|b| b["input"].to_string())
+        });
+        let text: String = match json_answer {
+            Some(Some(json)) => json,
+            _ => content
+                .iter()
+                .filter(|b| b["type"] == "text")
+                .filter_map(|b| b["text"].as_str())
+                .collect(),
+        };
         let tool_calls: Vec<ToolCall> = content
             .iter()
-            .filter(|b| b["type"] == "tool_use")
+            .filter(|b| b["type"] == "tool_use" && b["name"] != JSON_TOOL)
             .map(|b| ToolCall {
                 id: b["id"].as_str().unwrap_or_default().to_string(),
                 name: b["name"].as_str().unwrap_or_default().to_string(),
                 arguments: b["input"].to_string(),
             })
             .collect();
+        let mut finish_reason = finish(v["stop_reason"].as_str());
+        if request.response_format.is_some() && finish_reason == FinishReason::ToolCalls {
+            finish_reason = FinishReason::Stop;
+        }
         let usage = Usage {
             prompt_tokens: v["usage"]["input_tokens"].as_u64().unwrap_or(0) as u32,
             completion_tokens: v["usage"]["output_tokens"].as_u64().unwrap_or(0) as u32,
@@ -255,7 +283,7 @@ impl LlmProvider for AnthropicProvider {
             summary: Summary {
                 model: v["model"].as_str().unwrap_or(&request.model).to_string(),
                 usage,
-                finish_reason: finish(v["stop_reason"].as_str()),
+                finish_reason,
                 timing: Timing {
                     time_to_first_token: Some(total),
                     total,
@@ -272,6 +300,8 @@ impl LlmProvider for AnthropicProvider {
             usage: Usage::default(),
             stop_reason: None,
             tool_blocks: Vec::new(),
+            json_mode: request.response_format.is_some(),
+            json_block: None,
         };
         Ok(drive(
             events(response).boxed(),
@@ -289,6 +319,9 @@ struct Parser {
     /// Content-block index → (tool-call index, whether input arrived) for
     /// `tool_use` blocks: OpenAI numbers tool calls, not blocks.
     tool_blocks: Vec<(u64, u32, bool)>,
+    /// Structured output: the forced tool's input is the answer's text.
+    json_mode: bool,
+    json_block: Option<u64>,
 }
 
 impl StreamParser for Parser {
@@ -316,6 +349,24 @@ impl StreamParser for Parser {
                 self.usage.completion_tokens =
                     v["message"]["usage"]["output_tokens"].as_u64().unwrap_or(0) as u32;
                 Ok(Step::Skip)
+            }
+            "content_block_start"
+                if self.json_mode
+                    && v["content_block"]["type"] == "tool_use"
+                    && v["content_block"]["name"] == JSON_TOOL =>
+            {
+                self.json_block = v["index"].as_u64();
+                Ok(Step::Skip)
+            }
+            "content_block_delta"
+                if self.json_block.is_some() && v["index"].as_u64() == self.json_block =>
+            {
+                Ok(Step::Delta(
+                    v["delta"]["partial_json"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
+                ))
             }
             "content_block_start" if v["content_block"]["type"] == "tool_use" => {
                 let block = v["index"].as_u64().unwrap_or(0);
@@ -381,7 +432,10 @@ impl StreamParser for Parser {
             "message_stop" => Ok(Step::Done {
                 model: self.model.clone(),
                 usage: self.usage,
-                finish_reason: finish(self.stop_reason.as_deref()),
+                finish_reason: match finish(self.stop_reason.as_deref()) {
+                    FinishReason::ToolCalls if self.json_mode => FinishReason::Stop,
+                    other => other,
+                },
             }),
             "error" => {
                 let kind = v["error"]["type"].as_str().unwrap_or_default();
@@ -401,6 +455,10 @@ impl StreamParser for Parser {
         ))
     }
 }
+
+/// The forced tool that carries a structured answer (Anthropic's JSON
+/// mode: https://docs.anthropic.com/en/docs/build-with-claude/tool-use#json-mode).
+const JSON_TOOL: &str = "json_response";
 
 /// Messages with tool calls as Anthropic's Messages API takes them
 /// (https://docs.anthropic.com/en/docs/build-with-claude/tool-use): an

@@ -82,6 +82,16 @@ fn body(request: &GenerateRequest) -> Value {
     if let Some(k) = request.top_k {
         config.insert("topK".into(), json!(k));
     }
+    match &request.response_format {
+        None => {}
+        Some(ResponseFormat::JsonObject) => {
+            config.insert("responseMimeType".into(), json!("application/json"));
+        }
+        Some(ResponseFormat::JsonSchema { schema, .. }) => {
+            config.insert("responseMimeType".into(), json!("application/json"));
+            config.insert("responseJsonSchema".into(), schema.clone());
+        }
+    }
     let mut body = json!({"contents": contents});
     if !config.is_empty() {
         body["generationConfig"] = Value::Object(config);

@@ -251,7 +251,7 @@ impl LlmProvider for OpenAiProvider {
         if request.prompt.is_some() {
             return self.complete_text(request).await;
         }
-        if request.uses_tools() {
+        if request.uses_tools() || request.response_format.is_some() {
             return self.complete_tools(request).await;
         }
         let started = Instant::now();
@@ -296,7 +296,7 @@ impl LlmProvider for OpenAiProvider {
             return self.stream_text(request).await;
         }
         let started = Instant::now();
-        let body = if request.uses_tools() {
+        let body = if request.uses_tools() || request.response_format.is_some() {
             self.tools_body(request, true)?
         } else {
             serde_json::to_value(self.request(request, true)?)
@@ -603,7 +603,7 @@ impl StreamParser for TextParser {
     }
 }
 
-/// Tool calling over the OpenAI protocol: the request is written as JSON
+/// Tool calling and structured outputs over the OpenAI protocol: the request is written as JSON
 /// (tools, tool_choice, parallel_tool_calls, assistant `tool_calls` and
 /// `tool` messages exactly as OpenAI's reference shows them) and the answer
 /// read as JSON, so whatever the server sends back reaches the caller.
@@ -647,6 +647,19 @@ impl OpenAiProvider {
         }
         if let Some(p) = request.parallel_tool_calls {
             body["parallel_tool_calls"] = p.into();
+        }
+        match &request.response_format {
+            None => {}
+            Some(ResponseFormat::JsonObject) => {
+                body["response_format"] = serde_json::json!({"type": "json_object"});
+            }
+            Some(ResponseFormat::JsonSchema {
+                name,
+                schema,
+                strict,
+            }) => {
+                body["response_format"] = serde_json::json!({"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": strict}});
+            }
         }
         Ok(body)
     }
