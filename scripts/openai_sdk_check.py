@@ -21,6 +21,7 @@ def main() -> int:
     parser.add_argument("--missing-model", default="nope/nothing")
     parser.add_argument("--tools-model", help="a model that calls tools (the test upstream's `tools`)")
     parser.add_argument("--json-model", help="a model answering structured output (the test upstream's `json`)")
+    parser.add_argument("--embedding-model", help="an embedding model (the test upstream's `embed`)")
     args = parser.parse_args()
 
     client = openai.OpenAI(base_url=args.base_url, api_key=args.api_key, max_retries=0, timeout=30)
@@ -137,6 +138,11 @@ def main() -> int:
             seen["broken_schema"] = "no error"
         except openai.APIStatusError as e:
             seen["broken_schema"] = {"status": e.status_code, "code": e.code, "param": e.param}
+
+    # Embeddings: the SDK asks for base64 and decodes it itself.
+    if args.embedding_model:
+        e = client.embeddings.create(model=args.embedding_model, input=["Muse", "ideas"], dimensions=3)
+        seen["embeddings"] = {"vectors": [d.embedding for d in e.data], "tokens": e.usage.prompt_tokens}
 
     print(json.dumps(seen))
     return 0

@@ -536,6 +536,8 @@ async fn the_official_python_sdk_works_against_muse() {
                 "up/tools",
                 "--json-model",
                 "up/json",
+                "--embedding-model",
+                "up/embed",
             ])
             .output()
             .unwrap()
@@ -572,6 +574,11 @@ async fn the_official_python_sdk_works_against_muse() {
     );
     assert_eq!(seen["parsed"], json!({"title": "Muse", "year": 2026}));
     assert_eq!(
+        seen["embeddings"],
+        json!({"vectors": [[4.0, 77.0, 0.5], [5.0, 105.0, 0.5]], "tokens": 2}),
+        "base64 vectors decoded by the SDK"
+    );
+    assert_eq!(
         seen["broken_schema"],
         json!({"status": 502, "code": "invalid_structured_output", "param": "response_format"}),
         "an answer that breaks the schema is not returned as if it kept it"
@@ -604,7 +611,7 @@ async fn the_official_python_sdk_works_against_muse() {
         )
         .await;
     // up/ok: whole, streamed, bare name; up/tools: call, final answer, streamed call.
-    assert_eq!(h.body["total"], 8, "{}", h.text);
+    assert_eq!(h.body["total"], 9, "{}", h.text);
 }
 
 #[actix_web::test]
@@ -720,6 +727,29 @@ async fn vendor_tools_server() -> String {
                 web::post().to(move |req: HttpRequest, body: web::Json<Value>| {
                     let g = g.clone();
                     async move {
+                        if req.path().contains("batchEmbedContents") {
+                            // https://ai.google.dev/api/embeddings#method:-models.batchembedcontents
+                            let embeddings: Vec<Value> = body["requests"]
+                                .as_array()
+                                .unwrap()
+                                .iter()
+                                .map(|r| {
+                                    let text = r["content"]["parts"][0]["text"]
+                                        .as_str()
+                                        .unwrap_or_default();
+                                    let mut v = vec![
+                                        json!(text.len() as f64),
+                                        json!(text.chars().next().map_or(0, |c| c as u32) as f64),
+                                    ];
+                                    v.resize(
+                                        r["outputDimensionality"].as_u64().unwrap_or(4) as usize,
+                                        json!(0.5),
+                                    );
+                                    json!({"values": v})
+                                })
+                                .collect();
+                            return HttpResponse::Ok().json(json!({"embeddings": embeddings}));
+                        }
                         if req.path().contains("streamGenerateContent") {
                             let frames: String = g["stream"]
                                 .as_array()
@@ -973,6 +1003,100 @@ async fn structured_answers_are_checked_and_local_models_refuse_them_by_name() {
         assert_eq!(
             (r.status, r.body["error"]["param"].as_str()),
             (StatusCode::BAD_REQUEST, Some("response_format")),
+            "{}",
+            r.text
+        );
+    }
+}
+
+#[actix_web::test]
+async fn embeddings_come_from_openai_protocol_servers_and_gemini() {
+    let vendor = vendor_tools_server().await;
+    let cache = crate::models::test_models();
+    let mut extra = vec![
+        ("GEMINI_API_KEY", "gm-test"),
+        ("GEMINI_BASE_URL", vendor.as_str()),
+        ("GEMINI_MODELS", "text-embedding-004"),
+    ];
+    if let Some(c) = &cache {
+        extra.push(("MODEL_CACHE_DIR", c.as_str()));
+    }
+    let (app, _up) = crate::upstream::app_with_upstream(&extra).await;
+    let token = access(&app.user("embedder").await);
+    let r = app
+        .post(
+            "/v1/embeddings",
+            Some(&token),
+            json!({"model": "up/embed", "input": "Muse"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.body["data"][0]["embedding"], json!([4.0, 77.0, 0.5, 0.5]));
+    assert_eq!(
+        (r.body["object"].as_str(), r.body["model"].as_str()),
+        (Some("list"), Some("up/embed"))
+    );
+    assert_eq!(r.body["usage"]["prompt_tokens"], 1);
+    let id = r.headers["x-muse-execution-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let e = app
+        .get(&format!("/api/v1/executions/{id}"), Some(&token))
+        .await;
+    assert_eq!(
+        e.body["output"], "1 embeddings of 4 dimensions",
+        "{}",
+        e.text
+    );
+
+    let r = app
+        .post(
+            "/v1/embeddings",
+            Some(&token),
+            json!({"model": "gemini/text-embedding-004", "input": ["a b", "c"], "dimensions": 2}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(
+        r.body["data"][1]["embedding"],
+        json!([1.0, 99.0]),
+        "{}",
+        r.text
+    );
+
+    for (body, param) in [
+        (json!({"model": "up/embed", "input": []}), "input"),
+        (json!({"model": "up/embed", "input": [""]}), "input[0]"),
+        (json!({"model": "up/embed", "input": [[1, 2, 3]]}), "input"),
+        (
+            json!({"model": "up/embed", "input": "x", "encoding_format": "hex"}),
+            "encoding_format",
+        ),
+        (
+            json!({"model": "up/embed", "input": "x", "normalise": true}),
+            "normalise",
+        ),
+    ] {
+        let r = app.post("/v1/embeddings", Some(&token), body.clone()).await;
+        assert_eq!(
+            (r.status, r.body["error"]["param"].as_str()),
+            (StatusCode::BAD_REQUEST, Some(param)),
+            "{body}: {}",
+            r.text
+        );
+    }
+    if cache.is_some() {
+        let r = app
+            .post(
+                "/v1/embeddings",
+                Some(&token),
+                json!({"model": "local/muse-test/tiny-gpt2", "input": "x"}),
+            )
+            .await;
+        assert_eq!(
+            (r.status, r.error_code()),
+            (StatusCode::BAD_REQUEST, "unsupported_parameter"),
             "{}",
             r.text
         );

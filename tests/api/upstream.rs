@@ -37,6 +37,46 @@ pub struct Upstream {
     pub last_chat: Arc<std::sync::Mutex<Value>>,
 }
 
+/// `POST /v1/embeddings` as OpenAI's API reference shows it
+/// (https://platform.openai.com/docs/api-reference/embeddings/create): a
+/// `list` of `embedding` objects by `index`, `usage.prompt_tokens`. The
+/// vector of a text is `[length, first char code, 0.5, …]` (`dimensions`
+/// long, default 4), as floats or — `encoding_format: base64` — as
+/// little-endian f32 bytes in base64, as OpenAI sends them.
+async fn embeddings(body: web::Json<Value>) -> HttpResponse {
+    use base64::Engine;
+    let inputs: Vec<String> = match &body["input"] {
+        Value::String(s) => vec![s.clone()],
+        Value::Array(a) => a
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect(),
+        _ => Vec::new(),
+    };
+    let dims = body["dimensions"].as_u64().unwrap_or(4) as usize;
+    let base64 = body["encoding_format"] == "base64";
+    let data: Vec<Value> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let mut v = vec![
+                t.len() as f32,
+                t.chars().next().map_or(0.0, |c| c as u32 as f32),
+            ];
+            v.resize(dims, 0.5);
+            let embedding = if base64 {
+                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                json!(v)
+            };
+            json!({"object": "embedding", "index": i, "embedding": embedding})
+        })
+        .collect();
+    let tokens: usize = inputs.iter().map(|t| t.split_whitespace().count()).sum();
+    HttpResponse::Ok().json(json!({"object": "list", "data": data, "model": body["model"], "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}))
+}
+
 /// Keeps the last chat request body, then answers as [`chat`].
 async fn recorded_chat(
     body: web::Json<Value>,
@@ -284,6 +324,7 @@ pub async fn upstream() -> Upstream {
             .app_data(chats.clone())
             .route("/v1/chat/completions", web::post().to(recorded_chat))
             .route("/v1/completions", web::post().to(text_completion))
+            .route("/v1/embeddings", web::post().to(embeddings))
     })
     .workers(1)
     .bind(("127.0.0.1", 0))
@@ -299,7 +340,7 @@ pub async fn upstream() -> Upstream {
 }
 
 /// Muse started with the upstream above as the compatible server `up`
-/// (models `ok`, `echo`, `broken`, `slow`, `flood`, `tools`, `json`; no retries).
+/// (models `ok`, `echo`, `broken`, `slow`, `flood`, `tools`, `json`, `embed`; no retries).
 pub async fn app_with_upstream(extra: &[(&str, &str)]) -> (crate::helpers::TestApp, Upstream) {
     let up = upstream().await;
     let mut vars: Vec<(&str, &str)> = vec![
@@ -307,7 +348,7 @@ pub async fn app_with_upstream(extra: &[(&str, &str)]) -> (crate::helpers::TestA
         ("OPENAI_COMPATIBLE_NAME", "up"),
         (
             "OPENAI_COMPATIBLE_MODELS",
-            "ok,echo,broken,slow,flood,tools,json",
+            "ok,echo,broken,slow,flood,tools,json,embed",
         ),
         ("LLM_MAX_RETRIES", "0"),
     ];

@@ -27,7 +27,7 @@ use crate::ws;
         auth::create_api_key, auth::list_api_keys, auth::delete_api_key,
         auth::verify_email, auth::resend_verification, auth::forgot_password, auth::reset_password,
         ai::list_models, ai::load_model, ai::unload_model,
-        openai::chat_completions, openai::completions, openai::list_models, openai::get_model,
+        openai::chat_completions, openai::completions, openai::list_models, openai::get_model, openai::embeddings,
         executions::history, executions::get_execution,
         library::list_specialties, library::create_specialty, library::get_specialty,
         library::update_specialty, library::delete_specialty,

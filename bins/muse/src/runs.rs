@@ -349,6 +349,44 @@ impl Run {
         .0
     }
 
+    /// Runs an embeddings call on `inputs` (the run's request carries them
+    /// as its prompt, for the quota estimate and the record). The record's
+    /// output says how many vectors of which size came back.
+    pub async fn embed(
+        mut self,
+        inputs: Vec<String>,
+        dimensions: Option<u32>,
+    ) -> Result<(muse_inference::Embeddings, Finished), Box<Failed>> {
+        let models = self.state.models.clone();
+        let request = muse_inference::EmbedRequest {
+            model: self.key.clone(),
+            inputs,
+            dimensions,
+        };
+        match models.embed(&self.key, &request).await {
+            Ok((embeddings, cost)) => {
+                let dims = embeddings.vectors.first().map_or(0, Vec::len);
+                self.text = format!(
+                    "{} embeddings of {dims} dimensions",
+                    embeddings.vectors.len()
+                );
+                let (execution, _, written) =
+                    self.record(ExecutionStatus::Succeeded, embeddings.usage, cost, None);
+                if let Some(w) = written {
+                    let _ = w.await;
+                }
+                let finished = Finished {
+                    execution,
+                    finish_reason: FinishReason::Stop,
+                    tool_calls: Vec::new(),
+                    idea: None,
+                };
+                Ok((embeddings, finished))
+            }
+            Err(e) => Err(Box::new(self.fail(e).await)),
+        }
+    }
+
     /// Runs the whole call.
     pub async fn complete(mut self) -> Result<Finished, Box<Failed>> {
         let models = self.state.models.clone();

@@ -433,6 +433,33 @@ impl ModelRegistry {
         Ok(stream.boxed())
     }
 
+    /// Embeddings from the model `key` (retried per the policy), priced at
+    /// its input price; metrics as for calls.
+    pub async fn embed(
+        &self,
+        key: &str,
+        request: &EmbedRequest,
+    ) -> Result<(Embeddings, Option<f64>), InferenceError> {
+        let entry = self.entry(key)?;
+        let req = EmbedRequest {
+            model: entry.model.clone(),
+            ..request.clone()
+        };
+        let (provider, model) = (entry.provider.id(), entry.model.as_str());
+        let out = with_retries(
+            &self.retry,
+            provider,
+            || entry.provider.embed(&req),
+            |e| record_error(provider, model, e),
+        )
+        .await?;
+        let cost = self.price_of(&entry).map(|p| p.cost(&out.usage));
+        metrics::counter!("llm_requests_total", "provider" => provider.to_string(), "model" => model.to_string()).increment(1);
+        metrics::counter!("llm_tokens_used_total", "provider" => provider.to_string(), "model" => model.to_string(), "kind" => "prompt")
+            .increment(u64::from(out.usage.prompt_tokens));
+        Ok((out, cost))
+    }
+
     /// The cost of `usage` on the model `key` (USD; `None` when unknown).
     pub fn cost(&self, key: &str, usage: &Usage) -> Option<f64> {
         let entry = self.read_entries().get(key).cloned()?;

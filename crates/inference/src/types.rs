@@ -352,6 +352,37 @@ pub trait LlmProvider: Send + Sync + 'static {
     async fn complete(&self, request: &GenerateRequest) -> Result<Completion, InferenceError>;
 
     async fn stream(&self, request: &GenerateRequest) -> Result<CompletionStream, InferenceError>;
+
+    /// Embeddings of `request.inputs`. Providers without an embeddings API
+    /// refuse by name.
+    async fn embed(&self, request: &EmbedRequest) -> Result<Embeddings, InferenceError> {
+        Err(InferenceError::Unsupported {
+            param: "model".into(),
+            message: format!(
+                "{} does not serve embeddings through {}",
+                request.model,
+                self.id()
+            ),
+        })
+    }
+}
+
+/// Texts to embed (`model` is the provider's own name).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EmbedRequest {
+    pub model: String,
+    pub inputs: Vec<String>,
+    /// Shorter vectors, where the model supports it.
+    pub dimensions: Option<u32>,
+}
+
+/// One vector per input, in order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Embeddings {
+    pub model: String,
+    pub vectors: Vec<Vec<f32>>,
+    /// Input tokens (`completion_tokens` is 0).
+    pub usage: Usage,
 }
 
 /// A shared provider is a provider (so `Retrying::new(arc.clone(), …)` works).
@@ -367,6 +398,10 @@ impl LlmProvider for std::sync::Arc<dyn LlmProvider> {
 
     async fn stream(&self, request: &GenerateRequest) -> Result<CompletionStream, InferenceError> {
         (**self).stream(request).await
+    }
+
+    async fn embed(&self, request: &EmbedRequest) -> Result<Embeddings, InferenceError> {
+        (**self).embed(request).await
     }
 }
 

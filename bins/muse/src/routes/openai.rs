@@ -27,7 +27,8 @@ pub fn config(cfg: &mut web::ServiceConfig) {
             .service(web::resource("/models").get(list_models))
             .service(web::resource("/models/{id:.*}").get(get_model))
             .service(web::resource("/chat/completions").post(chat_completions))
-            .service(web::resource("/completions").post(completions)),
+            .service(web::resource("/completions").post(completions))
+            .service(web::resource("/embeddings").post(embeddings)),
     );
 }
 
@@ -1065,4 +1066,132 @@ pub async fn completions(
         .insert_header(("cache-control", "no-cache"))
         .insert_header(("x-muse-execution-id", id.to_string()))
         .streaming(body_stream))
+}
+
+/// Most inputs in one `/v1/embeddings` request.
+pub const MAX_EMBEDDING_INPUTS: usize = 256;
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum EmbeddingInput {
+    One(String),
+    Many(Vec<String>),
+    /// Token arrays: refused (Muse embeds text).
+    #[schema(value_type = Object)]
+    Tokens(Value),
+}
+
+/// OpenAI's embeddings request.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct EmbeddingRequest {
+    /// A registry key, alias or bare name of an embedding model.
+    pub model: String,
+    pub input: EmbeddingInput,
+    /// Shorter vectors (OpenAI's `text-embedding-3-*`, Gemini's
+    /// `outputDimensionality`).
+    pub dimensions: Option<u32>,
+    /// `float` (default) or `base64` (little-endian f32, as OpenAI sends).
+    pub encoding_format: Option<String>,
+    /// Ignored (it changes nothing in the answer).
+    pub user: Option<String>,
+    #[serde(flatten)]
+    #[schema(value_type = Object)]
+    pub extra: serde_json::Map<String, Value>,
+}
+
+/// Embeddings, OpenAI-compatible: OpenAI and compatible servers
+/// (`/embeddings`) and Gemini (`batchEmbedContents`); recorded, priced and
+/// quota-checked like any call.
+#[utoipa::path(post, path = "/v1/embeddings", tag = "openai", security(("bearer" = [])), request_body = EmbeddingRequest,
+    responses(
+        (status = 200, description = "`{object: \"list\", data: [{object: \"embedding\", index, embedding}], model, usage}`"),
+        (status = 400, description = "validation or unsupported_parameter (a provider without embeddings)", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 404, description = "model_not_found", body = ErrorBody),
+        (status = 502, description = "provider errors", body = ErrorBody),
+    ))]
+pub async fn embeddings(
+    state: web::Data<AppState>,
+    user: CurrentUser,
+    body: web::Json<EmbeddingRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let body = body.into_inner();
+    if let Some(name) = body.extra.keys().next() {
+        return Err(unsupported(
+            name,
+            "it is not a field of OpenAI's Embeddings API",
+        ));
+    }
+    let inputs = match body.input {
+        EmbeddingInput::One(s) => vec![s],
+        EmbeddingInput::Many(v) => v,
+        EmbeddingInput::Tokens(_) => {
+            return Err(unsupported(
+                "input",
+                "token arrays are not embedded: send text",
+            ))
+        }
+    };
+    if inputs.is_empty() || inputs.len() > MAX_EMBEDDING_INPUTS {
+        return Err(invalid_param(
+            "input",
+            format!("input must hold 1 to {MAX_EMBEDDING_INPUTS} strings"),
+        ));
+    }
+    if let Some(i) = inputs.iter().position(String::is_empty) {
+        return Err(invalid_param(
+            &format!("input[{i}]"),
+            "inputs may not be empty",
+        ));
+    }
+    let base64 = match body.encoding_format.as_deref() {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(other) => {
+            return Err(invalid_param(
+                "encoding_format",
+                format!("encoding_format must be float or base64, not {other:?}"),
+            ))
+        }
+    };
+    if body.dimensions == Some(0) {
+        return Err(invalid_param("dimensions", "dimensions must be at least 1"));
+    }
+    let key = resolve_model(&state, &body.model)?;
+    super::library::provider_gate(&state, &user.0, &key)?;
+    let mut request = GenerateRequest::completion(key.clone(), inputs.join("\n"));
+    request.max_tokens = Some(1);
+    let run = Run::new(
+        &state,
+        user.0.user.id,
+        ExecutionSource::OpenaiApi,
+        &key,
+        request,
+    )
+    .admit()
+    .await?;
+    let id = run.id;
+    let (embeddings, _) = run
+        .embed(inputs, body.dimensions)
+        .await
+        .map_err(|f| ApiError::from(f.error))?;
+    let data: Vec<Value> = embeddings
+        .vectors
+        .iter()
+        .enumerate()
+        .map(|(index, v)| {
+            let embedding = if base64 {
+                use base64::Engine;
+                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                json!(v)
+            };
+            json!({"object": "embedding", "index": index, "embedding": embedding})
+        })
+        .collect();
+    let tokens = embeddings.usage.prompt_tokens;
+    Ok(HttpResponse::Ok()
+        .insert_header(("x-muse-execution-id", id.to_string()))
+        .json(json!({"object": "list", "data": data, "model": key, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})))
 }

@@ -298,6 +298,70 @@ impl LlmProvider for GeminiProvider {
         })
     }
 
+    /// `POST /v1beta/models/{model}:batchEmbedContents`
+    /// (https://ai.google.dev/api/embeddings). Gemini reports no token
+    /// counts for embeddings: usage is estimated at 4 characters a token.
+    async fn embed(&self, request: &EmbedRequest) -> Result<Embeddings, InferenceError> {
+        check_model_name(&request.model)?;
+        let requests: Vec<Value> = request
+            .inputs
+            .iter()
+            .map(|text| {
+                let mut r = json!({"model": format!("models/{}", request.model), "content": {"parts": [{"text": text}]}});
+                if let Some(d) = request.dimensions {
+                    r["outputDimensionality"] = json!(d);
+                }
+                r
+            })
+            .collect();
+        let url = format!(
+            "{}/v1beta/models/{}:batchEmbedContents",
+            self.config.base_url, request.model
+        );
+        let builder = self
+            .client
+            .post(url)
+            .header("x-goog-api-key", self.config.api_key.expose())
+            .json(&json!({"requests": requests}));
+        let response = send(builder, false, &self.config.timeouts, map_error).await?;
+        let v: Value = response
+            .json()
+            .await
+            .map_err(|e| InferenceError::from_reqwest(&e))?;
+        let vectors: Vec<Vec<f32>> = v["embeddings"]
+            .as_array()
+            .ok_or_else(|| InferenceError::Protocol("no embeddings in the response".into()))?
+            .iter()
+            .map(|e| {
+                e["values"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|x| x.as_f64())
+                            .map(|x| x as f32)
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            })
+            .collect();
+        if vectors.len() != request.inputs.len() {
+            return Err(InferenceError::Protocol(format!(
+                "{} embeddings for {} inputs",
+                vectors.len(),
+                request.inputs.len()
+            )));
+        }
+        let chars: usize = request.inputs.iter().map(|t| t.chars().count()).sum();
+        Ok(Embeddings {
+            model: request.model.clone(),
+            vectors,
+            usage: Usage {
+                prompt_tokens: u32::try_from(chars.div_ceil(4)).unwrap_or(u32::MAX),
+                completion_tokens: 0,
+            },
+        })
+    }
+
     async fn stream(&self, request: &GenerateRequest) -> Result<CompletionStream, InferenceError> {
         let started = Instant::now();
         let response = self.send(request, true).await?;

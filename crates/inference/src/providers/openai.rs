@@ -291,6 +291,62 @@ impl LlmProvider for OpenAiProvider {
         })
     }
 
+    /// `POST /embeddings` (https://platform.openai.com/docs/api-reference/embeddings).
+    async fn embed(&self, request: &EmbedRequest) -> Result<Embeddings, InferenceError> {
+        check_model_name(&request.model)?;
+        let mut body = serde_json::json!({"model": request.model, "input": request.inputs, "encoding_format": "float"});
+        if let Some(d) = request.dimensions {
+            body["dimensions"] = d.into();
+        }
+        let builder = self
+            .http
+            .post(format!(
+                "{}/embeddings",
+                self.config.base_url.trim_end_matches('/')
+            ))
+            .bearer_auth(self.config.api_key.expose())
+            .json(&body);
+        let response = send(builder, false, &self.config.timeouts, map_http_error).await?;
+        let v: serde_json::Value = response
+            .json()
+            .await
+            .map_err(|e| InferenceError::Protocol(format!("unreadable response: {e}")))?;
+        let mut data: Vec<(u64, Vec<f32>)> = v["data"]
+            .as_array()
+            .ok_or_else(|| InferenceError::Protocol("no data in the embeddings response".into()))?
+            .iter()
+            .map(|d| {
+                let vector = d["embedding"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|x| x.as_f64())
+                            .map(|x| x as f32)
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                (d["index"].as_u64().unwrap_or(0), vector)
+            })
+            .collect();
+        data.sort_by_key(|(i, _)| *i);
+        if data.len() != request.inputs.len() {
+            return Err(InferenceError::Protocol(format!(
+                "{} embeddings for {} inputs",
+                data.len(),
+                request.inputs.len()
+            )));
+        }
+        Ok(Embeddings {
+            model: v["model"].as_str().unwrap_or(&request.model).to_string(),
+            vectors: data.into_iter().map(|(_, v)| v).collect(),
+            usage: Usage {
+                prompt_tokens: u32::try_from(v["usage"]["prompt_tokens"].as_u64().unwrap_or(0))
+                    .unwrap_or(u32::MAX),
+                completion_tokens: 0,
+            },
+        })
+    }
+
     async fn stream(&self, request: &GenerateRequest) -> Result<CompletionStream, InferenceError> {
         if request.prompt.is_some() {
             return self.stream_text(request).await;
