@@ -1102,3 +1102,168 @@ async fn embeddings_come_from_openai_protocol_servers_and_gemini() {
         );
     }
 }
+
+/// Every field of OpenAI's Chat Completions request reference
+/// (https://platform.openai.com/docs/api-reference/chat/create), one at a
+/// time with a value that means something: each is either seen by the
+/// OpenAI-protocol upstream, ignored by the documented rule, or refused by
+/// name — never dropped silently (docs/openai.md has the table).
+#[actix_web::test]
+async fn every_chat_completions_field_is_forwarded_ignored_by_rule_or_refused_by_name() {
+    let (app, up) = crate::upstream::app_with_upstream(&[]).await;
+    let token = access(&app.user("fieldwalk").await);
+    let tool =
+        json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]);
+    enum Expect {
+        /// Forwarded: the upstream saw this key with this value.
+        Seen(&'static str, Value),
+        /// Accepted and documented as ignored: not forwarded.
+        Ignored,
+        /// 400 unsupported_parameter naming the field.
+        Refused,
+    }
+    use Expect::*;
+    let cases: Vec<(&str, Value, Expect, Option<(&str, Value)>)> = vec![
+        (
+            "temperature",
+            json!(0.3),
+            Seen("temperature", json!(0.3)),
+            None,
+        ),
+        ("top_p", json!(0.9), Seen("top_p", json!(0.9)), None),
+        ("max_tokens", json!(7), Seen("max_tokens", json!(7)), None),
+        (
+            "max_completion_tokens",
+            json!(9),
+            Seen("max_tokens", json!(9)),
+            None,
+        ),
+        ("stop", json!(["###"]), Seen("stop", json!(["###"])), None),
+        ("seed", json!(5), Seen("seed", json!(5)), None),
+        (
+            "presence_penalty",
+            json!(0.5),
+            Seen("presence_penalty", json!(0.5)),
+            None,
+        ),
+        (
+            "frequency_penalty",
+            json!(-0.5),
+            Seen("frequency_penalty", json!(-0.5)),
+            None,
+        ),
+        ("tools", tool.clone(), Seen("tools", tool.clone()), None),
+        (
+            "tool_choice",
+            json!("required"),
+            Seen("tool_choice", json!("required")),
+            Some(("tools", tool.clone())),
+        ),
+        (
+            "parallel_tool_calls",
+            json!(false),
+            Seen("parallel_tool_calls", json!(false)),
+            Some(("tools", tool.clone())),
+        ),
+        (
+            "response_format",
+            json!({"type": "json_object"}),
+            Seen("response_format", json!({"type": "json_object"})),
+            None,
+        ),
+        (
+            "stream_options",
+            json!({"include_usage": true}),
+            Seen("stream_options", json!({"include_usage": true})),
+            Some(("stream", json!(true))),
+        ),
+        ("n", json!(1), Ignored, None),
+        ("user", json!("u-1"), Ignored, None),
+        ("metadata", json!({"k": "v"}), Ignored, None),
+        ("store", json!(true), Ignored, None),
+        ("service_tier", json!("auto"), Ignored, None),
+        ("prompt_cache_key", json!("k"), Ignored, None),
+        ("safety_identifier", json!("s"), Ignored, None),
+        ("n", json!(2), Refused, None),
+        ("logprobs", json!(true), Refused, None),
+        ("top_logprobs", json!(2), Refused, None),
+        ("logit_bias", json!({"50256": -100}), Refused, None),
+        (
+            "audio",
+            json!({"voice": "alloy", "format": "wav"}),
+            Refused,
+            None,
+        ),
+        ("modalities", json!(["text", "audio"]), Refused, None),
+        (
+            "prediction",
+            json!({"type": "content", "content": "x"}),
+            Refused,
+            None,
+        ),
+        ("reasoning_effort", json!("low"), Refused, None),
+        ("verbosity", json!("low"), Refused, None),
+        ("web_search_options", json!({}), Refused, None),
+        ("functions", json!([{"name": "f"}]), Refused, None),
+        (
+            "function_call",
+            json!("auto"),
+            Refused,
+            Some(("functions", json!([{"name": "f"}]))),
+        ),
+    ];
+    for (field, value, expect, with) in cases {
+        *up.last_chat.lock().unwrap() = Value::Null;
+        // up/json answers JSON (so that response_format is kept); up/ok streams.
+        let model = if with.as_ref().is_some_and(|(k, _)| *k == "stream") {
+            "up/ok"
+        } else {
+            "up/json"
+        };
+        let mut body = json!({"model": model, "messages": [{"role": "user", "content": "x"}]});
+        body[field] = value.clone();
+        if let Some((k, v)) = &with {
+            body[*k] = v.clone();
+        }
+        let r = app
+            .post("/v1/chat/completions", Some(&token), body.clone())
+            .await;
+        let sent = up.last_chat.lock().unwrap().clone();
+        match expect {
+            Seen(key, want) => {
+                assert!(r.status.is_success(), "{field}: {}", r.text);
+                assert_eq!(
+                    sent[key], want,
+                    "{field} reaches the upstream as {key}: {sent}"
+                );
+            }
+            Ignored => {
+                assert!(r.status.is_success(), "{field}: {}", r.text);
+                assert!(
+                    sent.get(field).is_none() || field == "n",
+                    "{field} is not forwarded: {sent}"
+                );
+            }
+            Refused => {
+                assert_eq!(
+                    (
+                        r.status,
+                        r.body["error"]["code"].as_str(),
+                        r.body["error"]["param"].as_str()
+                    ),
+                    (
+                        StatusCode::BAD_REQUEST,
+                        Some("unsupported_parameter"),
+                        Some(field)
+                    ),
+                    "{field}: {}",
+                    r.text
+                );
+                assert!(
+                    sent.is_null(),
+                    "{field}: a refused request never reaches the upstream"
+                );
+            }
+        }
+    }
+}

@@ -251,44 +251,7 @@ impl LlmProvider for OpenAiProvider {
         if request.prompt.is_some() {
             return self.complete_text(request).await;
         }
-        if request.uses_tools() || request.response_format.is_some() {
-            return self.complete_tools(request).await;
-        }
-        let started = Instant::now();
-        let req = self.request(request, false)?;
-        let call = async { self.client.chat().create(req).await.map_err(map_error) };
-        let response = tokio::time::timeout(
-            self.config.timeouts.request,
-            RETRY_AFTER.scope(Default::default(), call),
-        )
-        .await
-        .map_err(|_| InferenceError::Timeout)??;
-        let choice = response
-            .choices
-            .into_iter()
-            .next()
-            .ok_or_else(|| InferenceError::Protocol("no choices in the response".into()))?;
-        let usage = response
-            .usage
-            .map(|u| Usage {
-                prompt_tokens: u.prompt_tokens,
-                completion_tokens: u.completion_tokens,
-            })
-            .unwrap_or_default();
-        let total = started.elapsed();
-        Ok(Completion {
-            text: choice.message.content.unwrap_or_default(),
-            tool_calls: Vec::new(),
-            summary: Summary {
-                model: response.model,
-                usage,
-                finish_reason: finish(choice.finish_reason),
-                timing: Timing {
-                    time_to_first_token: Some(total),
-                    total,
-                },
-            },
-        })
+        self.complete_json(request).await
     }
 
     /// `POST /embeddings` (https://platform.openai.com/docs/api-reference/embeddings).
@@ -352,12 +315,7 @@ impl LlmProvider for OpenAiProvider {
             return self.stream_text(request).await;
         }
         let started = Instant::now();
-        let body = if request.uses_tools() || request.response_format.is_some() {
-            self.tools_body(request, true)?
-        } else {
-            serde_json::to_value(self.request(request, true)?)
-                .map_err(|e| InferenceError::Protocol(format!("request: {e}")))?
-        };
+        let body = self.json_body(request, true)?;
         let builder = self
             .http
             .post(format!(
@@ -664,13 +622,26 @@ impl StreamParser for TextParser {
 /// `tool` messages exactly as OpenAI's reference shows them) and the answer
 /// read as JSON, so whatever the server sends back reaches the caller.
 impl OpenAiProvider {
-    fn tools_body(
+    /// The request as JSON: async-openai's typed request, with the floats
+    /// written as given (0.3, not 0.30000001192092896) and the members its
+    /// types do not carry here (tool messages, tools, structured output).
+    fn json_body(
         &self,
         request: &GenerateRequest,
         stream: bool,
     ) -> Result<serde_json::Value, InferenceError> {
         let mut body = serde_json::to_value(self.request(request, stream)?)
             .map_err(|e| InferenceError::Protocol(format!("request: {e}")))?;
+        for (key, value) in [
+            ("temperature", request.temperature),
+            ("top_p", request.top_p),
+            ("presence_penalty", request.presence_penalty),
+            ("frequency_penalty", request.frequency_penalty),
+        ] {
+            if let Some(v) = value {
+                body[key] = f32_json(v);
+            }
+        }
         body["messages"] = request.messages.iter().map(openai_message).collect();
         if !request.tools.is_empty() {
             body["tools"] = request
@@ -720,24 +691,24 @@ impl OpenAiProvider {
         Ok(body)
     }
 
-    async fn complete_tools(
-        &self,
-        request: &GenerateRequest,
-    ) -> Result<Completion, InferenceError> {
+    /// A whole chat completion through async-openai's client (its
+    /// bring-your-own-types call, so that the JSON sent is exactly ours).
+    async fn complete_json(&self, request: &GenerateRequest) -> Result<Completion, InferenceError> {
         let started = Instant::now();
-        let builder = self
-            .http
-            .post(format!(
-                "{}/chat/completions",
-                self.config.base_url.trim_end_matches('/')
-            ))
-            .bearer_auth(self.config.api_key.expose())
-            .json(&self.tools_body(request, false)?);
-        let response = send(builder, false, &self.config.timeouts, map_http_error).await?;
-        let v: serde_json::Value = response
-            .json()
-            .await
-            .map_err(|e| InferenceError::Protocol(format!("unreadable response: {e}")))?;
+        let body = self.json_body(request, false)?;
+        let call = async {
+            self.client
+                .chat()
+                .create_byot::<serde_json::Value, serde_json::Value>(body)
+                .await
+                .map_err(map_error)
+        };
+        let v = tokio::time::timeout(
+            self.config.timeouts.request,
+            RETRY_AFTER.scope(Default::default(), call),
+        )
+        .await
+        .map_err(|_| InferenceError::Timeout)??;
         let choice = v["choices"]
             .get(0)
             .ok_or_else(|| InferenceError::Protocol("no choices in the response".into()))?;
