@@ -1123,7 +1123,9 @@ async fn every_chat_completions_field_is_forwarded_ignored_by_rule_or_refused_by
         Refused,
     }
     use Expect::*;
-    let cases: Vec<(&str, Value, Expect, Option<(&str, Value)>)> = vec![
+    /// Field, value, what must happen, and a field it needs alongside.
+    type Case = (&'static str, Value, Expect, Option<(&'static str, Value)>);
+    let cases: Vec<Case> = vec![
         (
             "temperature",
             json!(0.3),
