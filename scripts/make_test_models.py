@@ -9,6 +9,8 @@ Writes, under OUT (default: target/test-models/hub):
                                    Llama-2-chat's real chat template in tokenizer_config.json,
                                    a tokenizer that adds BOS like Llama's, and a
                                    generation_config.json with two stop ids
+  models--muse-test--tiny-minilm/  a BERT-like sentence-embedding encoder (WordPiece, [CLS]/[SEP],
+                                   mean pooling and normalisation as sentence-transformers configs say)
 The tiny GPT-2 carries the ChatML template of transformers in chat_template.jinja (the
 separate file newer exports use); its tokenizer adds no special tokens, like GPT-2's.
 Both take the standard inputs input_ids, attention_mask, position_ids and
@@ -30,7 +32,7 @@ import tempfile
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 OPSET = 17
 CORPUS = [
@@ -281,12 +283,119 @@ def tree_hash(path):
     return h.hexdigest()
 
 
+def train_wordpiece():
+    """A WordPiece vocabulary built deterministically from the corpus (the
+    tokenizers trainer breaks frequency ties differently from run to run):
+    the special tokens, every character alone and as a `##` continuation,
+    then the corpus's words by frequency."""
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre = pre_tokenizers.BertPreTokenizer()
+    counts = {}
+    for line in CORPUS:
+        for word, _ in pre.pre_tokenize_str(normalizer.normalize_str(line)):
+            counts[word] = counts.get(word, 0) + 1
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    chars = sorted({c for w in counts for c in w})
+    words = [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if len(w) > 1][:150]
+    vocab = {}
+    for t in special + chars + ["##" + c for c in chars] + words:
+        vocab.setdefault(t, len(vocab))
+    tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre
+    tok.decoder = decoders.WordPiece()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))])
+    return tok
+
+
+def build_encoder(vocab, rng, layers=2, hidden=32, n_heads=4, max_pos=128):
+    """A BERT-like encoder: input_ids, attention_mask, token_type_ids -> last_hidden_state."""
+    g = Graph(TensorProto.FLOAT)
+    hd = hidden // n_heads
+    W = lambda *shape, scale=0.3: rng.standard_normal(size=shape, dtype=np.float32) * np.float32(scale)  # noqa: E731
+    inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "seq"]) for n in ("input_ids", "attention_mask", "token_type_ids")]
+    outputs = [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["batch", "seq", hidden])]
+    seq = g.op("Gather", [g.op("Shape", ["input_ids"]), g.const(np.array(1, dtype=np.int64))], axis=0)
+    positions = g.op("Range", [g.const(np.array(0, dtype=np.int64)), seq, g.const(np.array(1, dtype=np.int64))])
+    h = g.op("Add", [g.op("Gather", [g.weight(W(vocab, hidden), "wte"), "input_ids"], axis=0),
+                     g.op("Gather", [g.weight(W(max_pos, hidden), "wpe"), positions], axis=0)])
+    h = g.op("Add", [h, g.op("Gather", [g.weight(W(2, hidden, scale=0.1), "wtt"), "token_type_ids"], axis=0)])
+
+    def ln(x, p):
+        return g.op("LayerNormalization", [x, g.weight(1 + W(hidden, scale=0.05), p + "g"), g.weight(W(hidden, scale=0.05), p + "b")], axis=-1, epsilon=1e-12)
+
+    def linear(x, din, dout, p):
+        return g.op("Add", [g.op("MatMul", [x, g.weight(W(din, dout, scale=0.15), p)]), g.weight(W(dout, scale=0.02), p + "b")])
+
+    h = ln(h, "emb")
+    # (B,1,1,S) additive mask: 0 where attended, -1e4 on padding.
+    m = g.op("Cast", [g.op("Unsqueeze", ["attention_mask", g.const(np.array([1, 2], dtype=np.int64))])], to=TensorProto.FLOAT)
+    bias = g.op("Mul", [g.op("Sub", [g.scalar(1.0), m]), g.scalar(-1e4)])
+    for i in range(layers):
+        q = heads(g, linear(h, hidden, hidden, f"q{i}"), n_heads, hd)
+        k = heads(g, linear(h, hidden, hidden, f"k{i}"), n_heads, hd)
+        v = heads(g, linear(h, hidden, hidden, f"v{i}"), n_heads, hd)
+        scores = g.op("Add", [g.op("Mul", [g.op("MatMul", [q, g.op("Transpose", [k], perm=[0, 1, 3, 2])]), g.scalar(1.0 / np.sqrt(hd))]), bias])
+        ctx = g.op("MatMul", [g.op("Softmax", [scores], axis=-1), v])
+        ctx = g.op("Reshape", [g.op("Transpose", [ctx], perm=[0, 2, 1, 3]), g.const(np.array([0, 0, hidden], dtype=np.int64))])
+        h = ln(g.op("Add", [h, linear(ctx, hidden, hidden, f"o{i}")]), f"ln{i}a")
+        up = linear(h, hidden, 4 * hidden, f"fc{i}")
+        gelu = g.op("Mul", [g.op("Mul", [up, g.scalar(0.5)]), g.op("Add", [g.op("Erf", [g.op("Mul", [up, g.scalar(1 / np.sqrt(2))])]), g.scalar(1.0)])])
+        h = ln(g.op("Add", [h, linear(gelu, 4 * hidden, hidden, f"proj{i}")]), f"ln{i}m")
+    g.op("Identity", [h], outputs=["last_hidden_state"])
+    graph = helper.make_graph(g.nodes, "tiny-minilm", inputs, outputs, g.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="muse-test-models")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model, hidden
+
+
+def write_encoder(out, repo, seed):
+    """A sentence-transformers export: onnx/model.onnx, a WordPiece tokenizer adding
+    [CLS]/[SEP], modules.json (Transformer, Pooling, Normalize) and 1_Pooling/config.json
+    (mean pooling), as all-MiniLM-L6-v2 ships."""
+    tok = train_wordpiece()
+    model, hidden = build_encoder(tok.get_vocab_size(), np.random.default_rng(seed))
+    files = {
+        "tokenizer.json": tok.to_str().encode(),
+        "tokenizer_config.json": json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 128, "cls_token": "[CLS]", "sep_token": "[SEP]",
+                                             "pad_token": "[PAD]", "unk_token": "[UNK]", "mask_token": "[MASK]", "do_lower_case": True}, indent=2, sort_keys=True).encode(),
+        "config.json": json.dumps({"model_type": "bert", "hidden_size": hidden, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                   "max_position_embeddings": 128, "vocab_size": tok.get_vocab_size()}, indent=2, sort_keys=True).encode(),
+        "modules.json": json.dumps([{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                                    {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+                                    {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}], indent=2).encode(),
+        "1_Pooling/config.json": json.dumps({"word_embedding_dimension": hidden, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True,
+                                             "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False}, indent=2).encode(),
+    }
+    digest = hashlib.sha1()
+    for k in sorted(files):
+        digest.update(k.encode() + files[k])
+    digest.update(model.SerializeToString())
+    rev = digest.hexdigest()
+    root = os.path.join(out, f"models--{repo.replace('/', '--')}")
+    snap = os.path.join(root, "snapshots", rev)
+    os.makedirs(os.path.join(root, "refs"), exist_ok=True)
+    os.makedirs(os.path.join(snap, "onnx"), exist_ok=True)
+    os.makedirs(os.path.join(snap, "1_Pooling"), exist_ok=True)
+    with open(os.path.join(root, "refs", "main"), "w") as f:
+        f.write(rev)
+    for k, v in files.items():
+        with open(os.path.join(snap, k), "wb") as f:
+            f.write(v)
+    onnx.save_model(model, os.path.join(snap, "onnx", "model.onnx"))
+    return snap
+
+
 def generate(out):
     if os.path.exists(out):
         shutil.rmtree(out)
     os.makedirs(out)
     write_model(out, "muse-test/tiny-gpt2", "gpt2", seed=1)
     write_model(out, "muse-test/tiny-llama", "llama", seed=2)
+    write_encoder(out, "muse-test/tiny-minilm", seed=4)
     return tree_hash(out)
 
 

@@ -1087,6 +1087,25 @@ async fn embeddings_come_from_openai_protocol_servers_and_gemini() {
         );
     }
     if cache.is_some() {
+        // A local sentence-transformers export (its vectors equal the
+        // onnxruntime reference within 1e-5: crates/inference/tests/local.rs).
+        let r = app
+            .post(
+                "/v1/embeddings",
+                Some(&token),
+                json!({"model": "local/muse-test/tiny-minilm", "input": ["Muse", "ideas"]}),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        let v: Vec<f64> = r.body["data"][1]["embedding"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        assert_eq!(v.len(), 32);
+        assert!((v.iter().map(|x| x * x).sum::<f64>().sqrt() - 1.0).abs() < 1e-5);
+        assert!(r.body["usage"]["prompt_tokens"].as_u64().unwrap() >= 4);
         let r = app
             .post(
                 "/v1/embeddings",

@@ -117,7 +117,11 @@ fn kv_layout_is_read_from_the_model_inputs() {
     );
     assert_eq!(
         cached_models(&cache),
-        ["muse-test/tiny-gpt2", "muse-test/tiny-llama"]
+        [
+            "muse-test/tiny-gpt2",
+            "muse-test/tiny-llama",
+            "muse-test/tiny-minilm"
+        ]
     );
 }
 
@@ -298,7 +302,11 @@ async fn the_local_provider_streams_through_the_common_trait() {
     let p = provider(&cache, 4);
     assert_eq!(
         p.available(),
-        ["muse-test/tiny-gpt2", "muse-test/tiny-llama"]
+        [
+            "muse-test/tiny-gpt2",
+            "muse-test/tiny-llama",
+            "muse-test/tiny-minilm"
+        ]
     );
     let mut req = GenerateRequest::new(
         "muse-test/tiny-llama",
@@ -753,4 +761,79 @@ fn models_without_a_template_join_and_broken_templates_are_the_servers_fault() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_sentence_embeddings_equal_the_onnxruntime_reference() {
+    use muse_inference::{EmbedRequest, GenerateRequest, LlmProvider};
+    let Some(cache) = cache() else { return };
+    let p = provider(&cache, 4);
+    let texts = vec![
+        "Muse writes ideas.".to_string(),
+        "Ünïcödé café, crème brûlée — and a longer sentence about cats and dogs.".to_string(),
+    ];
+    let request = EmbedRequest {
+        model: "muse-test/tiny-minilm".into(),
+        inputs: texts.clone(),
+        dimensions: None,
+    };
+    let got = p.embed(&request).await.unwrap();
+    let dir = resolve_model(&cache, "muse-test/tiny-minilm").unwrap();
+    let out = Command::new(root().join(".venv/bin/python"))
+        .arg(root().join("scripts/reference_embed.py"))
+        .args(["--model", dir.to_str().unwrap()])
+        .args(&texts)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reference: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let want = reference["vectors"].as_array().unwrap();
+    assert_eq!(got.vectors.len(), 2);
+    for (v, w) in got.vectors.iter().zip(want) {
+        let w: Vec<f64> = w
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        assert_eq!(v.len(), w.len());
+        let worst = v
+            .iter()
+            .zip(&w)
+            .map(|(a, b)| (f64::from(*a) - b).abs())
+            .fold(0.0, f64::max);
+        assert!(worst < 1e-5, "largest difference {worst}");
+        let norm: f64 = v
+            .iter()
+            .map(|x| f64::from(*x) * f64::from(*x))
+            .sum::<f64>()
+            .sqrt();
+        assert!(
+            (norm - 1.0).abs() < 1e-5,
+            "normalised as modules.json says: {norm}"
+        );
+    }
+    assert!(got.usage.prompt_tokens > 10);
+
+    // An embedding model is not a chat model, and the other way round.
+    let chat = GenerateRequest::new(
+        "muse-test/tiny-minilm",
+        vec![muse_inference::Message::user("hi")],
+    );
+    assert!(matches!(
+        p.complete(&chat).await,
+        Err(InferenceError::Unsupported { .. })
+    ));
+    let wrong = EmbedRequest {
+        model: "muse-test/tiny-gpt2".into(),
+        ..request
+    };
+    assert!(matches!(
+        p.embed(&wrong).await,
+        Err(InferenceError::Unsupported { .. })
+    ));
 }

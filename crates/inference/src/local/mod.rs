@@ -3,6 +3,7 @@
 //! chat templates, and a worker thread per loaded model.
 
 pub mod download;
+pub mod embed;
 pub mod engine;
 pub mod provider;
 pub mod resolve;

@@ -64,10 +64,14 @@ type Workers = Arc<Mutex<BTreeMap<String, Arc<Worker>>>>;
 /// Models served from a directory of their own (trained models), by name.
 type Dirs = Arc<std::sync::RwLock<BTreeMap<String, PathBuf>>>;
 
+type Embedders = Arc<Mutex<BTreeMap<String, Arc<Mutex<super::embed::LocalEmbedder>>>>>;
+
 pub struct LocalProvider {
     config: LocalConfig,
     workers: Workers,
     dirs: Dirs,
+    /// Sentence-embedding models, loaded on first use.
+    embedders: Embedders,
 }
 
 impl LocalProvider {
@@ -76,6 +80,7 @@ impl LocalProvider {
             config,
             workers: Arc::default(),
             dirs: Arc::default(),
+            embedders: Arc::default(),
         }
     }
 
@@ -199,6 +204,12 @@ fn load(
         }
         Err(e) => return Err(e),
     };
+    if super::embed::is_embedding_model(&dir) {
+        return Err(InferenceError::Unsupported {
+            param: "model".into(),
+            message: format!("{model} is a sentence-embedding model: use /v1/embeddings"),
+        });
+    }
     if let Some(problem) = super::resolve::servable_problem(&dir) {
         return Err(InferenceError::BrokenModel(format!(
             "{model} cannot be served: {problem}"
@@ -484,6 +495,67 @@ impl LlmProvider for LocalProvider {
 
     async fn stream(&self, request: &GenerateRequest) -> Result<CompletionStream, InferenceError> {
         self.submit(request, true).await
+    }
+
+    /// Sentence embeddings from a local encoder export (mean/CLS/max
+    /// pooling and normalisation as its sentence-transformers files say).
+    async fn embed(&self, request: &EmbedRequest) -> Result<Embeddings, InferenceError> {
+        if request.dimensions.is_some() {
+            return Err(InferenceError::Unsupported {
+                param: "dimensions".into(),
+                message: format!("{} gives vectors of its own size", request.model),
+            });
+        }
+        let dir = self.model_dir(&request.model).ok_or_else(|| {
+            InferenceError::ModelNotFound(format!(
+                "{} is not in the local model cache",
+                request.model
+            ))
+        })?;
+        if !super::embed::is_embedding_model(&dir) {
+            return Err(InferenceError::Unsupported {
+                param: "model".into(),
+                message: format!(
+                    "{} is not a sentence-embedding model (no modules.json or 1_Pooling/config.json)",
+                    request.model
+                ),
+            });
+        }
+        let (embedders, threads, request) =
+            (self.embedders.clone(), self.config.threads, request.clone());
+        tokio::task::spawn_blocking(move || {
+            let embedder = {
+                let mut map = embedders
+                    .lock()
+                    .map_err(|_| InferenceError::NotConfigured("embedder table poisoned".into()))?;
+                match map.get(&request.model) {
+                    Some(e) => e.clone(),
+                    None => {
+                        let e = Arc::new(Mutex::new(super::embed::LocalEmbedder::load(
+                            &dir,
+                            &request.model,
+                            threads,
+                        )?));
+                        map.insert(request.model.clone(), e.clone());
+                        e
+                    }
+                }
+            };
+            let mut embedder = embedder
+                .lock()
+                .map_err(|_| InferenceError::NotConfigured("embedder poisoned".into()))?;
+            let (vectors, tokens) = embedder.embed(&request.inputs)?;
+            Ok(Embeddings {
+                model: request.model.clone(),
+                vectors,
+                usage: Usage {
+                    prompt_tokens: tokens,
+                    completion_tokens: 0,
+                },
+            })
+        })
+        .await
+        .map_err(|e| InferenceError::NotConfigured(format!("embedding failed to run: {e}")))?
     }
 }
 
