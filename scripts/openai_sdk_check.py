@@ -71,6 +71,9 @@ def main() -> int:
     except openai.AuthenticationError as e:
         seen["bad_key"] = {"status": e.status_code}
 
+    two = client.chat.completions.create(model=args.model, messages=[{"role": "user", "content": "Say hello"}], n=2)
+    seen["n2"] = [c.message.content for c in two.choices]
+
     # `models.retrieve` with a key holding a slash, and a bare model name.
     seen["retrieve"] = client.models.retrieve(args.model).id
     bare = args.model.split("/", 1)[1]

@@ -370,8 +370,8 @@ async fn bad_openai_requests_are_4xx_in_the_error_shape() {
             "response_format.json_schema.schema",
         ),
         (
-            json!({"model": "compatible/ok", "messages": [{"role": "user", "content": "x"}], "n": 2}),
-            "unsupported_parameter",
+            json!({"model": "compatible/ok", "messages": [{"role": "user", "content": "x"}], "n": 9}),
+            "validation_failed",
             "n",
         ),
         (
@@ -574,6 +574,11 @@ async fn the_official_python_sdk_works_against_muse() {
     );
     assert_eq!(seen["parsed"], json!({"title": "Muse", "year": 2026}));
     assert_eq!(
+        seen["n2"],
+        json!(["Hello, world!", "Hello, world!"]),
+        "n = 2: two choices"
+    );
+    assert_eq!(
         seen["embeddings"],
         json!({"vectors": [[4.0, 77.0, 0.5], [5.0, 105.0, 0.5]], "tokens": 2}),
         "base64 vectors decoded by the SDK"
@@ -611,7 +616,7 @@ async fn the_official_python_sdk_works_against_muse() {
         )
         .await;
     // up/ok: whole, streamed, bare name; up/tools: call, final answer, streamed call.
-    assert_eq!(h.body["total"], 9, "{}", h.text);
+    assert_eq!(h.body["total"], 11, "{}", h.text);
 }
 
 #[actix_web::test]
@@ -1205,7 +1210,8 @@ async fn every_chat_completions_field_is_forwarded_ignored_by_rule_or_refused_by
         ("service_tier", json!("auto"), Ignored, None),
         ("prompt_cache_key", json!("k"), Ignored, None),
         ("safety_identifier", json!("s"), Ignored, None),
-        ("n", json!(2), Refused, None),
+        ("n", json!(2), Ignored, None),
+        ("n", json!(2), Refused, Some(("stream", json!(true)))),
         ("logprobs", json!(true), Refused, None),
         ("top_logprobs", json!(2), Refused, None),
         ("logit_bias", json!({"50256": -100}), Refused, None),

@@ -168,6 +168,9 @@ pub struct ChatRequest {
     pub extra: serde_json::Map<String, Value>,
 }
 
+/// Most choices (`n`) in one answer.
+pub const MAX_CHOICES: u32 = 8;
+
 /// Fields of the reference that change nothing in Muse's answer: accepted
 /// and ignored (documented in docs/openai.md).
 const IGNORED_FIELDS: [&str; 6] = [
@@ -244,8 +247,17 @@ fn check_extra(extra: &serde_json::Map<String, Value>) -> Result<(), ApiError> {
 
 fn to_request(body: &ChatRequest) -> Result<GenerateRequest, ApiError> {
     check_extra(&body.extra)?;
-    if body.n.is_some_and(|n| n != 1) {
-        return Err(unsupported("n", "one choice per request"));
+    if body.n.is_some_and(|n| n == 0 || n > MAX_CHOICES) {
+        return Err(invalid_param(
+            "n",
+            format!("n must be between 1 and {MAX_CHOICES}"),
+        ));
+    }
+    if body.n.is_some_and(|n| n > 1) && body.stream.unwrap_or(false) {
+        return Err(unsupported(
+            "n",
+            "several choices are answered whole, not streamed",
+        ));
     }
     if body.logprobs == Some(true) {
         return Err(unsupported(
@@ -537,6 +549,19 @@ pub async fn chat_completions(
             .check(muse_billing::flags::known::STREAMING, &user.0)?;
     }
     let created = muse_core::Clock::now_secs(&muse_core::SystemClock);
+    let choices = body.n.unwrap_or(1);
+    if choices > 1 {
+        return several_choices(
+            &state,
+            &user,
+            &key,
+            request,
+            choices,
+            created,
+            request_format,
+        )
+        .await;
+    }
     let run = Run::new(
         &state,
         user.0.user.id,
@@ -640,6 +665,58 @@ pub async fn chat_completions(
         .insert_header(("cache-control", "no-cache"))
         .insert_header(("x-muse-execution-id", id.to_string()))
         .streaming(head.chain(body_stream)))
+}
+
+/// `n` > 1: as many independent calls, run together (each admitted against
+/// the quota and recorded), answered as one `chat.completion` whose choices
+/// are in order; usage is their sum, `x-muse-execution-id` lists them all.
+async fn several_choices(
+    state: &web::Data<AppState>,
+    user: &CurrentUser,
+    key: &str,
+    request: GenerateRequest,
+    n: u32,
+    created: i64,
+    format: Option<muse_inference::ResponseFormat>,
+) -> Result<HttpResponse, ApiError> {
+    let mut runs = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        runs.push(
+            Run::new(
+                state,
+                user.0.user.id,
+                ExecutionSource::OpenaiApi,
+                key,
+                request.clone(),
+            )
+            .admit()
+            .await?,
+        );
+    }
+    let ids: Vec<String> = runs.iter().map(|r| r.id.to_string()).collect();
+    let first = runs[0].id;
+    let results = futures_util::future::join_all(runs.into_iter().map(Run::complete)).await;
+    let (mut prompt_tokens, mut completion_tokens) = (0u64, 0u64);
+    let mut choices = Vec::with_capacity(results.len());
+    for (index, result) in results.into_iter().enumerate() {
+        let done = result.map_err(|f| ApiError::from(f.error))?;
+        let e = &done.execution;
+        if let (Some(format), true) = (&format, done.tool_calls.is_empty()) {
+            if let Err(why) = format.check(e.output.as_deref().unwrap_or_default()) {
+                return Err(invalid_output(&why, e.id));
+            }
+        }
+        prompt_tokens += u64::from(e.prompt_tokens);
+        completion_tokens += u64::from(e.completion_tokens);
+        choices.push(json!({"index": index, "message": assistant_message(e.output.as_deref().unwrap_or_default(), &done.tool_calls), "finish_reason": finish(&done.finish_reason), "logprobs": null}));
+    }
+    Ok(HttpResponse::Ok()
+        .insert_header(("x-muse-execution-id", ids.join(",")))
+        .json(json!({
+            "id": format!("chatcmpl-{}", first.simple()), "object": "chat.completion", "created": created, "model": key,
+            "choices": choices,
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens},
+        })))
 }
 
 /// A structured answer that does not match its `response_format`: the
