@@ -588,7 +588,7 @@ pub async fn chat_completions(
         let response = json!({
             "id": completion_id, "object": "chat.completion", "created": created, "model": key,
             "choices": [{"index": 0, "message": assistant_message(e.output.as_deref().unwrap_or_default(), &done.tool_calls), "finish_reason": finish(&done.finish_reason), "logprobs": null}],
-            "usage": {"prompt_tokens": e.prompt_tokens, "completion_tokens": e.completion_tokens, "total_tokens": e.prompt_tokens + e.completion_tokens},
+            "usage": usage_of(e),
         });
         return Ok(HttpResponse::Ok()
             .insert_header(("x-muse-execution-id", id.to_string()))
@@ -623,7 +623,13 @@ pub async fn chat_completions(
     let (model, cid) = (key.clone(), completion_id.clone());
     let body_stream = events.map(move |event| {
         let bytes = match event {
-            RunEvent::Token(text) => chunk(json!({"content": text}), Value::Null, Value::Null, &model, &cid),
+            RunEvent::Token(text) => chunk(
+                json!({"content": text}),
+                Value::Null,
+                Value::Null,
+                &model,
+                &cid,
+            ),
             RunEvent::ToolCall(d) => {
                 let mut call = json!({"index": d.index, "function": {"arguments": d.arguments}});
                 if let Some(id) = d.id {
@@ -633,38 +639,46 @@ pub async fn chat_completions(
                 if let Some(name) = d.name {
                     call["function"]["name"] = name.into();
                 }
-                chunk(json!({"tool_calls": [call]}), Value::Null, Value::Null, &model, &cid)
+                chunk(
+                    json!({"tool_calls": [call]}),
+                    Value::Null,
+                    Value::Null,
+                    &model,
+                    &cid,
+                )
             }
             RunEvent::Done(done) => {
                 let e = &done.execution;
                 if let (Some(format), true) = (&format, done.tool_calls.is_empty()) {
                     if let Err(why) = format.check(e.output.as_deref().unwrap_or_default()) {
-                        let api = invalid_output(&why, e.id);
-                        return Ok::<_, actix_web::Error>(Bytes::from(format!(
-                            "data: {}\n\ndata: [DONE]\n\n",
-                            openai_error(api.status, api.code, &api.message, api.details.as_deref())
-                        )));
+                        return Ok::<_, actix_web::Error>(error_frame(&invalid_output(&why, e.id)));
                     }
                 }
-                let mut out = chunk(json!({}), json!(finish(&done.finish_reason)), Value::Null, &model, &cid).to_vec();
+                let mut out = chunk(
+                    json!({}),
+                    json!(finish(&done.finish_reason)),
+                    Value::Null,
+                    &model,
+                    &cid,
+                )
+                .to_vec();
                 if include_usage {
-                    out.extend_from_slice(&chunk(Value::Null, Value::Null, json!({"prompt_tokens": e.prompt_tokens, "completion_tokens": e.completion_tokens, "total_tokens": e.prompt_tokens + e.completion_tokens}), &model, &cid));
+                    out.extend_from_slice(&chunk(
+                        Value::Null,
+                        Value::Null,
+                        usage_of(e),
+                        &model,
+                        &cid,
+                    ));
                 }
                 out.extend_from_slice(b"data: [DONE]\n\n");
                 Bytes::from(out)
             }
-            RunEvent::Failed(failed) => {
-                let api = ApiError::from(failed.error);
-                Bytes::from(format!("data: {}\n\ndata: [DONE]\n\n", openai_error(api.status, api.code, &api.message, api.details.as_deref())))
-            }
+            RunEvent::Failed(failed) => error_frame(&ApiError::from(failed.error)),
         };
         Ok::<_, actix_web::Error>(bytes)
     });
-    Ok(HttpResponse::Ok()
-        .content_type("text/event-stream")
-        .insert_header(("cache-control", "no-cache"))
-        .insert_header(("x-muse-execution-id", id.to_string()))
-        .streaming(head.chain(body_stream)))
+    Ok(event_stream(id).streaming(head.chain(body_stream)))
 }
 
 /// `n` > 1: as many independent calls, run together (each admitted against
@@ -717,6 +731,29 @@ async fn several_choices(
             "choices": choices,
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens},
         })))
+}
+
+/// OpenAI's `usage` object for a recorded call.
+fn usage_of(e: &muse_prompts::Execution) -> Value {
+    json!({"prompt_tokens": e.prompt_tokens, "completion_tokens": e.completion_tokens, "total_tokens": e.prompt_tokens + e.completion_tokens})
+}
+
+/// The last frames of a stream that failed: the error in OpenAI's shape,
+/// then `[DONE]`.
+fn error_frame(api: &ApiError) -> Bytes {
+    Bytes::from(format!(
+        "data: {}\n\ndata: [DONE]\n\n",
+        openai_error(api.status, api.code, &api.message, api.details.as_deref())
+    ))
+}
+
+/// The head of an SSE answer (its execution id in `x-muse-execution-id`).
+fn event_stream(id: uuid::Uuid) -> actix_web::HttpResponseBuilder {
+    let mut res = HttpResponse::Ok();
+    res.content_type("text/event-stream")
+        .insert_header(("cache-control", "no-cache"))
+        .insert_header(("x-muse-execution-id", id.to_string()));
+    res
 }
 
 /// A structured answer that does not match its `response_format`: the
@@ -1124,25 +1161,25 @@ pub async fn completions(
             RunEvent::ToolCall(_) => Bytes::new(),
             RunEvent::Done(done) => {
                 let e = &done.execution;
-                let mut out = chunk("", json!(finish(&done.finish_reason)), Value::Null, &model, &cid).to_vec();
+                let mut out = chunk(
+                    "",
+                    json!(finish(&done.finish_reason)),
+                    Value::Null,
+                    &model,
+                    &cid,
+                )
+                .to_vec();
                 if include_usage {
-                    out.extend_from_slice(&chunk("", Value::Null, json!({"prompt_tokens": e.prompt_tokens, "completion_tokens": e.completion_tokens, "total_tokens": e.prompt_tokens + e.completion_tokens}), &model, &cid));
+                    out.extend_from_slice(&chunk("", Value::Null, usage_of(e), &model, &cid));
                 }
                 out.extend_from_slice(b"data: [DONE]\n\n");
                 Bytes::from(out)
             }
-            RunEvent::Failed(failed) => {
-                let api = ApiError::from(failed.error);
-                Bytes::from(format!("data: {}\n\ndata: [DONE]\n\n", openai_error(api.status, api.code, &api.message, api.details.as_deref())))
-            }
+            RunEvent::Failed(failed) => error_frame(&ApiError::from(failed.error)),
         };
         Ok::<_, actix_web::Error>(bytes)
     });
-    Ok(HttpResponse::Ok()
-        .content_type("text/event-stream")
-        .insert_header(("cache-control", "no-cache"))
-        .insert_header(("x-muse-execution-id", id.to_string()))
-        .streaming(body_stream))
+    Ok(event_stream(id).streaming(body_stream))
 }
 
 /// Most inputs in one `/v1/embeddings` request.

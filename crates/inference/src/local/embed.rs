@@ -8,7 +8,6 @@ use std::path::Path;
 
 use ort::session::{Session, SessionInputValue};
 use ort::value::Tensor;
-use serde_json::Value;
 use tokenizers::Tokenizer;
 
 use super::resolve::onnx_file;
@@ -48,12 +47,7 @@ impl std::fmt::Debug for LocalEmbedder {
     }
 }
 
-fn read_json(path: &Path) -> Value {
-    std::fs::read_to_string(path)
-        .ok()
-        .and_then(|s| serde_json::from_str(&s).ok())
-        .unwrap_or(Value::Null)
-}
+use super::read_json;
 
 impl LocalEmbedder {
     /// Loads the encoder and tokenizer of `dir`; errors name the model as

@@ -151,12 +151,7 @@ impl std::fmt::Debug for LocalModel {
     }
 }
 
-fn read_json(path: &Path) -> Value {
-    std::fs::read_to_string(path)
-        .ok()
-        .and_then(|s| serde_json::from_str(&s).ok())
-        .unwrap_or(Value::Null)
-}
+use super::read_json;
 
 use super::template::token_string;
 

@@ -17,6 +17,15 @@ pub use provider::{LoadedModel, LocalConfig, LocalProvider};
 pub use resolve::resolve_model;
 pub use runtime::ensure_runtime;
 
+/// A JSON file of a model directory; `Null` when absent or unreadable
+/// (every such file is optional).
+pub(crate) fn read_json(path: &std::path::Path) -> serde_json::Value {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or(serde_json::Value::Null)
+}
+
 /// Counts tokens with a model's own tokenizer (dataset reports).
 pub struct TokenCounter {
     tokenizer: tokenizers::Tokenizer,

@@ -42,12 +42,7 @@ pub struct ChatTemplates {
     pub templates: BTreeMap<String, String>,
 }
 
-fn read_json(path: &Path) -> Value {
-    std::fs::read_to_string(path)
-        .ok()
-        .and_then(|s| serde_json::from_str(&s).ok())
-        .unwrap_or(Value::Null)
-}
+use super::read_json;
 
 /// A special token as `tokenizer_config.json` / `special_tokens_map.json`
 /// write it: a string or `{"content": …}`.

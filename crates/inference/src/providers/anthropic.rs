@@ -467,9 +467,8 @@ const JSON_TOOL: &str = "json_response";
 /// consecutive turns of one role are merged (the API wants them to
 /// alternate: several results answer one turn's several calls).
 fn tool_messages(messages: &[Message]) -> Vec<Value> {
-    let mut out: Vec<(&str, Vec<Value>)> = Vec::new();
-    for m in messages.iter().filter(|m| m.role != Role::System) {
-        let (role, mut blocks) = match m.role {
+    let turns = messages.iter().filter(|m| m.role != Role::System).map(|m| {
+        match m.role {
             Role::Assistant => {
                 let mut blocks = Vec::new();
                 if !m.content.is_empty() {
@@ -493,13 +492,7 @@ fn tool_messages(messages: &[Message]) -> Vec<Value> {
                 ],
             ),
             _ => ("user", vec![json!({"type": "text", "text": m.content})]),
-        };
-        match out.last_mut() {
-            Some((last, prev)) if *last == role => prev.append(&mut blocks),
-            _ => out.push((role, blocks)),
         }
-    }
-    out.into_iter()
-        .map(|(role, content)| json!({"role": role, "content": content}))
-        .collect()
+    });
+    super::merge_turns(turns, "content")
 }

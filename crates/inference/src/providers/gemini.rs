@@ -491,9 +491,10 @@ fn tool_contents(messages: &[Message]) -> Vec<Value> {
         .flat_map(|m| m.tool_calls.iter())
         .map(|c| (c.id.as_str(), c.name.as_str()))
         .collect();
-    let mut out: Vec<(&str, Vec<Value>)> = Vec::new();
-    for m in messages.iter().filter(|m| m.role != Role::System) {
-        let (role, mut parts) = match m.role {
+    let turns = messages
+        .iter()
+        .filter(|m| m.role != Role::System)
+        .map(|m| match m.role {
             Role::Assistant => {
                 let mut parts = Vec::new();
                 if !m.content.is_empty() {
@@ -525,13 +526,6 @@ fn tool_contents(messages: &[Message]) -> Vec<Value> {
                 )
             }
             _ => ("user", vec![json!({"text": m.content})]),
-        };
-        match out.last_mut() {
-            Some((last, prev)) if *last == role => prev.append(&mut parts),
-            _ => out.push((role, parts)),
-        }
-    }
-    out.into_iter()
-        .map(|(role, parts)| json!({"role": role, "parts": parts}))
-        .collect()
+        });
+    super::merge_turns(turns, "parts")
 }

@@ -51,6 +51,25 @@ pub(crate) fn f32_json(x: f32) -> serde_json::Value {
         .unwrap_or_default()
 }
 
+/// Turns as the Anthropic and Gemini APIs want them: consecutive turns of
+/// one role merged into one (their blocks or parts in order), each written
+/// as `{"role": role, <key>: [...]}`.
+pub(crate) fn merge_turns<'a>(
+    turns: impl Iterator<Item = (&'a str, Vec<serde_json::Value>)>,
+    key: &str,
+) -> Vec<serde_json::Value> {
+    let mut out: Vec<(&str, Vec<serde_json::Value>)> = Vec::new();
+    for (role, mut items) in turns {
+        match out.last_mut() {
+            Some((last, prev)) if *last == role => prev.append(&mut items),
+            _ => out.push((role, items)),
+        }
+    }
+    out.into_iter()
+        .map(|(role, items)| serde_json::json!({"role": role, key: items}))
+        .collect()
+}
+
 /// Model names go into URL paths: allow only what real names use.
 pub(crate) fn check_model_name(model: &str) -> Result<(), InferenceError> {
     let ok = !model.is_empty()

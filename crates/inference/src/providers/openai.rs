@@ -326,16 +326,7 @@ impl LlmProvider for OpenAiProvider {
             .json(&body);
         let response = send(builder, true, &self.config.timeouts, map_http_error).await?;
         // Read as the caller polls; the stream ends at `data: [DONE]`.
-        let events = crate::sse::events(response)
-            .take_while(|e| {
-                let more = !matches!(e, Ok(ev) if ev.data.trim() == "[DONE]");
-                async move { more }
-            })
-            .filter(|e| {
-                let keep =
-                    !matches!(e, Ok(ev) if ev.data.trim().is_empty() || ev.event == "keepalive");
-                async move { keep }
-            })
+        let events = data_events(response)
             .map(|e| e.and_then(|ev| parse_chunk(&ev.data)))
             .boxed();
         let parser = Parser {
@@ -344,6 +335,41 @@ impl LlmProvider for OpenAiProvider {
             finish: None,
         };
         Ok(drive(events, parser, started, self.config.timeouts))
+    }
+}
+
+/// The `data:` events of an OpenAI-protocol stream, read as the caller
+/// polls, up to `data: [DONE]` (empty and keep-alive events skipped).
+fn data_events(
+    response: reqwest::Response,
+) -> impl futures::Stream<Item = Result<crate::sse::SseEvent, InferenceError>> + Send {
+    crate::sse::events(response)
+        .take_while(|e| {
+            let more = !matches!(e, Ok(ev) if ev.data.trim() == "[DONE]");
+            async move { more }
+        })
+        .filter(|e| {
+            let keep = !matches!(e, Ok(ev) if ev.data.trim().is_empty() || ev.event == "keepalive");
+            async move { keep }
+        })
+}
+
+/// The end of an OpenAI-protocol stream: done when a finish reason came
+/// (usage zero when the server ignored `include_usage`), else cut.
+fn done_or_cut(
+    model: &str,
+    usage: Option<Usage>,
+    finish: Option<FinishReason>,
+) -> Result<Step, InferenceError> {
+    match finish {
+        Some(finish_reason) => Ok(Step::Done {
+            model: model.to_string(),
+            usage: usage.unwrap_or_default(),
+            finish_reason,
+        }),
+        None => Err(InferenceError::Protocol(
+            "the stream was cut before a finish reason".into(),
+        )),
     }
 }
 
@@ -415,16 +441,7 @@ impl StreamParser for Parser {
     /// reason the stream was cut; without usage (servers that ignore
     /// `include_usage`) the usage is reported as zero.
     fn end(&mut self) -> Result<Step, InferenceError> {
-        match self.finish.take() {
-            Some(finish_reason) => Ok(Step::Done {
-                model: self.model.clone(),
-                usage: self.usage.unwrap_or_default(),
-                finish_reason,
-            }),
-            None => Err(InferenceError::Protocol(
-                "the stream was cut before a finish reason".into(),
-            )),
-        }
+        done_or_cut(&self.model, self.usage, self.finish.take())
     }
 }
 
@@ -525,16 +542,7 @@ impl OpenAiProvider {
             .bearer_auth(self.config.api_key.expose())
             .json(&self.text_body(request, true)?);
         let response = send(builder, true, &self.config.timeouts, map_http_error).await?;
-        let events = crate::sse::events(response)
-            .take_while(|e| {
-                let more = !matches!(e, Ok(ev) if ev.data.trim() == "[DONE]");
-                async move { more }
-            })
-            .filter(|e| {
-                let keep =
-                    !matches!(e, Ok(ev) if ev.data.trim().is_empty() || ev.event == "keepalive");
-                async move { keep }
-            })
+        let events = data_events(response)
             .map(|e| {
                 e.and_then(|ev| {
                     let v: serde_json::Value = serde_json::from_str(&ev.data).map_err(|e| {
@@ -604,16 +612,7 @@ impl StreamParser for TextParser {
     }
 
     fn end(&mut self) -> Result<Step, InferenceError> {
-        match self.finish.take() {
-            Some(finish_reason) => Ok(Step::Done {
-                model: self.model.clone(),
-                usage: self.usage.unwrap_or_default(),
-                finish_reason,
-            }),
-            None => Err(InferenceError::Protocol(
-                "the stream was cut before a finish reason".into(),
-            )),
-        }
+        done_or_cut(&self.model, self.usage, self.finish.take())
     }
 }
 
