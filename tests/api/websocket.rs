@@ -239,10 +239,19 @@ async fn generations_stream_cancel_and_bad_input_becomes_error_messages() {
     // Closing the socket cancels what still runs; each is recorded.
     ws.close().await.unwrap();
     drop(ws);
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let h = app
+    // The records are written as the generations stop: wait for them (bounded).
+    let mut h = app
         .get("/api/v1/executions/history?status=cancelled", Some(&token))
         .await;
+    for _ in 0..50 {
+        if h.body["total"] == 5 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        h = app
+            .get("/api/v1/executions/history?status=cancelled", Some(&token))
+            .await;
+    }
     assert_eq!(h.body["total"], 5, "{}", h.text);
 }
 

@@ -107,7 +107,20 @@ impl Pulls {
             };
             let result =
                 ensure_model_variant(&cache_dir, &model, &hub, variant.as_deref(), progress).await;
-            let outcome = result.and_then(|_| models.register_cached(&model));
+            // Registering reads the snapshot's files: off the async workers.
+            let outcome = match result {
+                Ok(_) => {
+                    let (models, name) = (models.clone(), model.clone());
+                    tokio::task::spawn_blocking(move || models.register_cached(&name))
+                        .await
+                        .unwrap_or_else(|e| {
+                            Err(muse_inference::InferenceError::NotConfigured(format!(
+                                "registering the model failed: {e}"
+                            )))
+                        })
+                }
+                Err(e) => Err(e),
+            };
             match &outcome {
                 Ok(key) => tracing::info!(model = %model, key = %key, "model pulled"),
                 Err(e) => tracing::warn!(model = %model, error = %e, "model pull failed"),
