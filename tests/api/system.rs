@@ -1,5 +1,6 @@
 use actix_web::test as atest;
 use reqwest::StatusCode;
+use serde_json::json;
 
 use crate::helpers::*;
 
@@ -203,4 +204,109 @@ async fn cors_allows_only_configured_origins() {
     if r.status != StatusCode::OK {
         r.error_code();
     }
+}
+
+#[actix_web::test]
+async fn security_headers_head_requests_and_local_front_ends() {
+    let app = TestApp::spawn().await;
+    // nosniff everywhere; HTML pages may not be framed.
+    let r = app.get("/health", None).await;
+    assert_eq!(r.headers["x-content-type-options"], "nosniff");
+    assert!(
+        r.headers.get("x-frame-options").is_none(),
+        "JSON is not framed anyway"
+    );
+    for page in ["/docs/", "/redoc"] {
+        let r = app.get(page, None).await;
+        assert_eq!(r.status, StatusCode::OK, "{page}");
+        assert_eq!(r.headers["x-frame-options"], "DENY", "{page}");
+        assert!(
+            r.headers["content-security-policy"]
+                .to_str()
+                .unwrap()
+                .contains("frame-ancestors 'none'"),
+            "{page}"
+        );
+    }
+    // Tokens and keys are never cached.
+    let login = app.user("hdr").await;
+    let token = access(&login);
+    let r = app
+        .post(
+            "/api/v1/auth/login",
+            None,
+            json!({"email": "hdr@example.com", "password": PASSWORD}),
+        )
+        .await;
+    assert_eq!(r.headers["cache-control"], "no-store", "{}", r.text);
+    let r = app
+        .post("/api/v1/auth/api-keys", Some(&token), json!({"name": "k"}))
+        .await;
+    assert_eq!(r.headers["cache-control"], "no-store");
+    let r = app.get("/api/v1/auth/me", Some(&token)).await;
+    assert!(r
+        .headers
+        .get("cache-control")
+        .is_none_or(|v| v != "no-store"));
+
+    // HEAD wherever GET: the GET's status and headers, no body.
+    for path in ["/health", "/docs/", "/v1/models"] {
+        let res = app
+            .client
+            .head(format!("{}{path}", app.base))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK, "HEAD {path}");
+        assert!(
+            res.bytes().await.unwrap().is_empty(),
+            "HEAD {path} has no body"
+        );
+    }
+
+    // In development, a front end on localhost (any port) may call the API;
+    // the response exposes the execution id header.
+    let res = app
+        .client
+        .request(
+            reqwest::Method::OPTIONS,
+            format!("{}/api/v1/auth/me", app.base),
+        )
+        .header("origin", "http://localhost:5173")
+        .header("access-control-request-method", "GET")
+        .header("access-control-request-headers", "authorization")
+        .send()
+        .await
+        .unwrap();
+    assert!(res.status().is_success(), "{}", res.status());
+    assert_eq!(
+        res.headers()["access-control-allow-origin"],
+        "http://localhost:5173"
+    );
+    let res = app
+        .client
+        .get(format!("{}/api/v1/auth/me", app.base))
+        .header("origin", "http://127.0.0.1:3000")
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    let exposed = res.headers()["access-control-expose-headers"]
+        .to_str()
+        .unwrap()
+        .to_lowercase();
+    assert!(exposed.contains("x-muse-execution-id"), "{exposed}");
+    let res = app
+        .client
+        .get(format!("{}/api/v1/auth/me", app.base))
+        .header("origin", "http://localhost.evil.example")
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        res.headers().get("access-control-allow-origin").is_none(),
+        "only localhost itself"
+    );
 }

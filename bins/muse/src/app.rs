@@ -129,7 +129,7 @@ pub fn build_state(config: Config, db: Database) -> Result<AppState, StartError>
     })
 }
 
-fn cors(origins: &[String]) -> Cors {
+fn cors(origins: &[String], env: crate::config::Environment) -> Cors {
     let base = Cors::default()
         .allowed_methods(vec!["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
         .allowed_headers(vec![
@@ -137,12 +137,93 @@ fn cors(origins: &[String]) -> Cors {
             http::header::CONTENT_TYPE,
             http::header::ACCEPT,
         ])
-        .expose_headers(vec!["x-request-id", "retry-after"])
+        .expose_headers(vec![
+            "x-request-id",
+            "retry-after",
+            "x-muse-execution-id",
+            "ratelimit-limit",
+            "ratelimit-remaining",
+            "ratelimit-reset",
+        ])
         .max_age(3600);
     if origins.iter().any(|o| o == "*") {
         return base.allow_any_origin();
     }
+    if origins.is_empty() && env == crate::config::Environment::Development {
+        // A local front end on any port works without configuration in
+        // development (as Creative Muse's did); production keeps the list.
+        return base.allowed_origin_fn(|origin, _| {
+            origin.to_str().is_ok_and(|o| {
+                [
+                    "http://localhost",
+                    "http://127.0.0.1",
+                    "https://localhost",
+                    "https://127.0.0.1",
+                ]
+                .iter()
+                .any(|host| {
+                    o == *host
+                        || o.strip_prefix(host)
+                            .and_then(|rest| rest.strip_prefix(':'))
+                            .is_some_and(|port| {
+                                !port.is_empty() && port.chars().all(|c| c.is_ascii_digit())
+                            })
+                })
+            })
+        });
+    }
     origins.iter().fold(base, |c, o| c.allowed_origin(o))
+}
+
+/// Responses that carry tokens or keys: never cached.
+const NO_STORE_PATHS: [&str; 4] = [
+    "/api/v1/auth/login",
+    "/api/v1/auth/refresh",
+    "/api/v1/auth/api-keys",
+    "/api/v1/ai/stream/ticket",
+];
+
+/// `X-Content-Type-Options: nosniff` on every response; HTML pages may not
+/// be framed (`X-Frame-Options: DENY`, `frame-ancestors 'none'`); answers
+/// carrying tokens or keys are `Cache-Control: no-store`. `HEAD` is
+/// answered wherever `GET` is: the `GET` runs and its body is dropped.
+async fn security_headers(
+    mut req: ServiceRequest,
+    next: actix_web::middleware::Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<actix_web::body::BoxBody>, actix_web::Error> {
+    use actix_web::http::header::{self, HeaderValue};
+    let head = req.method() == http::Method::HEAD;
+    if head {
+        req.head_mut().method = http::Method::GET;
+    }
+    let no_store = req.method() == http::Method::POST && NO_STORE_PATHS.contains(&req.path());
+    let mut res = next.call(req).await?.map_into_boxed_body();
+    let headers = res.headers_mut();
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    let html = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/html"));
+    if html {
+        headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+        if !headers.contains_key(header::CONTENT_SECURITY_POLICY) {
+            headers.insert(
+                header::CONTENT_SECURITY_POLICY,
+                HeaderValue::from_static("frame-ancestors 'none'"),
+            );
+        }
+    }
+    if no_store {
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+    }
+    if head {
+        res = res.map_body(|_, _| actix_web::body::BoxBody::new(()));
+    }
+    Ok(res)
 }
 
 /// The application: every route and middleware. Middlewares, outermost
@@ -159,7 +240,7 @@ pub fn build_app(
     >,
 > {
     let limit = state.config.max_body_bytes;
-    let cors = cors(&state.config.cors_origins);
+    let cors = cors(&state.config.cors_origins, state.config.env);
     App::new()
         .app_data(web::Data::new(state))
         .app_data(
@@ -173,6 +254,7 @@ pub fn build_app(
         .wrap(from_fn(crate::limits::per_ip))
         .wrap(cors)
         .wrap(from_fn(error::json_errors))
+        .wrap(from_fn(security_headers))
         .wrap(from_fn(telemetry::observe))
         .configure(routes::system::config)
         .configure(routes::auth::config)
