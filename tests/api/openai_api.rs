@@ -1294,3 +1294,46 @@ async fn every_chat_completions_field_is_forwarded_ignored_by_rule_or_refused_by
         }
     }
 }
+
+#[actix_web::test]
+async fn a_failed_call_names_its_execution() {
+    let (app, _up) = crate::upstream::app_with_upstream(&[]).await;
+    let token = access(&app.user("failnamed").await);
+    for path in ["/v1/chat/completions", "/v1/completions"] {
+        let body = if path.ends_with("chat/completions") {
+            json!({"model": "up/broken", "messages": [{"role": "user", "content": "x"}]})
+        } else {
+            json!({"model": "up/broken", "prompt": "x"})
+        };
+        let r = app.post(path, Some(&token), body).await;
+        assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{path}: {}", r.text);
+        let id = r.headers["x-muse-execution-id"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        assert_eq!(
+            r.body["error"]["details"]["execution_id"],
+            id.as_str(),
+            "{}",
+            r.text
+        );
+        let e = app
+            .get(&format!("/api/v1/executions/{id}"), Some(&token))
+            .await;
+        assert_eq!(e.body["status"], "failed", "{path}: {}", e.text);
+    }
+    // The Rubi Studio seed's `?limit=` is another name for `per_page`.
+    let h = app
+        .get("/api/v1/executions/history?limit=1", Some(&token))
+        .await;
+    assert_eq!(
+        (h.body["per_page"].as_u64(), h.body["total"].as_u64()),
+        (Some(1), Some(2)),
+        "{}",
+        h.text
+    );
+    let h = app
+        .get("/api/v1/ai/ideas/history?limit=3", Some(&token))
+        .await;
+    assert_eq!(h.body["per_page"], 3, "{}", h.text);
+}

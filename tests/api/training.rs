@@ -363,7 +363,15 @@ async fn external_jobs_run_report_progress_stop_and_fail() {
         .iter()
         .map(|f| f["field"].as_str().unwrap())
         .collect();
-    assert_eq!(fields, ["dropout", "n_epochs", "suffix"]);
+    assert_eq!(
+        fields,
+        [
+            "hyperparameters.dropout",
+            "hyperparameters.n_epochs",
+            "suffix"
+        ],
+        "as docs/training.md names them"
+    );
     let r = app
         .post(
             "/api/v1/train/start",

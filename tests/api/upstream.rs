@@ -96,6 +96,9 @@ async fn text_completion(
 ) -> HttpResponse {
     *last.lock().unwrap() = body.0.clone();
     let model = body["model"].as_str().unwrap_or_default().to_string();
+    if model == "broken" {
+        return HttpResponse::InternalServerError().json(json!({"error": {"message": "boom", "type": "server_error", "param": null, "code": null}}));
+    }
     let prompt_tokens = body["prompt"]
         .as_str()
         .unwrap_or_default()

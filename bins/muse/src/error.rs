@@ -43,6 +43,8 @@ pub struct ApiError {
     pub retry_after: Option<u64>,
     /// Sent as `RateLimit-*` headers (429 from the rate limiter).
     pub rate_limit: Option<Box<muse_billing::Decision>>,
+    /// The recorded execution this error ended (`x-muse-execution-id`).
+    pub execution_id: Option<uuid::Uuid>,
 }
 
 impl std::fmt::Display for ApiError {
@@ -66,7 +68,20 @@ impl ApiError {
             details: None,
             retry_after: None,
             rate_limit: None,
+            execution_id: None,
         }
+    }
+
+    /// Names the execution this error ended: `x-muse-execution-id` and
+    /// `details.execution_id`, so that a failed call can be looked up.
+    pub fn for_execution(mut self, id: uuid::Uuid) -> Self {
+        let mut details = self.details.take().map_or_else(|| json!({}), |d| *d);
+        if let Some(o) = details.as_object_mut() {
+            o.insert("execution_id".into(), json!(id));
+        }
+        self.details = Some(Box::new(details));
+        self.execution_id = Some(id);
+        self
     }
 
     pub fn with_details(mut self, details: Value) -> Self {
@@ -130,6 +145,9 @@ impl ResponseError for ApiError {
         let mut res = HttpResponse::build(self.status);
         if let Some(secs) = self.retry_after {
             res.insert_header((header::RETRY_AFTER, secs.to_string()));
+        }
+        if let Some(id) = self.execution_id {
+            res.insert_header(("x-muse-execution-id", id.to_string()));
         }
         if let Some(d) = &self.rate_limit {
             for h in crate::limits::headers(d) {

@@ -70,6 +70,9 @@ pub fn redact_url(url: &str) -> String {
 impl Backend {
     /// `sqlite://relative/path`, `sqlite:///absolute/path`, `sqlite:path`,
     /// `postgres://…` or `postgresql://…`. Anything else is an error.
+    /// SQLAlchemy's forms mean what they mean there: `sqlite:///./x.db` and
+    /// `sqlite:///../x.db` are relative to the working directory,
+    /// `sqlite:////abs/x.db` is absolute.
     pub fn parse(url: &str) -> Result<Self, DbError> {
         let url = url.trim();
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
@@ -79,7 +82,11 @@ impl Backend {
             .strip_prefix("sqlite://")
             .or_else(|| url.strip_prefix("sqlite:"))
         {
-            let path = rest.split('?').next().unwrap_or_default();
+            let mut path = rest.split('?').next().unwrap_or_default();
+            // `/./x`, `/../x` (relative) and `//abs` (absolute) lose one slash.
+            if ["/./", "/../", "//"].iter().any(|p| path.starts_with(p)) {
+                path = &path[1..];
+            }
             if path.is_empty() {
                 return Err(DbError::UnknownScheme(url.to_string()));
             }
@@ -287,6 +294,19 @@ mod tests {
         assert_eq!(
             Backend::parse("sqlite:m.db").unwrap(),
             Backend::Sqlite("m.db".into())
+        );
+        // The seeds' SQLAlchemy URLs: relative with ./ or ../, absolute with ////.
+        assert_eq!(
+            Backend::parse("sqlite:///./database/muse.db").unwrap(),
+            Backend::Sqlite("./database/muse.db".into())
+        );
+        assert_eq!(
+            Backend::parse("sqlite:///../muse.db").unwrap(),
+            Backend::Sqlite("../muse.db".into())
+        );
+        assert_eq!(
+            Backend::parse("sqlite:////abs/path.db").unwrap(),
+            Backend::Sqlite("/abs/path.db".into())
         );
         assert!(matches!(
             Backend::parse("postgresql://u@h/db").unwrap(),

@@ -437,7 +437,12 @@ mod tests {
         let fields: Vec<&str> = issues.iter().map(|i| i.field.as_str()).collect();
         assert_eq!(
             fields,
-            ["base_model", "dropout", "n_epochs", "learning_rate"]
+            [
+                "base_model",
+                "hyperparameters.dropout",
+                "hyperparameters.n_epochs",
+                "hyperparameters.learning_rate"
+            ]
         );
         assert!(t.validate("m", &json!([1])).is_err());
         assert!(t.validate("--output-dir=/etc", &Value::Null).is_err());

@@ -124,7 +124,8 @@ pub trait Trainer: Send + Sync + 'static {
     ) -> Result<TrainedModel, TrainError>;
 }
 
-/// Checks `hyperparameters` against a trainer's declared parameters:
+/// Checks `hyperparameters` against a trainer's declared parameters (each
+/// problem's field is `hyperparameters.<name>`, as docs/training.md says):
 /// an object (or null) of known names, integers within `[min, max]`,
 /// numbers within `(min, max]`, `"auto"` where the kind allows it. Pushes
 /// every problem; returns the accepted values.
@@ -149,7 +150,7 @@ pub fn check_params(
     for k in hp.keys() {
         if !known.contains(&k.as_str()) {
             issues.push(ParamIssue::new(
-                k.clone(),
+                format!("hyperparameters.{k}"),
                 format!("unknown parameter; this trainer takes {}", known.join(", ")),
             ));
         }
@@ -176,7 +177,7 @@ pub fn check_params(
             };
             let auto = if auto_ok { " or \"auto\"" } else { "" };
             issues.push(ParamIssue::new(
-                spec.name,
+                format!("hyperparameters.{}", spec.name),
                 format!("must be {what} {range}{auto}"),
             ));
         }

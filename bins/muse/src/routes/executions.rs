@@ -25,7 +25,9 @@ pub fn config(cfg: &mut web::ServiceConfig) {
 pub struct HistoryQuery {
     /// 1-based page (default 1).
     pub page: Option<u32>,
-    /// 1–100 (default 20).
+    /// 1–100 (default 20); `limit` is accepted as another name (the Rubi
+    /// Studio seed's).
+    #[serde(alias = "limit")]
     pub per_page: Option<u32>,
     pub prompt_id: Option<Uuid>,
     /// `succeeded`, `failed` or `cancelled`.

@@ -418,6 +418,9 @@ pub async fn stream_generate(
 #[derive(Debug, Deserialize, IntoParams)]
 pub struct IdeaHistoryQuery {
     pub page: Option<u32>,
+    /// 1–100 (default 20); `limit` is accepted as another name (the Rubi
+    /// Studio seed's).
+    #[serde(alias = "limit")]
     pub per_page: Option<u32>,
     /// Exactly this rating (1–5).
     pub rating: Option<u8>,

@@ -576,7 +576,10 @@ pub async fn chat_completions(
 
     let format = request_format.clone();
     if !body.stream.unwrap_or(false) {
-        let done = run.complete().await.map_err(|f| ApiError::from(f.error))?;
+        let done = run
+            .complete()
+            .await
+            .map_err(|f| ApiError::from(f.error).for_execution(f.execution.id))?;
         let e = &done.execution;
         if let Some(format) = &format {
             if done.tool_calls.is_empty() {
@@ -600,7 +603,10 @@ pub async fn chat_completions(
         .as_ref()
         .and_then(|o| o.include_usage)
         .unwrap_or(false);
-    let events = run.stream().await.map_err(|f| ApiError::from(f.error))?;
+    let events = run
+        .stream()
+        .await
+        .map_err(|f| ApiError::from(f.error).for_execution(f.execution.id))?;
     let chunk = move |delta: Value, finish: Value, usage: Value, model: &str, id: &str| -> Bytes {
         let choices = if delta.is_null() && finish.is_null() {
             json!([])
@@ -713,7 +719,7 @@ async fn several_choices(
     let (mut prompt_tokens, mut completion_tokens) = (0u64, 0u64);
     let mut choices = Vec::with_capacity(results.len());
     for (index, result) in results.into_iter().enumerate() {
-        let done = result.map_err(|f| ApiError::from(f.error))?;
+        let done = result.map_err(|f| ApiError::from(f.error).for_execution(f.execution.id))?;
         let e = &done.execution;
         if let (Some(format), true) = (&format, done.tool_calls.is_empty()) {
             if let Err(why) = format.check(e.output.as_deref().unwrap_or_default()) {
@@ -764,7 +770,8 @@ fn invalid_output(why: &str, execution_id: uuid::Uuid) -> ApiError {
         "invalid_structured_output",
         format!("the model's answer breaks the requested response_format: {why}"),
     )
-    .with_details(json!({"param": "response_format", "execution_id": execution_id}))
+    .with_details(json!({"param": "response_format"}))
+    .for_execution(execution_id)
 }
 
 /// The assistant message of an answer, with its tool calls as OpenAI
@@ -1105,7 +1112,10 @@ pub async fn completions(
             .admit()
             .await?;
             ids.push(run.id.to_string());
-            let done = run.complete().await.map_err(|f| ApiError::from(f.error))?;
+            let done = run
+                .complete()
+                .await
+                .map_err(|f| ApiError::from(f.error).for_execution(f.execution.id))?;
             let e = &done.execution;
             prompt_tokens += u64::from(e.prompt_tokens);
             completion_tokens += u64::from(e.completion_tokens);
@@ -1141,7 +1151,10 @@ pub async fn completions(
     .await?;
     let id = run.id;
     let completion_id = format!("cmpl-{}", id.simple());
-    let events = run.stream().await.map_err(|f| ApiError::from(f.error))?;
+    let events = run
+        .stream()
+        .await
+        .map_err(|f| ApiError::from(f.error).for_execution(f.execution.id))?;
     let chunk = move |text: &str, finish: Value, usage: Value, model: &str, id: &str| -> Bytes {
         let choices = if usage.is_null() {
             json!([{"text": text, "index": 0, "logprobs": null, "finish_reason": finish}])
@@ -1288,7 +1301,7 @@ pub async fn embeddings(
     let (embeddings, _) = run
         .embed(inputs, body.dimensions)
         .await
-        .map_err(|f| ApiError::from(f.error))?;
+        .map_err(|f| ApiError::from(f.error).for_execution(f.execution.id))?;
     let data: Vec<Value> = embeddings
         .vectors
         .iter()
