@@ -1337,3 +1337,44 @@ async fn a_failed_call_names_its_execution() {
         .await;
     assert_eq!(h.body["per_page"], 3, "{}", h.text);
 }
+
+#[actix_web::test]
+async fn a_group_alias_falls_back_to_its_next_model() {
+    let (app, _up) = crate::upstream::app_with_upstream(&[(
+        "MODEL_ALIASES",
+        "fast=up/broken|up/ok,solo=up/echo",
+    )])
+    .await;
+    let token = access(&app.user("grouper").await);
+    for stream in [false, true] {
+        let body = json!({"model": "fast", "messages": [{"role": "user", "content": "hi"}], "stream": stream});
+        let res = app
+            .client
+            .post(format!("{}/v1/chat/completions", app.base))
+            .bearer_auth(&token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        let text = res.text().await.unwrap();
+        assert!(
+            text.contains("\"model\":\"up/ok\""),
+            "the model that answered is named: {text}"
+        );
+        assert!(text.contains("Hello") || text.contains("Hel"), "{text}");
+    }
+    // Both attempts of each call are recorded: the failure and the answer.
+    let h = app
+        .get("/api/v1/executions/history?status=failed", Some(&token))
+        .await;
+    assert_eq!(h.body["total"], 2, "{}", h.text);
+    let models = app.get("/v1/models", Some(&token)).await;
+    let ids: Vec<&str> = models.body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert!(ids.contains(&"fast") && ids.contains(&"solo"), "{ids:?}");
+}

@@ -265,9 +265,10 @@ pub struct LlmConfig {
     /// `DEFAULT_MODEL`: the registry key ideas use when a request names no
     /// model (else the first model of `GET /api/v1/ai/models`).
     pub default_model: Option<String>,
-    /// `MODEL_ALIASES`: `name=provider/model` pairs, comma separated
-    /// (`gpt=openai/gpt-4o-mini,fast=local/org/name`).
-    pub model_aliases: std::collections::BTreeMap<String, String>,
+    /// `MODEL_ALIASES`: `name=provider/model` pairs, comma separated; a
+    /// name may stand for a fallback chain, `|`-separated
+    /// (`gpt=openai/gpt-4o-mini,fast=local/org/name|compatible/llama3`).
+    pub model_aliases: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 /// Secrets that ship in tutorials and must never protect a real server.
@@ -640,7 +641,9 @@ fn llm_config(
 }
 
 /// `MODEL_ALIASES`: `name=key` pairs separated by commas.
-fn aliases(v: Option<String>) -> Result<std::collections::BTreeMap<String, String>, ConfigError> {
+fn aliases(
+    v: Option<String>,
+) -> Result<std::collections::BTreeMap<String, Vec<String>>, ConfigError> {
     let mut out = std::collections::BTreeMap::new();
     for pair in v
         .iter()
@@ -649,13 +652,16 @@ fn aliases(v: Option<String>) -> Result<std::collections::BTreeMap<String, Strin
         .filter(|p| !p.is_empty())
     {
         match pair.split_once('=') {
-            Some((name, key)) if !name.trim().is_empty() && key.trim().contains('/') => {
-                out.insert(name.trim().to_string(), key.trim().to_string());
+            Some((name, keys))
+                if !name.trim().is_empty() && keys.split('|').all(|k| k.trim().contains('/')) =>
+            {
+                let chain = keys.split('|').map(|k| k.trim().to_string()).collect();
+                out.insert(name.trim().to_string(), chain);
             }
             _ => {
                 return Err(ConfigError::Invalid {
                     var: "MODEL_ALIASES",
-                    message: format!("{pair:?} is not name=provider/model"),
+                    message: format!("{pair:?} is not name=provider/model[|provider/model…]"),
                 })
             }
         }

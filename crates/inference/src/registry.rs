@@ -70,7 +70,9 @@ pub struct ModelRegistry {
     /// Local models in the cache that cannot be served, with the reason.
     unservable: RwLock<BTreeMap<String, String>>,
     /// Operator-defined names (`gpt` → `openai/gpt-4o-mini`).
-    aliases: BTreeMap<String, String>,
+    /// Operator-defined names, each for one key or a fallback chain
+    /// (`fast` → `[local/a, compatible/b]`).
+    aliases: BTreeMap<String, Vec<String>>,
 }
 
 impl ModelRegistry {
@@ -205,19 +207,27 @@ impl ModelRegistry {
         Ok(key)
     }
 
-    /// Names that stand for a registry key (`MODEL_ALIASES`). An alias may
-    /// not shadow a key.
-    pub fn set_aliases(&mut self, aliases: BTreeMap<String, String>) -> Result<(), InferenceError> {
+    /// Names that stand for a registry key, or for a fallback chain of
+    /// keys tried in order (`MODEL_ALIASES`). An alias may not shadow a key.
+    pub fn set_aliases(
+        &mut self,
+        aliases: BTreeMap<String, Vec<String>>,
+    ) -> Result<(), InferenceError> {
         let entries = self.read_entries();
-        for (alias, target) in &aliases {
+        for (alias, targets) in &aliases {
             if entries.contains_key(alias) {
                 return Err(InferenceError::NotConfigured(format!(
                     "the alias {alias:?} is already a model key"
                 )));
             }
-            if !entries.contains_key(target) {
+            if targets.is_empty() {
                 return Err(InferenceError::NotConfigured(format!(
-                    "the alias {alias:?} points at {target:?}, which is not in the registry"
+                    "the alias {alias:?} names no model"
+                )));
+            }
+            if let Some(t) = targets.iter().find(|t| !entries.contains_key(*t)) {
+                return Err(InferenceError::NotConfigured(format!(
+                    "the alias {alias:?} points at {t:?}, which is not in the registry"
                 )));
             }
         }
@@ -226,9 +236,18 @@ impl ModelRegistry {
         Ok(())
     }
 
-    /// The aliases and the keys they stand for.
-    pub fn aliases(&self) -> &BTreeMap<String, String> {
+    /// The aliases and the keys each stands for, in fallback order.
+    pub fn aliases(&self) -> &BTreeMap<String, Vec<String>> {
         &self.aliases
+    }
+
+    /// The keys a request's model name means, in the order to try them: a
+    /// fallback chain for a group alias, else the one key of [`Self::resolve`].
+    pub fn chain(&self, name: &str) -> Result<Vec<String>, InferenceError> {
+        match self.aliases.get(name) {
+            Some(targets) if !self.read_entries().contains_key(name) => Ok(targets.clone()),
+            _ => self.resolve(name).map(|k| vec![k]),
+        }
     }
 
     /// The registry key a request's model name means: a key as it is, an
@@ -240,8 +259,8 @@ impl ModelRegistry {
         if entries.contains_key(name) {
             return Ok(name.to_string());
         }
-        if let Some(target) = self.aliases.get(name) {
-            return Ok(target.clone());
+        if let Some(first) = self.aliases.get(name).and_then(|t| t.first()) {
+            return Ok(first.clone());
         }
         let matches: Vec<&String> = entries
             .iter()

@@ -539,7 +539,8 @@ pub async fn chat_completions(
 ) -> Result<HttpResponse, ApiError> {
     let body = body.into_inner();
     let mut request = to_request(&body)?;
-    let key = resolve_model(&state, &body.model)?;
+    let chain = resolve_chain(&state, &body.model)?;
+    let key = chain[0].clone();
     request.model = key.clone();
     let request_format = request.response_format.clone();
     super::library::provider_gate(&state, &user.0, &key)?;
@@ -562,25 +563,13 @@ pub async fn chat_completions(
         )
         .await;
     }
-    let run = Run::new(
-        &state,
-        user.0.user.id,
-        ExecutionSource::OpenaiApi,
-        &key,
-        request,
-    )
-    .admit()
-    .await?;
-    let id = run.id;
-    let completion_id = format!("chatcmpl-{}", id.simple());
-
+    let stream = body.stream.unwrap_or(false);
+    let (key, opened) = open_chain(&state, &user, &chain, request, stream).await?;
     let format = request_format.clone();
-    if !body.stream.unwrap_or(false) {
-        let done = run
-            .complete()
-            .await
-            .map_err(|f| ApiError::from(f.error).for_execution(f.execution.id))?;
+    if let Opened::Whole(done) = opened {
         let e = &done.execution;
+        let id = e.id;
+        let completion_id = format!("chatcmpl-{}", id.simple());
         if let Some(format) = &format {
             if done.tool_calls.is_empty() {
                 if let Err(why) = format.check(e.output.as_deref().unwrap_or_default()) {
@@ -598,15 +587,18 @@ pub async fn chat_completions(
             .json(response));
     }
 
+    let Opened::Stream(events, id) = opened else {
+        return Err(ApiError::internal(
+            "chat",
+            "a whole answer reached the stream path",
+        ));
+    };
+    let completion_id = format!("chatcmpl-{}", id.simple());
     let include_usage = body
         .stream_options
         .as_ref()
         .and_then(|o| o.include_usage)
         .unwrap_or(false);
-    let events = run
-        .stream()
-        .await
-        .map_err(|f| ApiError::from(f.error).for_execution(f.execution.id))?;
     let chunk = move |delta: Value, finish: Value, usage: Value, model: &str, id: &str| -> Bytes {
         let choices = if delta.is_null() && finish.is_null() {
             json!([])
@@ -787,6 +779,80 @@ fn assistant_message(text: &str, calls: &[muse_inference::ToolCall]) -> Value {
     json!({"role": "assistant", "content": if text.is_empty() { Value::Null } else { json!(text) }, "tool_calls": calls})
 }
 
+/// A call opened on one model of a chain: its whole answer, or its stream
+/// (already past its first event) and execution id.
+enum Opened {
+    Whole(Box<crate::runs::Finished>),
+    Stream(
+        std::pin::Pin<Box<dyn futures_util::Stream<Item = RunEvent>>>,
+        uuid::Uuid,
+    ),
+}
+
+/// Runs the call on the first model of `chain` that answers: a group
+/// alias's models are tried in order while the failure is one another
+/// model can help with (unavailable, rate limited, broken…); a stream
+/// falls back only before its first token. Every attempt is admitted and
+/// recorded on its own. Returns the key that answered.
+async fn open_chain(
+    state: &web::Data<AppState>,
+    user: &CurrentUser,
+    chain: &[String],
+    request: GenerateRequest,
+    stream: bool,
+) -> Result<(String, Opened), ApiError> {
+    for (i, key) in chain.iter().enumerate() {
+        let last = i + 1 == chain.len();
+        if i > 0 {
+            // A provider switched off by a flag is skipped, unless it is the last hope.
+            if let Err(e) = super::library::provider_gate(state, &user.0, key) {
+                if last {
+                    return Err(e);
+                }
+                continue;
+            }
+        }
+        let mut req = request.clone();
+        req.model = key.clone();
+        let run = Run::new(state, user.0.user.id, ExecutionSource::OpenaiApi, key, req)
+            .admit()
+            .await?;
+        let id = run.id;
+        let outcome = if stream {
+            run.stream()
+                .await
+                .map(|events| Opened::Stream(Box::pin(events), id))
+        } else {
+            run.complete()
+                .await
+                .map(|done| Opened::Whole(Box::new(done)))
+        };
+        match outcome {
+            Ok(opened) => return Ok((key.clone(), opened)),
+            Err(f) if !last && f.error.allows_fallback() => {
+                tracing::warn!(model = %key, error = %f.error, "falling back to the next model of the alias");
+            }
+            Err(f) => return Err(ApiError::from(f.error).for_execution(f.execution.id)),
+        }
+    }
+    Err(ApiError::new(
+        StatusCode::NOT_FOUND,
+        "model_not_found",
+        "the alias names no model",
+    ))
+}
+
+/// The keys a request's model name means (a group alias's fallback chain,
+/// else one key); an unknown name is passed on as it is, to fail as
+/// `model_not_found` and be recorded.
+fn resolve_chain(state: &AppState, name: &str) -> Result<Vec<String>, ApiError> {
+    match state.models.chain(name) {
+        Ok(keys) => Ok(keys),
+        Err(muse_inference::InferenceError::ModelNotFound(_)) => Ok(vec![name.to_string()]),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// The registry key `name` means (key, alias, or bare name). An unknown
 /// name is passed on as it is, so that the call fails with
 /// `model_not_found` and is recorded like any failed call.
@@ -816,7 +882,10 @@ pub async fn list_models(state: web::Data<AppState>, user: CurrentUser) -> HttpR
         .map(|m| model_object(&state, &m.key, &m.provider))
         .collect();
     for (alias, target) in state.models.aliases() {
-        if let Some(m) = models.iter().find(|m| &m.key == target) {
+        if let Some(m) = target
+            .first()
+            .and_then(|t| models.iter().find(|m| &m.key == t))
+        {
             data.push(model_object(&state, alias, &m.provider));
         }
     }
