@@ -91,13 +91,7 @@ impl Pulls {
             let progress = {
                 let pulls = pulls.clone();
                 move |p: DownloadProgress| {
-                    let ratio = if p.total_bytes == 0 {
-                        1.0
-                    } else {
-                        p.done_bytes as f64 / p.total_bytes as f64
-                    };
-                    metrics::gauge!("model_download_progress_ratio", "model" => p.model.clone(), "file" => p.file.clone()).set(ratio);
-                    tracing::info!(model = %p.model, file = %p.file, done = p.done_bytes, total = p.total_bytes, "pulling");
+                    muse_inference::local::download::report(&p);
                     pulls.update(&p.model, |s| {
                         s.file = Some(p.file.clone());
                         s.done_bytes = p.done_bytes;

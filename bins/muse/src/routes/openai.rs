@@ -526,9 +526,9 @@ fn finish(reason: &FinishReason) -> &'static str {
 #[utoipa::path(post, path = "/v1/chat/completions", tag = "openai", security(("bearer" = [])), request_body = ChatRequest,
     responses(
         (status = 200, description = "`chat.completion`, or `text/event-stream` of `chat.completion.chunk` ending with `data: [DONE]`"),
+        (status = 400, description = "OpenAI's error shape: validation_failed, unsupported_parameter (with `param`), invalid_model_request", body = ErrorBody),
         (status = 401, body = ErrorBody),
         (status = 404, description = "model_not_found", body = ErrorBody),
-        (status = 422, description = "validation_failed", body = ErrorBody),
         (status = 429, description = "provider_rate_limited", body = ErrorBody),
         (status = 502, description = "provider errors", body = ErrorBody),
     ))]
@@ -1136,10 +1136,9 @@ fn completion_requests(body: &CompletionRequest) -> Result<Vec<GenerateRequest>,
 #[utoipa::path(post, path = "/v1/completions", tag = "openai", security(("bearer" = [])), request_body = CompletionRequest,
     responses(
         (status = 200, description = "`text_completion`, or `text/event-stream` of `text_completion` chunks ending with `data: [DONE]`"),
-        (status = 400, description = "unsupported_parameter, invalid_model_request (e.g. a chat-only provider)", body = ErrorBody),
+        (status = 400, description = "OpenAI's error shape: validation_failed, unsupported_parameter (with `param`), invalid_model_request (e.g. a chat-only provider)", body = ErrorBody),
         (status = 401, body = ErrorBody),
         (status = 404, description = "model_not_found", body = ErrorBody),
-        (status = 422, description = "validation_failed", body = ErrorBody),
         (status = 429, description = "provider_rate_limited", body = ErrorBody),
         (status = 502, description = "provider errors", body = ErrorBody),
     ))]

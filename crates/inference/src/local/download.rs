@@ -46,6 +46,18 @@ impl HubConfig {
     }
 }
 
+/// Reports progress where operators look: the
+/// `model_download_progress_ratio{model,file}` gauge and an info log line.
+pub fn report(p: &DownloadProgress) {
+    let ratio = if p.total_bytes == 0 {
+        1.0
+    } else {
+        p.done_bytes as f64 / p.total_bytes as f64
+    };
+    metrics::gauge!("model_download_progress_ratio", "model" => p.model.clone(), "file" => p.file.clone()).set(ratio);
+    tracing::info!(model = %p.model, file = %p.file, done = p.done_bytes, total = p.total_bytes, "downloading");
+}
+
 /// Download progress of one file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DownloadProgress {

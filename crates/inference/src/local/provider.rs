@@ -247,13 +247,7 @@ fn load(
 /// Downloads a configured model into the cache (blocking thread).
 fn download(config: &LocalConfig, model: &str) -> Result<PathBuf, InferenceError> {
     let fut = super::download::ensure_model(&config.cache_dir, model, &config.hub, |p| {
-        let ratio = if p.total_bytes == 0 {
-            1.0
-        } else {
-            p.done_bytes as f64 / p.total_bytes as f64
-        };
-        metrics::gauge!("model_download_progress_ratio", "model" => p.model.clone(), "file" => p.file.clone()).set(ratio);
-        tracing::info!(model = %p.model, file = %p.file, done = p.done_bytes, total = p.total_bytes, "downloading");
+        super::download::report(&p)
     });
     match tokio::runtime::Handle::try_current() {
         Ok(handle) => handle.block_on(fut),
