@@ -500,24 +500,30 @@ impl LlmProvider for LocalProvider {
                 message: format!("{} gives vectors of its own size", request.model),
             });
         }
-        let dir = self.model_dir(&request.model).ok_or_else(|| {
-            InferenceError::ModelNotFound(format!(
-                "{} is not in the local model cache",
-                request.model
-            ))
-        })?;
-        if !super::embed::is_embedding_model(&dir) {
-            return Err(InferenceError::Unsupported {
-                param: "model".into(),
-                message: format!(
-                    "{} is not a sentence-embedding model (no modules.json or 1_Pooling/config.json)",
-                    request.model
-                ),
-            });
-        }
         let (embedders, threads, request) =
             (self.embedders.clone(), self.config.threads, request.clone());
+        let (cache_dir, dirs) = (self.config.cache_dir.clone(), self.dirs.clone());
+        // Finding the model reads the cache: on the blocking pool too.
         tokio::task::spawn_blocking(move || {
+            let own = dirs.read().ok().and_then(|d| d.get(&request.model).cloned());
+            let dir = match own {
+                Some(d) => d,
+                None => resolve_model(&cache_dir, &request.model).map_err(|_| {
+                    InferenceError::ModelNotFound(format!(
+                        "{} is not in the local model cache",
+                        request.model
+                    ))
+                })?,
+            };
+            if !super::embed::is_embedding_model(&dir) {
+                return Err(InferenceError::Unsupported {
+                    param: "model".into(),
+                    message: format!(
+                        "{} is not a sentence-embedding model (no modules.json or 1_Pooling/config.json)",
+                        request.model
+                    ),
+                });
+            }
             let embedder = {
                 let mut map = embedders
                     .lock()

@@ -332,25 +332,9 @@ impl LlmProvider for GeminiProvider {
             .as_array()
             .ok_or_else(|| InferenceError::Protocol("no embeddings in the response".into()))?
             .iter()
-            .map(|e| {
-                e["values"]
-                    .as_array()
-                    .map(|a| {
-                        a.iter()
-                            .filter_map(|x| x.as_f64())
-                            .map(|x| x as f32)
-                            .collect()
-                    })
-                    .unwrap_or_default()
-            })
+            .map(|e| super::f32_vector(&e["values"]))
             .collect();
-        if vectors.len() != request.inputs.len() {
-            return Err(InferenceError::Protocol(format!(
-                "{} embeddings for {} inputs",
-                vectors.len(),
-                request.inputs.len()
-            )));
-        }
+        super::check_embedding_count(vectors.len(), request.inputs.len())?;
         let chars: usize = request.inputs.iter().map(|t| t.chars().count()).sum();
         Ok(Embeddings {
             model: request.model.clone(),

@@ -70,6 +70,29 @@ pub(crate) fn merge_turns<'a>(
         .collect()
 }
 
+/// A JSON array of numbers as an `f32` vector (embeddings).
+pub(crate) fn f32_vector(v: &serde_json::Value) -> Vec<f32> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_f64())
+                .map(|x| x as f32)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Embeddings must come back one per input.
+pub(crate) fn check_embedding_count(got: usize, inputs: usize) -> Result<(), InferenceError> {
+    if got == inputs {
+        Ok(())
+    } else {
+        Err(InferenceError::Protocol(format!(
+            "{got} embeddings for {inputs} inputs"
+        )))
+    }
+}
+
 /// Model names go into URL paths: allow only what real names use.
 pub(crate) fn check_model_name(model: &str) -> Result<(), InferenceError> {
     let ok = !model.is_empty()

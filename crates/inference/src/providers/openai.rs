@@ -279,26 +279,14 @@ impl LlmProvider for OpenAiProvider {
             .ok_or_else(|| InferenceError::Protocol("no data in the embeddings response".into()))?
             .iter()
             .map(|d| {
-                let vector = d["embedding"]
-                    .as_array()
-                    .map(|a| {
-                        a.iter()
-                            .filter_map(|x| x.as_f64())
-                            .map(|x| x as f32)
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                (d["index"].as_u64().unwrap_or(0), vector)
+                (
+                    d["index"].as_u64().unwrap_or(0),
+                    super::f32_vector(&d["embedding"]),
+                )
             })
             .collect();
         data.sort_by_key(|(i, _)| *i);
-        if data.len() != request.inputs.len() {
-            return Err(InferenceError::Protocol(format!(
-                "{} embeddings for {} inputs",
-                data.len(),
-                request.inputs.len()
-            )));
-        }
+        super::check_embedding_count(data.len(), request.inputs.len())?;
         Ok(Embeddings {
             model: v["model"].as_str().unwrap_or(&request.model).to_string(),
             vectors: data.into_iter().map(|(_, v)| v).collect(),
