@@ -222,7 +222,9 @@ def write_model(out, repo, kind, seed, size=None):
         vocab = 50257
         model, shape = build(kind, vocab, np.random.default_rng(seed), n_special, layers=12, hidden=768, n_heads=12, max_pos=1024, std=0.02, tie=True)
     else:
-        model, shape = build(kind, vocab, np.random.default_rng(seed), n_special)
+        # The tiny GPT-2 takes 1024 positions: real chat templates with tools
+        # render prompts of several hundred of its (384-token vocabulary) tokens.
+        model, shape = build(kind, vocab, np.random.default_rng(seed), n_special, max_pos=1024 if kind == "gpt2" else 256)
     files = {}
     files["tokenizer.json"] = tok.to_str().encode()
     if kind == "gpt2":

@@ -186,7 +186,7 @@ async fn local_models_are_listed_loaded_reported_and_unloaded() {
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
     assert_eq!(r.body["loaded"], true);
     assert!(r.body["memory_bytes"].as_u64().unwrap() > 100_000);
-    assert_eq!(r.body["context_length"], 256);
+    assert_eq!(r.body["context_length"], 1024);
     let health = app.get("/health", None).await;
     assert_eq!(
         health.body["checks"]["providers"]["local"]["status"],

@@ -186,6 +186,10 @@ pub struct GenerateRequest {
     /// tool) take it; local models refuse it by name.
     #[serde(default)]
     pub response_format: Option<ResponseFormat>,
+    /// OpenAI's `logit_bias` (token id → -100..100): OpenAI-protocol
+    /// providers and local models; Anthropic and Gemini refuse it.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub logit_bias: std::collections::BTreeMap<u32, f32>,
 }
 
 impl GenerateRequest {
@@ -207,6 +211,7 @@ impl GenerateRequest {
             tool_choice: None,
             parallel_tool_calls: None,
             response_format: None,
+            logit_bias: Default::default(),
         }
     }
 

@@ -105,7 +105,7 @@ fn kv_layout_is_read_from_the_model_inputs() {
         (l.layers, l.heads, l.head_dim, l.fp16, l.has_position_ids),
         (2, 4, 16, false, true)
     );
-    assert_eq!(gpt2.context_length(), Some(256));
+    assert_eq!(gpt2.context_length(), Some(1024));
     assert!(gpt2.weight_bytes() > 100_000);
     let llama =
         LocalModel::load(&resolve_model(&cache, "muse-test/tiny-llama").unwrap(), 1).unwrap();
@@ -836,4 +836,173 @@ async fn local_sentence_embeddings_equal_the_onnxruntime_reference() {
         p.embed(&wrong).await,
         Err(InferenceError::Unsupported { .. })
     ));
+}
+
+/// Tool calling and JSON mode on a local model whose chat template takes
+/// tools: Qwen2.5's real template (Hermes-style `<tool_call>` calls) on
+/// the tiny GPT-2's weights and tokenizer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_tool_calls_and_json_mode_follow_the_templates_format() {
+    use futures::StreamExt;
+    use muse_inference::{
+        GenerateRequest, LlmProvider, ResponseFormat, StreamEvent, Tool, ToolCall,
+        ToolCallCollector, ToolChoice,
+    };
+    let Some(cache) = cache() else { return };
+    let source = resolve_model(&cache, "muse-test/tiny-gpt2").unwrap();
+    let corpus: Vec<serde_json::Value> = serde_json::from_str(
+        &std::fs::read_to_string(root().join("tests/data/chat_templates/corpus.json")).unwrap(),
+    )
+    .unwrap();
+    let qwen = corpus
+        .iter()
+        .find(|t| t["model"] == "Qwen/Qwen2.5-7B-Instruct")
+        .unwrap()["template"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json", "config.json"] {
+        std::fs::copy(source.join(f), dir.path().join(f)).unwrap();
+    }
+    std::fs::copy(
+        source.join("onnx/model.onnx"),
+        dir.path().join("model.onnx"),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("chat_template.jinja"), &qwen).unwrap();
+    let p = provider(&cache, 8);
+    p.add_dir("org/tiny-qwen-tools", dir.path().to_path_buf())
+        .unwrap();
+    let tokenizer = tokenizers::Tokenizer::from_file(source.join("tokenizer.json")).unwrap();
+    let close = tokenizer.token_to_id("}").expect("a } token");
+
+    let weather = Tool {
+        name: "get_weather".into(),
+        description: Some("The weather in a city".into()),
+        parameters: Some(
+            serde_json::json!({"type": "object", "properties": {"city": {"type": "string"}}}),
+        ),
+        strict: None,
+    };
+    let time = Tool {
+        name: "get_time".into(),
+        description: None,
+        parameters: None,
+        strict: None,
+    };
+    let mut req = GenerateRequest::new(
+        "org/tiny-qwen-tools",
+        vec![Message::user("What is the weather in Paris?")],
+    );
+    req.tools = vec![weather.clone(), time.clone()];
+    req.max_tokens = Some(120);
+
+    // `required`: the model writes one call in its template's format (the
+    // bias on `}` makes the tiny model close the arguments at once).
+    let mut required = req.clone();
+    required.tool_choice = Some(ToolChoice::Required);
+    required.logit_bias = [(close, 100.0)].into_iter().collect();
+    let c = p.complete(&required).await.unwrap();
+    assert_eq!(c.summary.finish_reason, FinishReason::ToolCalls, "{c:?}");
+    assert_eq!(c.tool_calls.len(), 1, "{c:?}");
+    let call: &ToolCall = &c.tool_calls[0];
+    assert!(
+        ["get_weather", "get_time"].contains(&call.name.as_str()),
+        "{call:?}"
+    );
+    assert!(call.id.starts_with("call_"));
+    assert!(
+        serde_json::from_str::<serde_json::Value>(&call.arguments)
+            .unwrap()
+            .is_object(),
+        "{call:?}"
+    );
+    assert_eq!(c.text, "", "the call is not shown as text");
+
+    // A named function, streamed, sampled with a seed: that function, as
+    // index-addressed fragments.
+    let mut named = required.clone();
+    named.tool_choice = Some(ToolChoice::Function("get_time".into()));
+    named.temperature = Some(1.0);
+    named.seed = Some(3);
+    let mut s = p.stream(&named).await.unwrap();
+    let mut calls = ToolCallCollector::default();
+    let mut text = String::new();
+    let mut finish = None;
+    while let Some(ev) = s.next().await {
+        match ev.unwrap() {
+            StreamEvent::Delta(t) => text.push_str(&t),
+            StreamEvent::ToolCall(d) => calls.push(&d),
+            StreamEvent::Done(sum) => finish = Some(sum.finish_reason),
+        }
+    }
+    let calls = calls.finish();
+    assert_eq!(finish, Some(FinishReason::ToolCalls));
+    assert_eq!(
+        (calls.len(), calls[0].name.as_str(), text.as_str()),
+        (1, "get_time", "")
+    );
+
+    // `auto`: the tiny model answers in text; the tools reached the prompt
+    // through the template (more prompt tokens than without them).
+    let auto = p.complete(&req).await.unwrap();
+    assert!(
+        auto.tool_calls.is_empty() && !auto.text.is_empty(),
+        "{auto:?}"
+    );
+    let mut plain = req.clone();
+    plain.tools.clear();
+    let without = p.complete(&plain).await.unwrap();
+    assert!(
+        auto.summary.usage.prompt_tokens > without.summary.usage.prompt_tokens + 20,
+        "{} vs {}",
+        auto.summary.usage.prompt_tokens,
+        without.summary.usage.prompt_tokens
+    );
+
+    // A round trip: the call and its result go back through the template.
+    let mut round = req.clone();
+    let mut asked = Message::assistant("");
+    asked.tool_calls = vec![call.clone()];
+    round.messages.push(asked);
+    round
+        .messages
+        .push(Message::tool(call.id.clone(), "{\"celsius\": 21}"));
+    round.max_tokens = Some(8);
+    let answer = p.complete(&round).await.unwrap();
+    assert!(answer.summary.usage.completion_tokens > 0);
+
+    // JSON mode: an object, whatever the tiny model would rather write.
+    let mut json = plain.clone();
+    json.response_format = Some(ResponseFormat::JsonObject);
+    json.logit_bias = [(close, 100.0)].into_iter().collect();
+    let j = p.complete(&json).await.unwrap();
+    assert!(ResponseFormat::JsonObject.check(&j.text).is_ok(), "{j:?}");
+    assert_eq!(j.summary.finish_reason, FinishReason::Stop);
+    // Without help it still writes nothing but JSON, cut at max_tokens.
+    json.logit_bias.clear();
+    json.max_tokens = Some(24);
+    let j = p.complete(&json).await.unwrap();
+    assert!(j.text.trim_start().starts_with('{'), "{j:?}");
+
+    // A template without tools: refused by name, naming the model.
+    let mut gpt2 = req.clone();
+    gpt2.model = "muse-test/tiny-gpt2".into();
+    match p.complete(&gpt2).await {
+        Err(InferenceError::Unsupported { param, message }) => {
+            assert_eq!(param, "tools");
+            assert!(
+                message.contains("muse-test/tiny-gpt2") && message.contains("does not take tools"),
+                "{message}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    // Token ids outside the vocabulary are the caller's mistake.
+    let mut bias = plain.clone();
+    bias.logit_bias = [(1_000_000, 5.0)].into_iter().collect();
+    assert!(
+        matches!(p.complete(&bias).await, Err(InferenceError::BadRequest(m)) if m.contains("1000000"))
+    );
 }

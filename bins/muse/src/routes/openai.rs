@@ -148,6 +148,11 @@ pub struct ChatRequest {
     pub n: Option<u32>,
     /// Only `false`.
     pub logprobs: Option<bool>,
+    /// Token id → bias (-100 to 100), added to the logits before
+    /// sampling: forwarded to OpenAI-protocol servers, applied by local
+    /// models; Anthropic and Gemini refuse it.
+    #[schema(value_type = Object)]
+    pub logit_bias: Option<Value>,
     /// `{"type": "text"}`, `{"type": "json_object"}` or
     /// `{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}`;
     /// the answer is checked against it before it is returned.
@@ -229,8 +234,6 @@ fn check_extra(extra: &serde_json::Map<String, Value>) -> Result<(), ApiError> {
             }
             "top_logprobs" if is_off(value) || value == &json!(0) => continue,
             "top_logprobs" => "log-probabilities are not returned",
-            "logit_bias" if is_off(value) => continue,
-            "logit_bias" => "token biases are not applied",
             "modalities" if value == &json!(["text"]) => continue,
             "audio" | "modalities" => "only text answers are served",
             "prediction" if value.is_null() => continue,
@@ -503,6 +506,7 @@ fn to_request(body: &ChatRequest) -> Result<GenerateRequest, ApiError> {
     req.top_k = body.top_k;
     req.presence_penalty = body.presence_penalty.filter(|v| *v != 0.0);
     req.frequency_penalty = body.frequency_penalty.filter(|v| *v != 0.0);
+    req.logit_bias = logit_bias(body.logit_bias.as_ref())?;
     if !tools.is_empty() {
         req.tool_choice = tool_choice;
         req.parallel_tool_calls = body.parallel_tool_calls;
@@ -510,6 +514,46 @@ fn to_request(body: &ChatRequest) -> Result<GenerateRequest, ApiError> {
     req.tools = tools;
     req.response_format = response_format;
     Ok(req)
+}
+
+/// Most entries in `logit_bias` (OpenAI's own limit).
+const MAX_LOGIT_BIAS: usize = 300;
+
+/// `logit_bias`: token ids (as strings) to biases between -100 and 100.
+fn logit_bias(value: Option<&Value>) -> Result<std::collections::BTreeMap<u32, f32>, ApiError> {
+    let map = match value {
+        None | Some(Value::Null) => return Ok(Default::default()),
+        Some(Value::Object(m)) => m,
+        Some(_) => {
+            return Err(invalid_param(
+                "logit_bias",
+                "logit_bias must be an object of token ids to biases",
+            ))
+        }
+    };
+    if map.len() > MAX_LOGIT_BIAS {
+        return Err(invalid_param(
+            "logit_bias",
+            format!("logit_bias takes at most {MAX_LOGIT_BIAS} tokens"),
+        ));
+    }
+    map.iter()
+        .map(|(k, v)| {
+            let id: u32 = k.parse().map_err(|_| {
+                invalid_param(
+                    "logit_bias",
+                    format!("logit_bias key {k:?} is not a token id"),
+                )
+            })?;
+            match v.as_f64() {
+                Some(b) if (-100.0..=100.0).contains(&b) => Ok((id, b as f32)),
+                _ => Err(invalid_param(
+                    "logit_bias",
+                    format!("logit_bias[{k}] must be a number between -100 and 100"),
+                )),
+            }
+        })
+        .collect()
 }
 
 fn finish(reason: &FinishReason) -> &'static str {
@@ -1026,6 +1070,9 @@ pub struct CompletionRequest {
     /// -2 to 2, as in chat completions.
     pub presence_penalty: Option<f32>,
     pub frequency_penalty: Option<f32>,
+    /// As in chat completions.
+    #[schema(value_type = Object)]
+    pub logit_bias: Option<Value>,
     /// Ignored (it changes nothing in the answer).
     pub user: Option<String>,
     /// Any other field: refused by name.
@@ -1035,13 +1082,11 @@ pub struct CompletionRequest {
 }
 
 fn completion_requests(body: &CompletionRequest) -> Result<Vec<GenerateRequest>, ApiError> {
-    for (name, value) in &body.extra {
-        let why = match name.as_str() {
-            "logit_bias" if is_off(value) => continue,
-            "logit_bias" => "token biases are not applied",
-            _ => "it is not a field of OpenAI's Completions API",
-        };
-        return Err(unsupported(name, why));
+    if let Some(name) = body.extra.keys().next() {
+        return Err(unsupported(
+            name,
+            "it is not a field of OpenAI's Completions API",
+        ));
     }
     for (name, v) in [
         ("presence_penalty", body.presence_penalty),
@@ -1113,6 +1158,7 @@ fn completion_requests(body: &CompletionRequest) -> Result<Vec<GenerateRequest>,
     if stop.len() > 4 {
         return Err(invalid("at most 4 stop sequences"));
     }
+    let bias = logit_bias(body.logit_bias.as_ref())?;
     Ok(prompts
         .into_iter()
         .map(|p| {
@@ -1125,6 +1171,7 @@ fn completion_requests(body: &CompletionRequest) -> Result<Vec<GenerateRequest>,
             req.top_k = body.top_k;
             req.presence_penalty = body.presence_penalty.filter(|v| *v != 0.0);
             req.frequency_penalty = body.frequency_penalty.filter(|v| *v != 0.0);
+            req.logit_bias = bias.clone();
             req
         })
         .collect())

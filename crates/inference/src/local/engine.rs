@@ -11,10 +11,12 @@ use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
 use serde_json::Value;
 use tokenizers::Tokenizer;
 
+use super::guide::Guide;
 use super::resolve::onnx_file;
 use super::runtime::environment;
 use super::sampling::{Sampler, SamplingParams};
 use super::template::{special_tokens, ChatInput, ChatTemplate, ChatTemplates, TemplateError};
+use super::tools::ToolFormat;
 use crate::error::InferenceError;
 use crate::types::FinishReason;
 
@@ -65,6 +67,12 @@ pub struct LocalModel {
     weight_bytes: u64,
     dir: PathBuf,
     name: String,
+    /// How the template used with tools takes them: `None` when it does
+    /// not mention `tools`, `Some(None)` when it does in a format Muse
+    /// cannot read back.
+    tools: Option<Option<ToolFormat>>,
+    /// Each token's text (for guided decoding), computed on first use.
+    token_texts: Option<Vec<Option<String>>>,
 }
 
 /// What `generation_config.json` asks for when a request does not say.
@@ -305,7 +313,12 @@ impl LocalModel {
             })
             .map(|v| v as usize);
         let special = special_tokens(dir);
-        let templates = ChatTemplates::from_dir(dir)
+        let sources = ChatTemplates::from_dir(dir);
+        let tools = sources
+            .pick(true)
+            .filter(|source| source.contains("tools"))
+            .map(ToolFormat::of_template);
+        let templates = sources
             .templates
             .into_iter()
             .map(|(tname, source)| {
@@ -339,7 +352,57 @@ impl LocalModel {
             weight_bytes,
             dir: dir.to_path_buf(),
             name: name.to_string(),
+            tools,
+            token_texts: None,
         })
+    }
+
+    /// How the model's chat template takes tools: `Err` says why a request
+    /// with tools cannot be served.
+    pub fn tool_format(&self) -> Result<ToolFormat, String> {
+        match self.tools {
+            None => Err(format!(
+                "{}'s chat template does not take tools",
+                self.name
+            )),
+            Some(None) => Err(format!(
+                "{}'s chat template takes tools in a format Muse cannot read back (it reads Hermes <tool_call>, Llama 3 JSON and Mistral [TOOL_CALLS] calls)",
+                self.name
+            )),
+            Some(Some(f)) => Ok(f),
+        }
+    }
+
+    /// Each token's text as it reads inside an answer (decoded after a
+    /// neighbour, so SentencePiece's leading space is kept); `None` for
+    /// tokens that write nothing or only part of a character.
+    fn token_texts(&mut self) -> &[Option<String>] {
+        if self.token_texts.is_none() {
+            let vocab = self.tokenizer.get_vocab_size(true);
+            let anchor = self.tokenizer.token_to_id("a");
+            let base = anchor
+                .and_then(|a| self.tokenizer.decode(&[a], true).ok())
+                .unwrap_or_default();
+            let texts = (0..vocab as u32)
+                .map(|id| {
+                    let text = match anchor {
+                        Some(a) => {
+                            let both = self.tokenizer.decode(&[a, id], true).ok()?;
+                            both.strip_prefix(base.as_str())?.to_string()
+                        }
+                        None => self.tokenizer.decode(&[id], true).ok()?,
+                    };
+                    (!text.is_empty() && !text.contains('\u{FFFD}')).then_some(text)
+                })
+                .collect();
+            self.token_texts = Some(texts);
+        }
+        self.token_texts.as_deref().unwrap_or(&[])
+    }
+
+    /// The vocabulary's size (ids at or above it are not tokens).
+    pub fn vocab_size(&self) -> usize {
+        self.tokenizer.get_vocab_size(true)
     }
 
     pub fn layout(&self) -> &KvLayout {
@@ -541,6 +604,16 @@ impl LocalModel {
         prompt: &[u32],
         params: &DecodeParams,
     ) -> Result<Decoding, InferenceError> {
+        self.start_guided(prompt, params, None)
+    }
+
+    /// [`LocalModel::start`], with the answer held to `guide`'s shape.
+    pub fn start_guided(
+        &mut self,
+        prompt: &[u32],
+        params: &DecodeParams,
+        guide: Option<Guide>,
+    ) -> Result<Decoding, InferenceError> {
         if prompt.is_empty() {
             return Err(InferenceError::BadRequest("the prompt is empty".into()));
         }
@@ -562,6 +635,7 @@ impl LocalModel {
             sampler: Sampler::new(params.sampling.clone()),
             max_new_tokens: params.max_new_tokens,
             finished: None,
+            guide,
         })
     }
 
@@ -583,7 +657,18 @@ impl LocalModel {
             d.logits = logits;
             d.past = past;
         }
-        let next = d.sampler.sample(&mut d.logits, &d.history, &d.out);
+        if d.guide.as_ref().is_some_and(Guide::is_complete) {
+            d.finished = Some(FinishReason::Stop);
+            return Ok(None);
+        }
+        let next = match d.guide.take() {
+            None => d.sampler.sample(&mut d.logits, &d.history, &d.out),
+            Some(guide) => {
+                let (next, guide) = self.guided_pick(d, guide)?;
+                d.guide = Some(guide);
+                next
+            }
+        };
         if self.eos_ids.contains(&next) {
             d.finished = Some(FinishReason::Stop);
             return Ok(None);
@@ -594,6 +679,51 @@ impl LocalModel {
             d.finished = Some(FinishReason::Length);
         }
         Ok(Some(next))
+    }
+
+    /// Picks a token whose text keeps the answer on the guide's shape:
+    /// the sampler's choice is checked and, if it leaves the shape, banned
+    /// and chosen again (the same as sampling from the allowed tokens);
+    /// after a few refusals every token is checked at once.
+    fn guided_pick(
+        &mut self,
+        d: &mut Decoding,
+        guide: Guide,
+    ) -> Result<(u32, Guide), InferenceError> {
+        const TRIES: usize = 8;
+        d.sampler.adjust(&mut d.logits, &d.history, &d.out);
+        let name = self.name.clone();
+        let texts = self.token_texts();
+        let allowed = |id: u32| -> Option<Guide> {
+            texts
+                .get(id as usize)
+                .and_then(|t| t.as_deref())
+                .and_then(|t| guide.after(t))
+        };
+        let stuck =
+            || InferenceError::Protocol(format!("no token of {name} continues the required shape"));
+        for _ in 0..TRIES {
+            let id = d.sampler.choose(&d.logits);
+            if !d.logits.get(id as usize).is_some_and(|l| l.is_finite()) {
+                return Err(stuck());
+            }
+            if let Some(next) = allowed(id) {
+                return Ok((id, next));
+            }
+            d.logits[id as usize] = f32::NEG_INFINITY;
+        }
+        for (id, l) in d.logits.iter_mut().enumerate() {
+            if l.is_finite() && allowed(id as u32).is_none() {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+        let id = d.sampler.choose(&d.logits);
+        match allowed(id) {
+            Some(next) if d.logits.get(id as usize).is_some_and(|l| l.is_finite()) => {
+                Ok((id, next))
+            }
+            _ => Err(stuck()),
+        }
     }
 
     /// Generates up to `max_new_tokens` after `prompt`, calling `on_token`
@@ -629,6 +759,8 @@ pub struct Decoding {
     sampler: Sampler,
     max_new_tokens: usize,
     finished: Option<FinishReason>,
+    /// The shape the answer must take (JSON mode, a required tool call).
+    guide: Option<Guide>,
 }
 
 impl Decoding {

@@ -5,12 +5,14 @@
 pub mod download;
 pub mod embed;
 pub mod engine;
+pub mod guide;
 pub mod provider;
 pub mod resolve;
 pub mod runtime;
 pub mod sampling;
 pub mod template;
 pub mod text;
+pub mod tools;
 
 pub use engine::{DecodeParams, Decoding, KvLayout, LocalModel, StepControl};
 pub use provider::{LoadedModel, LocalConfig, LocalProvider};

@@ -15,9 +15,11 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 
 use super::engine::{DecodeParams, LocalModel};
+use super::guide::Guide;
 use super::resolve::{cached_models, resolve_model};
-use super::template::{message_values, ChatInput};
+use super::template::{message_values, tool_values, ChatInput};
 use super::text::{Detokenizer, StopFilter};
+use super::tools::{CallIds, ToolFormat, ToolStream};
 use crate::error::InferenceError;
 use crate::types::*;
 
@@ -274,9 +276,29 @@ struct Active {
     /// Text of a whole (not streamed) answer, handed over at the end.
     held: String,
     done: bool,
+    /// Tool calling: the calls are read from the text as it comes.
+    tools: Option<ToolCalls>,
+}
+
+/// What an answer that may call tools needs at its end.
+struct ToolCalls {
+    stream: ToolStream,
+    names: Vec<String>,
+    parallel: bool,
 }
 
 impl Active {
+    /// Generated text, through the tool-call reader when there is one.
+    fn text(&mut self, text: String) {
+        let text = match &mut self.tools {
+            Some(t) => t.stream.push(&text),
+            None => text,
+        };
+        if !text.is_empty() {
+            self.queue(Ok(StreamEvent::Delta(text)));
+        }
+    }
+
     fn queue(&mut self, event: Result<StreamEvent, InferenceError>) {
         if let Ok(StreamEvent::Delta(text)) = &event {
             self.first_token
@@ -311,12 +333,32 @@ impl Active {
         }
     }
 
-    fn finish(&mut self, reason: FinishReason, stopped: bool) {
+    fn finish(&mut self, mut reason: FinishReason, stopped: bool) {
         if !stopped {
             let (tail, _) = self.stops.push(&self.detok.finish());
             let rest = format!("{tail}{}", self.stops.flush());
             if !rest.is_empty() {
-                self.queue(Ok(StreamEvent::Delta(rest)));
+                self.text(rest);
+            }
+        }
+        if let Some(tools) = self.tools.take() {
+            let (text, mut calls) = tools.stream.finish(&tools.names, &mut CallIds::new());
+            if !tools.parallel {
+                calls.truncate(1);
+            }
+            if !text.is_empty() {
+                self.queue(Ok(StreamEvent::Delta(text)));
+            }
+            if !calls.is_empty() {
+                reason = FinishReason::ToolCalls;
+            }
+            for (index, call) in calls.into_iter().enumerate() {
+                self.queue(Ok(StreamEvent::ToolCall(ToolCallDelta {
+                    index: index as u32,
+                    id: Some(call.id),
+                    name: Some(call.name),
+                    arguments: call.arguments,
+                })));
             }
         }
         let summary = Summary {
@@ -336,6 +378,79 @@ impl Active {
     }
 }
 
+/// `logit_bias` checked against the model's vocabulary.
+fn logit_bias(
+    engine: &LocalModel,
+    request: &GenerateRequest,
+) -> Result<Vec<(u32, f32)>, InferenceError> {
+    let vocab = engine.vocab_size();
+    request
+        .logit_bias
+        .iter()
+        .map(|(&id, &bias)| {
+            if (id as usize) < vocab {
+                Ok((id, bias))
+            } else {
+                Err(InferenceError::BadRequest(format!(
+                    "logit_bias: token {id} is not in {}'s vocabulary of {vocab} tokens",
+                    request.model
+                )))
+            }
+        })
+        .collect()
+}
+
+/// The shape the answer is held to (JSON mode, a required tool call) and
+/// the tool-call reader, as the request and the model's template say.
+fn shape(
+    engine: &LocalModel,
+    request: &GenerateRequest,
+) -> Result<(Option<Guide>, Option<ToolCalls>), InferenceError> {
+    let unsupported = |param: &str, message: String| InferenceError::Unsupported {
+        param: param.into(),
+        message,
+    };
+    if !request.uses_tools() {
+        let guide = request
+            .response_format
+            .as_ref()
+            .map(|_| Guide::json_object());
+        return Ok((guide, None));
+    }
+    if request.prompt.is_some() {
+        return Err(unsupported(
+            "tools",
+            "a raw completion takes no tools".into(),
+        ));
+    }
+    if request.response_format.is_some() {
+        return Err(unsupported(
+            "response_format",
+            format!(
+                "structured output together with tools is not served on the local model {}",
+                request.model
+            ),
+        ));
+    }
+    let format: ToolFormat = engine.tool_format().map_err(|m| unsupported("tools", m))?;
+    let names: Vec<String> = request.tools.iter().map(|t| t.name.clone()).collect();
+    let reader = |names: Vec<String>| ToolCalls {
+        stream: ToolStream::new(format),
+        names,
+        parallel: request.parallel_tool_calls.unwrap_or(true),
+    };
+    Ok(match &request.tool_choice {
+        _ if names.is_empty() => (None, None),
+        Some(ToolChoice::None) => (None, None),
+        None | Some(ToolChoice::Auto) => (None, Some(reader(names))),
+        Some(ToolChoice::Required) => (Some(format.required_call(&names)), Some(reader(names))),
+        Some(ToolChoice::Function(name)) => {
+            let only = vec![name.clone()];
+            (Some(format.required_call(&only)), Some(reader(only)))
+        }
+    })
+}
+
 fn start_job(engine: &mut LocalModel, job: Job, default_max: usize) -> Option<Active> {
     let Job {
         request,
@@ -347,12 +462,14 @@ fn start_job(engine: &mut LocalModel, job: Job, default_max: usize) -> Option<Ac
         return None;
     }
     let begun = (|| {
+        let (guide, tools) = shape(engine, &request)?;
         let ids = match &request.prompt {
             Some(prompt) => engine.encode(prompt)?,
             None => {
                 let input = ChatInput {
                     messages: message_values(&request.messages),
                     add_generation_prompt: true,
+                    tools: (!request.tools.is_empty()).then(|| tool_values(&request.tools)),
                     ..Default::default()
                 };
                 let prompt = engine.render_chat(&input)?;
@@ -377,10 +494,18 @@ fn start_job(engine: &mut LocalModel, job: Job, default_max: usize) -> Option<Ac
                 )
             },
         };
-        engine.start(&ids, &params)
+        let params = DecodeParams {
+            sampling: super::sampling::SamplingParams {
+                logit_bias: logit_bias(engine, &request)?,
+                ..params.sampling
+            },
+            ..params
+        };
+        Ok((engine.start_guided(&ids, &params, guide)?, tools))
     })();
     match begun {
-        Ok(decoding) => Some(Active {
+        Ok((decoding, tools)) => Some(Active {
+            tools,
             events,
             model: request.model.clone(),
             decoding,
@@ -452,7 +577,7 @@ fn worker_loop(
                     let delta = a.detok.push(token);
                     let (text, hit) = a.stops.push(&delta);
                     if !text.is_empty() {
-                        a.queue(Ok(StreamEvent::Delta(text)));
+                        a.text(text);
                     }
                     if hit {
                         a.finish(FinishReason::Stop, true);
@@ -566,24 +691,6 @@ impl LocalProvider {
         request: &GenerateRequest,
         streaming: bool,
     ) -> Result<CompletionStream, InferenceError> {
-        if request.response_format.is_some() {
-            return Err(InferenceError::Unsupported {
-                param: "response_format".into(),
-                message: format!(
-                    "structured output (constrained decoding) is not served on the local model {} yet",
-                    request.model
-                ),
-            });
-        }
-        if request.uses_tools() {
-            return Err(InferenceError::Unsupported {
-                param: "tools".into(),
-                message: format!(
-                    "tool calling is not served on the local model {} yet",
-                    request.model
-                ),
-            });
-        }
         let worker = self.worker(&request.model).await?;
         let (tx, rx) = mpsc::channel(64);
         let job = Job {

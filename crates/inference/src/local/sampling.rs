@@ -17,6 +17,9 @@ pub struct SamplingParams {
     pub presence_penalty: f32,
     pub frequency_penalty: f32,
     pub seed: Option<u64>,
+    /// OpenAI's `logit_bias`: added to a token's logit before sampling
+    /// (-100 bans it, 100 all but forces it).
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -29,6 +32,7 @@ impl Default for SamplingParams {
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
             seed: None,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -50,7 +54,18 @@ impl Sampler {
     /// Picks a token; `history` is every token so far (prompt included),
     /// `generated` the ones this generation produced.
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32], generated: &[u32]) -> u32 {
+        self.adjust(logits, history, generated);
+        self.choose(logits)
+    }
+
+    /// Applies the logit bias and the penalties (once per step).
+    pub fn adjust(&self, logits: &mut [f32], history: &[u32], generated: &[u32]) {
         let p = &self.params;
+        for &(t, bias) in &p.logit_bias {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l += bias;
+            }
+        }
         if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
             let mut counts: std::collections::HashMap<u32, f32> = std::collections::HashMap::new();
             for &t in generated {
@@ -78,6 +93,12 @@ impl Sampler {
                 }
             }
         }
+    }
+
+    /// Picks a token from adjusted logits (`-inf` ones are never picked
+    /// unless every logit is).
+    pub fn choose(&mut self, logits: &[f32]) -> u32 {
+        let p = &self.params;
         if p.temperature <= 0.0 {
             return argmax(logits);
         }
@@ -185,6 +206,17 @@ mod tests {
             (logits[1] - 0.7).abs() < 1e-6 && logits[0] == 3.0 && logits[2] == 1.0,
             "{logits:?}"
         );
+    }
+
+    #[test]
+    fn logit_bias_is_added_before_sampling() {
+        let mut s = Sampler::new(SamplingParams {
+            logit_bias: vec![(1, -100.0), (2, 5.0)],
+            ..Default::default()
+        });
+        let mut logits = [1.0, 3.0, 0.0];
+        assert_eq!(s.sample_for_test(&mut logits, &[]), 2);
+        assert_eq!(logits, [1.0, -97.0, 5.0]);
     }
 
     #[test]

@@ -668,6 +668,25 @@ pub fn plain_join(messages: &[crate::types::Message]) -> String {
         .join("\n")
 }
 
+/// Tools as templates take them (OpenAI's `{"type": "function",
+/// "function": {…}}`, as transformers passes JSON-schema tools).
+pub fn tool_values(tools: &[crate::types::Tool]) -> Value {
+    tools
+        .iter()
+        .map(|t| {
+            let mut f = serde_json::json!({"name": t.name});
+            if let Some(d) = &t.description {
+                f["description"] = d.clone().into();
+            }
+            f["parameters"] = t
+                .parameters
+                .clone()
+                .unwrap_or_else(|| serde_json::json!({"type": "object", "properties": {}}));
+            serde_json::json!({"type": "function", "function": f})
+        })
+        .collect()
+}
+
 /// OpenAI-style message objects for a template.
 pub fn message_values(messages: &[crate::types::Message]) -> Vec<Value> {
     messages
@@ -687,7 +706,16 @@ pub fn message_values(messages: &[crate::types::Message]) -> Vec<Value> {
                 v["tool_calls"] = m
                     .tool_calls
                     .iter()
-                    .map(|c| serde_json::json!({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}))
+                    .map(|c| {
+                        // Templates take the arguments as a mapping (as
+                        // transformers documents); text that is not JSON
+                        // stays text.
+                        let arguments = serde_json::from_str::<Value>(&c.arguments)
+                            .ok()
+                            .filter(Value::is_object)
+                            .unwrap_or_else(|| c.arguments.clone().into());
+                        serde_json::json!({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": arguments}})
+                    })
                     .collect();
             }
             v

@@ -153,6 +153,12 @@ impl AnthropicProvider {
                 message: "structured output with tools is not served on Anthropic models (it uses a forced tool of its own)".into(),
             });
         }
+        if !request.logit_bias.is_empty() {
+            return Err(InferenceError::Unsupported {
+                param: "logit_bias".into(),
+                message: "logit_bias is not supported by Anthropic's Messages API: leave it out for Anthropic models".into(),
+            });
+        }
         if request.seed.is_some() {
             return Err(InferenceError::Unsupported {
                 param: "seed".into(),

@@ -227,6 +227,12 @@ impl GeminiProvider {
                 "Gemini"
             )));
         }
+        if !request.logit_bias.is_empty() {
+            return Err(InferenceError::Unsupported {
+                param: "logit_bias".into(),
+                message: "logit_bias is not supported by Gemini's generateContent: leave it out for Gemini models".into(),
+            });
+        }
         let action = if stream {
             "streamGenerateContent?alt=sse"
         } else {

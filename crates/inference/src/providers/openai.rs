@@ -168,6 +168,24 @@ impl OpenAiProvider {
     }
 }
 
+/// `logit_bias` as OpenAI writes it: token ids as keys, biases as written.
+fn logit_bias_json(request: &GenerateRequest) -> serde_json::Value {
+    request
+        .logit_bias
+        .iter()
+        .map(|(id, bias)| {
+            // Whole biases (the usual -100, 100) stay integers.
+            let v = if bias.fract() == 0.0 {
+                serde_json::Value::from(*bias as i64)
+            } else {
+                f32_json(*bias)
+            };
+            (id.to_string(), v)
+        })
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
 /// An error status of the OpenAI API → a typed error.
 fn map_status(
     status: u16,
@@ -477,6 +495,9 @@ impl OpenAiProvider {
                 body[k] = v;
             }
         }
+        if !request.logit_bias.is_empty() {
+            body["logit_bias"] = logit_bias_json(request);
+        }
         if stream {
             body["stream"] = true.into();
             body["stream_options"] = serde_json::json!({"include_usage": true});
@@ -630,6 +651,9 @@ impl OpenAiProvider {
             }
         }
         body["messages"] = request.messages.iter().map(openai_message).collect();
+        if !request.logit_bias.is_empty() {
+            body["logit_bias"] = logit_bias_json(request);
+        }
         if !request.tools.is_empty() {
             body["tools"] = request
                 .tools
