@@ -73,6 +73,17 @@ def main() -> int:
 
     two = client.chat.completions.create(model=args.model, messages=[{"role": "user", "content": "Say hello"}], n=2)
     seen["n2"] = [c.message.content for c in two.choices]
+    by_index, finishes, usage = {}, {}, None
+    for chunk in client.chat.completions.create(model=args.model, messages=[{"role": "user", "content": "Say hello"}],
+                                                n=2, stream=True, stream_options={"include_usage": True}):
+        for choice in chunk.choices:
+            by_index[choice.index] = by_index.get(choice.index, "") + (choice.delta.content or "")
+            if choice.finish_reason:
+                finishes[choice.index] = choice.finish_reason
+        if chunk.usage:
+            usage = chunk.usage.total_tokens
+    seen["n2_stream"] = {"content": [by_index.get(i) for i in range(2)], "finish": [finishes.get(i) for i in range(2)],
+                         "total_tokens": usage}
 
     # `models.retrieve` with a key holding a slash, and a bare model name.
     seen["retrieve"] = client.models.retrieve(args.model).id

@@ -584,6 +584,19 @@ async fn the_official_python_sdk_works_against_muse() {
         "n = 2: two choices"
     );
     assert_eq!(
+        (&seen["n2_stream"]["content"], &seen["n2_stream"]["finish"]),
+        (
+            &json!(["Hello, world!", "Hello, world!"]),
+            &json!(["stop", "stop"])
+        ),
+        "n = 2 streamed: each choice's deltas under its index"
+    );
+    assert_eq!(
+        seen["n2_stream"]["total_tokens"].as_u64().unwrap(),
+        2 * seen["stream"]["total_tokens"].as_u64().unwrap(),
+        "the usage of both calls, once"
+    );
+    assert_eq!(
         seen["embeddings"],
         json!({"vectors": [[4.0, 77.0, 0.5], [5.0, 105.0, 0.5]], "tokens": 2}),
         "base64 vectors decoded by the SDK"
@@ -620,8 +633,10 @@ async fn the_official_python_sdk_works_against_muse() {
             Some(&token),
         )
         .await;
-    // up/ok: whole, streamed, bare name; up/tools: call, final answer, streamed call.
-    assert_eq!(h.body["total"], 11, "{}", h.text);
+    // up/ok: whole, streamed, n = 2 (twice: whole and streamed), bare
+    // name; up/tools: call, final answer, streamed call; up/json: two
+    // parses; up/embed.
+    assert_eq!(h.body["total"], 13, "{}", h.text);
 }
 
 #[actix_web::test]
@@ -1231,7 +1246,7 @@ async fn every_chat_completions_field_is_forwarded_ignored_by_rule_or_refused_by
         ("prompt_cache_key", json!("k"), Ignored, None),
         ("safety_identifier", json!("s"), Ignored, None),
         ("n", json!(2), Ignored, None),
-        ("n", json!(2), Refused, Some(("stream", json!(true)))),
+        ("n", json!(2), Ignored, Some(("stream", json!(true)))),
         ("logprobs", json!(true), Refused, None),
         ("top_logprobs", json!(2), Refused, None),
         (

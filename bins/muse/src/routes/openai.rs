@@ -256,12 +256,6 @@ fn to_request(body: &ChatRequest) -> Result<GenerateRequest, ApiError> {
             format!("n must be between 1 and {MAX_CHOICES}"),
         ));
     }
-    if body.n.is_some_and(|n| n > 1) && body.stream.unwrap_or(false) {
-        return Err(unsupported(
-            "n",
-            "several choices are answered whole, not streamed",
-        ));
-    }
     if body.logprobs == Some(true) {
         return Err(unsupported(
             "logprobs",
@@ -595,6 +589,47 @@ pub async fn chat_completions(
     }
     let created = muse_core::Clock::now_secs(&muse_core::SystemClock);
     let choices = body.n.unwrap_or(1);
+    let stream = body.stream.unwrap_or(false);
+    if choices > 1 && stream {
+        // Admitted one by one (each against the quota), opened together.
+        let mut runs = Vec::with_capacity(choices as usize);
+        for _ in 0..choices {
+            runs.push(
+                Run::new(
+                    &state,
+                    user.0.user.id,
+                    ExecutionSource::OpenaiApi,
+                    &key,
+                    request.clone(),
+                )
+                .admit()
+                .await?,
+            );
+        }
+        let opened = futures_util::future::join_all(runs.into_iter().map(|run| async move {
+            let id = run.id;
+            run.stream()
+                .await
+                .map(|events| (id, Box::pin(events) as RunStream))
+        }))
+        .await;
+        let mut streams = Vec::with_capacity(opened.len());
+        for o in opened {
+            streams.push(o.map_err(|f| ApiError::from(f.error).for_execution(f.execution.id))?);
+        }
+        let include_usage = body
+            .stream_options
+            .as_ref()
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false);
+        return Ok(stream_choices(
+            streams,
+            key,
+            created,
+            request_format,
+            include_usage,
+        ));
+    }
     if choices > 1 {
         return several_choices(
             &state,
@@ -607,7 +642,6 @@ pub async fn chat_completions(
         )
         .await;
     }
-    let stream = body.stream.unwrap_or(false);
     let (key, opened) = open_chain(&state, &user, &chain, request, stream).await?;
     let format = request_format.clone();
     if let Opened::Whole(done) = opened {
@@ -637,40 +671,93 @@ pub async fn chat_completions(
             "a whole answer reached the stream path",
         ));
     };
-    let completion_id = format!("chatcmpl-{}", id.simple());
     let include_usage = body
         .stream_options
         .as_ref()
         .and_then(|o| o.include_usage)
         .unwrap_or(false);
-    let chunk = move |delta: Value, finish: Value, usage: Value, model: &str, id: &str| -> Bytes {
+    Ok(stream_choices(
+        vec![(id, events)],
+        key,
+        created,
+        format,
+        include_usage,
+    ))
+}
+
+/// A streamed answer of one call per choice: each call's events become
+/// chunks of its `index` as they come; after every choice has finished,
+/// the usage (summed, when asked for) and `[DONE]`. A failed choice ends
+/// the stream with the error (the other calls are cancelled).
+fn stream_choices(
+    streams: Vec<(uuid::Uuid, RunStream)>,
+    model: String,
+    created: i64,
+    format: Option<muse_inference::ResponseFormat>,
+    include_usage: bool,
+) -> HttpResponse {
+    let ids: Vec<String> = streams.iter().map(|(id, _)| id.to_string()).collect();
+    let completion_id = format!(
+        "chatcmpl-{}",
+        streams
+            .first()
+            .map(|(id, _)| id.simple().to_string())
+            .unwrap_or_default()
+    );
+    let n = streams.len();
+    let chunk = move |index: usize,
+                      delta: Value,
+                      finish: Value,
+                      usage: Value,
+                      model: &str,
+                      id: &str|
+          -> Bytes {
         let choices = if delta.is_null() && finish.is_null() {
             json!([])
         } else {
-            json!([{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null}])
+            json!([{"index": index, "delta": delta, "finish_reason": finish, "logprobs": null}])
         };
         Bytes::from(format!(
             "data: {}\n\n",
             json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices, "usage": usage})
         ))
     };
-    let head = chunk(
-        json!({"role": "assistant", "content": ""}),
-        Value::Null,
-        Value::Null,
-        &key,
-        &completion_id,
+    let head: Vec<u8> = (0..n)
+        .flat_map(|i| {
+            chunk(
+                i,
+                json!({"role": "assistant", "content": ""}),
+                Value::Null,
+                Value::Null,
+                &model,
+                &completion_id,
+            )
+            .to_vec()
+        })
+        .collect();
+    let head =
+        futures_util::stream::once(async move { Ok::<_, actix_web::Error>(Bytes::from(head)) });
+    let merged = futures_util::stream::select_all(
+        streams
+            .into_iter()
+            .enumerate()
+            .map(|(i, (_, events))| events.map(move |ev| (i, ev)).boxed_local()),
     );
-    let head = futures_util::stream::once(async move { Ok::<_, actix_web::Error>(head) });
-    let (model, cid) = (key.clone(), completion_id.clone());
-    let body_stream = events.map(move |event| {
+    // Choices still running, and the usage so far.
+    let state = (n, 0u64, 0u64, false);
+    let body_stream = merged.scan(state, move |st, (index, event)| {
+        let (remaining, prompt, completion, ended) = st;
+        if *ended {
+            return futures_util::future::ready(None);
+        }
         let bytes = match event {
             RunEvent::Token(text) => chunk(
+                index,
                 json!({"content": text}),
                 Value::Null,
                 Value::Null,
                 &model,
-                &cid,
+                &completion_id,
             ),
             RunEvent::ToolCall(d) => {
                 let mut call = json!({"index": d.index, "function": {"arguments": d.arguments}});
@@ -682,46 +769,68 @@ pub async fn chat_completions(
                     call["function"]["name"] = name.into();
                 }
                 chunk(
+                    index,
                     json!({"tool_calls": [call]}),
                     Value::Null,
                     Value::Null,
                     &model,
-                    &cid,
+                    &completion_id,
                 )
             }
             RunEvent::Done(done) => {
                 let e = &done.execution;
                 if let (Some(format), true) = (&format, done.tool_calls.is_empty()) {
                     if let Err(why) = format.check(e.output.as_deref().unwrap_or_default()) {
-                        return Ok::<_, actix_web::Error>(error_frame(&invalid_output(&why, e.id)));
+                        *ended = true;
+                        return futures_util::future::ready(Some(Ok::<_, actix_web::Error>(
+                            error_frame(&invalid_output(&why, e.id)),
+                        )));
                     }
                 }
+                *prompt += u64::from(e.prompt_tokens);
+                *completion += u64::from(e.completion_tokens);
+                *remaining -= 1;
                 let mut out = chunk(
+                    index,
                     json!({}),
                     json!(finish(&done.finish_reason)),
                     Value::Null,
                     &model,
-                    &cid,
+                    &completion_id,
                 )
                 .to_vec();
-                if include_usage {
-                    out.extend_from_slice(&chunk(
-                        Value::Null,
-                        Value::Null,
-                        usage_of(e),
-                        &model,
-                        &cid,
-                    ));
+                if *remaining == 0 {
+                    if include_usage {
+                        out.extend_from_slice(&chunk(
+                            index,
+                            Value::Null,
+                            Value::Null,
+                            json!({"prompt_tokens": *prompt, "completion_tokens": *completion, "total_tokens": *prompt + *completion}),
+                            &model,
+                            &completion_id,
+                        ));
+                    }
+                    out.extend_from_slice(b"data: [DONE]\n\n");
+                    *ended = true;
                 }
-                out.extend_from_slice(b"data: [DONE]\n\n");
                 Bytes::from(out)
             }
-            RunEvent::Failed(failed) => error_frame(&ApiError::from(failed.error)),
+            RunEvent::Failed(failed) => {
+                *ended = true;
+                error_frame(&ApiError::from(failed.error).for_execution(failed.execution.id))
+            }
         };
-        Ok::<_, actix_web::Error>(bytes)
+        futures_util::future::ready(Some(Ok::<_, actix_web::Error>(bytes)))
     });
-    Ok(event_stream(id).streaming(head.chain(body_stream)))
+    let mut res = HttpResponse::Ok();
+    res.content_type("text/event-stream")
+        .insert_header(("cache-control", "no-cache"))
+        .insert_header(("x-muse-execution-id", ids.join(",")));
+    res.streaming(head.chain(body_stream))
 }
+
+/// The events of one streamed call.
+type RunStream = std::pin::Pin<Box<dyn futures_util::Stream<Item = RunEvent>>>;
 
 /// `n` > 1: as many independent calls, run together (each admitted against
 /// the quota and recorded), answered as one `chat.completion` whose choices
