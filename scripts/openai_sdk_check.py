@@ -92,10 +92,21 @@ def main() -> int:
 
     # OpenAI's error shape: the SDK's exception classes, type, param and code.
     try:
-        client.chat.completions.create(model=args.model, messages=[{"role": "user", "content": "x"}], logprobs=True)
-        seen["logprobs"] = "no error"
+        client.chat.completions.create(model=args.model, messages=[{"role": "user", "content": "x"}], top_logprobs=2)
+        seen["logprobs_alone"] = "no error"
     except openai.BadRequestError as e:
-        seen["logprobs"] = {"status": e.status_code, "type": e.type, "param": e.param, "code": e.code}
+        seen["logprobs_alone"] = {"status": e.status_code, "type": e.type, "param": e.param, "code": e.code}
+    lp = client.chat.completions.create(model=args.model, messages=[{"role": "user", "content": "x"}], logprobs=True, top_logprobs=2)
+    streamed_lp = []
+    for chunk in client.chat.completions.create(model=args.model, messages=[{"role": "user", "content": "x"}],
+                                                logprobs=True, top_logprobs=2, stream=True):
+        for choice in chunk.choices:
+            if choice.logprobs and choice.logprobs.content:
+                streamed_lp.extend((t.token, t.logprob, len(t.top_logprobs)) for t in choice.logprobs.content)
+    seen["logprobs"] = {
+        "whole": [(t.token, t.logprob, [a.token for a in t.top_logprobs]) for t in lp.choices[0].logprobs.content],
+        "streamed": streamed_lp,
+    }
 
     # A tool round trip (call -> tool result -> final answer), whole and streamed.
     if args.tools_model:

@@ -375,9 +375,14 @@ async fn bad_openai_requests_are_4xx_in_the_error_shape() {
             "n",
         ),
         (
-            json!({"model": "compatible/ok", "messages": [{"role": "user", "content": "x"}], "logprobs": true}),
-            "unsupported_parameter",
-            "logprobs",
+            json!({"model": "compatible/ok", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}),
+            "validation_failed",
+            "top_logprobs",
+        ),
+        (
+            json!({"model": "compatible/ok", "messages": [{"role": "user", "content": "x"}], "logprobs": true, "top_logprobs": 21}),
+            "validation_failed",
+            "top_logprobs",
         ),
         (
             json!({"model": "compatible/ok", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"eos": -100}}),
@@ -607,8 +612,28 @@ async fn the_official_python_sdk_works_against_muse() {
         "an answer that breaks the schema is not returned as if it kept it"
     );
     assert_eq!(
-        seen["logprobs"],
-        json!({"status": 400, "type": "invalid_request_error", "param": "logprobs", "code": "unsupported_parameter"})
+        seen["logprobs_alone"],
+        json!({"status": 400, "type": "invalid_request_error", "param": "top_logprobs", "code": "validation_failed"})
+    );
+    // Log-probabilities pass through as the upstream wrote them, whole and
+    // streamed (four pieces of "Hello, world!", two alternatives each).
+    assert_eq!(
+        seen["logprobs"]["whole"],
+        json!([
+            ["Hel", -0.25, ["Hel", "alt1"]],
+            ["lo, ", -0.5, ["lo, ", "alt1"]],
+            ["wor", -0.75, ["wor", "alt1"]],
+            ["ld!", -1.0, ["ld!", "alt1"]]
+        ])
+    );
+    assert_eq!(
+        seen["logprobs"]["streamed"],
+        json!([
+            ["Hel", -0.25, 2],
+            ["lo, ", -0.5, 2],
+            ["wor", -0.75, 2],
+            ["ld!", -1.0, 2]
+        ])
     );
     assert_eq!(
         seen["tool_round_trip"],
@@ -634,9 +659,9 @@ async fn the_official_python_sdk_works_against_muse() {
         )
         .await;
     // up/ok: whole, streamed, n = 2 (twice: whole and streamed), bare
-    // name; up/tools: call, final answer, streamed call; up/json: two
-    // parses; up/embed.
-    assert_eq!(h.body["total"], 13, "{}", h.text);
+    // name, log-probabilities (whole and streamed); up/tools: call, final
+    // answer, streamed call; up/json: two parses; up/embed.
+    assert_eq!(h.body["total"], 15, "{}", h.text);
 }
 
 #[actix_web::test]
@@ -972,6 +997,17 @@ async fn tool_calls_are_recorded_and_local_models_refuse_them_by_name() {
         )
         .await;
     assert_eq!(r.body["error"]["param"], "seed", "{}", r.text);
+    for (field, value) in [("logprobs", json!(true)), ("logit_bias", json!({"1": 5}))] {
+        let mut body = json!({"model": "anthropic/claude-3-5-haiku-latest", "messages": [{"role": "user", "content": "x"}]});
+        body[field] = value;
+        let r = app.post("/v1/chat/completions", Some(&token), body).await;
+        assert_eq!(
+            (r.status, r.body["error"]["param"].as_str()),
+            (StatusCode::BAD_REQUEST, Some(field)),
+            "Anthropic has no {field}: {}",
+            r.text
+        );
+    }
 }
 
 #[actix_web::test]
@@ -1247,8 +1283,13 @@ async fn every_chat_completions_field_is_forwarded_ignored_by_rule_or_refused_by
         ("safety_identifier", json!("s"), Ignored, None),
         ("n", json!(2), Ignored, None),
         ("n", json!(2), Ignored, Some(("stream", json!(true)))),
-        ("logprobs", json!(true), Refused, None),
-        ("top_logprobs", json!(2), Refused, None),
+        ("logprobs", json!(true), Seen("logprobs", json!(true)), None),
+        (
+            "top_logprobs",
+            json!(2),
+            Seen("top_logprobs", json!(2)),
+            Some(("logprobs", json!(true))),
+        ),
         (
             "logit_bias",
             json!({"50256": -100}),

@@ -7,6 +7,10 @@
 //! - `flood`: 50,000 chunks of 1 kB, as fast as they are read
 //!   (backpressure tests).
 //!
+//! With `logprobs: true`, answers carry `choices[].logprobs.content` as
+//! OpenAI's API reference shows it (token, logprob, bytes, and
+//! `top_logprobs` alternatives); in streams, in each content chunk.
+//!
 //! The chunks of `slow` and `flood` actually written are counted in
 //! `Upstream::sent`.
 //!
@@ -156,6 +160,23 @@ fn chunk(model: &str, delta: Value, finish: Value, usage: Value) -> String {
     )
 }
 
+/// The log-probability entry of the `i`-th piece of an answer, with `top`
+/// alternatives (the piece itself first).
+fn logprob_of(piece: &str, i: usize, top: usize) -> Value {
+    let lp = -0.25 * (i as f64 + 1.0);
+    let alternatives: Vec<Value> = (0..top)
+        .map(|k| {
+            let token = if k == 0 {
+                piece.to_string()
+            } else {
+                format!("alt{k}")
+            };
+            json!({"token": token, "logprob": lp - k as f64, "bytes": token.as_bytes()})
+        })
+        .collect();
+    json!({"token": piece, "logprob": lp, "bytes": piece.as_bytes(), "top_logprobs": alternatives})
+}
+
 pub(crate) async fn chat(
     body: web::Json<Value>,
     sent: web::Data<Arc<AtomicUsize>>,
@@ -221,16 +242,34 @@ pub(crate) async fn chat(
     }
     let completion_tokens = if model == "ok" { 4 } else { pieces.len() };
     let usage = json!({"prompt_tokens": 12, "completion_tokens": completion_tokens, "total_tokens": 12 + completion_tokens});
+    let logprobs = body["logprobs"].as_bool().unwrap_or(false);
+    let top = body["top_logprobs"].as_u64().unwrap_or(0) as usize;
     if !body["stream"].as_bool().unwrap_or(false) {
+        let lp = if logprobs {
+            json!({"content": pieces.iter().enumerate().map(|(i, p)| logprob_of(p, i, top)).collect::<Vec<_>>(), "refusal": null})
+        } else {
+            Value::Null
+        };
         return HttpResponse::Ok().json(json!({
             "id": "up-1", "object": "chat.completion", "created": 1, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": pieces.concat()}, "finish_reason": "stop", "logprobs": null}],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": pieces.concat()}, "finish_reason": "stop", "logprobs": lp}],
             "usage": usage
         }));
     }
     let mut frames: Vec<String> = pieces
         .iter()
-        .map(|d| chunk(&model, json!({"content": d}), Value::Null, Value::Null))
+        .enumerate()
+        .map(|(i, d)| {
+            if logprobs {
+                format!(
+                    "data: {}\n\n",
+                    json!({"id": "up-1", "object": "chat.completion.chunk", "created": 1, "model": model,
+                           "choices": [{"index": 0, "delta": {"content": d}, "finish_reason": null, "logprobs": {"content": [logprob_of(d, i, top)], "refusal": null}}], "usage": null})
+                )
+            } else {
+                chunk(&model, json!({"content": d}), Value::Null, Value::Null)
+            }
+        })
         .collect();
     frames.push(chunk(&model, json!({}), json!("stop"), Value::Null));
     frames.push(chunk(&model, Value::Null, Value::Null, usage));

@@ -52,6 +52,9 @@ pub struct Finished {
     pub finish_reason: FinishReason,
     /// The functions the model asked to call.
     pub tool_calls: Vec<ToolCall>,
+    /// The answer's tokens with their log-probabilities (whole answers
+    /// that asked for them; streams carry them as events).
+    pub logprobs: Vec<muse_inference::TokenLogprob>,
     /// The stored idea, for idea generations.
     pub idea: Option<Idea>,
 }
@@ -95,6 +98,8 @@ pub enum RunEvent {
     Token(String),
     /// A fragment of a tool call (only when the request offered tools).
     ToolCall(ToolCallDelta),
+    /// Log-probabilities of the latest tokens (only when asked for).
+    Logprobs(Vec<muse_inference::TokenLogprob>),
     Done(Box<Finished>),
     Failed(Box<Failed>),
 }
@@ -316,6 +321,7 @@ impl Run {
             execution,
             finish_reason: reason,
             tool_calls,
+            logprobs: Vec::new(),
             idea,
         }
     }
@@ -379,6 +385,7 @@ impl Run {
                     execution,
                     finish_reason: FinishReason::Stop,
                     tool_calls: Vec::new(),
+                    logprobs: Vec::new(),
                     idea: None,
                 };
                 Ok((embeddings, finished))
@@ -403,7 +410,9 @@ impl Run {
                     });
                 }
                 self.first = c.summary.timing.time_to_first_token;
-                Ok(self.succeed(c.summary.usage, c.summary.finish_reason).await)
+                let mut done = self.succeed(c.summary.usage, c.summary.finish_reason).await;
+                done.logprobs = c.logprobs;
+                Ok(done)
             }
             Err(e) => Err(Box::new(self.fail(e).await)),
         }
@@ -430,6 +439,9 @@ impl Run {
                     run.first.get_or_insert_with(|| run.started.elapsed());
                     run.calls.push(&d);
                     Some((RunEvent::ToolCall(d), Some((run, upstream))))
+                }
+                Some(Ok(StreamEvent::Logprobs(l))) => {
+                    Some((RunEvent::Logprobs(l), Some((run, upstream))))
                 }
                 Some(Ok(StreamEvent::Done(summary))) => {
                     let done = run.succeed(summary.usage, summary.finish_reason).await;

@@ -17,6 +17,7 @@
 //!     match event? {
 //!         StreamEvent::Delta(text) => print!("{text}"),
 //!         StreamEvent::ToolCall(call) => print!("[{:?}({})]", call.name, call.arguments),
+//!         StreamEvent::Logprobs(_) => {}
 //!         StreamEvent::Done(summary) => println!("\n{:?}", summary.usage),
 //!     }
 //! }

@@ -447,7 +447,7 @@ impl ModelRegistry {
                 record_usage(&provider, &model, summary, cost);
             }
             Err(e) => record_error(&provider, &model, e),
-            Ok(StreamEvent::Delta(_) | StreamEvent::ToolCall(_)) => {}
+            Ok(StreamEvent::Delta(_) | StreamEvent::ToolCall(_) | StreamEvent::Logprobs(_)) => {}
         });
         Ok(stream.boxed())
     }

@@ -98,6 +98,7 @@ impl LlmProvider for EchoProvider {
         let (words, usage, finish_reason) = Self::answer(request);
         let elapsed = start.elapsed();
         Ok(Completion {
+            logprobs: Vec::new(),
             tool_calls: Vec::new(),
             text: words.join(" "),
             summary: Summary {

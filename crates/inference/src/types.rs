@@ -190,6 +190,11 @@ pub struct GenerateRequest {
     /// providers and local models; Anthropic and Gemini refuse it.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub logit_bias: std::collections::BTreeMap<u32, f32>,
+    /// Log-probabilities of the answer's tokens, each with this many
+    /// likeliest alternatives (0–20): OpenAI-protocol providers and local
+    /// models; Anthropic and Gemini refuse it.
+    #[serde(default)]
+    pub logprobs: Option<u32>,
 }
 
 impl GenerateRequest {
@@ -212,6 +217,7 @@ impl GenerateRequest {
             parallel_tool_calls: None,
             response_format: None,
             logit_bias: Default::default(),
+            logprobs: None,
         }
     }
 
@@ -290,21 +296,48 @@ pub struct Summary {
 }
 
 /// A whole (non-streamed) answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Completion {
     pub text: String,
     #[serde(default)]
     pub tool_calls: Vec<ToolCall>,
+    /// The answer's tokens with their log-probabilities (when asked for).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub logprobs: Vec<TokenLogprob>,
     pub summary: Summary,
+}
+
+/// One generated token and how likely it was, as OpenAI writes it
+/// (`choices[].logprobs.content[]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenLogprob {
+    pub token: String,
+    pub logprob: f64,
+    /// The token's UTF-8 bytes (a token may hold part of a character).
+    pub bytes: Option<Vec<u8>>,
+    /// The likeliest tokens at this position, likeliest first.
+    #[serde(default)]
+    pub top_logprobs: Vec<TopLogprob>,
+}
+
+/// An alternative at one position.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TopLogprob {
+    pub token: String,
+    pub logprob: f64,
+    pub bytes: Option<Vec<u8>>,
 }
 
 /// One event of a streamed answer. A successful stream is zero or more
 /// `Delta`s followed by exactly one `Done`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum StreamEvent {
     Delta(String),
     /// A fragment of a tool call.
     ToolCall(ToolCallDelta),
+    /// Log-probabilities of the tokens since the last such event (only
+    /// when the request asked for them).
+    Logprobs(Vec<TokenLogprob>),
     Done(Summary),
 }
 

@@ -322,6 +322,7 @@ async fn the_local_provider_streams_through_the_common_trait() {
             StreamEvent::Delta(t) => text.push_str(&t),
             StreamEvent::Done(sum) => done = Some(sum),
             StreamEvent::ToolCall(c) => panic!("no tools were offered: {c:?}"),
+            StreamEvent::Logprobs(l) => panic!("no log-probabilities were asked for: {l:?}"),
         }
     }
     let done = done.unwrap();
@@ -935,6 +936,7 @@ async fn local_tool_calls_and_json_mode_follow_the_templates_format() {
             StreamEvent::Delta(t) => text.push_str(&t),
             StreamEvent::ToolCall(d) => calls.push(&d),
             StreamEvent::Done(sum) => finish = Some(sum.finish_reason),
+            StreamEvent::Logprobs(l) => panic!("not asked for: {l:?}"),
         }
     }
     let calls = calls.finish();
@@ -1005,4 +1007,48 @@ async fn local_tool_calls_and_json_mode_follow_the_templates_format() {
     assert!(
         matches!(p.complete(&bias).await, Err(InferenceError::BadRequest(m)) if m.contains("1000000"))
     );
+}
+
+/// Log-probabilities of a local answer: one entry per generated token, the
+/// model's own distribution (greedy picks the likeliest), alternatives
+/// likeliest first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_answers_carry_log_probabilities_when_asked() {
+    use futures::StreamExt;
+    use muse_inference::{GenerateRequest, LlmProvider, StreamEvent};
+    let Some(cache) = cache() else { return };
+    let p = provider(&cache, 4);
+    let mut req = GenerateRequest::completion("muse-test/tiny-gpt2", "Once upon a time");
+    req.max_tokens = Some(10);
+    req.temperature = Some(0.0);
+    let plain = p.complete(&req).await.unwrap();
+    assert!(plain.logprobs.is_empty(), "not asked, not given");
+    req.logprobs = Some(3);
+    let c = p.complete(&req).await.unwrap();
+    assert_eq!(c.text, plain.text, "asking changes nothing in the answer");
+    assert_eq!(c.logprobs.len() as u32, c.summary.usage.completion_tokens);
+    for t in &c.logprobs {
+        assert!(t.logprob <= 0.0, "{t:?}");
+        assert_eq!(t.top_logprobs.len(), 3);
+        assert!(t
+            .top_logprobs
+            .windows(2)
+            .all(|w| w[0].logprob >= w[1].logprob));
+        assert_eq!(
+            (t.top_logprobs[0].token.as_str(), t.top_logprobs[0].logprob),
+            (t.token.as_str(), t.logprob),
+            "greedy takes the likeliest token"
+        );
+        let mass: f64 = t.top_logprobs.iter().map(|a| a.logprob.exp()).sum();
+        assert!(mass <= 1.0 + 1e-9);
+        assert_eq!(t.bytes.as_deref(), Some(t.token.as_bytes()));
+    }
+    let mut s = p.stream(&req).await.unwrap();
+    let mut streamed = Vec::new();
+    while let Some(ev) = s.next().await {
+        if let StreamEvent::Logprobs(l) = ev.unwrap() {
+            streamed.extend(l);
+        }
+    }
+    assert_eq!(streamed, c.logprobs, "the same, streamed");
 }

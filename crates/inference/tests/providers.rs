@@ -431,6 +431,7 @@ async fn complete_and_stream_with_usage_on_every_protocol() {
                 StreamEvent::Delta(t) => deltas.push(t),
                 StreamEvent::Done(sum) => done = Some(sum),
                 StreamEvent::ToolCall(c) => panic!("{}: no tools were offered: {c:?}", p.id()),
+                StreamEvent::Logprobs(l) => panic!("{}: not asked for: {l:?}", p.id()),
             }
         }
         assert_eq!(deltas, DELTAS, "{} streams token by token", p.id());
@@ -656,7 +657,9 @@ async fn retries_honour_retry_after_and_never_follow_the_first_token() {
             match ev {
                 Ok(StreamEvent::Delta(t)) => got.push_str(&t),
                 Ok(StreamEvent::Done(_)) => panic!("{id}: a cut stream cannot finish"),
-                Ok(StreamEvent::ToolCall(_)) => panic!("{id}: no tools were offered"),
+                Ok(StreamEvent::ToolCall(_) | StreamEvent::Logprobs(_)) => {
+                    panic!("{id}: no tools nor log-probabilities were asked for")
+                }
                 Err(_) => failed = true,
             }
         }

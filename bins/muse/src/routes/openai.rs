@@ -146,8 +146,11 @@ pub struct ChatRequest {
     pub stream_options: Option<StreamOptions>,
     /// Only 1.
     pub n: Option<u32>,
-    /// Only `false`.
+    /// Log-probabilities of the answer's tokens: OpenAI-protocol
+    /// providers and local models; Anthropic and Gemini refuse it.
     pub logprobs: Option<bool>,
+    /// 0 to 20 likeliest alternatives per token (needs `logprobs: true`).
+    pub top_logprobs: Option<u32>,
     /// Token id → bias (-100 to 100), added to the logits before
     /// sampling: forwarded to OpenAI-protocol servers, applied by local
     /// models; Anthropic and Gemini refuse it.
@@ -232,8 +235,6 @@ fn check_extra(extra: &serde_json::Map<String, Value>) -> Result<(), ApiError> {
             "functions" | "function_call" => {
                 "the deprecated functions API is not served: use tools"
             }
-            "top_logprobs" if is_off(value) || value == &json!(0) => continue,
-            "top_logprobs" => "log-probabilities are not returned",
             "modalities" if value == &json!(["text"]) => continue,
             "audio" | "modalities" => "only text answers are served",
             "prediction" if value.is_null() => continue,
@@ -256,10 +257,16 @@ fn to_request(body: &ChatRequest) -> Result<GenerateRequest, ApiError> {
             format!("n must be between 1 and {MAX_CHOICES}"),
         ));
     }
-    if body.logprobs == Some(true) {
-        return Err(unsupported(
-            "logprobs",
-            "log-probabilities are not returned",
+    if body.top_logprobs.is_some_and(|t| t > MAX_TOP_LOGPROBS) {
+        return Err(invalid_param(
+            "top_logprobs",
+            format!("top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}"),
+        ));
+    }
+    if body.top_logprobs.is_some_and(|t| t > 0) && body.logprobs != Some(true) {
+        return Err(invalid_param(
+            "top_logprobs",
+            "top_logprobs needs logprobs: true",
         ));
     }
     let response_format = match &body.response_format {
@@ -501,6 +508,9 @@ fn to_request(body: &ChatRequest) -> Result<GenerateRequest, ApiError> {
     req.presence_penalty = body.presence_penalty.filter(|v| *v != 0.0);
     req.frequency_penalty = body.frequency_penalty.filter(|v| *v != 0.0);
     req.logit_bias = logit_bias(body.logit_bias.as_ref())?;
+    if body.logprobs == Some(true) {
+        req.logprobs = Some(body.top_logprobs.unwrap_or(0));
+    }
     if !tools.is_empty() {
         req.tool_choice = tool_choice;
         req.parallel_tool_calls = body.parallel_tool_calls;
@@ -508,6 +518,18 @@ fn to_request(body: &ChatRequest) -> Result<GenerateRequest, ApiError> {
     req.tools = tools;
     req.response_format = response_format;
     Ok(req)
+}
+
+/// Most alternatives per token in `top_logprobs` (OpenAI's limit).
+const MAX_TOP_LOGPROBS: u32 = 20;
+
+/// A choice's `logprobs` object (null when not asked for).
+fn logprobs_value(asked: bool, content: &[muse_inference::TokenLogprob]) -> Value {
+    if asked {
+        json!({"content": content, "refusal": null})
+    } else {
+        Value::Null
+    }
 }
 
 /// Most entries in `logit_bias` (OpenAI's own limit).
@@ -581,6 +603,7 @@ pub async fn chat_completions(
     let key = chain[0].clone();
     request.model = key.clone();
     let request_format = request.response_format.clone();
+    let asked_logprobs = request.logprobs.is_some();
     super::library::provider_gate(&state, &user.0, &key)?;
     if body.stream.unwrap_or(false) {
         state
@@ -657,7 +680,7 @@ pub async fn chat_completions(
         }
         let response = json!({
             "id": completion_id, "object": "chat.completion", "created": created, "model": key,
-            "choices": [{"index": 0, "message": assistant_message(e.output.as_deref().unwrap_or_default(), &done.tool_calls), "finish_reason": finish(&done.finish_reason), "logprobs": null}],
+            "choices": [{"index": 0, "message": assistant_message(e.output.as_deref().unwrap_or_default(), &done.tool_calls), "finish_reason": finish(&done.finish_reason), "logprobs": logprobs_value(asked_logprobs, &done.logprobs)}],
             "usage": usage_of(e),
         });
         return Ok(HttpResponse::Ok()
@@ -759,6 +782,12 @@ fn stream_choices(
                 &model,
                 &completion_id,
             ),
+            // Log-probabilities in a chunk of their own, under the choice.
+            RunEvent::Logprobs(l) => Bytes::from(format!(
+                "data: {}\n\n",
+                json!({"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                       "choices": [{"index": index, "delta": {}, "finish_reason": null, "logprobs": logprobs_value(true, &l)}], "usage": null})
+            )),
             RunEvent::ToolCall(d) => {
                 let mut call = json!({"index": d.index, "function": {"arguments": d.arguments}});
                 if let Some(id) = d.id {
@@ -844,6 +873,7 @@ async fn several_choices(
     created: i64,
     format: Option<muse_inference::ResponseFormat>,
 ) -> Result<HttpResponse, ApiError> {
+    let asked_logprobs = request.logprobs.is_some();
     let mut runs = Vec::with_capacity(n as usize);
     for _ in 0..n {
         runs.push(
@@ -873,7 +903,7 @@ async fn several_choices(
         }
         prompt_tokens += u64::from(e.prompt_tokens);
         completion_tokens += u64::from(e.completion_tokens);
-        choices.push(json!({"index": index, "message": assistant_message(e.output.as_deref().unwrap_or_default(), &done.tool_calls), "finish_reason": finish(&done.finish_reason), "logprobs": null}));
+        choices.push(json!({"index": index, "message": assistant_message(e.output.as_deref().unwrap_or_default(), &done.tool_calls), "finish_reason": finish(&done.finish_reason), "logprobs": logprobs_value(asked_logprobs, &done.logprobs)}));
     }
     Ok(HttpResponse::Ok()
         .insert_header(("x-muse-execution-id", ids.join(",")))
@@ -1394,8 +1424,8 @@ pub async fn completions(
     let body_stream = events.map(move |event| {
         let bytes = match event {
             RunEvent::Token(text) => chunk(&text, Value::Null, Value::Null, &model, &cid),
-            // Text completions offer no tools.
-            RunEvent::ToolCall(_) => Bytes::new(),
+            // Text completions offer no tools nor log-probabilities.
+            RunEvent::ToolCall(_) | RunEvent::Logprobs(_) => Bytes::new(),
             RunEvent::Done(done) => {
                 let e = &done.execution;
                 let mut out = chunk(

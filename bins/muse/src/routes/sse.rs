@@ -32,6 +32,7 @@ pub fn encode(event: RunEvent, execution_id: uuid::Uuid) -> (&'static str, Value
             "tool_call",
             json!({ "index": d.index, "id": d.id, "name": d.name, "arguments": d.arguments }),
         ),
+        RunEvent::Logprobs(l) => ("logprobs", json!({ "content": l })),
         RunEvent::Done(done) => ("done", done.summary()),
         RunEvent::Failed(failed) => {
             let api = ApiError::from(failed.error);

@@ -636,6 +636,8 @@ impl LocalModel {
             max_new_tokens: params.max_new_tokens,
             finished: None,
             guide,
+            logprobs: None,
+            last_logprob: None,
         })
     }
 
@@ -661,6 +663,9 @@ impl LocalModel {
             d.finished = Some(FinishReason::Stop);
             return Ok(None);
         }
+        // Log-probabilities of the model's own distribution (before
+        // penalties, biases, temperature and the guide), as vLLM reports them.
+        let raw = d.logprobs.map(|top| (top, d.logits.clone()));
         let next = match d.guide.take() {
             None => d.sampler.sample(&mut d.logits, &d.history, &d.out),
             Some(guide) => {
@@ -673,6 +678,7 @@ impl LocalModel {
             d.finished = Some(FinishReason::Stop);
             return Ok(None);
         }
+        d.last_logprob = raw.map(|(top, logits)| token_logprob(&logits, next, top));
         d.out.push(next);
         d.history.push(next);
         if self.context_length.is_some_and(|c| d.history.len() >= c) {
@@ -761,9 +767,69 @@ pub struct Decoding {
     finished: Option<FinishReason>,
     /// The shape the answer must take (JSON mode, a required tool call).
     guide: Option<Guide>,
+    /// Log-probabilities asked for, with this many alternatives.
+    logprobs: Option<usize>,
+    last_logprob: Option<TokenLogprobIds>,
+}
+
+/// A generated token's log-probability and the likeliest alternatives
+/// (token ids, likeliest first).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobIds {
+    pub id: u32,
+    pub logprob: f64,
+    pub top: Vec<(u32, f64)>,
+}
+
+/// `log_softmax(logits)[id]` and the `top` largest entries.
+fn token_logprob(logits: &[f32], id: u32, top: usize) -> TokenLogprobIds {
+    let max = logits
+        .iter()
+        .copied()
+        .filter(|l| l.is_finite())
+        .fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits
+        .iter()
+        .filter(|l| l.is_finite())
+        .map(|&l| f64::from(l - max).exp())
+        .sum();
+    let lse = f64::from(max) + sum.ln();
+    // OpenAI writes -9999.0 for a token that cannot come (JSON has no -inf).
+    let lp = |i: usize| {
+        logits
+            .get(i)
+            .map_or(-9999.0, |&l| (f64::from(l) - lse).max(-9999.0))
+    };
+    let mut best: Vec<usize> = Vec::with_capacity(top + 1);
+    if top > 0 {
+        for (i, l) in logits.iter().enumerate() {
+            if best.len() < top || best.last().is_some_and(|&b| *l > logits[b]) {
+                let at = best.partition_point(|&b| logits[b] >= *l);
+                best.insert(at, i);
+                best.truncate(top);
+            }
+        }
+    }
+    TokenLogprobIds {
+        id,
+        logprob: lp(id as usize),
+        top: best.into_iter().map(|i| (i as u32, lp(i))).collect(),
+    }
 }
 
 impl Decoding {
+    /// Asks for log-probabilities of the tokens to come, with `top`
+    /// alternatives each.
+    pub fn with_logprobs(mut self, top: usize) -> Self {
+        self.logprobs = Some(top);
+        self
+    }
+
+    /// The log-probability of the token [`LocalModel::advance`] just gave.
+    pub fn take_logprob(&mut self) -> Option<TokenLogprobIds> {
+        self.last_logprob.take()
+    }
+
     /// The tokens generated so far.
     pub fn tokens(&self) -> &[u32] {
         &self.out
@@ -782,6 +848,21 @@ impl Decoding {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_probabilities_are_the_log_softmax_with_the_likeliest_first() {
+        let logits = [1.0f32, 3.0, 2.0, f32::NEG_INFINITY];
+        let t = token_logprob(&logits, 2, 2);
+        let z: f64 = [1.0f64, 3.0, 2.0].iter().map(|x| x.exp()).sum();
+        assert!((t.logprob - (2.0 - z.ln())).abs() < 1e-6, "{t:?}");
+        assert_eq!(t.top.iter().map(|(i, _)| *i).collect::<Vec<_>>(), [1, 2]);
+        assert!((t.top[0].1 - (3.0 - z.ln())).abs() < 1e-6);
+        let probs: f64 = [0u32, 1, 2]
+            .iter()
+            .map(|&i| token_logprob(&logits, i, 0).logprob.exp())
+            .sum();
+        assert!((probs - 1.0).abs() < 1e-9);
+    }
 
     #[test]
     fn generation_config_defaults_apply_only_when_the_request_says_nothing() {

@@ -501,7 +501,11 @@ fn start_job(engine: &mut LocalModel, job: Job, default_max: usize) -> Option<Ac
             },
             ..params
         };
-        Ok((engine.start_guided(&ids, &params, guide)?, tools))
+        let mut decoding = engine.start_guided(&ids, &params, guide)?;
+        if let Some(top) = request.logprobs {
+            decoding = decoding.with_logprobs(top as usize);
+        }
+        Ok((decoding, tools))
     })();
     match begun {
         Ok((decoding, tools)) => Some(Active {
@@ -574,6 +578,34 @@ fn worker_loop(
             progressed = true;
             match engine.advance(&mut a.decoding) {
                 Ok(Some(token)) => {
+                    if let Some(lp) = a.decoding.take_logprob() {
+                        let text =
+                            |id: u32| engine.tokenizer().decode(&[id], false).unwrap_or_default();
+                        let token = |id: u32| {
+                            let t = text(id);
+                            let bytes = t.as_bytes().to_vec();
+                            (t, Some(bytes))
+                        };
+                        let (t, bytes) = token(lp.id);
+                        let entry = TokenLogprob {
+                            token: t,
+                            logprob: lp.logprob,
+                            bytes,
+                            top_logprobs: lp
+                                .top
+                                .iter()
+                                .map(|&(id, logprob)| {
+                                    let (token, bytes) = token(id);
+                                    TopLogprob {
+                                        token,
+                                        logprob,
+                                        bytes,
+                                    }
+                                })
+                                .collect(),
+                        };
+                        a.queue(Ok(StreamEvent::Logprobs(vec![entry])));
+                    }
                     let delta = a.detok.push(token);
                     let (text, hit) = a.stops.push(&delta);
                     if !text.is_empty() {

@@ -153,6 +153,12 @@ impl AnthropicProvider {
                 message: "structured output with tools is not served on Anthropic models (it uses a forced tool of its own)".into(),
             });
         }
+        if request.logprobs.is_some() {
+            return Err(InferenceError::Unsupported {
+                param: "logprobs".into(),
+                message: "log-probabilities are not served through Anthropic's Messages API by Muse: leave logprobs out for these models".into(),
+            });
+        }
         if !request.logit_bias.is_empty() {
             return Err(InferenceError::Unsupported {
                 param: "logit_bias".into(),
@@ -285,6 +291,7 @@ impl LlmProvider for AnthropicProvider {
         let total = started.elapsed();
         Ok(Completion {
             tool_calls,
+            logprobs: Vec::new(),
             text,
             summary: Summary {
                 model: v["model"].as_str().unwrap_or(&request.model).to_string(),

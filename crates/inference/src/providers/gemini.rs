@@ -227,6 +227,12 @@ impl GeminiProvider {
                 "Gemini"
             )));
         }
+        if request.logprobs.is_some() {
+            return Err(InferenceError::Unsupported {
+                param: "logprobs".into(),
+                message: "log-probabilities are not served through Gemini's generateContent by Muse: leave logprobs out for these models".into(),
+            });
+        }
         if !request.logit_bias.is_empty() {
             return Err(InferenceError::Unsupported {
                 param: "logit_bias".into(),
@@ -288,6 +294,7 @@ impl LlmProvider for GeminiProvider {
         }
         Ok(Completion {
             tool_calls,
+            logprobs: Vec::new(),
             text: text_of(&v),
             summary: Summary {
                 model: v["modelVersion"]

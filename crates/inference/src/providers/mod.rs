@@ -270,14 +270,17 @@ pub(crate) async fn send(
 pub async fn collect(mut stream: CompletionStream) -> Result<Completion, InferenceError> {
     let mut text = String::new();
     let mut calls = ToolCallCollector::default();
+    let mut logprobs = Vec::new();
     while let Some(event) = stream.next().await {
         match event? {
             StreamEvent::Delta(t) => text.push_str(&t),
             StreamEvent::ToolCall(d) => calls.push(&d),
+            StreamEvent::Logprobs(l) => logprobs.extend(l),
             StreamEvent::Done(summary) => {
                 return Ok(Completion {
                     text,
                     tool_calls: calls.finish(),
+                    logprobs,
                     summary,
                 })
             }

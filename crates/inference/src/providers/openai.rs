@@ -415,9 +415,32 @@ impl StreamParser for Parser {
         }
         let mut text = String::new();
         let mut calls = Vec::new();
+        let mut logprobs = Vec::new();
         for choice in chunk.choices {
             if let Some(t) = choice.delta.content {
                 text.push_str(&t);
+            }
+            let as_written = |x: f32| x.to_string().parse::<f64>().unwrap_or(f64::from(x));
+            for l in choice
+                .logprobs
+                .and_then(|l| l.content)
+                .into_iter()
+                .flatten()
+            {
+                logprobs.push(TokenLogprob {
+                    token: l.token,
+                    logprob: as_written(l.logprob),
+                    bytes: l.bytes,
+                    top_logprobs: l
+                        .top_logprobs
+                        .into_iter()
+                        .map(|t| TopLogprob {
+                            token: t.token,
+                            logprob: as_written(t.logprob),
+                            bytes: t.bytes,
+                        })
+                        .collect(),
+                });
             }
             for c in choice.delta.tool_calls.into_iter().flatten() {
                 let function = c.function;
@@ -432,14 +455,17 @@ impl StreamParser for Parser {
                 self.finish = Some(finish(choice.finish_reason));
             }
         }
-        if calls.is_empty() {
+        if calls.is_empty() && logprobs.is_empty() {
             return Ok(Step::Delta(text));
         }
-        let mut events = Vec::with_capacity(calls.len() + 1);
+        let mut events = Vec::with_capacity(calls.len() + 2);
         if !text.is_empty() {
             events.push(StreamEvent::Delta(text));
         }
         events.extend(calls.into_iter().map(StreamEvent::ToolCall));
+        if !logprobs.is_empty() {
+            events.push(StreamEvent::Logprobs(logprobs));
+        }
         Ok(Step::Events(events))
     }
 
@@ -528,6 +554,7 @@ impl OpenAiProvider {
         Ok(Completion {
             text: choice["text"].as_str().unwrap_or_default().to_string(),
             tool_calls: Vec::new(),
+            logprobs: Vec::new(),
             summary: Summary {
                 model: v["model"].as_str().unwrap_or(&request.model).to_string(),
                 usage: text_usage(&v["usage"]).unwrap_or_default(),
@@ -651,6 +678,12 @@ impl OpenAiProvider {
             }
         }
         body["messages"] = request.messages.iter().map(openai_message).collect();
+        if let Some(top) = request.logprobs {
+            body["logprobs"] = true.into();
+            if top > 0 {
+                body["top_logprobs"] = top.into();
+            }
+        }
         if !request.logit_bias.is_empty() {
             body["logit_bias"] = logit_bias_json(request);
         }
@@ -748,6 +781,8 @@ impl OpenAiProvider {
         Ok(Completion {
             text: message["content"].as_str().unwrap_or_default().to_string(),
             tool_calls,
+            logprobs: serde_json::from_value(choice["logprobs"]["content"].clone())
+                .unwrap_or_default(),
             summary: Summary {
                 model: v["model"].as_str().unwrap_or(&request.model).to_string(),
                 usage: text_usage(&v["usage"]).unwrap_or_default(),
