@@ -19,7 +19,8 @@ def main() -> int:
     parser.add_argument("--api-key", required=True)
     parser.add_argument("--model", required=True)
     parser.add_argument("--missing-model", default="nope/nothing")
-    parser.add_argument("--tools-model", help="a model that calls tools (the test upstream's `tools`)")
+    parser.add_argument("--tools-model", action="append", default=[],
+                        help="a model that calls tools (the test upstream's `tools`, the Anthropic and Gemini fakes); repeatable")
     parser.add_argument("--json-model", help="a model answering structured output (the test upstream's `json`)")
     parser.add_argument("--embedding-model", help="an embedding model (the test upstream's `embed`)")
     args = parser.parse_args()
@@ -109,17 +110,18 @@ def main() -> int:
     }
 
     # A tool round trip (call -> tool result -> final answer), whole and streamed.
-    if args.tools_model:
+    seen["tool_round_trip"] = {}
+    for tools_model in args.tools_model:
         tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
                   "parameters": {"type": "object", "properties": {"location": {"type": "string"}}, "required": ["location"]}}}]
         ask = [{"role": "user", "content": "What's the weather in Paris?"}]
-        first = client.chat.completions.create(model=args.tools_model, messages=ask, tools=tools, tool_choice="auto")
+        first = client.chat.completions.create(model=tools_model, messages=ask, tools=tools, tool_choice="auto")
         call = first.choices[0].message.tool_calls[0]
         follow = ask + [first.choices[0].message.model_dump(exclude_none=True),
                         {"role": "tool", "tool_call_id": call.id, "content": "22 C"}]
-        final = client.chat.completions.create(model=args.tools_model, messages=follow, tools=tools)
+        final = client.chat.completions.create(model=tools_model, messages=follow, tools=tools)
         calls, finish = {}, None
-        for chunk in client.chat.completions.create(model=args.tools_model, messages=ask, tools=tools, stream=True):
+        for chunk in client.chat.completions.create(model=tools_model, messages=ask, tools=tools, stream=True):
             for choice in chunk.choices:
                 for d in choice.delta.tool_calls or []:
                     c = calls.setdefault(d.index, {"id": None, "name": "", "arguments": ""})
@@ -131,7 +133,7 @@ def main() -> int:
                         c["arguments"] += d.function.arguments
                 if choice.finish_reason:
                     finish = choice.finish_reason
-        seen["tool_round_trip"] = {
+        seen["tool_round_trip"][tools_model] = {
             "finish_reason": first.choices[0].finish_reason,
             "call": {"id": call.id, "name": call.function.name, "arguments": json.loads(call.function.arguments)},
             "final": final.choices[0].message.content,

@@ -521,7 +521,18 @@ async fn the_official_python_sdk_works_against_muse() {
         );
         return;
     }
-    let (app, _up) = crate::upstream::app_with_upstream(&[]).await;
+    // The Anthropic and Gemini fakes answer tool calls with the vendors'
+    // documented examples (crates/inference/tests/data).
+    let vendor = vendor_tools_server().await;
+    let (app, _up) = crate::upstream::app_with_upstream(&[
+        ("ANTHROPIC_API_KEY", "sk-ant-test"),
+        ("ANTHROPIC_BASE_URL", &vendor),
+        ("ANTHROPIC_MODELS", "claude-3-5-sonnet-20241022"),
+        ("GEMINI_API_KEY", "gm-test"),
+        ("GEMINI_BASE_URL", &vendor),
+        ("GEMINI_MODELS", "gemini-2.0-flash"),
+    ])
+    .await;
     let token = access(&app.user("pysdk").await);
     let key = app
         .post("/api/v1/auth/api-keys", Some(&token), json!({"name": "py"}))
@@ -544,6 +555,10 @@ async fn the_official_python_sdk_works_against_muse() {
                 "up/ok",
                 "--tools-model",
                 "up/tools",
+                "--tools-model",
+                "anthropic/claude-3-5-sonnet-20241022",
+                "--tools-model",
+                "gemini/gemini-2.0-flash",
                 "--json-model",
                 "up/json",
                 "--embedding-model",
@@ -635,8 +650,38 @@ async fn the_official_python_sdk_works_against_muse() {
             ["ld!", -1.0, 2]
         ])
     );
+    // Anthropic and Gemini: their tool_use / functionCall answers reach the
+    // SDK as OpenAI tool calls, whole and streamed, and the tool result
+    // goes back to them for the final answer.
+    for model in [
+        "anthropic/claude-3-5-sonnet-20241022",
+        "gemini/gemini-2.0-flash",
+    ] {
+        let trip = &seen["tool_round_trip"][model];
+        assert_eq!(trip["finish_reason"], "tool_calls", "{model}: {trip}");
+        assert_eq!(
+            (
+                &trip["call"]["name"],
+                &trip["call"]["arguments"]["location"]
+            ),
+            (&json!("get_weather"), &json!("San Francisco, CA")),
+            "{model}: {trip}"
+        );
+        assert!(
+            trip["final"].as_str().is_some_and(|t| !t.is_empty()),
+            "{model}: {trip}"
+        );
+        assert_eq!(
+            trip["streamed"]["finish_reason"], "tool_calls",
+            "{model}: {trip}"
+        );
+        assert_eq!(
+            trip["streamed"]["calls"][0]["name"], "get_weather",
+            "{model}: {trip}"
+        );
+    }
     assert_eq!(
-        seen["tool_round_trip"],
+        seen["tool_round_trip"]["up/tools"],
         json!({
             "finish_reason": "tool_calls",
             "call": {"id": "call_abc123", "name": "get_weather", "arguments": {"location": "Paris"}},
