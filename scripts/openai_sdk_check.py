@@ -22,6 +22,7 @@ def main() -> int:
     parser.add_argument("--tools-model", action="append", default=[],
                         help="a model that calls tools (the test upstream's `tools`, the Anthropic and Gemini fakes); repeatable")
     parser.add_argument("--json-model", help="a model answering structured output (the test upstream's `json`)")
+    parser.add_argument("--limited-model", help="a model whose provider answers 429 (the test upstream's `limited`)")
     parser.add_argument("--embedding-model", help="an embedding model (the test upstream's `embed`)")
     args = parser.parse_args()
 
@@ -148,6 +149,13 @@ def main() -> int:
         client.chat.completions.create(model=args.missing_model, messages=[{"role": "user", "content": "x"}])
     except openai.NotFoundError as e:
         seen["missing_type"] = {"type": e.type, "code": e.code}
+    if args.limited_model:
+        try:
+            client.chat.completions.create(model=args.limited_model, messages=[{"role": "user", "content": "x"}])
+            seen["rate_limited"] = "no error"
+        except openai.RateLimitError as e:
+            seen["rate_limited"] = {"status": e.status_code, "type": e.type, "code": e.code,
+                                    "retry_after": e.response.headers.get("retry-after")}
 
     # Structured output through the SDK's parse helper (a pydantic model
     # becomes a strict json_schema response_format).

@@ -563,6 +563,8 @@ async fn the_official_python_sdk_works_against_muse() {
                 "up/json",
                 "--embedding-model",
                 "up/embed",
+                "--limited-model",
+                "up/limited",
             ])
             .output()
             .unwrap()
@@ -696,6 +698,11 @@ async fn the_official_python_sdk_works_against_muse() {
     assert_eq!(
         seen["missing_type"],
         json!({"type": "invalid_request_error", "code": "model_not_found"})
+    );
+    assert_eq!(
+        seen["rate_limited"],
+        json!({"status": 429, "type": "rate_limit_error", "code": "provider_rate_limited", "retry_after": "7"}),
+        "the provider's 429 reaches the SDK as RateLimitError, its Retry-After kept"
     );
     let h = app
         .get(

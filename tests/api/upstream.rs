@@ -3,6 +3,7 @@
 //! - `ok`: answers "Hello, world!" (12 prompt + 4 completion tokens);
 //! - `echo`: answers the last user message, one word per chunk;
 //! - `broken`: HTTP 500;
+//! - `limited`: HTTP 429 with OpenAI's rate-limit error and `retry-after`;
 //! - `slow`: 400 chunks "t0 t1 …" 10 ms apart (cancellation tests);
 //! - `flood`: 50,000 chunks of 1 kB, as fast as they are read
 //!   (backpressure tests).
@@ -208,6 +209,12 @@ pub(crate) async fn chat(
         }));
     }
     let (pieces, delay): (Vec<String>, u64) = match model.as_str() {
+        "limited" => {
+            // https://platform.openai.com/docs/guides/error-codes (429: rate limit reached)
+            return HttpResponse::TooManyRequests()
+                .insert_header(("retry-after", "7"))
+                .json(json!({"error": {"message": "Rate limit reached for requests", "type": "requests", "param": null, "code": "rate_limit_exceeded"}}));
+        }
         "broken" => {
             return HttpResponse::InternalServerError().json(json!({"error": {"message": "boom", "type": "server_error", "param": null, "code": null}}));
         }
@@ -382,7 +389,7 @@ pub async fn upstream() -> Upstream {
 }
 
 /// Muse started with the upstream above as the compatible server `up`
-/// (models `ok`, `echo`, `broken`, `slow`, `flood`, `tools`, `json`, `embed`; no retries).
+/// (models `ok`, `echo`, `broken`, `limited`, `slow`, `flood`, `tools`, `json`, `embed`; no retries).
 pub async fn app_with_upstream(extra: &[(&str, &str)]) -> (crate::helpers::TestApp, Upstream) {
     let up = upstream().await;
     let mut vars: Vec<(&str, &str)> = vec![
@@ -390,7 +397,7 @@ pub async fn app_with_upstream(extra: &[(&str, &str)]) -> (crate::helpers::TestA
         ("OPENAI_COMPATIBLE_NAME", "up"),
         (
             "OPENAI_COMPATIBLE_MODELS",
-            "ok,echo,broken,slow,flood,tools,json,embed",
+            "ok,echo,broken,limited,slow,flood,tools,json,embed",
         ),
         ("LLM_MAX_RETRIES", "0"),
     ];
