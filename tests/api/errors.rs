@@ -1,6 +1,7 @@
 //! Every kind of bad input answers with the documented JSON error shape.
 
 use reqwest::{Method, StatusCode};
+use serde_json::json;
 
 use crate::helpers::*;
 
@@ -154,7 +155,13 @@ async fn hostile_strings_are_handled() {
         assert!(r.status.is_client_error(), "{s:?}: {}", r.text);
         r.error_code();
         let r = app.login(s, s).await;
-        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{s:?}");
+        // NUL is refused by name before any lookup (PostgreSQL cannot compare it).
+        let expected = if s.contains('\0') {
+            StatusCode::UNPROCESSABLE_ENTITY
+        } else {
+            StatusCode::UNAUTHORIZED
+        };
+        assert_eq!(r.status, expected, "{s:?}");
         let r = app
             .call(
                 Method::POST,
@@ -180,4 +187,135 @@ fn urlencode(s: &str) -> String {
             }
         })
         .collect()
+}
+
+/// NUL in a query filter is the caller's mistake on every database (400
+/// naming the parameter): PostgreSQL cannot hold it, SQLite could; and
+/// lone-surrogate escapes and very long filters are answered, not 500.
+#[actix_web::test]
+async fn text_filters_behave_the_same_on_every_database() {
+    let app = TestApp::spawn_with(&[
+        ("ADMIN_EMAIL", "root@example.com"),
+        ("ADMIN_PASSWORD", "an admin passphrase"),
+    ])
+    .await;
+    let user = access(&app.user("filterer").await);
+    let admin = access(
+        &app.login("root@example.com", "an admin passphrase")
+            .await
+            .body,
+    );
+    let long = "a".repeat(5_000);
+    let cases: [(&str, &str, &str); 9] = [
+        ("/api/v1/ai/ideas/history", "category", "user"),
+        ("/api/v1/expert-prompts", "q", "user"),
+        ("/api/v1/specialties", "q", "user"),
+        ("/api/v1/sub-specialties", "q", "user"),
+        ("/api/v1/executions/history", "model", "user"),
+        ("/api/v1/executions/history", "provider", "user"),
+        ("/api/v1/admin/users", "q", "admin"),
+        ("/api/v1/admin/audit", "event", "admin"),
+        ("/api/v1/ai/ideas/history", "q", "user"),
+    ];
+    for (path, param, who) in cases {
+        let token = if who == "admin" { &admin } else { &user };
+        let r = app.get(&format!("{path}?{param}=a%00b"), Some(token)).await;
+        assert_eq!(
+            (
+                r.status,
+                r.error_code(),
+                r.body["error"]["details"]["param"].as_str()
+            ),
+            (
+                StatusCode::BAD_REQUEST,
+                "invalid_query_parameter",
+                Some(param)
+            ),
+            "{path}?{param}: {}",
+            r.text
+        );
+        for value in ["%ED%A0%80", long.as_str(), "%F0%9F%92%A1"] {
+            let r = app
+                .get(&format!("{path}?{param}={value}"), Some(token))
+                .await;
+            assert!(
+                r.status == StatusCode::OK || r.status == StatusCode::BAD_REQUEST,
+                "{path}?{param}={}: {} {}",
+                &value[..value.len().min(12)],
+                r.status,
+                r.text
+            );
+            if r.status == StatusCode::BAD_REQUEST {
+                r.error_code();
+            }
+        }
+    }
+}
+
+/// NUL in the text of Muse's own resources is refused by name before any
+/// database sees it (PostgreSQL cannot hold it), in bodies and in paths.
+#[actix_web::test]
+async fn nul_in_stored_text_is_refused_by_name_on_every_database() {
+    let app = TestApp::spawn_with(&[
+        ("ADMIN_EMAIL", "root@example.com"),
+        ("ADMIN_PASSWORD", "an admin passphrase"),
+    ])
+    .await;
+    let user = access(&app.user("nulls").await);
+    let admin = access(
+        &app.login("root@example.com", "an admin passphrase")
+            .await
+            .body,
+    );
+    let cases = [
+        (
+            Method::POST,
+            "/api/v1/admin/feature-flags",
+            &admin,
+            json!({"key": "batch_generation", "enabled": true, "description": "a\u{0}b"}),
+            "description",
+        ),
+        (
+            Method::PUT,
+            "/api/v1/admin/plans/free",
+            &admin,
+            json!({"name": "Fr\u{0}ee", "price_cents": 0, "max_requests": 3, "max_tokens": 100000, "max_batch": 2}),
+            "name",
+        ),
+        (
+            Method::POST,
+            "/api/v1/specialties",
+            &user,
+            json!({"name": "x", "tags": ["ok", "n\u{0}"]}),
+            "tags[1]",
+        ),
+    ];
+    for (method, path, token, body, field) in cases {
+        let r = app.call(method, path, Some(token), Some(body)).await;
+        assert_eq!(
+            (r.status, r.error_code()),
+            (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed"),
+            "{path}: {}",
+            r.text
+        );
+        assert_eq!(
+            r.body["error"]["details"]["fields"][0]["field"], field,
+            "{path}: {}",
+            r.text
+        );
+    }
+    for (method, path) in [
+        (Method::PUT, "/api/v1/admin/plans/a%00b"),
+        (Method::POST, "/api/v1/subscription/upgrade/a%00b"),
+    ] {
+        let r = app.call(method, path, Some(&admin), Some(json!({}))).await;
+        assert_eq!(
+            (r.status, r.error_code()),
+            (StatusCode::BAD_REQUEST, "invalid_path_parameter"),
+            "{path}: {}",
+            r.text
+        );
+    }
+    // A model call takes NUL: it reaches the model (and the record keeps it as U+FFFD).
+    assert_eq!(app.get("/health", None).await.status, StatusCode::OK);
 }

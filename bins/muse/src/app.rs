@@ -175,6 +175,110 @@ fn cors(origins: &[String], env: crate::config::Environment) -> Cors {
     origins.iter().fold(base, |c, o| c.allowed_origin(o))
 }
 
+/// The query parameter whose value (or name) holds a NUL character
+/// (`%00`), if any. PostgreSQL refuses NUL in text; SQLite would take it.
+/// Refusing it here makes every filter behave the same on both.
+fn nul_query_parameter(query: &str) -> Option<String> {
+    query.split('&').find_map(|pair| {
+        pair.contains("%00").then(|| {
+            let name = pair.split_once('=').map_or(pair, |(k, _)| k);
+            name.replace("%00", "")
+        })
+    })
+}
+
+/// 400 `invalid_path_parameter` / `invalid_query_parameter` for a path or
+/// a query parameter holding NUL.
+async fn refuse_nul_queries(
+    req: ServiceRequest,
+    next: actix_web::middleware::Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<actix_web::body::BoxBody>, actix_web::Error> {
+    if req.uri().path().contains("%00") {
+        let error = ApiError::bad_request(
+            "invalid_path_parameter",
+            "a path parameter must not contain NUL characters",
+        );
+        return Ok(req.error_response(error).map_into_boxed_body());
+    }
+    if let Some(name) = nul_query_parameter(req.query_string()) {
+        let error = ApiError::bad_request(
+            "invalid_query_parameter",
+            format!("the query parameter {name} must not contain NUL characters"),
+        )
+        .with_details(serde_json::json!({ "param": name }));
+        return Ok(req.error_response(error).map_into_boxed_body());
+    }
+    Ok(next.call(req).await?.map_into_boxed_body())
+}
+
+/// Where a JSON body holds a string with a NUL character: the field's
+/// path (`a.b[2].c`; a key holding NUL is named by its parent).
+fn nul_field(v: &serde_json::Value, path: &str) -> Option<String> {
+    use serde_json::Value;
+    match v {
+        Value::String(s) if s.contains('\0') => Some(path.to_string()),
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, x)| nul_field(x, &format!("{path}[{i}]"))),
+        Value::Object(map) => map.iter().find_map(|(k, x)| {
+            if k.contains('\0') {
+                return Some(path.to_string());
+            }
+            let at = if path.is_empty() {
+                k.clone()
+            } else {
+                format!("{path}.{k}")
+            };
+            nul_field(x, &at)
+        }),
+        _ => None,
+    }
+}
+
+/// Model calls take NUL in their text (it reaches the model, and the
+/// record keeps it as U+FFFD); Muse's own resources do not.
+fn takes_nul(path: &str) -> bool {
+    path.starts_with("/v1/")
+        || path.starts_with("/api/v1/ai/generate")
+        || path.starts_with("/api/v1/ai/stream/")
+        || path.starts_with("/api/v1/execute-prompt/")
+}
+
+/// 422 `validation_failed` naming the field when a JSON body for one of
+/// Muse's own resources holds a NUL character: PostgreSQL cannot store
+/// it, so no database gets it. Only bodies whose bytes hold `\u0000` are
+/// parsed here; the others pass untouched.
+async fn refuse_nul_in_bodies(
+    mut req: ServiceRequest,
+    next: actix_web::middleware::Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<actix_web::body::BoxBody>, actix_web::Error> {
+    let json = req
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !json || takes_nul(req.path()) {
+        return Ok(next.call(req).await?.map_into_boxed_body());
+    }
+    let body = req.extract::<web::Bytes>().await?;
+    if body.windows(6).any(|w| w == b"\\u0000") {
+        if let Ok(value) = serde_json::from_slice::<serde_json::Value>(&body) {
+            if let Some(field) = nul_field(&value, "") {
+                let error = ApiError::new(
+                    http::StatusCode::UNPROCESSABLE_ENTITY,
+                    "validation_failed",
+                    "some fields are invalid",
+                )
+                .with_details(serde_json::json!({"fields": [{"field": field, "message": "must not contain NUL characters"}]}));
+                return Ok(req.error_response(error).map_into_boxed_body());
+            }
+        }
+    }
+    req.set_payload(actix_web::dev::Payload::from(body));
+    Ok(next.call(req).await?.map_into_boxed_body())
+}
+
 /// Responses that carry tokens or keys: never cached.
 const NO_STORE_PATHS: [&str; 4] = [
     "/api/v1/auth/login",
@@ -251,6 +355,8 @@ pub fn build_app(
         .app_data(web::PayloadConfig::default().limit(limit))
         .app_data(web::PathConfig::default().error_handler(error::path_error))
         .app_data(web::QueryConfig::default().error_handler(error::query_error))
+        .wrap(from_fn(refuse_nul_in_bodies))
+        .wrap(from_fn(refuse_nul_queries))
         .wrap(from_fn(crate::limits::per_ip))
         .wrap(cors)
         .wrap(from_fn(error::json_errors))
