@@ -319,3 +319,107 @@ async fn nul_in_stored_text_is_refused_by_name_on_every_database() {
     // A model call takes NUL: it reaches the model (and the record keeps it as U+FFFD).
     assert_eq!(app.get("/health", None).await.status, StatusCode::OK);
 }
+
+/// Issue 13 items 4 and 7: every error a client can cause is JSON with a
+/// documented code; role checks come before the body; messages do not
+/// name Rust types; registration refuses unknown fields like every other
+/// endpoint; internationalised email domains are stored in one form.
+#[actix_web::test]
+async fn errors_are_json_roles_come_first_and_bodies_are_strict() {
+    let app = TestApp::spawn_with(&[("CORS_ORIGINS", "https://app.example.com")]).await;
+    let user = access(&app.user("plain").await);
+
+    // A non-admin is refused for the role, whatever the body says.
+    for (method, path, body) in [
+        (
+            Method::POST,
+            "/api/v1/admin/feature-flags",
+            Some(json!({"bogus": 1})),
+        ),
+        (
+            Method::PUT,
+            "/api/v1/admin/plans/free",
+            Some(json!("not an object")),
+        ),
+        (Method::POST, "/api/v1/admin/models/pull", None),
+    ] {
+        let r = app.call(method, path, Some(&user), body).await;
+        assert_eq!(
+            (r.status, r.error_code()),
+            (StatusCode::FORBIDDEN, "forbidden"),
+            "{path}: {}",
+            r.text
+        );
+    }
+
+    // Registration refuses unknown fields; messages name no Rust type.
+    let r = app
+        .post(
+            "/api/v1/auth/register",
+            None,
+            json!({"email": "z@example.com", "username": "zed", "password": "a long passphrase", "nickname": "z"}),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::UNPROCESSABLE_ENTITY, "invalid_body"),
+        "{}",
+        r.text
+    );
+    assert!(
+        r.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("nickname"),
+        "{}",
+        r.text
+    );
+    let r = app.post("/api/v1/auth/login", None, json!("ada")).await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.text);
+    let message = r.body["error"]["message"].as_str().unwrap();
+    assert!(
+        !message.contains("LoginRequest") && !message.contains("struct"),
+        "{message}"
+    );
+
+    // A refused CORS preflight is JSON with its own code.
+    let res = app
+        .client
+        .request(Method::OPTIONS, format!("{}/api/v1/auth/me", app.base))
+        .header("Origin", "https://evil.example.com")
+        .header("Access-Control-Request-Method", "GET")
+        .send()
+        .await
+        .unwrap();
+    let r = TestApp::read(res).await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::BAD_REQUEST, "cors_refused"),
+        "{}",
+        r.text
+    );
+
+    // Internationalised domains: one canonical (IDNA ASCII) form, so a
+    // look-alike shows as what it is and the same address cannot register twice.
+    let r = app
+        .register("ana@bücher.example", "ana", "a long passphrase")
+        .await;
+    assert!(r.status.is_success(), "{}", r.text);
+    let r = app
+        .register("ANA@BÜCHER.EXAMPLE", "ana2", "a long passphrase")
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.text);
+    let r = app
+        .register("ana@xn--bcher-kva.example", "ana3", "a long passphrase")
+        .await;
+    assert_eq!(
+        r.status,
+        StatusCode::CONFLICT,
+        "the same domain: {}",
+        r.text
+    );
+    let login = app.login("Ana@Bücher.example", "a long passphrase").await;
+    assert_eq!(login.status, StatusCode::OK, "{}", login.text);
+    let me = app.get("/api/v1/auth/me", Some(&access(&login.body))).await;
+    assert_eq!(me.body["email"], "ana@xn--bcher-kva.example");
+}

@@ -280,6 +280,34 @@ impl From<actix_web::error::BlockingError> for ApiError {
 
 /// `JsonConfig::error_handler`: malformed JSON is 400, well-formed JSON of
 /// the wrong shape 422, a wrong content type 415, too large 413.
+/// A serde message without Rust's type names (`expected struct
+/// LoginRequest` → `expected a JSON object`).
+fn without_type_names(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(at) = rest.find("struct ").or_else(|| rest.find("enum ")) {
+        let (kind, len) = if rest[at..].starts_with("struct ") {
+            ("a JSON object", "struct ".len())
+        } else {
+            ("one of the documented values", "enum ".len())
+        };
+        let name_end = rest[at + len..]
+            .find(|c: char| !(c.is_alphanumeric() || c == '_'))
+            .map_or(rest.len(), |e| at + len + e);
+        if name_end == at + len {
+            // Not followed by a name: keep the word.
+            out.push_str(&rest[..at + len]);
+            rest = &rest[at + len..];
+            continue;
+        }
+        out.push_str(&rest[..at]);
+        out.push_str(kind);
+        rest = &rest[name_end..];
+    }
+    out.push_str(rest);
+    out
+}
+
 pub fn json_error(err: JsonPayloadError, _req: &HttpRequest) -> actix_web::Error {
     let api = match &err {
         JsonPayloadError::ContentType => ApiError::new(
@@ -296,7 +324,10 @@ pub fn json_error(err: JsonPayloadError, _req: &HttpRequest) -> actix_web::Error
         JsonPayloadError::Deserialize(e) if e.is_data() => ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid_body",
-            format!("the JSON body does not match the expected shape: {e}"),
+            format!(
+                "the JSON body does not match the expected shape: {}",
+                without_type_names(&e.to_string())
+            ),
         ),
         JsonPayloadError::Deserialize(e) => {
             ApiError::bad_request("malformed_json", format!("the body is not valid JSON: {e}"))
@@ -364,10 +395,16 @@ pub async fn json_errors(
                 return Err(e);
             }
             let status = rendered.status();
-            let body = shaped(
-                status,
-                status.canonical_reason().unwrap_or("error").to_string(),
-            );
+            let body = match e.as_error::<actix_cors::CorsError>() {
+                // A preflight or request from an origin CORS does not allow.
+                Some(cors) => {
+                    ApiError::new(status, "cors_refused", cors.to_string()).error_response()
+                }
+                None => shaped(
+                    status,
+                    status.canonical_reason().unwrap_or("error").to_string(),
+                ),
+            };
             return Err(actix_web::error::InternalError::from_response(e.to_string(), body).into());
         }
     };
@@ -376,6 +413,22 @@ pub async fn json_errors(
         return Ok(res.map_into_boxed_body());
     }
     let (req, old) = res.into_parts();
+    let preflight = req.method() == actix_web::http::Method::OPTIONS
+        && req.headers().contains_key(header::ORIGIN)
+        && status == StatusCode::BAD_REQUEST;
+    if preflight {
+        // actix-cors answers a refused preflight in plain text: keep its
+        // reason (origin, method or header not allowed) under its own code.
+        let reason = actix_web::body::to_bytes_limited(old.into_body(), 4096)
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "CORS refused this request".to_string());
+        let new = ApiError::new(status, "cors_refused", reason).error_response();
+        return Ok(ServiceResponse::new(req, new));
+    }
     let message = match status.as_u16() {
         405 => format!("{} is not allowed on {}", req.method(), req.path()),
         _ => status.canonical_reason().unwrap_or("error").to_string(),
@@ -411,4 +464,29 @@ fn shaped(status: StatusCode, message: String) -> HttpResponse {
         HeaderValue::from_static("application/json"),
     );
     res
+}
+
+#[cfg(test)]
+mod tests {
+    use super::without_type_names;
+
+    #[test]
+    fn serde_messages_lose_rust_type_names() {
+        assert_eq!(
+            without_type_names(
+                "invalid type: string \"x\", expected struct LoginRequest at line 1 column 3"
+            ),
+            "invalid type: string \"x\", expected a JSON object at line 1 column 3"
+        );
+        assert_eq!(
+            without_type_names("unknown variant `x`, expected enum Role"),
+            "unknown variant `x`, expected one of the documented values"
+        );
+        assert_eq!(
+            without_type_names(
+                "unknown field `nickname`, expected one of `email`, `username`, `password`"
+            ),
+            "unknown field `nickname`, expected one of `email`, `username`, `password`"
+        );
+    }
 }

@@ -184,6 +184,7 @@ impl AuthService {
         password: &str,
         role: Role,
     ) -> Result<User, AuthError> {
+        let raw_email_of_create = email;
         let mut errors = Vec::new();
         let email = validate::normalize_email(email)
             .map_err(|e| errors.push(e))
@@ -199,7 +200,7 @@ impl AuthService {
         let (Some(email), Some(username), true) = (email, username, errors.is_empty()) else {
             return Err(AuthError::Validation(errors));
         };
-        if self.repo.user_by_email(&email)?.is_some() {
+        if self.user_by_email(&email, raw_email_of_create)?.is_some() {
             return Err(AuthError::EmailTaken);
         }
         if self.repo.user_by_username(&username)?.is_some() {
@@ -279,6 +280,18 @@ impl AuthService {
         ))
     }
 
+    /// The account of a canonical email, or of the form an internationalised
+    /// domain was stored in before emails were canonicalised.
+    fn user_by_email(&self, canonical: &str, raw: &str) -> Result<Option<User>, AuthError> {
+        if let Some(user) = self.repo.user_by_email(canonical)? {
+            return Ok(Some(user));
+        }
+        match validate::legacy_email(raw) {
+            Some(legacy) if legacy != canonical => Ok(self.repo.user_by_email(&legacy)?),
+            _ => Ok(None),
+        }
+    }
+
     /// Checks credentials and opens a session. Throttled per account and
     /// per IP *before* any bcrypt work.
     pub fn login(
@@ -289,6 +302,7 @@ impl AuthService {
     ) -> Result<TokenPair, AuthError> {
         // Something that is not an email cannot match an account; it still
         // costs a bcrypt run and counts against the client's address.
+        let raw_email = email;
         let email = validate::normalize_email(email).ok();
         let now = self.now();
         let t = &self.config.throttle;
@@ -304,7 +318,7 @@ impl AuthService {
         }
 
         let user = match email.as_deref() {
-            Some(e) => self.repo.user_by_email(e)?,
+            Some(e) => self.user_by_email(e, raw_email)?,
             None => None,
         };
         let ok = match &user {
@@ -697,10 +711,11 @@ impl AuthService {
     /// or not it does, and fails only on internal errors, never on a
     /// missing account or a mail failure (which is logged).
     pub fn forgot_password(&self, email: &str, ctx: &RequestContext) -> Result<(), AuthError> {
+        let raw_email = email;
         let Ok(email) = validate::normalize_email(email) else {
             return Ok(());
         };
-        let user = match self.repo.user_by_email(&email)? {
+        let user = match self.user_by_email(&email, raw_email)? {
             Some(u) if u.status == UserStatus::Active => u,
             _ => {
                 self.audit(

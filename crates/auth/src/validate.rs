@@ -52,7 +52,24 @@ pub fn normalize_email(raw: &str) -> Result<String, FieldError> {
     {
         return Err(invalid());
     }
-    Ok(email)
+    // One canonical form per domain: internationalised domains are stored
+    // as IDNA ASCII (punycode, UTS #46), so a look-alike domain
+    // (`exаmple.com` with a Cyrillic `а`) reads `xn--exmple-4uf.com` to an
+    // admin instead of passing for `example.com`.
+    if domain.is_ascii() {
+        return Ok(email);
+    }
+    let ascii = idna::domain_to_ascii_strict(domain).map_err(|_| invalid())?;
+    Ok(format!("{local}@{ascii}"))
+}
+
+/// The form emails with an internationalised domain were stored in before
+/// they were canonicalised (lowercase Unicode): looked up when the
+/// canonical form finds nothing, so older accounts keep working.
+pub fn legacy_email(raw: &str) -> Option<String> {
+    let email = raw.trim().to_lowercase();
+    let (_, domain) = email.split_once('@')?;
+    (!domain.is_ascii()).then_some(email)
 }
 
 /// Usernames: 3 to 32 characters, ASCII letters, digits, `_`, `-` and `.`,
@@ -169,6 +186,30 @@ mod tests {
             normalize_email("  Ada@Example.COM ").unwrap(),
             "ada@example.com"
         );
+        assert_eq!(
+            normalize_email("a.b+tag@sub.example.io").unwrap(),
+            "a.b+tag@sub.example.io"
+        );
+        assert_eq!(
+            normalize_email("Ana@Bücher.Example").unwrap(),
+            "ana@xn--bcher-kva.example",
+            "internationalised domains in IDNA ASCII"
+        );
+        assert_ne!(
+            normalize_email("ana@exаmple.com").unwrap(),
+            "ana@example.com",
+            "a Cyrillic look-alike is another domain, and reads as one"
+        );
+        assert_eq!(
+            normalize_email("ana@exаmple.com").unwrap(),
+            normalize_email("ANA@EXАMPLE.COM").unwrap(),
+            "one canonical form"
+        );
+        assert_eq!(
+            legacy_email("Ana@Bücher.example").as_deref(),
+            Some("ana@bücher.example")
+        );
+        assert_eq!(legacy_email("ana@example.com"), None);
         assert_eq!(
             normalize_email("a.b+tag@sub.example.io").unwrap(),
             "a.b+tag@sub.example.io"

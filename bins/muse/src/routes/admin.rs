@@ -354,9 +354,22 @@ pub async fn audit(
     }))
 }
 
+/// The role is checked before anything else of the request is read: a
+/// user who is not an administrator gets 403 whatever the body holds.
+async fn admins_only(
+    mut req: actix_web::dev::ServiceRequest,
+    next: actix_web::middleware::Next<impl actix_web::body::MessageBody + 'static>,
+) -> Result<actix_web::dev::ServiceResponse<actix_web::body::BoxBody>, actix_web::Error> {
+    if let Err(e) = req.extract::<AdminUser>().await {
+        return Ok(req.error_response(e).map_into_boxed_body());
+    }
+    Ok(next.call(req).await?.map_into_boxed_body())
+}
+
 pub fn config(cfg: &mut web::ServiceConfig) {
     cfg.service(
         web::scope("/api/v1/admin")
+            .wrap(actix_web::middleware::from_fn(admins_only))
             .service(web::resource("/stats").get(stats))
             .service(web::resource("/users").get(list_users))
             .service(web::resource("/users/{user_id}/suspend").post(suspend))
