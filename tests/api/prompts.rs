@@ -473,3 +473,64 @@ async fn library_lists_paginate_and_filter() {
     let r = app.get("/api/v1/specialties", None).await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
 }
+
+/// Rubi Studio's quick start creates a specialty with an icon, as written
+/// in its README (`icon_url`); the icon can be changed and removed, and
+/// anything but an http(s) URL is refused by name.
+#[actix_web::test]
+async fn specialties_take_the_seeds_icon_url() {
+    let app = TestApp::spawn().await;
+    let token = access(&app.user("rubi").await);
+    let r = app
+        .post(
+            "/api/v1/specialties",
+            Some(&token),
+            json!({"name": "Développement Web", "description": "Spécialité en développement web full-stack", "icon_url": "https://example.com/icon.png"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    assert_eq!(r.body["icon_url"], "https://example.com/icon.png");
+    let id = r.body["id"].as_str().unwrap().to_string();
+    let got = app
+        .get(&format!("/api/v1/specialties/{id}"), Some(&token))
+        .await;
+    assert_eq!(got.body["icon_url"], "https://example.com/icon.png");
+    let r = app
+        .call(
+            reqwest::Method::PATCH,
+            &format!("/api/v1/specialties/{id}"),
+            Some(&token),
+            Some(json!({"icon_url": ""})),
+        )
+        .await;
+    assert_eq!(
+        (r.status, &r.body["icon_url"]),
+        (StatusCode::OK, &Value::Null),
+        "{}",
+        r.text
+    );
+    for bad in [
+        "javascript:alert(1)",
+        "ftp://example.com/i.png",
+        "https://exa mple.com/i.png",
+    ] {
+        let r = app
+            .post(
+                "/api/v1/specialties",
+                Some(&token),
+                json!({"name": "x", "icon_url": bad}),
+            )
+            .await;
+        assert_eq!(
+            r.status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{bad}: {}",
+            r.text
+        );
+        assert_eq!(
+            r.body["error"]["details"]["fields"][0]["field"], "icon_url",
+            "{}",
+            r.text
+        );
+    }
+}

@@ -84,6 +84,7 @@ struct SpecialtyRow {
     published: bool,
     created_at: i64,
     updated_at: i64,
+    icon_url: Option<String>,
 }
 
 impl SpecialtyRow {
@@ -97,6 +98,7 @@ impl SpecialtyRow {
             published: s.published,
             created_at: s.created_at,
             updated_at: s.updated_at,
+            icon_url: s.icon_url.clone(),
         }
     }
 
@@ -110,6 +112,7 @@ impl SpecialtyRow {
             published: self.published,
             created_at: self.created_at,
             updated_at: self.updated_at,
+            icon_url: self.icon_url,
         })
     }
 }

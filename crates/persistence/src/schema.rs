@@ -140,6 +140,7 @@ diesel::table! {
         published -> Bool,
         created_at -> BigInt,
         updated_at -> BigInt,
+        icon_url -> Nullable<Text>,
     }
 }
 

@@ -23,7 +23,7 @@ fn each_backend(f: impl Fn(&Database, &DieselAuthRepository)) {
     }
     for t in &dbs {
         let db = Database::connect(&t.url, 4).expect("connect");
-        assert_eq!(db.run_migrations().expect("migrate"), 7);
+        assert_eq!(db.run_migrations().expect("migrate"), 8);
         let repo = DieselAuthRepository::new(db.clone());
         f(&db, &repo);
     }
@@ -752,6 +752,7 @@ fn the_prompt_library_keeps_versions_permissions_and_seeded_idea_prompts() {
             name: Some(name.into()),
             description: None,
             published: Some(published),
+            icon_url: None,
         };
         let spec = lib
             .create_specialty(va, None, &input("Medicine_%", false))

@@ -68,6 +68,9 @@ pub struct Specialty {
     pub published: bool,
     pub created_at: i64,
     pub updated_at: i64,
+    /// An icon shown next to the name (an `http(s)` URL), as Rubi Studio's
+    /// specialties have.
+    pub icon_url: Option<String>,
 }
 
 /// The versioned content of an expert prompt.
@@ -138,6 +141,34 @@ pub struct SpecialtyInput {
     pub name: Option<String>,
     pub description: Option<String>,
     pub published: Option<bool>,
+    /// An `http(s)` URL; on edit, an empty string clears it.
+    pub icon_url: Option<String>,
+}
+
+/// Most characters of an icon URL.
+pub const MAX_ICON_URL_CHARS: usize = 2048;
+
+/// An icon URL: empty (none), or an absolute `http(s)` URL of at most
+/// [`MAX_ICON_URL_CHARS`] characters without spaces or control characters.
+fn check_icon_url(errors: &mut Vec<FieldError>, raw: &str) -> Option<String> {
+    let url = raw.trim();
+    if url.is_empty() {
+        return None;
+    }
+    let scheme_ok = ["https://", "http://"]
+        .iter()
+        .any(|p| url.len() > p.len() && url[..p.len()].eq_ignore_ascii_case(p));
+    if !scheme_ok
+        || url.chars().count() > MAX_ICON_URL_CHARS
+        || url.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        errors.push(field(
+            "icon_url",
+            &format!("must be an http(s) URL of at most {MAX_ICON_URL_CHARS} characters"),
+        ));
+        return None;
+    }
+    Some(url.to_string())
 }
 
 /// A new expert prompt, or a patch (`None` keeps the current value).
@@ -422,6 +453,7 @@ impl Library {
             0,
             MAX_DESCRIPTION_CHARS,
         );
+        let icon_url = check_icon_url(&mut errors, input.icon_url.as_deref().unwrap_or(""));
         if !errors.is_empty() {
             return Err(LibraryError::Invalid(errors));
         }
@@ -444,6 +476,7 @@ impl Library {
             published: input.published.unwrap_or(false),
             created_at: now,
             updated_at: now,
+            icon_url,
         };
         self.repo.insert_specialty(&s)?;
         Ok(s)
@@ -481,6 +514,9 @@ impl Library {
         }
         if let Some(d) = &patch.description {
             s.description = check_text(&mut errors, "description", d, 0, MAX_DESCRIPTION_CHARS);
+        }
+        if let Some(icon) = &patch.icon_url {
+            s.icon_url = check_icon_url(&mut errors, icon);
         }
         if !errors.is_empty() {
             return Err(LibraryError::Invalid(errors));

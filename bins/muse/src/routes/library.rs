@@ -91,6 +91,8 @@ pub struct SpecialtyView {
     pub name: String,
     pub description: String,
     pub published: bool,
+    /// An icon URL, or null.
+    pub icon_url: Option<String>,
     pub created_at: String,
     pub updated_at: String,
 }
@@ -104,6 +106,7 @@ impl From<Specialty> for SpecialtyView {
             name: s.name,
             description: s.description,
             published: s.published,
+            icon_url: s.icon_url,
             created_at: rfc3339(s.created_at),
             updated_at: rfc3339(s.updated_at),
         }
@@ -216,6 +219,9 @@ pub struct SpecialtyBody {
     pub description: Option<String>,
     /// Visible to every user when true (default false: only you and admins).
     pub published: Option<bool>,
+    /// An `http(s)` URL of an icon (at most 2,048 characters); on edit, ""
+    /// removes it.
+    pub icon_url: Option<String>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -226,6 +232,8 @@ pub struct SubSpecialtyBody {
     pub name: Option<String>,
     pub description: Option<String>,
     pub published: Option<bool>,
+    /// As for specialties.
+    pub icon_url: Option<String>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -358,11 +366,13 @@ fn specialty_input(
     name: Option<String>,
     description: Option<String>,
     published: Option<bool>,
+    icon_url: Option<String>,
 ) -> SpecialtyInput {
     SpecialtyInput {
         name,
         description,
         published,
+        icon_url,
     }
 }
 
@@ -390,7 +400,7 @@ pub async fn create_specialty(
         &state,
         &user,
         None,
-        specialty_input(b.name, b.description, b.published),
+        specialty_input(b.name, b.description, b.published, b.icon_url),
     )
     .await
 }
@@ -417,7 +427,7 @@ pub async fn update_specialty(
     body: web::Json<SpecialtyBody>,
 ) -> Result<web::Json<SpecialtyView>, ApiError> {
     let b = body.into_inner();
-    let patch = specialty_input(b.name, b.description, b.published);
+    let patch = specialty_input(b.name, b.description, b.published, b.icon_url);
     update_level(&state, &user, path.into_inner(), false, patch).await
 }
 
@@ -463,7 +473,7 @@ pub async fn create_sub_specialty(
             json!({"fields": [{"field": "specialty_id", "message": "specialty_id is required"}]}),
         ));
     };
-    let input = specialty_input(b.name, b.description, b.published);
+    let input = specialty_input(b.name, b.description, b.published, b.icon_url);
     create_level(&state, &user, Some(parent), input).await
 }
 
@@ -497,7 +507,7 @@ pub async fn update_sub_specialty(
         )
         .with_details(json!({"fields": [{"field": "specialty_id", "message": "a sub-specialty cannot move to another specialty"}]})));
     }
-    let patch = specialty_input(b.name, b.description, b.published);
+    let patch = specialty_input(b.name, b.description, b.published, b.icon_url);
     update_level(&state, &user, path.into_inner(), true, patch).await
 }
 
