@@ -164,7 +164,7 @@ fn check_icon_url(errors: &mut Vec<FieldError>, raw: &str) -> Option<String> {
     {
         errors.push(field(
             "icon_url",
-            &format!("must be an http(s) URL of at most {MAX_ICON_URL_CHARS} characters"),
+            format!("must be an http(s) URL of at most {MAX_ICON_URL_CHARS} characters"),
         ));
         return None;
     }
