@@ -275,3 +275,126 @@ async fn a_hundred_concurrent_requests_never_pass_the_quota() {
     let u = app.get("/api/v1/subscription/usage", Some(&token)).await;
     assert_eq!(u.body["requests"], 10);
 }
+
+/// An unpriced model cannot escape a cost quota: a vendor's model missing
+/// from the catalogue is refused on plans with one, or counted at
+/// UNPRICED_MODEL_PRICE when the operator sets it (which also prices
+/// OpenAI-compatible servers, free otherwise).
+#[actix_web::test]
+async fn unpriced_models_do_not_escape_cost_quotas() {
+    let vendor = vendor_server().await;
+    for fallback in [None, Some("10000,10000")] {
+        let mut env = vec![
+            ("ADMIN_EMAIL", "root@example.com"),
+            ("ADMIN_PASSWORD", "an admin passphrase"),
+            ("OPENAI_API_KEY", "sk-test"),
+            ("OPENAI_BASE_URL", vendor.as_str()),
+            ("OPENAI_MODELS", "gpt-4o-mini,gpt-9-preview"),
+        ];
+        if let Some(f) = fallback {
+            env.push(("UNPRICED_MODEL_PRICE", f));
+        }
+        let (app, _up) = app_with_upstream(&env).await;
+        let admin = access(
+            &app.login("root@example.com", "an admin passphrase")
+                .await
+                .body,
+        );
+        let token = access(&app.user("costly").await);
+        let unpriced = json!({"model": "openai/gpt-9-preview", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16});
+        let priced = json!({"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16});
+        // Without a cost quota, the unpriced vendor model is served.
+        let r = app
+            .call(
+                reqwest::Method::PUT,
+                "/api/v1/admin/plans/free",
+                Some(&admin),
+                Some(json!({"name": "Free", "price_cents": 0})),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        let r = app
+            .post("/v1/chat/completions", Some(&token), unpriced.clone())
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        let r = app
+            .call(
+                reqwest::Method::PUT,
+                "/api/v1/admin/plans/free",
+                Some(&admin),
+                Some(json!({"name": "Free", "price_cents": 0, "max_cost_usd": 1.0})),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        let r = app
+            .post("/v1/chat/completions", Some(&token), priced.clone())
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "a priced model: {}", r.text);
+        match fallback {
+            None => {
+                let r = app
+                    .post("/v1/chat/completions", Some(&token), unpriced.clone())
+                    .await;
+                assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.text);
+                assert_eq!(r.body["error"]["code"], "model_unpriced", "{}", r.text);
+                // A self-hosted OpenAI-compatible server costs nothing per token.
+                let r = app.post("/v1/chat/completions", Some(&token), chat()).await;
+                assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+            }
+            Some(_) => {
+                // 12 + 4 tokens at $10,000 per million: $0.16 a call, on
+                // the compatible server too, until the $1 quota is spent.
+                let r = app.post("/v1/chat/completions", Some(&token), chat()).await;
+                assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+                let id = r.headers["x-muse-execution-id"]
+                    .to_str()
+                    .unwrap()
+                    .to_string();
+                let e = app
+                    .get(&format!("/api/v1/executions/{id}"), Some(&token))
+                    .await;
+                assert!(
+                    (e.body["cost"].as_f64().unwrap() - 0.16).abs() < 1e-9,
+                    "{}",
+                    e.text
+                );
+                let mut refused = None;
+                for n in 0..10 {
+                    let r = app.post("/v1/chat/completions", Some(&token), chat()).await;
+                    if r.status != StatusCode::OK {
+                        refused = Some((n, r));
+                        break;
+                    }
+                }
+                let (n, r) = refused.expect("the cost quota ends it");
+                assert!(n <= 6, "{n} calls");
+                assert_eq!(r.status, StatusCode::PAYMENT_REQUIRED, "{}", r.text);
+                assert_eq!(r.body["error"]["details"]["quota"], "cost", "{}", r.text);
+            }
+        }
+    }
+}
+
+/// An OpenAI-protocol server standing for OpenAI itself: every model
+/// answers "ok" (3 prompt + 1 completion tokens).
+async fn vendor_server() -> String {
+    use actix_web::{web, App, HttpResponse, HttpServer};
+    let srv = HttpServer::new(|| {
+        App::new().route(
+            "/chat/completions",
+            web::post().to(|body: web::Json<serde_json::Value>| async move {
+                HttpResponse::Ok().json(json!({
+                    "id": "v-1", "object": "chat.completion", "created": 1, "model": body["model"],
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop", "logprobs": null}],
+                    "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}
+                }))
+            }),
+        )
+    })
+    .workers(1)
+    .bind(("127.0.0.1", 0))
+    .unwrap();
+    let addr = srv.addrs()[0];
+    actix_web::rt::spawn(srv.run());
+    format!("http://{addr}")
+}

@@ -249,6 +249,10 @@ pub struct LlmConfig {
     pub gemini: Option<RemoteProviderConfig>,
     pub compatible: Option<CompatibleServerConfig>,
     pub prices_file: Option<PathBuf>,
+    /// `UNPRICED_MODEL_PRICE` (`IN,OUT` USD per million tokens): what a
+    /// remote model with no known price counts against cost quotas. Unset:
+    /// such a model is refused on plans with a cost quota.
+    pub unpriced_price: Option<muse_inference::Price>,
     pub max_retries: u32,
     pub request_timeout_secs: u64,
     pub first_token_timeout_secs: u64,
@@ -614,6 +618,9 @@ fn llm_config(
         )?,
         compatible,
         prices_file: get("MODEL_PRICES_FILE").map(PathBuf::from),
+        unpriced_price: get("UNPRICED_MODEL_PRICE")
+            .map(|v| unpriced_price(&v))
+            .transpose()?,
         max_retries: parse(get, "LLM_MAX_RETRIES", 3)?,
         request_timeout_secs: parse(get, "LLM_REQUEST_TIMEOUT_SECS", 120)?,
         first_token_timeout_secs: parse(get, "LLM_FIRST_TOKEN_TIMEOUT_SECS", 60)?,
@@ -667,6 +674,29 @@ fn aliases(
         }
     }
     Ok(out)
+}
+
+/// `IN,OUT`: USD per million input and output tokens.
+fn unpriced_price(v: &str) -> Result<muse_inference::Price, ConfigError> {
+    let bad = || ConfigError::Invalid {
+        var: "UNPRICED_MODEL_PRICE",
+        message: format!(
+            "{v:?}: expected IN,OUT (USD per million input and output tokens, e.g. 10,30)"
+        ),
+    };
+    let (i, o) = v.split_once(',').ok_or_else(bad)?;
+    let num = |s: &str| {
+        s.trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|x| x.is_finite() && *x >= 0.0)
+            .ok_or_else(bad)
+    };
+    Ok(muse_inference::Price {
+        input_per_million: num(i)?,
+        output_per_million: num(o)?,
+        context_length: None,
+    })
 }
 
 fn parse<T: std::str::FromStr>(

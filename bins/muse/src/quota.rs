@@ -48,6 +48,13 @@ pub fn plan_of(
     Ok((plan, sub))
 }
 
+/// Why a reservation was refused (besides the model not being in the plan).
+enum Refusal {
+    Quota(QuotaKind),
+    /// The plan has a cost quota and the model has no price.
+    Unpriced,
+}
+
 /// Reserves the worst case of `request` on `key` against the user's quota.
 pub async fn reserve(
     state: &AppState,
@@ -77,8 +84,13 @@ pub async fn reserve(
         prompt_tokens,
         completion_tokens: completion,
     };
-    let cost = state.models.cost(key, &usage).unwrap_or(0.0);
+    // A model with no price cannot be held to a cost quota: it is counted
+    // at UNPRICED_MODEL_PRICE, or refused on plans that have one.
+    let estimate = state.cost_of(key, &usage);
+    let unpriced = estimate.is_none() && state.is_vendor_model(key);
+    let cost = estimate.unwrap_or(0.0);
     let tokens = i64::from(prompt_tokens) + i64::from(completion);
+    let model = key;
     let (billing, key) = (state.billing.clone(), key.to_string());
     let now = muse_core::Clock::now_ms(&muse_core::SystemClock);
     let (period_start, period_end) = month_of(now);
@@ -87,8 +99,11 @@ pub async fn reserve(
         if !plan.allows_model(&key) {
             return Ok(Err((plan, None)));
         }
+        if unpriced && plan.max_cost_usd.is_some() {
+            return Ok(Err((plan, Some(Refusal::Unpriced))));
+        }
         let r = billing.reserve(user_id, period_start, &plan, tokens, cost)?;
-        Ok::<_, muse_billing::BillingError>(r.map_err(|kind| (plan, Some(kind))))
+        Ok::<_, muse_billing::BillingError>(r.map_err(|kind| (plan, Some(Refusal::Quota(kind)))))
     })
     .await?
     .map_err(store_error)?;
@@ -105,7 +120,16 @@ pub async fn reserve(
             format!("the {} plan does not include this model", plan.name),
         )
         .with_details(serde_json::json!({"plan": plan.id, "allowed_models": plan.allowed_models}))),
-        Err((plan, Some(kind))) => {
+        Err((plan, Some(Refusal::Unpriced))) => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "model_unpriced",
+            format!(
+                "the {} plan has a cost quota and {model} has no known price: an administrator sets one in MODEL_PRICES_FILE, or UNPRICED_MODEL_PRICE",
+                plan.name
+            ),
+        )
+        .with_details(serde_json::json!({"plan": plan.id, "model": model}))),
+        Err((plan, Some(Refusal::Quota(kind)))) => {
             let kind_name = match kind {
                 QuotaKind::Requests => "requests",
                 QuotaKind::Tokens => "tokens",

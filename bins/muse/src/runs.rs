@@ -305,7 +305,7 @@ impl Run {
     }
 
     async fn succeed(mut self, usage: Usage, reason: FinishReason) -> Finished {
-        let cost = self.state.models.cost(&self.key, &usage);
+        let cost = self.state.cost_of(&self.key, &usage);
         let text = self.text.clone();
         let (mut execution, idea, written) =
             self.record(ExecutionStatus::Succeeded, usage, cost, None);
@@ -376,6 +376,7 @@ impl Run {
                     "{} embeddings of {dims} dimensions",
                     embeddings.vectors.len()
                 );
+                let cost = cost.or_else(|| self.state.cost_of(&self.key, &embeddings.usage));
                 let (execution, _, written) =
                     self.record(ExecutionStatus::Succeeded, embeddings.usage, cost, None);
                 if let Some(w) = written {

@@ -41,3 +41,28 @@ pub struct AppState {
     /// `smtp` or `outbox`.
     pub mail_transport: &'static str,
 }
+
+impl AppState {
+    /// What a call on `key` costs: the model's price; else (a remote model
+    /// with no known price) `UNPRICED_MODEL_PRICE` when it is set; else
+    /// unknown.
+    pub fn cost_of(&self, key: &str, usage: &muse_inference::Usage) -> Option<f64> {
+        self.models.cost(key, usage).or_else(|| {
+            self.config
+                .llm
+                .unpriced_price
+                .as_ref()
+                .map(|p| p.cost(usage))
+        })
+    }
+
+    /// Whether `key` is a vendor's model (OpenAI, Anthropic, Gemini), which
+    /// is paid per token; OpenAI-compatible servers are taken as
+    /// self-hosted (MODEL_PRICES_FILE prices a paid one). A key that is not
+    /// in the registry is not: it fails as model_not_found.
+    pub fn is_vendor_model(&self, key: &str) -> bool {
+        self.models
+            .provider_of(key)
+            .is_some_and(|p| matches!(p.as_str(), "openai" | "anthropic" | "gemini"))
+    }
+}

@@ -82,12 +82,20 @@ impl PriceTable {
     }
 
     /// The price of a model. A dated snapshot (`gpt-4o-2024-08-06`,
-    /// `claude-3-5-haiku-20241022`) falls back to its base name.
+    /// `claude-3-5-haiku-20241022`) and a `-latest` alias fall back to the
+    /// base name.
     pub fn price(&self, provider: &str, model: &str) -> Option<Price> {
         if let Some(p) = self.prices.get(&format!("{provider}/{model}")) {
             return Some(*p);
         }
-        let base = strip_date_suffix(model)?;
+        // An OpenAI fine-tune (`ft:gpt-4o-mini-2024-07-18:org:name:id`) is
+        // priced as fine-tunes of its base model are (`ft:gpt-4o-mini`).
+        if let Some(rest) = model.strip_prefix("ft:") {
+            let base = rest.split(':').next().unwrap_or(rest);
+            let base = strip_date_suffix(base).unwrap_or(base);
+            return self.prices.get(&format!("{provider}/ft:{base}")).copied();
+        }
+        let base = strip_date_suffix(model).or_else(|| model.strip_suffix("-latest"))?;
         self.prices.get(&format!("{provider}/{base}")).copied()
     }
 
@@ -147,6 +155,47 @@ mod tests {
             t.cost("anthropic", "claude-3-haiku-20240307", &usage),
             0.25 + 0.625
         ));
+        // The seeds' model names are priced, dated and -latest forms too.
+        for (provider, model) in [
+            ("openai", "gpt-4"),
+            ("openai", "gpt-4-turbo"),
+            ("openai", "gpt-3.5-turbo"),
+            ("openai", "gpt-4.1-mini"),
+            ("openai", "o1"),
+            ("openai", "o3-mini"),
+            ("openai", "o4-mini"),
+            ("anthropic", "claude-3-opus-20240229"),
+            ("anthropic", "claude-3-sonnet-20240229"),
+            ("anthropic", "claude-3-haiku"),
+            ("anthropic", "claude-3-7-sonnet-20250219"),
+            ("anthropic", "claude-sonnet-4-20250514"),
+            ("anthropic", "claude-3-opus-latest"),
+            ("gemini", "gemini-pro"),
+            ("gemini", "gemini-1.5-pro"),
+            ("gemini", "gemini-1.5-flash"),
+        ] {
+            let p = t.price(provider, model);
+            assert!(
+                p.is_some_and(|p| p.context_length.is_some() && p.output_per_million > 0.0),
+                "{provider}/{model}: {p:?}"
+            );
+        }
+        assert!(close(
+            t.cost("anthropic", "claude-3-opus-20240229", &usage),
+            15.0 + 37.5
+        ));
+        assert!(
+            close(
+                t.cost(
+                    "openai",
+                    "ft:gpt-4o-mini-2024-07-18:muse:poems:ftjob-1",
+                    &usage
+                ),
+                0.3 + 0.6
+            ),
+            "fine-tunes at the fine-tuned price of their base"
+        );
+        assert_eq!(t.cost("openai", "ft:davinci-002:x:y:z", &usage), None);
         assert_eq!(
             t.cost("openai", "my-finetune", &usage),
             None,

@@ -380,6 +380,14 @@ impl ModelRegistry {
             .collect()
     }
 
+    /// The id of the provider serving `key` (`openai`, a compatible
+    /// server's name, `local`, …).
+    pub fn provider_of(&self, key: &str) -> Option<String> {
+        self.read_entries()
+            .get(key)
+            .map(|e| e.provider.id().to_string())
+    }
+
     pub fn get(&self, key: &str) -> Option<ModelInfo> {
         self.list().into_iter().find(|m| m.key == key)
     }
