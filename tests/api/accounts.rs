@@ -176,7 +176,10 @@ async fn failed_logins_are_throttled_per_ip() {
 
 #[actix_web::test]
 async fn suspended_users_cannot_log_in_or_use_tokens_or_keys() {
-    let app = TestApp::spawn().await;
+    // The suspension is written to the database behind the server's back
+    // (as another replica would): without the in-memory cache of callers
+    // it is seen on the very next request.
+    let app = TestApp::spawn_with(&[("AUTH_CACHE_TTL_MS", "0")]).await;
     let login = app.user("ivy").await;
     let token = access(&login);
     let key = app
@@ -291,4 +294,105 @@ async fn admin_extractor_refuses_plain_users() {
         .app_data(actix_web::web::Data::new(state))
         .to_http_request();
     assert!(muse_server::extract::AdminUser::extract(&req).await.is_ok());
+}
+
+/// Callers are cached in memory (no database read per request), yet every
+/// revocation made through this server takes effect on the next request;
+/// one made elsewhere (another replica, the database) within
+/// AUTH_CACHE_TTL_MS.
+#[actix_web::test]
+async fn cached_callers_lose_access_at_once_and_foreign_changes_within_the_ttl() {
+    let app = TestApp::spawn_with(&[
+        ("AUTH_CACHE_TTL_MS", "400"),
+        ("ADMIN_EMAIL", "root@example.com"),
+        ("ADMIN_PASSWORD", "an admin passphrase"),
+    ])
+    .await;
+    let admin = access(
+        &app.login("root@example.com", "an admin passphrase")
+            .await
+            .body,
+    );
+    let login = app.user("cached").await;
+    let token = access(&login);
+    let me = |t: String| {
+        let app = &app;
+        async move { app.get("/api/v1/auth/me", Some(&t)).await.status }
+    };
+    let key = app
+        .post("/api/v1/auth/api-keys", Some(&token), json!({"name": "k"}))
+        .await;
+    let (key, key_id) = (
+        key.body["key"].as_str().unwrap().to_string(),
+        key.body["id"].as_str().unwrap().to_string(),
+    );
+    let user_id = app.get("/api/v1/auth/me", Some(&token)).await.body["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Warm the cache, then revoke through the API: refused at once.
+    assert_eq!(me(key.clone()).await, StatusCode::OK);
+    let r = app
+        .call(
+            reqwest::Method::DELETE,
+            &format!("/api/v1/auth/api-keys/{key_id}"),
+            Some(&token),
+            None,
+        )
+        .await;
+    assert!(r.status.is_success(), "{}", r.text);
+    assert_eq!(
+        me(key.clone()).await,
+        StatusCode::UNAUTHORIZED,
+        "a deleted key, at once"
+    );
+
+    assert_eq!(me(token.clone()).await, StatusCode::OK);
+    let r = app
+        .post(
+            &format!("/api/v1/admin/users/{user_id}/suspend"),
+            Some(&admin),
+            json!({}),
+        )
+        .await;
+    assert!(r.status.is_success(), "{}", r.text);
+    assert_eq!(
+        me(token.clone()).await,
+        StatusCode::FORBIDDEN,
+        "a suspension, at once"
+    );
+    let r = app
+        .post(
+            &format!("/api/v1/admin/users/{user_id}/unsuspend"),
+            Some(&admin),
+            json!({}),
+        )
+        .await;
+    assert!(r.status.is_success(), "{}", r.text);
+    assert_eq!(me(token.clone()).await, StatusCode::OK);
+    let r = app
+        .post("/api/v1/auth/logout", Some(&token), json!({}))
+        .await;
+    assert!(r.status.is_success(), "{}", r.text);
+    assert_eq!(
+        me(token.clone()).await,
+        StatusCode::UNAUTHORIZED,
+        "a logout, at once"
+    );
+
+    // A change this server did not make (another replica's): within the TTL.
+    let fresh = access(&app.login("cached@example.com", PASSWORD).await.body);
+    assert_eq!(me(fresh.clone()).await, StatusCode::OK);
+    let db = muse_persistence::Database::connect(app.config.database_url.expose(), 1).unwrap();
+    let repo = muse_persistence::DieselAuthRepository::new(db);
+    use muse_auth::AuthRepository;
+    let user = repo.user_by_email("cached@example.com").unwrap().unwrap();
+    repo.set_user_status(user.id, muse_auth::UserStatus::Suspended, 0)
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(450)).await;
+    assert_eq!(
+        me(fresh).await,
+        StatusCode::FORBIDDEN,
+        "seen within AUTH_CACHE_TTL_MS"
+    );
 }

@@ -331,3 +331,85 @@ async fn a_slow_reader_gets_backpressure_not_an_unbounded_buffer() {
     send(&mut ws, json!({"type": "cancel", "id": "f"})).await;
     until(&mut ws, "f", &["cancelled"]).await;
 }
+
+/// An open socket stops serving a caller who lost access: its next message
+/// is refused with the error and the socket closed (deleted API key,
+/// suspension), so no billable generation starts after a revocation.
+#[actix_web::test]
+async fn an_open_socket_stops_serving_a_revoked_caller() {
+    let (app, _up) = app_with_upstream(&[
+        ("ADMIN_EMAIL", "root@example.com"),
+        ("ADMIN_PASSWORD", "an admin passphrase"),
+    ])
+    .await;
+    let admin = access(
+        &app.login("root@example.com", "an admin passphrase")
+            .await
+            .body,
+    );
+    let token = access(&app.user("revoked").await);
+    let user_id = app.get("/api/v1/auth/me", Some(&token)).await.body["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let created = app
+        .post("/api/v1/auth/api-keys", Some(&token), json!({"name": "ws"}))
+        .await;
+    let (key, key_id) = (
+        created.body["key"].as_str().unwrap().to_string(),
+        created.body["id"].as_str().unwrap().to_string(),
+    );
+    let open = |credential: String| {
+        let url = format!("{}/ws/revoke", app.base.replace("http://", "ws://"));
+        async move {
+            let (res, mut ws) = awc::Client::new()
+                .ws(url)
+                .bearer_auth(credential)
+                .connect()
+                .await
+                .unwrap();
+            assert_eq!(res.status().as_u16(), 101);
+            assert_eq!(recv(&mut ws).await["type"], "ready");
+            ws
+        }
+    };
+
+    // A deleted key.
+    let mut ws = open(key.clone()).await;
+    send(&mut ws, json!({"type": "ping", "id": "a"})).await;
+    assert_eq!(recv(&mut ws).await["type"], "pong");
+    let r = app
+        .call(
+            reqwest::Method::DELETE,
+            &format!("/api/v1/auth/api-keys/{key_id}"),
+            Some(&token),
+            None,
+        )
+        .await;
+    assert!(r.status.is_success(), "{}", r.text);
+    send(&mut ws, json!({"type": "generate", "id": "g", "llm_provider": "up", "llm_model": "ok", "prompt": "x"})).await;
+    let m = recv(&mut ws).await;
+    assert_eq!(
+        (m["type"].as_str(), m["error"]["code"].as_str()),
+        (Some("error"), Some("unauthorized")),
+        "{m}"
+    );
+    assert_eq!(recv(&mut ws).await["type"], "closed");
+
+    // A suspension.
+    let mut ws = open(token.clone()).await;
+    send(&mut ws, json!({"type": "ping", "id": "b"})).await;
+    assert_eq!(recv(&mut ws).await["type"], "pong");
+    let r = app
+        .post(
+            &format!("/api/v1/admin/users/{user_id}/suspend"),
+            Some(&admin),
+            json!({}),
+        )
+        .await;
+    assert!(r.status.is_success(), "{}", r.text);
+    send(&mut ws, json!({"type": "ping", "id": "c"})).await;
+    let m = recv(&mut ws).await;
+    assert_eq!(m["error"]["code"], "account_suspended", "{m}");
+    assert_eq!(recv(&mut ws).await["type"], "closed");
+}

@@ -66,6 +66,7 @@ pub fn build_state(config: Config, db: Database) -> Result<AppState, StartError>
             }
         },
         public_url: config.public_url.clone(),
+        principal_cache_ttl_ms: config.auth_cache_ttl_ms,
         ..AuthConfig::default()
     };
     let auth = AuthService::new(

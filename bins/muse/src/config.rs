@@ -55,6 +55,10 @@ pub struct Config {
     pub jwt_issuer: String,
     pub jwt_audience: String,
     pub access_token_ttl_secs: i64,
+    /// `AUTH_CACHE_TTL_MS`: how long a verified caller is kept in memory
+    /// (0 turns the cache off): the bound on how late another replica
+    /// learns of a revocation when Redis does not relay it.
+    pub auth_cache_ttl_ms: i64,
     pub refresh_token_ttl_secs: i64,
     pub bcrypt_cost: u32,
     pub cors_origins: Vec<String>,
@@ -389,6 +393,7 @@ impl Config {
             jwt_issuer: get("JWT_ISSUER").unwrap_or_else(|| "muse".into()),
             jwt_audience: get("JWT_AUDIENCE").unwrap_or_else(|| "muse-api".into()),
             access_token_ttl_secs: parse_range(&get, "ACCESS_TOKEN_TTL_SECS", 900, 60, 86_400)?,
+            auth_cache_ttl_ms: parse_range(&get, "AUTH_CACHE_TTL_MS", 2_000, 0, 60_000)?,
             refresh_token_ttl_secs: parse_range(
                 &get,
                 "REFRESH_TOKEN_TTL_SECS",

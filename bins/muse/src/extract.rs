@@ -54,8 +54,15 @@ impl FromRequest for CurrentUser {
         let (method, path) = (req.method().clone(), req.path().to_string());
         Box::pin(async move {
             let (token, state) = prepared?;
-            let auth = state.auth.clone();
-            let principal = web::block(move || auth.authenticate(&token)).await??;
+            // A caller verified moments ago is in memory: no database read,
+            // no hop to the blocking pool.
+            let principal = match state.auth.authenticate_cached(&token) {
+                Some(cached) => cached?,
+                None => {
+                    let auth = state.auth.clone();
+                    web::block(move || auth.authenticate(&token)).await??
+                }
+            };
             crate::limits::per_user(&state, &method, &path, principal.user.id).await?;
             Ok(CurrentUser(principal))
         })

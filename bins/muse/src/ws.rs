@@ -204,6 +204,7 @@ async fn connection(
         .await;
 
     let mut jobs: HashMap<String, Job> = HashMap::new();
+    let mut validated = (state.auth.principal_cache().begin(), Instant::now());
     let mut last_seen = Instant::now();
     let mut heartbeat = tokio::time::interval(idle / 3);
     heartbeat.tick().await;
@@ -228,6 +229,13 @@ async fn connection(
                         let _ = out_tx.send(error_message(None, "unsupported_message", "send JSON text messages, not binary")).await;
                     }
                     Some(Ok(AggregatedMessage::Text(text))) => {
+                        // The caller may have lost access since the socket
+                        // opened (logout, key deleted, suspended): checked
+                        // again before anything billable starts.
+                        if let Err(e) = still_allowed(&state, &principal, &mut validated).await {
+                            let _ = out_tx.send(api_error_message(None, e)).await;
+                            break Some(CloseReason { code: CloseCode::Policy, description: Some("access revoked".into()) });
+                        }
                         handle_text(&state, &principal, &out_tx, &mut jobs, &text).await;
                     }
                 }
@@ -236,6 +244,14 @@ async fn connection(
                 let _ = out_tx.send(push).await;
             }
             _ = heartbeat.tick() => {
+                // A revocation seen by this server ends running generations
+                // too, without waiting for the next message.
+                if state.auth.principal_cache().revoked_since(user_id, validated.0) {
+                    if let Err(e) = still_allowed(&state, &principal, &mut validated).await {
+                        let _ = out_tx.send(api_error_message(None, e)).await;
+                        break Some(CloseReason { code: CloseCode::Policy, description: Some("access revoked".into()) });
+                    }
+                }
                 if last_seen.elapsed() >= idle {
                     break Some(CloseReason { code: CloseCode::Normal, description: Some("idle timeout".into()) });
                 }
@@ -253,6 +269,28 @@ async fn connection(
     let _ = session.close(close_reason).await;
     metrics::gauge!("websocket_connections").decrement(1.0);
     tracing::info!(%user_id, "websocket closed");
+}
+
+/// Whether the socket's caller still has access: checked from the
+/// database when this server saw a revocation of the user since the last
+/// check, or when the last check is older than AUTH_CACHE_TTL_MS (a
+/// revocation made on another replica).
+async fn still_allowed(
+    state: &AppState,
+    principal: &Principal,
+    validated: &mut (u64, Instant),
+) -> Result<(), ApiError> {
+    let cache = state.auth.principal_cache();
+    let ttl = Duration::from_millis(u64::try_from(cache.ttl_ms()).unwrap_or(0));
+    let (epoch, at) = *validated;
+    if !cache.revoked_since(principal.user.id, epoch) && at.elapsed() < ttl {
+        return Ok(());
+    }
+    let begin = cache.begin();
+    let (auth, p) = (state.auth.clone(), principal.clone());
+    web::block(move || auth.revalidate(&p)).await??;
+    *validated = (begin, Instant::now());
+    Ok(())
 }
 
 /// One text message from the client.

@@ -11,6 +11,7 @@
 //! call it from a blocking thread pool (`tokio::task::spawn_blocking`,
 //! `actix_web::web::block`), never directly on an async executor.
 
+pub mod cache;
 mod common_passwords;
 pub mod error;
 pub mod jwt;

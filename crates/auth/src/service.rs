@@ -53,6 +53,11 @@ pub struct AuthConfig {
     /// Base URL used in emailed links, without a trailing slash.
     pub public_url: String,
     pub max_api_keys_per_user: u64,
+    /// How long a verified caller is kept in memory (0: read every
+    /// request from the database). Also the longest another replica's
+    /// revocation takes to reach this one when revocations are not
+    /// relayed between replicas.
+    pub principal_cache_ttl_ms: i64,
 }
 
 impl Default for AuthConfig {
@@ -66,6 +71,7 @@ impl Default for AuthConfig {
             throttle: ThrottleConfig::default(),
             public_url: "http://127.0.0.1:8000".to_string(),
             max_api_keys_per_user: 50,
+            principal_cache_ttl_ms: 2_000,
         }
     }
 }
@@ -101,7 +107,15 @@ pub struct AuthService {
     jwt: JwtKeys,
     config: AuthConfig,
     dummy_hash: OnceLock<String>,
+    cache: crate::cache::PrincipalCache,
+    /// Called with the user whenever one loses access (to relay it to other
+    /// replicas).
+    on_revoke: std::sync::RwLock<Option<RevokeHook>>,
 }
+
+/// Told of each user whose access was cut (logout, key revocation,
+/// suspension, role change, password reset, refresh-token reuse).
+pub type RevokeHook = Arc<dyn Fn(Uuid) + Send + Sync>;
 
 impl AuthService {
     pub fn new(
@@ -116,8 +130,33 @@ impl AuthService {
             mailer,
             clock,
             jwt,
+            cache: crate::cache::PrincipalCache::new(config.principal_cache_ttl_ms),
             config,
             dummy_hash: OnceLock::new(),
+            on_revoke: std::sync::RwLock::new(None),
+        }
+    }
+
+    /// The in-memory cache of verified callers.
+    pub fn principal_cache(&self) -> &crate::cache::PrincipalCache {
+        &self.cache
+    }
+
+    /// Registers who is told of revocations (the server relays them to
+    /// other replicas).
+    pub fn on_revoke(&self, hook: RevokeHook) {
+        if let Ok(mut h) = self.on_revoke.write() {
+            *h = Some(hook);
+        }
+    }
+
+    /// `user_id` lost some access: cached callers of theirs are dropped
+    /// here at once, and the hook relays it.
+    fn revoked(&self, user_id: Uuid) {
+        self.cache.forget_user(user_id);
+        let hook = self.on_revoke.read().ok().and_then(|h| h.clone());
+        if let Some(hook) = hook {
+            hook(user_id);
         }
     }
 
@@ -447,6 +486,7 @@ impl AuthService {
         if token.used_at.is_some() || !self.repo.consume_refresh_token(token.id, now)? {
             self.repo
                 .revoke_session(session.id, now, "refresh_token_reuse")?;
+            self.revoked(user.id);
             self.audit(
                 Some(user.id),
                 audit::REFRESH_REUSED,
@@ -475,6 +515,7 @@ impl AuthService {
         };
         self.repo
             .revoke_session(*session_id, self.now(), "logout")?;
+        self.revoked(principal.user.id);
         self.audit(Some(principal.user.id), audit::LOGOUT, None, ctx, None);
         Ok(())
     }
@@ -485,8 +526,12 @@ impl AuthService {
     /// the caller. Revoked sessions or keys, expired tokens and suspended
     /// users are refused.
     pub fn authenticate(&self, bearer: &str) -> Result<Principal, AuthError> {
+        if let Some(cached) = self.authenticate_cached(bearer) {
+            return cached;
+        }
+        let epoch = self.cache.begin();
         if bearer.starts_with(API_KEY_PREFIX) {
-            return self.authenticate_api_key(bearer);
+            return self.authenticate_api_key(bearer, epoch);
         }
         let claims = self.jwt.verify(bearer)?;
         let session_id = Uuid::parse_str(&claims.sid).map_err(|_| AuthError::Unauthenticated)?;
@@ -500,20 +545,99 @@ impl AuthService {
         if user.status == UserStatus::Suspended {
             return Err(AuthError::Suspended);
         }
-        Ok(Principal {
+        let principal = Principal {
             user,
             method: AuthMethod::Session {
                 session_id,
                 jti: claims.jti,
             },
-        })
+        };
+        self.cache.insert(
+            crate::cache::CacheKey::Session(session_id),
+            principal.clone(),
+            epoch,
+            self.now(),
+            None,
+        );
+        Ok(principal)
     }
 
-    fn authenticate_api_key(&self, secret: &str) -> Result<Principal, AuthError> {
+    /// Checks again, from the database, that a caller authenticated earlier
+    /// (an open WebSocket's) still has access: the account is active, and
+    /// the session or API key it came with is not revoked or expired.
+    /// A stream ticket's caller is held to the account's status.
+    pub fn revalidate(&self, principal: &Principal) -> Result<(), AuthError> {
         let now = self.now();
+        let user = match &principal.method {
+            AuthMethod::Session { session_id, .. } => {
+                let (session, user) = self
+                    .repo
+                    .session_with_user(*session_id)?
+                    .ok_or(AuthError::Unauthenticated)?;
+                if session.revoked_at.is_some() {
+                    return Err(AuthError::Unauthenticated);
+                }
+                user
+            }
+            AuthMethod::ApiKey { key_id } => {
+                let active = self.repo.active_api_keys(principal.user.id)?;
+                let key = active
+                    .iter()
+                    .find(|k| k.id == *key_id)
+                    .ok_or(AuthError::Unauthenticated)?;
+                if key.expires_at.is_some_and(|e| e <= now) {
+                    return Err(AuthError::Unauthenticated);
+                }
+                self.repo
+                    .user_by_id(principal.user.id)?
+                    .ok_or(AuthError::Unauthenticated)?
+            }
+            AuthMethod::StreamTicket => self
+                .repo
+                .user_by_id(principal.user.id)?
+                .ok_or(AuthError::Unauthenticated)?,
+        };
+        if user.status == UserStatus::Suspended {
+            return Err(AuthError::Suspended);
+        }
+        Ok(())
+    }
+
+    /// [`AuthService::authenticate`] from memory alone: `None` when the
+    /// caller is not cached (the database must be read, on a blocking
+    /// thread). A JWT's signature and expiry are checked here every time.
+    pub fn authenticate_cached(&self, bearer: &str) -> Option<Result<Principal, AuthError>> {
+        let now = self.now();
+        if bearer.starts_with(API_KEY_PREFIX) {
+            let key = crate::cache::CacheKey::ApiKey(token_digest(bearer));
+            return self.cache.get(&key, now).map(Ok);
+        }
+        let claims = match self.jwt.verify(bearer) {
+            Ok(c) => c,
+            Err(e) => return Some(Err(e)),
+        };
+        let session_id = Uuid::parse_str(&claims.sid).ok()?;
+        let cached = self
+            .cache
+            .get(&crate::cache::CacheKey::Session(session_id), now)?;
+        if cached.user.id.to_string() != claims.sub {
+            return Some(Err(AuthError::Unauthenticated));
+        }
+        Some(Ok(Principal {
+            user: cached.user,
+            method: AuthMethod::Session {
+                session_id,
+                jti: claims.jti,
+            },
+        }))
+    }
+
+    fn authenticate_api_key(&self, secret: &str, epoch: u64) -> Result<Principal, AuthError> {
+        let now = self.now();
+        let digest = token_digest(secret);
         let (key, user) = self
             .repo
-            .api_key_with_user(&token_digest(secret))?
+            .api_key_with_user(&digest)?
             .ok_or(AuthError::Unauthenticated)?;
         if key.revoked_at.is_some() || key.expires_at.is_some_and(|e| e <= now) {
             return Err(AuthError::Unauthenticated);
@@ -527,10 +651,18 @@ impl AuthService {
                 tracing::warn!(error = %e, "could not record API key use");
             }
         }
-        Ok(Principal {
+        let principal = Principal {
             user,
             method: AuthMethod::ApiKey { key_id: key.id },
-        })
+        };
+        self.cache.insert(
+            crate::cache::CacheKey::ApiKey(digest),
+            principal.clone(),
+            epoch,
+            now,
+            key.expires_at,
+        );
+        Ok(principal)
     }
 
     // ----- stream tickets -------------------------------------------------
@@ -637,6 +769,7 @@ impl AuthService {
         {
             return Err(AuthError::ApiKeyNotFound);
         }
+        self.revoked(principal.user.id);
         self.audit(
             Some(principal.user.id),
             audit::API_KEY_REVOKED,
@@ -774,6 +907,7 @@ impl AuthService {
             .repo
             .reset_password(&token_digest(token), &hash, self.now())?
             .ok_or(AuthError::InvalidEmailToken)?;
+        self.revoked(user_id);
         self.audit(Some(user_id), audit::PASSWORD_RESET, None, ctx, None);
         Ok(())
     }
@@ -826,7 +960,9 @@ impl AuthService {
                 "the last administrator cannot be suspended".into(),
             ));
         }
-        if !self.repo.set_user_status(target, status, self.now())? {
+        let changed = self.repo.set_user_status(target, status, self.now())?;
+        self.revoked(target);
+        if !changed {
             return Err(AuthError::UserNotFound);
         }
         let event = match status {
@@ -864,7 +1000,9 @@ impl AuthService {
                 "the last administrator cannot be demoted".into(),
             ));
         }
-        if !self.repo.set_user_role(target, role, self.now())? {
+        let changed = self.repo.set_user_role(target, role, self.now())?;
+        self.revoked(target);
+        if !changed {
             return Err(AuthError::UserNotFound);
         }
         self.audit(
