@@ -88,6 +88,47 @@ async fn metrics_expose_requests_by_route_template() {
     assert!(!text.contains(&token));
 }
 
+/// Label values come from the registry and HTTP's methods: names callers
+/// make up (a random model, a custom method) do not mint series.
+#[actix_web::test]
+async fn callers_cannot_create_metric_series() {
+    let (app, _up) = crate::upstream::app_with_upstream(&[]).await;
+    let token = access(&app.user("labels").await);
+    for i in 0..5 {
+        let r = app
+            .post(
+                "/v1/chat/completions",
+                Some(&token),
+                serde_json::json!({"model": format!("made/up-{i}"), "messages": [{"role": "user", "content": "x"}]}),
+            )
+            .await;
+        assert_eq!(r.status, reqwest::StatusCode::NOT_FOUND, "{}", r.text);
+        let _ = app
+            .client
+            .request(
+                reqwest::Method::from_bytes(format!("BREW{i}").as_bytes()).unwrap(),
+                format!("{}/health", app.base),
+            )
+            .send()
+            .await
+            .unwrap();
+    }
+    let text = app
+        .client
+        .get(format!("{}/metrics", app.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!text.contains("up-0") && !text.contains("BREW"), "{text}");
+    assert!(
+        text.contains(r#"model="unknown""#) && text.contains(r#"method="OTHER""#),
+        "{text}"
+    );
+}
+
 #[actix_web::test]
 async fn request_ids_are_returned_and_propagated() {
     let app = TestApp::spawn().await;

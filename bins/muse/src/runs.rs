@@ -217,9 +217,16 @@ impl Run {
         let (provider, model) = self.provider_model();
         let elapsed = self.started.elapsed();
         let source = self.source.as_str();
-        metrics::counter!("prompt_executions_total", "source" => source, "provider" => provider.clone(), "model" => model.clone(), "status" => status.as_str())
+        // Label values only from the registry: a name a caller made up
+        // (model_not_found) must not create a series of its own.
+        let (label_provider, label_model) = if self.state.models.provider_of(&self.key).is_some() {
+            (provider.clone(), model.clone())
+        } else {
+            ("unknown".to_string(), "unknown".to_string())
+        };
+        metrics::counter!("prompt_executions_total", "source" => source, "provider" => label_provider.clone(), "model" => label_model.clone(), "status" => status.as_str())
             .increment(1);
-        metrics::histogram!("prompt_execution_duration_seconds", "source" => source, "provider" => provider.clone(), "model" => model.clone())
+        metrics::histogram!("prompt_execution_duration_seconds", "source" => source, "provider" => label_provider, "model" => label_model)
             .record(elapsed.as_secs_f64());
         let execution = Execution {
             id: self.id,

@@ -163,6 +163,14 @@ pub async fn observe(
 }
 
 fn record(method: String, route: String, status: u16, secs: f64) {
+    // Only the methods HTTP defines: anything else a client sends is
+    // `OTHER`, so that it cannot mint series.
+    let method = match method.as_str() {
+        "GET" | "HEAD" | "POST" | "PUT" | "PATCH" | "DELETE" | "OPTIONS" | "CONNECT" | "TRACE" => {
+            method
+        }
+        _ => "OTHER".to_string(),
+    };
     let labels = [
         ("method", method),
         ("route", route),
