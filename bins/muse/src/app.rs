@@ -107,7 +107,9 @@ pub fn build_state(config: Config, db: Database) -> Result<AppState, StartError>
             message: e.to_string(),
         })
     })?;
+    let writer = crate::writer::Writer::start(db.clone(), config.execution_writes)?;
     Ok(AppState {
+        writer,
         executions: Arc::new(muse_persistence::DieselExecutionRepository::new(db.clone())),
         library: muse_prompts::Library::new(library_repo.clone(), Arc::new(SystemClock)),
         ideas: library_repo,

@@ -59,6 +59,9 @@ pub struct Config {
     /// (0 turns the cache off): the bound on how late another replica
     /// learns of a revocation when Redis does not relay it.
     pub auth_cache_ttl_ms: i64,
+    /// `EXECUTION_WRITES`: `sync` (answers wait for their record's commit)
+    /// or `async` (answered at once; see docs/benchmarks.md).
+    pub execution_writes: crate::writer::WriteMode,
     pub refresh_token_ttl_secs: i64,
     pub bcrypt_cost: u32,
     pub cors_origins: Vec<String>,
@@ -394,6 +397,16 @@ impl Config {
             jwt_audience: get("JWT_AUDIENCE").unwrap_or_else(|| "muse-api".into()),
             access_token_ttl_secs: parse_range(&get, "ACCESS_TOKEN_TTL_SECS", 900, 60, 86_400)?,
             auth_cache_ttl_ms: parse_range(&get, "AUTH_CACHE_TTL_MS", 2_000, 0, 60_000)?,
+            execution_writes: match get("EXECUTION_WRITES").as_deref() {
+                None | Some("sync") => crate::writer::WriteMode::Sync,
+                Some("async") => crate::writer::WriteMode::Async,
+                Some(other) => {
+                    return Err(ConfigError::Invalid {
+                        var: "EXECUTION_WRITES",
+                        message: format!("{other:?}: expected sync or async"),
+                    })
+                }
+            },
             refresh_token_ttl_secs: parse_range(
                 &get,
                 "REFRESH_TOKEN_TTL_SECS",

@@ -21,6 +21,7 @@ pub mod server;
 pub mod state;
 pub mod telemetry;
 pub mod training;
+pub mod writer;
 pub mod ws;
 
 pub use app::{build_app, build_state, StartError};

@@ -211,7 +211,7 @@ impl Run {
         usage: Usage,
         cost: Option<f64>,
         error: Option<String>,
-    ) -> (Execution, Option<Idea>, Option<tokio::task::JoinHandle<()>>) {
+    ) -> (Execution, Option<Idea>, Option<crate::writer::Written>) {
         self.finished = true;
         metrics::gauge!("active_executions").decrement(1.0);
         let (provider, model) = self.provider_model();
@@ -262,34 +262,21 @@ impl Run {
                 idea.created_at = execution.created_at;
                 idea
             });
-        let (executions, ideas) = (self.state.executions.clone(), self.state.ideas.clone());
-        let (e, i) = (execution.clone(), idea.clone());
         let settle = self.reservation.take().map(|r| {
             let used = i64::from(usage.prompt_tokens) + i64::from(usage.completion_tokens);
-            (self.state.billing.clone(), r, used, cost.unwrap_or(0.0))
+            (r, used, cost.unwrap_or(0.0))
         });
-        let write = move || {
-            if let Some((billing, r, used, cost)) = settle {
-                if let Err(err) = billing.reconcile(&r, used, cost) {
-                    tracing::error!(error = %err, user_id = %r.user_id, "could not reconcile a quota reservation");
-                }
-            }
-            if let Err(err) = executions.record(&e) {
-                tracing::error!(error = %err, execution_id = %e.id, "could not record an execution");
-            }
-            if let Some(i) = i {
-                if let Err(err) = ideas.insert(&i) {
-                    tracing::error!(error = %err, idea_id = %i.id, "could not store an idea");
-                }
-            }
+        // Group commit (crate::writer): the answer waits for it unless
+        // EXECUTION_WRITES=async.
+        let record = muse_persistence::CallRecord {
+            execution: execution.clone(),
+            idea: idea.clone(),
+            settle,
         };
-        // Outside a runtime (a run dropped at shutdown) the write is done here.
-        let handle = match tokio::runtime::Handle::try_current() {
-            Ok(rt) => Some(rt.spawn_blocking(write)),
-            Err(_) => {
-                write();
-                None
-            }
+        let written = self.state.writer.submit(record, &self.state.db);
+        let handle = match self.state.writer.mode() {
+            crate::writer::WriteMode::Sync => written,
+            crate::writer::WriteMode::Async => None,
         };
         (execution, idea, handle)
     }

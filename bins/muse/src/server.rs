@@ -26,6 +26,8 @@ pub struct Running {
     pub training_wait: std::time::Duration,
     pub handle: ServerHandle,
     pub server: actix_web::dev::Server,
+    /// Drained after the server stops.
+    pub writer: crate::writer::Writer,
 }
 
 /// Prepares everything and binds `listener`; the returned server must be
@@ -47,6 +49,7 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Running, Sta
     state.flags.clone().spawn_refresh();
     let training = crate::training::start(&state);
     let training_wait = crate::training::shutdown_wait(&state.training.config);
+    let writer = state.writer.clone();
     let server = HttpServer::new(move || build_app(state.clone()))
         .workers(workers)
         // Streamed tokens (SSE, WebSocket) are small writes: send each at
@@ -61,6 +64,7 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Running, Sta
         training_wait,
         handle: server.handle(),
         server,
+        writer,
     })
 }
 
@@ -77,6 +81,14 @@ pub async fn serve(config: Config) -> Result<(), StartError> {
     tracing::info!(addr = %running.addr, "Muse is listening; docs at http://{}/docs/", running.addr);
     running.server.await?;
     running.training.shutdown(running.training_wait).await;
+    // Every answered call's record is written before the process exits.
+    let writer = running.writer.clone();
+    let left = web::block(move || writer.drain(std::time::Duration::from_secs(30)))
+        .await
+        .unwrap_or(usize::MAX);
+    if left > 0 {
+        tracing::error!(left, "executions still unwritten at exit");
+    }
     tracing::info!("server stopped");
     Ok(())
 }

@@ -40,6 +40,9 @@ pub struct AppState {
     pub started: Instant,
     /// `smtp` or `outbox`.
     pub mail_transport: &'static str,
+    /// Group commit of model-call records (executions, ideas, quota
+    /// reconciliation).
+    pub writer: crate::writer::Writer,
 }
 
 impl AppState {

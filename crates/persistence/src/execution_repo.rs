@@ -28,7 +28,7 @@ fn other(e: diesel::result::Error) -> ExecutionStoreError {
 
 #[derive(Queryable, Selectable, Insertable)]
 #[diesel(table_name = executions)]
-struct Row {
+pub(crate) struct Row {
     id: String,
     user_id: String,
     source: String,
@@ -50,7 +50,7 @@ struct Row {
 }
 
 impl Row {
-    fn from_domain(e: &Execution) -> Self {
+    pub(crate) fn from_domain(e: &Execution) -> Self {
         Self {
             id: e.id.to_string(),
             user_id: e.user_id.to_string(),

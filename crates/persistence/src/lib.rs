@@ -11,6 +11,7 @@
 //! Every call blocks: run it on a blocking pool.
 
 mod auth_repo;
+mod batch;
 mod billing_repo;
 mod db;
 mod execution_repo;
@@ -38,6 +39,7 @@ fn storable_opt(s: &Option<String>) -> Option<String> {
 }
 
 pub use auth_repo::DieselAuthRepository;
+pub use batch::{record_calls, CallRecord};
 pub use billing_repo::DieselBillingRepository;
 pub use db::{Backend, Database, DbConnection, DbError, PooledConn};
 pub use execution_repo::DieselExecutionRepository;

@@ -539,7 +539,7 @@ impl LibraryRepository for DieselLibraryRepository {
 
 #[derive(Queryable, Selectable, Insertable)]
 #[diesel(table_name = ideas)]
-struct IdeaRow {
+pub(crate) struct IdeaRow {
     id: String,
     user_id: String,
     execution_id: String,
@@ -563,7 +563,7 @@ fn idea_err(e: LibraryError) -> IdeaStoreError {
 }
 
 impl IdeaRow {
-    fn from_domain(i: &Idea) -> Self {
+    pub(crate) fn from_domain(i: &Idea) -> Self {
         Self {
             id: i.id.to_string(),
             user_id: i.user_id.to_string(),

@@ -1,0 +1,178 @@
+//! Group commit of model-call records: one writer thread per server takes
+//! finished calls (execution, idea, quota reconciliation) from a bounded
+//! queue and writes everything queued in one transaction. A batch closes
+//! when the queue is empty or at [`MAX_BATCH`] calls: under load, the
+//! calls that finish while a batch commits form the next one, so commits
+//! per second stay flat while calls per second grow.
+//!
+//! `EXECUTION_WRITES=sync` (the default): a call is answered once its
+//! batch has committed — no acknowledged call is ever unrecorded.
+//! `EXECUTION_WRITES=async`: answered at once; a crash loses what was
+//! queued (at most the queue, [`QUEUE`] calls, and in practice the few
+//! milliseconds of one batch). A full queue makes callers wait (never
+//! drops). Shutdown drains the queue before the process exits.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use muse_persistence::{CallRecord, Database};
+use tokio::sync::{mpsc, oneshot};
+
+/// Most calls in one transaction.
+pub const MAX_BATCH: usize = 512;
+/// Calls waiting to be written before callers wait.
+pub const QUEUE: usize = 8_192;
+/// Attempts at a batch while the database refuses it (1 s apart).
+const ATTEMPTS: u32 = 30;
+
+/// When a call's answer waits for its record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteMode {
+    /// After the record's commit (default).
+    Sync,
+    /// At once; the record follows.
+    Async,
+}
+
+enum Item {
+    Record(Box<CallRecord>, Option<oneshot::Sender<bool>>),
+}
+
+/// The writer: cheap to clone (a queue handle).
+#[derive(Clone)]
+pub struct Writer {
+    tx: mpsc::Sender<Item>,
+    mode: WriteMode,
+    /// Records submitted and not yet written.
+    pending: Arc<AtomicUsize>,
+}
+
+impl std::fmt::Debug for Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Writer").field("mode", &self.mode).finish()
+    }
+}
+
+/// What a queued record becomes: `true` once committed, `false` if it
+/// could not be written (logged).
+pub type Written = oneshot::Receiver<bool>;
+
+impl Writer {
+    /// Starts the writer thread over `db`.
+    pub fn start(db: Database, mode: WriteMode) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let pending = Arc::new(AtomicUsize::new(0));
+        let counter = pending.clone();
+        std::thread::Builder::new()
+            .name("muse-writer".into())
+            .spawn(move || run(db, rx, counter))?;
+        Ok(Self { tx, mode, pending })
+    }
+
+    pub fn mode(&self) -> WriteMode {
+        self.mode
+    }
+
+    /// Queues a call's record. Returns when it will be written (or `None`
+    /// when the writer is gone: the record is then written here, blocking).
+    /// A full queue makes this wait: on a blocking thread when there is a
+    /// runtime, else here.
+    pub fn submit(&self, record: CallRecord, db: &Database) -> Option<Written> {
+        let (done, written) = oneshot::channel();
+        let item = Item::Record(Box::new(record), Some(done));
+        self.pending.fetch_add(1, Ordering::SeqCst);
+        match self.tx.try_send(item) {
+            Ok(()) => Some(written),
+            Err(mpsc::error::TrySendError::Full(item)) => {
+                metrics::counter!("execution_write_backpressure_total").increment(1);
+                let tx = self.tx.clone();
+                match tokio::runtime::Handle::try_current() {
+                    Ok(rt) => {
+                        rt.spawn_blocking(move || {
+                            let _ = tx.blocking_send(item);
+                        });
+                    }
+                    Err(_) => {
+                        let _ = tx.blocking_send(item);
+                    }
+                }
+                Some(written)
+            }
+            Err(mpsc::error::TrySendError::Closed(Item::Record(record, _))) => {
+                self.pending.fetch_sub(1, Ordering::SeqCst);
+                // The writer stopped (shutdown): write this one directly.
+                if let Err(e) = muse_persistence::record_calls(db, std::slice::from_ref(&record)) {
+                    tracing::error!(error = %e, execution_id = %record.execution.id, "could not record an execution");
+                }
+                None
+            }
+        }
+    }
+
+    /// Waits (at most `limit`) until every record submitted so far is
+    /// written: graceful shutdown calls it once the server has stopped.
+    /// Returns how many are still unwritten (0 normally).
+    pub fn drain(&self, limit: Duration) -> usize {
+        let started = Instant::now();
+        loop {
+            let left = self.pending.load(Ordering::SeqCst);
+            if left == 0 || started.elapsed() >= limit {
+                return left;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+fn run(db: Database, mut rx: mpsc::Receiver<Item>, pending: Arc<AtomicUsize>) {
+    let mut batch: Vec<CallRecord> = Vec::with_capacity(MAX_BATCH);
+    let mut waiters: Vec<oneshot::Sender<bool>> = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = rx.blocking_recv() {
+        let Item::Record(record, done) = first;
+        batch.push(*record);
+        waiters.extend(done);
+        // Everything already queued joins this batch.
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(Item::Record(record, done)) => {
+                    batch.push(*record);
+                    waiters.extend(done);
+                }
+                Err(_) => break,
+            }
+        }
+        metrics::histogram!("execution_write_batch_size").record(batch.len() as f64);
+        let ok = write(&db, &batch);
+        pending.fetch_sub(batch.len(), Ordering::SeqCst);
+        for w in waiters.drain(..) {
+            let _ = w.send(ok);
+        }
+        batch.clear();
+    }
+}
+
+/// Writes one batch, retrying while the database refuses it (down,
+/// locked); gives up after [`ATTEMPTS`] and logs every execution lost.
+fn write(db: &Database, batch: &[CallRecord]) -> bool {
+    let started = Instant::now();
+    for attempt in 1..=ATTEMPTS {
+        match muse_persistence::record_calls(db, batch) {
+            Ok(()) => {
+                metrics::histogram!("execution_write_seconds")
+                    .record(started.elapsed().as_secs_f64());
+                return true;
+            }
+            Err(e) if attempt < ATTEMPTS => {
+                tracing::warn!(error = %e, calls = batch.len(), attempt, "could not write a batch of executions; retrying");
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            Err(e) => {
+                for c in batch {
+                    tracing::error!(error = %e, execution_id = %c.execution.id, user_id = %c.execution.user_id, "could not record an execution");
+                }
+            }
+        }
+    }
+    false
+}
