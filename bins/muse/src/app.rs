@@ -85,7 +85,18 @@ pub fn build_state(config: Config, db: Database) -> Result<AppState, StartError>
     })?);
     training.register_all(&models);
     let library_repo = Arc::new(muse_persistence::DieselLibraryRepository::new(db.clone()));
-    let billing = Arc::new(muse_persistence::DieselBillingRepository::new(db.clone()));
+    // Plans and subscriptions cached as long as callers are (writes through
+    // this process clear them at once).
+    let billing_cache = Arc::new(muse_billing::CachedBilling::new(
+        Arc::new(muse_persistence::DieselBillingRepository::new(db.clone())),
+        config.auth_cache_ttl_ms,
+        Arc::new(SystemClock),
+    ));
+    let billing: Arc<dyn muse_billing::BillingRepository> = billing_cache.clone();
+    let quota_ledger = match config.quota_store {
+        crate::config::QuotaStore::Memory => Some(Arc::new(muse_billing::QuotaLedger::new())),
+        crate::config::QuotaStore::Database => None,
+    };
     let payments: Option<Arc<dyn muse_billing::PaymentGateway>> = match &config.stripe {
         None => None,
         Some(s) => Some(Arc::new(
@@ -126,6 +137,8 @@ pub fn build_state(config: Config, db: Database) -> Result<AppState, StartError>
         limiter,
         flags,
         billing,
+        billing_cache,
+        quota_ledger,
         payments,
         started: Instant::now(),
         mail_transport,

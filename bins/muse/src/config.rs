@@ -62,6 +62,8 @@ pub struct Config {
     /// `EXECUTION_WRITES`: `sync` (answers wait for their record's commit)
     /// or `async` (answered at once; see docs/benchmarks.md).
     pub execution_writes: crate::writer::WriteMode,
+    /// `QUOTA_STORE`: where quota reservations are counted.
+    pub quota_store: QuotaStore,
     pub refresh_token_ttl_secs: i64,
     pub bcrypt_cost: u32,
     pub cors_origins: Vec<String>,
@@ -397,6 +399,19 @@ impl Config {
             jwt_audience: get("JWT_AUDIENCE").unwrap_or_else(|| "muse-api".into()),
             access_token_ttl_secs: parse_range(&get, "ACCESS_TOKEN_TTL_SECS", 900, 60, 86_400)?,
             auth_cache_ttl_ms: parse_range(&get, "AUTH_CACHE_TTL_MS", 2_000, 0, 60_000)?,
+            quota_store: match get("QUOTA_STORE").as_deref() {
+                Some("memory") => QuotaStore::Memory,
+                Some("database") => QuotaStore::Database,
+                // One SQLite file means one server: count in memory.
+                None if database_url.expose().starts_with("sqlite") => QuotaStore::Memory,
+                None => QuotaStore::Database,
+                Some(other) => {
+                    return Err(ConfigError::Invalid {
+                        var: "QUOTA_STORE",
+                        message: format!("{other:?}: expected memory or database"),
+                    })
+                }
+            },
             execution_writes: match get("EXECUTION_WRITES").as_deref() {
                 None | Some("sync") => crate::writer::WriteMode::Sync,
                 Some("async") => crate::writer::WriteMode::Async,
@@ -692,6 +707,16 @@ fn aliases(
         }
     }
     Ok(out)
+}
+
+/// Where quota reservations are counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuotaStore {
+    /// In this process (`muse_billing::QuotaLedger`): no database write on
+    /// a call's critical path; exact for one server process only.
+    Memory,
+    /// A conditional `UPDATE` per call: exact across replicas.
+    Database,
 }
 
 /// `IN,OUT`: USD per million input and output tokens.

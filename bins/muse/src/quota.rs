@@ -7,7 +7,6 @@ use muse_billing::{
     FREE_PLAN,
 };
 use muse_inference::GenerateRequest;
-use std::sync::Arc;
 use uuid::Uuid;
 
 use crate::error::ApiError;
@@ -29,7 +28,7 @@ pub fn store_error(e: muse_billing::BillingError) -> ApiError {
 /// The plan in force for a user now: their subscription's while it is
 /// active or past due (and not cancelled past its period end), else free.
 pub fn plan_of(
-    billing: &Arc<dyn BillingRepository>,
+    billing: &dyn BillingRepository,
     user_id: Uuid,
     now_ms: i64,
 ) -> Result<(Plan, Option<Subscription>), muse_billing::BillingError> {
@@ -47,6 +46,25 @@ pub fn plan_of(
     };
     Ok((plan, sub))
 }
+
+/// The plan in force for a user, from the cache alone (`None`: something
+/// is not cached). The same rule as [`plan_of`].
+fn cached_plan_of(cache: &muse_billing::CachedBilling, user_id: Uuid, now_ms: i64) -> Option<Plan> {
+    let sub = cache.peek_subscription(user_id)?;
+    let current = sub.as_ref().filter(|s| {
+        s.status != SubscriptionStatus::Canceled
+            && !(s.cancel_at_period_end && s.current_period_end.is_some_and(|end| now_ms >= end))
+    });
+    let id = current.map_or(FREE_PLAN, |s| s.plan_id.as_str());
+    match cache.peek_plan(id)? {
+        Some(p) => Some(p),
+        None => cache.peek_plan(FREE_PLAN)?,
+    }
+}
+
+/// A reservation's outcome: admitted, or refused with the plan and why
+/// (`None`: the model is not in the plan).
+type Decision = Result<(), (Plan, Option<Refusal>)>;
 
 /// Why a reservation was refused (besides the model not being in the plan).
 enum Refusal {
@@ -91,21 +109,47 @@ pub async fn reserve(
     let cost = estimate.unwrap_or(0.0);
     let tokens = i64::from(prompt_tokens) + i64::from(completion);
     let model = key;
-    let (billing, key) = (state.billing.clone(), key.to_string());
+    let key = key.to_string();
     let now = muse_core::Clock::now_ms(&muse_core::SystemClock);
     let (period_start, period_end) = month_of(now);
-    let outcome = actix_web::web::block(move || {
-        let (plan, _) = plan_of(&billing, user_id, now)?;
-        if !plan.allows_model(&key) {
-            return Ok(Err((plan, None)));
-        }
-        if unpriced && plan.max_cost_usd.is_some() {
-            return Ok(Err((plan, Some(Refusal::Unpriced))));
-        }
-        let r = billing.reserve(user_id, period_start, &plan, tokens, cost)?;
-        Ok::<_, muse_billing::BillingError>(r.map_err(|kind| (plan, Some(Refusal::Quota(kind)))))
-    })
-    .await?
+    let ledger = state.quota_ledger.clone();
+    let decide =
+        move |billing: &dyn BillingRepository| -> Result<Decision, muse_billing::BillingError> {
+            let (plan, _) = plan_of(billing, user_id, now)?;
+            if !plan.allows_model(&key) {
+                return Ok(Err((plan, None)));
+            }
+            if unpriced && plan.max_cost_usd.is_some() {
+                return Ok(Err((plan, Some(Refusal::Unpriced))));
+            }
+            let r = match &ledger {
+                // In memory: the period's usage is read once, then counted here.
+                Some(ledger) => {
+                    if !ledger.is_loaded(user_id, period_start) {
+                        ledger.load(user_id, period_start, billing.usage(user_id, period_start)?);
+                    }
+                    ledger
+                        .reserve(user_id, period_start, &plan, tokens, cost)
+                        .map(|_| ())
+                }
+                None => billing.reserve(user_id, period_start, &plan, tokens, cost)?,
+            };
+            Ok(r.map_err(|kind| (plan, Some(Refusal::Quota(kind)))))
+        };
+    // Everything known in memory (the caller's plan cached, the period's
+    // usage counted here): decided on this thread, no database, no
+    // blocking-pool hop. Otherwise read what is missing on the pool.
+    let in_memory = state
+        .quota_ledger
+        .as_ref()
+        .is_some_and(|l| l.is_loaded(user_id, period_start))
+        && cached_plan_of(&state.billing_cache, user_id, now).is_some();
+    let outcome = if in_memory {
+        decide(&*state.billing_cache)
+    } else {
+        let billing = state.billing.clone();
+        actix_web::web::block(move || decide(&*billing)).await?
+    }
     .map_err(store_error)?;
     match outcome {
         Ok(()) => Ok(Reservation {

@@ -264,7 +264,13 @@ impl Run {
             });
         let settle = self.reservation.take().map(|r| {
             let used = i64::from(usage.prompt_tokens) + i64::from(usage.completion_tokens);
-            (r, used, cost.unwrap_or(0.0))
+            let cost = cost.unwrap_or(0.0);
+            // Counted in memory: corrected there at once; the database
+            // gets the whole usage with the record.
+            if let Some(ledger) = &self.state.quota_ledger {
+                ledger.reconcile(&r, used, cost);
+            }
+            (r, used, cost)
         });
         // Group commit (crate::writer): the answer waits for it unless
         // EXECUTION_WRITES=async.
@@ -272,6 +278,7 @@ impl Run {
             execution: execution.clone(),
             idea: idea.clone(),
             settle,
+            reserved_in_db: self.state.quota_ledger.is_none(),
         };
         let written = self.state.writer.submit(record, &self.state.db);
         let handle = match self.state.writer.mode() {

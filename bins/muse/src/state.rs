@@ -34,7 +34,14 @@ pub struct AppState {
     /// `None` when rate limiting is off.
     pub limiter: Option<Arc<muse_billing::RateLimiter>>,
     pub flags: Arc<crate::flags::Flags>,
+    /// Plans, subscriptions, usage: `billing_cache` behind the trait.
     pub billing: Arc<dyn muse_billing::BillingRepository>,
+    /// The same repository, for reading its cache without a database read
+    /// (see `muse_billing::CachedBilling`).
+    pub billing_cache: Arc<muse_billing::CachedBilling>,
+    /// Quota reservations in memory (`QUOTA_STORE=memory`, one process);
+    /// `None`: reserved in the database.
+    pub quota_ledger: Option<Arc<muse_billing::QuotaLedger>>,
     /// `None` without `STRIPE_SECRET_KEY`: plans are changed by administrators.
     pub payments: Option<Arc<dyn muse_billing::PaymentGateway>>,
     pub started: Instant,

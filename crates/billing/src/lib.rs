@@ -6,12 +6,16 @@
 //! [`RateLimitStore`]: [`MemoryStore`] for one process, a Redis store in
 //! `muse-persistence` to share limits across replicas.
 
+pub mod cached;
 pub mod flags;
+pub mod ledger;
 pub mod plans;
 pub mod ratelimit;
 pub mod stripe;
 
+pub use cached::CachedBilling;
 pub use flags::{FeatureFlag, FlagRepository, FlagSet, FlagStoreError};
+pub use ledger::QuotaLedger;
 pub use plans::{
     month_of, BillingError, BillingEvent, BillingRepository, Plan, QuotaKind, Reservation,
     Subscription, SubscriptionStatus, Usage, FREE_PLAN,

@@ -22,6 +22,11 @@ pub struct CallRecord {
     pub idea: Option<Idea>,
     /// Its reservation and what it really used (tokens, cost).
     pub settle: Option<(Reservation, i64, f64)>,
+    /// Whether the reservation was already counted in the database (its
+    /// conditional `UPDATE`): then only the difference is written. A
+    /// reservation counted in memory writes the whole usage: one request,
+    /// its tokens and its cost.
+    pub reserved_in_db: bool,
 }
 
 /// Writes `batch` in one transaction: every execution and idea inserted,
@@ -39,14 +44,21 @@ pub fn record_calls(db: &Database, batch: &[CallRecord]) -> Result<(), DbError> 
         .iter()
         .filter_map(|c| c.idea.as_ref().map(IdeaRow::from_domain))
         .collect();
-    let mut deltas: HashMap<(String, i64), (i64, f64)> = HashMap::new();
+    // Per (user, period): requests, tokens and cost to add.
+    let mut deltas: HashMap<(String, i64), (i64, i64, f64)> = HashMap::new();
     for c in batch {
         if let Some((r, used_tokens, used_cost)) = &c.settle {
             let d = deltas
                 .entry((r.user_id.to_string(), r.period_start))
                 .or_default();
-            d.0 += used_tokens - r.tokens;
-            d.1 += used_cost - r.cost_usd;
+            if c.reserved_in_db {
+                d.1 += used_tokens - r.tokens;
+                d.2 += used_cost - r.cost_usd;
+            } else {
+                d.0 += 1;
+                d.1 += used_tokens;
+                d.2 += used_cost;
+            }
         }
     }
     db.write(|conn| {
@@ -73,9 +85,30 @@ pub fn record_calls(db: &Database, batch: &[CallRecord]) -> Result<(), DbError> 
                     .values(row)
                     .execute(conn)?;
             }
-            for ((uid, period), (dt, dc)) in &deltas {
+            for ((uid, period), (dr, dt, dc)) in &deltas {
+                if *dr > 0 {
+                    // The period's row may not exist yet (counted in memory).
+                    let row = (
+                        usage_counters::user_id.eq(uid),
+                        usage_counters::period_start.eq(*period),
+                    );
+                    match conn {
+                        DbConnection::Pg(pg) => {
+                            diesel::insert_into(usage_counters::table)
+                                .values(row)
+                                .on_conflict_do_nothing()
+                                .execute(pg)?;
+                        }
+                        DbConnection::Sqlite(sqlite) => {
+                            diesel::insert_or_ignore_into(usage_counters::table)
+                                .values(row)
+                                .execute(sqlite)?;
+                        }
+                    }
+                }
                 diesel::update(usage_counters::table.find((uid, *period)))
                     .set((
+                        usage_counters::requests.eq(usage_counters::requests + *dr),
                         usage_counters::tokens.eq(usage_counters::tokens + *dt),
                         usage_counters::cost_usd.eq(usage_counters::cost_usd + *dc),
                     ))

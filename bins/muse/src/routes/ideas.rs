@@ -288,7 +288,7 @@ pub async fn generate_batch(
     }
     let (billing, uid) = (state.billing.clone(), user.0.user.id);
     let now = muse_core::Clock::now_ms(&muse_core::SystemClock);
-    let (plan, _) = web::block(move || crate::quota::plan_of(&billing, uid, now))
+    let (plan, _) = web::block(move || crate::quota::plan_of(&*billing, uid, now))
         .await?
         .map_err(crate::quota::store_error)?;
     if items.len() > usize::try_from(plan.max_batch).unwrap_or(0) {

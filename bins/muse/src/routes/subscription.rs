@@ -132,7 +132,7 @@ async fn load(
     let now = muse_core::Clock::now_ms(&muse_core::SystemClock);
     let (start, end) = month_of(now);
     let (plan, sub, usage) = actix_web::web::block(move || {
-        let (plan, sub) = plan_of(&billing, user_id, now)?;
+        let (plan, sub) = plan_of(&*billing, user_id, now)?;
         let usage = billing.usage(user_id, start)?;
         Ok::<_, muse_billing::BillingError>((plan, sub, usage))
     })

@@ -86,7 +86,7 @@ async fn gate(state: &AppState, user: &CurrentUser) -> Result<muse_billing::Plan
         .check(muse_billing::flags::known::TRAINING, &user.0)?;
     let (billing, uid) = (state.billing.clone(), user.0.user.id);
     let now = SystemClock.now_ms();
-    let (plan, _) = web::block(move || crate::quota::plan_of(&billing, uid, now))
+    let (plan, _) = web::block(move || crate::quota::plan_of(&*billing, uid, now))
         .await?
         .map_err(crate::quota::store_error)?;
     if !plan.training_allowed {
