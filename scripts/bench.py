@@ -188,12 +188,20 @@ def main():
         [os.path.join(ROOT, "target", "release", "examples", "provider_overhead"), os.environ.get("BENCH_RATE", "500"), str(DURATION)],
         check=True, capture_output=True, text=True).stdout
     lines += ["", "Provider layer over a direct HTTP call (local OpenAI-protocol server, fixed rate, open loop):", "", overhead.strip()]
+    rates = os.environ.get("BENCH_GATEWAY_RATES", "1000 2000 4000").split()
+    sqlite_env = {k: v for k, v in os.environ.items() if k != "BENCH_DATABASE_URL"}
     gateway = subprocess.run(
-        [os.path.join(ROOT, "target", "release", "examples", "gateway_bench"), BIN, str(DURATION),
-         *os.environ.get("BENCH_GATEWAY_RATES", "500 2000").split()],
-        check=True, capture_output=True, text=True).stdout
+        [os.path.join(ROOT, "target", "release", "examples", "gateway_bench"), BIN, str(DURATION), *rates],
+        check=True, capture_output=True, text=True, env=sqlite_env).stdout
     lines += ["", "Gateway overhead: Muse (release binary, SQLite, every call authenticated by API key and recorded) "
-              "in front of a local OpenAI-protocol server that answers at once, fixed rate, open loop:", "", gateway.strip()]
+              "in front of a local OpenAI-protocol server that answers at once, fixed rate, open loop; then closed loop:", "",
+              gateway.strip()]
+    pg = os.environ.get("BENCH_DATABASE_URL") or os.environ.get("TEST_DATABASE_URL")
+    if pg:
+        gateway = subprocess.run(
+            [os.path.join(ROOT, "target", "release", "examples", "gateway_bench"), BIN, str(DURATION), *rates],
+            check=True, capture_output=True, text=True, env={**os.environ, "BENCH_DATABASE_URL": pg}).stdout
+        lines += ["", "The same on PostgreSQL (a fresh database on that server):", "", gateway.strip()]
     lines += ["", *local_decode()]
     table = "\n".join(lines)
     print(table)

@@ -16,6 +16,8 @@ pub struct TestApp {
     pub client: reqwest::Client,
     pub data_dir: PathBuf,
     pub config: Config,
+    /// The server's draining switch (what SIGTERM sets).
+    pub draining: std::sync::Arc<std::sync::atomic::AtomicBool>,
     _db: TestDb,
 }
 
@@ -84,6 +86,7 @@ impl TestApp {
         let running = muse_server::server::start(config.clone(), listener)
             .await
             .unwrap();
+        let draining = running.draining.clone();
         actix_web::rt::spawn(running.server);
         TestApp {
             base: format!("http://127.0.0.1:{port}"),
@@ -94,6 +97,7 @@ impl TestApp {
                 .unwrap(),
             data_dir,
             config,
+            draining,
             _db: db,
         }
     }

@@ -351,3 +351,39 @@ async fn security_headers_head_requests_and_local_front_ends() {
         "only localhost itself"
     );
 }
+
+/// Liveness and readiness for load balancers and orchestrators: live while
+/// the process answers; ready while the database answers, every migration
+/// is applied and the server is not draining (SIGTERM).
+#[actix_web::test]
+async fn liveness_and_readiness() {
+    let app = TestApp::spawn().await;
+    let live = app.get("/health/live", None).await;
+    assert_eq!(
+        (live.status, &live.body["status"]),
+        (reqwest::StatusCode::OK, &serde_json::json!("ok"))
+    );
+    let ready = app.get("/health/ready", None).await;
+    assert_eq!(ready.status, reqwest::StatusCode::OK, "{}", ready.text);
+    assert_eq!(
+        ready.body,
+        serde_json::json!({"status": "ready", "checks": {"database": "ok", "migrations": "applied", "draining": false}})
+    );
+    app.draining
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let r = app
+        .client
+        .get(format!("{}/health/ready", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(r.headers()["retry-after"], "5");
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["checks"]["draining"], true);
+    // Liveness does not change while draining.
+    assert_eq!(
+        app.get("/health/live", None).await.status,
+        reqwest::StatusCode::OK
+    );
+}

@@ -13,6 +13,12 @@
 //!    through Muse's SSE (`execute-prompt/{id}/stream`) and through the
 //!    WebSocket (`execute`), and what Muse adds per token.
 //!
+//! 3. Closed loop, 64 connections: the most requests per second, directly
+//!    and through Muse.
+//!
+//! SQLite by default; `BENCH_DATABASE_URL=postgres://…` runs Muse on a fresh
+//! PostgreSQL database on that server instead.
+//!
 //! `cargo run --release -p muse-tests --example gateway_bench -- target/release/muse [SECONDS] [RATES…]`
 #![allow(
     clippy::unwrap_used,
@@ -140,10 +146,7 @@ async fn start_muse(bin: &str, upstream: &str) -> Muse {
         .arg("serve")
         .env("HOST", "127.0.0.1")
         .env("PORT", port.to_string())
-        .env(
-            "DATABASE_URL",
-            format!("sqlite://{}/muse.db", dir.path().display()),
-        )
+        .env("DATABASE_URL", database_url(dir.path()))
         .env("MUSE_DATA_DIR", dir.path().join("data"))
         .env(
             "JWT_SECRET",
@@ -195,6 +198,21 @@ async fn post(client: &reqwest::Client, url: &str, token: &str, body: Value) -> 
     v
 }
 
+/// SQLite in the run's directory, or a fresh PostgreSQL database created
+/// on the server `BENCH_DATABASE_URL` names (dropped at exit).
+fn database_url(dir: &std::path::Path) -> String {
+    match std::env::var("BENCH_DATABASE_URL") {
+        Ok(admin) if !admin.trim().is_empty() => {
+            let db = muse_persistence::testing::TestDb::postgres(admin.trim());
+            let url = db.url.clone();
+            // Kept for the whole run (the process exits at the end).
+            std::mem::forget(db);
+            url
+        }
+        _ => format!("sqlite://{}/muse.db", dir.display()),
+    }
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[idx.min(sorted.len() - 1)]
@@ -235,6 +253,40 @@ where
         percentile(&latencies, 0.99),
         errors,
     )
+}
+
+/// Closed loop: `connections` callers, each sending its next request as
+/// soon as the last one is answered, for `seconds`: (req/s, errors).
+async fn closed_loop<F, Fut>(connections: usize, seconds: u32, call: Arc<F>) -> (f64, usize)
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = bool> + Send + 'static,
+{
+    let end = Instant::now() + Duration::from_secs(u64::from(seconds));
+    let start = Instant::now();
+    let handles: Vec<_> = (0..connections)
+        .map(|_| {
+            let call = call.clone();
+            tokio::spawn(async move {
+                let (mut done, mut errors) = (0usize, 0usize);
+                while Instant::now() < end {
+                    if call().await {
+                        done += 1;
+                    } else {
+                        errors += 1;
+                    }
+                }
+                (done, errors)
+            })
+        })
+        .collect();
+    let (mut done, mut errors) = (0, 0);
+    for h in handles {
+        let (d, e) = h.await.unwrap();
+        done += d;
+        errors += e;
+    }
+    (done as f64 / start.elapsed().as_secs_f64(), errors)
 }
 
 fn caller(
@@ -470,6 +522,27 @@ async fn main() {
                 p99.as_secs_f64() * 1e3
             );
         }
+    }
+
+    // Closed loop, 64 connections: the most each path answers.
+    println!();
+    println!("| closed loop, 64 connections, {seconds} s | req/s | errors |");
+    println!("|---|---:|---:|");
+    for (name, url, body) in [
+        (
+            "model server directly",
+            format!("{upstream}/v1/chat/completions"),
+            chat_body.clone(),
+        ),
+        (
+            "Muse `POST /v1/chat/completions`",
+            format!("{base}/v1/chat/completions"),
+            muse_chat.clone(),
+        ),
+    ] {
+        let call = caller(client.clone(), url, key.clone(), body);
+        let (rps, errors) = closed_loop(64, seconds, call).await;
+        println!("| {name} | {rps:.0} | {errors} |");
     }
 
     // Streaming: 20 streams of 200 tokens each per path, one at a time;

@@ -139,6 +139,7 @@ pub fn build_state(config: Config, db: Database) -> Result<AppState, StartError>
         billing,
         billing_cache,
         quota_ledger,
+        draining: Arc::default(),
         payments,
         started: Instant::now(),
         mail_transport,

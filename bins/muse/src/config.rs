@@ -64,6 +64,13 @@ pub struct Config {
     pub execution_writes: crate::writer::WriteMode,
     /// `QUOTA_STORE`: where quota reservations are counted.
     pub quota_store: QuotaStore,
+    /// `SHUTDOWN_GRACE_SECS`: on SIGTERM, how long in-flight requests and
+    /// streams may take before they are cut.
+    pub shutdown_grace_secs: u64,
+    /// `SHUTDOWN_DELAY_MS`: on SIGTERM, how long `/health/ready` answers
+    /// 503 before the server stops accepting connections (for load
+    /// balancers to notice).
+    pub shutdown_delay_ms: u64,
     pub refresh_token_ttl_secs: i64,
     pub bcrypt_cost: u32,
     pub cors_origins: Vec<String>,
@@ -399,6 +406,8 @@ impl Config {
             jwt_audience: get("JWT_AUDIENCE").unwrap_or_else(|| "muse-api".into()),
             access_token_ttl_secs: parse_range(&get, "ACCESS_TOKEN_TTL_SECS", 900, 60, 86_400)?,
             auth_cache_ttl_ms: parse_range(&get, "AUTH_CACHE_TTL_MS", 2_000, 0, 60_000)?,
+            shutdown_grace_secs: parse(&get, "SHUTDOWN_GRACE_SECS", 30)?,
+            shutdown_delay_ms: parse(&get, "SHUTDOWN_DELAY_MS", 0)?,
             quota_store: match get("QUOTA_STORE").as_deref() {
                 Some("memory") => QuotaStore::Memory,
                 Some("database") => QuotaStore::Database,

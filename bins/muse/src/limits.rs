@@ -48,7 +48,15 @@ pub fn build(
 /// The class of a request; `None` for routes that are never limited
 /// (health, metrics, docs).
 pub fn classify(method: &Method, path: &str) -> Option<RouteClass> {
-    const EXEMPT: &[&str] = &["/", "/health", "/metrics", "/openapi.json", "/api/v1/info"];
+    const EXEMPT: &[&str] = &[
+        "/",
+        "/health",
+        "/health/live",
+        "/health/ready",
+        "/metrics",
+        "/openapi.json",
+        "/api/v1/info",
+    ];
     if EXEMPT.contains(&path) || path.starts_with("/docs") || path.starts_with("/redoc") {
         return None;
     }

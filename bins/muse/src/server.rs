@@ -28,6 +28,9 @@ pub struct Running {
     pub server: actix_web::dev::Server,
     /// Drained after the server stops.
     pub writer: crate::writer::Writer,
+    /// Set on SIGTERM (readiness answers 503).
+    pub draining: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    pub shutdown_delay: std::time::Duration,
 }
 
 /// Prepares everything and binds `listener`; the returned server must be
@@ -50,12 +53,17 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Running, Sta
     let training = crate::training::start(&state);
     let training_wait = crate::training::shutdown_wait(&state.training.config);
     let writer = state.writer.clone();
+    let draining = state.draining.clone();
+    let grace = state.config.shutdown_grace_secs;
+    let shutdown_delay = std::time::Duration::from_millis(state.config.shutdown_delay_ms);
     let server = HttpServer::new(move || build_app(state.clone()))
         .workers(workers)
         // Streamed tokens (SSE, WebSocket) are small writes: send each at
         // once instead of waiting for the previous one to be acknowledged.
         .tcp_nodelay(true)
-        .shutdown_timeout(30)
+        .shutdown_timeout(grace)
+        // SIGTERM/SIGINT are handled by `serve`: readiness first, then stop.
+        .disable_signals()
         .listen(listener)?
         .run();
     Ok(Running {
@@ -65,7 +73,32 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Running, Sta
         handle: server.handle(),
         server,
         writer,
+        draining,
+        shutdown_delay,
     })
+}
+
+/// SIGTERM or SIGINT (Ctrl-C).
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 /// `muse serve`: binds `HOST:PORT` and serves until stopped.
@@ -79,6 +112,24 @@ pub async fn serve(config: Config) -> Result<(), StartError> {
     })?;
     let running = start(config, listener).await?;
     tracing::info!(addr = %running.addr, "Muse is listening; docs at http://{}/docs/", running.addr);
+    // On SIGTERM or SIGINT: report not ready, wait SHUTDOWN_DELAY_MS for
+    // load balancers to notice, then stop accepting connections and give
+    // in-flight requests and streams SHUTDOWN_GRACE_SECS.
+    let (handle, draining, delay) = (
+        running.handle.clone(),
+        running.draining.clone(),
+        running.shutdown_delay,
+    );
+    actix_web::rt::spawn(async move {
+        stop_signal().await;
+        draining.store(true, std::sync::atomic::Ordering::SeqCst);
+        tracing::info!(
+            delay_ms = delay.as_millis() as u64,
+            "stopping: not ready any more"
+        );
+        actix_web::rt::time::sleep(delay).await;
+        handle.stop(true).await;
+    });
     running.server.await?;
     running.training.shutdown(running.training_wait).await;
     // Every answered call's record is written before the process exits.

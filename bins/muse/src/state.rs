@@ -50,6 +50,9 @@ pub struct AppState {
     /// Group commit of model-call records (executions, ideas, quota
     /// reconciliation).
     pub writer: crate::writer::Writer,
+    /// Set on SIGTERM: `/health/ready` answers 503 so that load balancers
+    /// stop sending requests before the server stops.
+    pub draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl AppState {

@@ -245,3 +245,53 @@ fn serve_logs_json_and_stops_gracefully_on_sigterm() {
         "{startup:?}"
     );
 }
+
+/// On SIGTERM the server reports not ready first (for SHUTDOWN_DELAY_MS,
+/// while still serving), then stops and exits cleanly.
+#[cfg(unix)]
+#[test]
+fn sigterm_reports_not_ready_before_stopping() {
+    let dir = workdir();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = muse(&dir)
+        .env("PORT", port.to_string())
+        .env("WORKERS", "1")
+        .env("SHUTDOWN_DELAY_MS", "1500")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr = format!("127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(&addr).is_err() {
+        assert!(Instant::now() < deadline, "server did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(http(&addr, "GET", "/health/ready").starts_with("HTTP/1.1 200"));
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    std::thread::sleep(Duration::from_millis(300));
+    let ready = http(&addr, "GET", "/health/ready");
+    assert!(ready.starts_with("HTTP/1.1 503"), "{ready}");
+    assert!(ready.contains("\"draining\":true"), "{ready}");
+    assert!(
+        http(&addr, "GET", "/health/live").starts_with("HTTP/1.1 200"),
+        "still serving"
+    );
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        if let Some(code) = child.try_wait().unwrap() {
+            assert!(code.success(), "exit status {code}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "server did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -259,6 +259,16 @@ impl Database {
         Ok(applied)
     }
 
+    /// How many embedded migrations are not applied yet.
+    pub fn pending_migrations(&self) -> Result<usize, DbError> {
+        let mut conn = self.get()?;
+        match &mut *conn {
+            DbConnection::Sqlite(c) => c.pending_migrations(SQLITE_MIGRATIONS).map(|v| v.len()),
+            DbConnection::Pg(c) => c.pending_migrations(POSTGRES_MIGRATIONS).map(|v| v.len()),
+        }
+        .map_err(|e| DbError::Unavailable(e.to_string()))
+    }
+
     /// `SELECT 1` on a pooled connection.
     pub fn ping(&self) -> Result<(), DbError> {
         let mut conn = self.get()?;

@@ -11,6 +11,8 @@ use crate::state::AppState;
 pub fn config(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource("/").get(root))
         .service(web::resource("/health").get(health))
+        .service(web::resource("/health/live").get(live))
+        .service(web::resource("/health/ready").get(ready))
         .service(web::resource("/api/v1/info").get(info))
         .service(web::resource("/metrics").get(metrics));
 }
@@ -103,6 +105,48 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::build(status)
         .insert_header(("cache-control", "no-store"))
         .json(report)
+}
+
+/// Liveness: the process answers (for orchestrators: restart it if not).
+#[utoipa::path(get, path = "/health/live", tag = "system",
+    responses((status = 200, description = "`{\"status\": \"ok\"}`")))]
+pub async fn live() -> HttpResponse {
+    HttpResponse::Ok()
+        .insert_header(("cache-control", "no-store"))
+        .json(json!({"status": "ok"}))
+}
+
+/// Readiness: the database answers, every migration is applied and the
+/// server is not draining (SIGTERM). 503 with `Retry-After` otherwise, so
+/// load balancers send requests elsewhere.
+#[utoipa::path(get, path = "/health/ready", tag = "system",
+    responses((status = 200, description = "`{status: \"ready\", checks}`"), (status = 503, description = "`{status: \"not_ready\", checks}`")))]
+pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
+    let draining = state.draining.load(std::sync::atomic::Ordering::SeqCst);
+    let db = state.db.clone();
+    let checked = web::block(move || db.pending_migrations()).await;
+    let (database, migrations) = match checked {
+        Ok(Ok(0)) => ("ok", json!("applied")),
+        Ok(Ok(n)) => ("ok", json!({"pending": n})),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "readiness: database unavailable");
+            ("unavailable", Value::Null)
+        }
+        Err(_) => ("unavailable", Value::Null),
+    };
+    let ok = !draining && database == "ok" && migrations == json!("applied");
+    let body = json!({
+        "status": if ok { "ready" } else { "not_ready" },
+        "checks": {"database": database, "migrations": migrations, "draining": draining},
+    });
+    let mut res = if ok {
+        HttpResponse::Ok()
+    } else {
+        let mut r = HttpResponse::ServiceUnavailable();
+        r.insert_header(("retry-after", "5"));
+        r
+    };
+    res.insert_header(("cache-control", "no-store")).json(body)
 }
 
 fn providers(state: &AppState) -> serde_json::Map<String, Value> {
