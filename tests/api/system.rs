@@ -54,7 +54,7 @@ async fn health_is_503_when_the_database_is_down() {
     let res = atest::call_service(&service, req).await;
     assert_eq!(res.status().as_u16(), 503);
     let body: serde_json::Value = atest::read_body_json(res).await;
-    assert_eq!(body["error"]["code"], "service_unavailable");
+    assert_eq!(body["error"]["code"], "database_unavailable");
 }
 
 #[actix_web::test]
@@ -386,4 +386,38 @@ async fn liveness_and_readiness() {
         app.get("/health/live", None).await.status,
         reqwest::StatusCode::OK
     );
+}
+
+/// A SQLite file locked by another process: writes answer 503
+/// `database_unavailable` with `Retry-After` (after the busy timeout), not
+/// 500; once the lock is gone they work again.
+#[actix_web::test]
+async fn a_locked_database_is_a_503_with_retry_after() {
+    let app = TestApp::spawn().await;
+    let url = app.config.database_url.expose().to_string();
+    let Some(path) = url.strip_prefix("sqlite://").map(str::to_string) else {
+        return; // PostgreSQL: no file to lock (its outage is tested above)
+    };
+    use diesel::connection::SimpleConnection;
+    use diesel::Connection;
+    let mut other = diesel::SqliteConnection::establish(&path).unwrap();
+    other.batch_execute("BEGIN EXCLUSIVE").unwrap();
+    let r = app
+        .register("locked@example.com", "locked", "a long passphrase")
+        .await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (
+            reqwest::StatusCode::SERVICE_UNAVAILABLE,
+            "database_unavailable"
+        ),
+        "{}",
+        r.text
+    );
+    assert_eq!(r.headers["retry-after"], "5");
+    other.batch_execute("ROLLBACK").unwrap();
+    let r = app
+        .register("locked@example.com", "locked", "a long passphrase")
+        .await;
+    assert!(r.status.is_success(), "{}", r.text);
 }

@@ -118,11 +118,14 @@ impl ApiError {
 
     pub fn unavailable(context: &str, error: impl std::fmt::Display) -> Self {
         tracing::error!(error = %error, "{context}");
-        Self::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "service_unavailable",
-            "the service is temporarily unavailable; retry later",
-        )
+        Self {
+            retry_after: Some(5),
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "database_unavailable",
+                "the database is unavailable (down, or locked by another process); retry later",
+            )
+        }
     }
 
     fn body(&self) -> ErrorBody {

@@ -30,6 +30,9 @@ impl DieselAuthRepository {
 }
 
 fn map_err(e: DieselError) -> RepoError {
+    if crate::is_unavailable(&e) {
+        return RepoError::Unavailable(e.to_string());
+    }
     match e {
         DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, info) => {
             let what = info

@@ -30,6 +30,9 @@ impl DieselBillingRepository {
 }
 
 fn other(e: DieselError) -> BillingError {
+    if crate::is_unavailable(&e) {
+        return BillingError::Unavailable(e.to_string());
+    }
     BillingError::Other(e.to_string())
 }
 

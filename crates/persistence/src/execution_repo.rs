@@ -23,6 +23,9 @@ impl DieselExecutionRepository {
 }
 
 fn other(e: diesel::result::Error) -> ExecutionStoreError {
+    if crate::is_unavailable(&e) {
+        return ExecutionStoreError::Unavailable(e.to_string());
+    }
     ExecutionStoreError::Other(e.to_string())
 }
 

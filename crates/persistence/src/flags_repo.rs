@@ -19,6 +19,9 @@ impl DieselFlagRepository {
 }
 
 fn other(e: diesel::result::Error) -> FlagStoreError {
+    if crate::is_unavailable(&e) {
+        return FlagStoreError::Unavailable(e.to_string());
+    }
     FlagStoreError::Other(e.to_string())
 }
 

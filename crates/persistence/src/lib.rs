@@ -34,6 +34,29 @@ pub fn storable(s: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// Whether a database error means "the database cannot serve now" (a
+/// locked or busy SQLite file, a dropped connection) rather than a bug:
+/// callers answer 503 and may retry.
+pub(crate) fn is_unavailable(e: &diesel::result::Error) -> bool {
+    use diesel::result::{DatabaseErrorKind, Error};
+    match e {
+        Error::DatabaseError(DatabaseErrorKind::ClosedConnection, _) => true,
+        Error::DatabaseError(_, info) => {
+            let m = info.message().to_ascii_lowercase();
+            m.contains("database is locked")
+                || m.contains("database is busy")
+                || m.contains("database table is locked")
+                || m.contains("terminating connection")
+                || m.contains("server closed the connection")
+                || m.contains("connection to server")
+        }
+        other => {
+            let m = other.to_string().to_ascii_lowercase();
+            m.contains("database is locked") || m.contains("database is busy")
+        }
+    }
+}
+
 fn storable_opt(s: &Option<String>) -> Option<String> {
     s.as_deref().map(|v| storable(v).into_owned())
 }

@@ -33,6 +33,9 @@ impl DieselLibraryRepository {
 }
 
 fn map_err(e: DieselError) -> LibraryError {
+    if crate::is_unavailable(&e) {
+        return LibraryError::Unavailable(e.to_string());
+    }
     match e {
         DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, _) => {
             LibraryError::Conflict("the item was changed at the same time; try again".into())

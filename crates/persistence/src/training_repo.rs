@@ -27,10 +27,16 @@ impl DieselTrainingRepository {
 }
 
 fn ds_err(e: diesel::result::Error) -> DatasetStoreError {
+    if crate::is_unavailable(&e) {
+        return DatasetStoreError::Unavailable(e.to_string());
+    }
     DatasetStoreError::Other(e.to_string())
 }
 
 fn job_err(e: diesel::result::Error) -> JobStoreError {
+    if crate::is_unavailable(&e) {
+        return JobStoreError::Unavailable(e.to_string());
+    }
     JobStoreError::Other(e.to_string())
 }
 
