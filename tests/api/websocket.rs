@@ -70,7 +70,8 @@ pub(crate) async fn until(ws: &mut Ws, id: &str, until: &[&str]) -> Vec<Value> {
 
 #[actix_web::test]
 async fn generations_stream_cancel_and_bad_input_becomes_error_messages() {
-    let (app, up) = app_with_upstream(&[]).await;
+    // A price for the unpriced test models: a cancelled call's cost shows.
+    let (app, up) = app_with_upstream(&[("UNPRICED_MODEL_PRICE", "1,2")]).await;
     let token = access(&app.user("socket").await);
 
     // The handshake needs credentials; a ticket works once.
@@ -190,6 +191,19 @@ async fn generations_stream_cancel_and_bad_input_becomes_error_messages() {
         .as_str()
         .unwrap()
         .starts_with("t0 t1 t2 t3 t4"));
+    // What was spent before the cancel is recorded (estimated): the prompt,
+    // a token per chunk received, and their cost.
+    let (p, c) = (
+        exec.body["prompt_tokens"].as_u64().unwrap(),
+        exec.body["completion_tokens"].as_u64().unwrap(),
+    );
+    assert!(p > 0 && c >= 5, "{}", exec.text);
+    let cost = exec.body["cost"].as_f64().unwrap();
+    assert!(
+        (cost - (p as f64 + c as f64 * 2.0) / 1e6).abs() < 1e-12,
+        "{}",
+        exec.text
+    );
 
     // At most 4 at once per socket; a duplicate id is refused.
     for i in 0..4 {

@@ -195,6 +195,19 @@ impl Run {
         self
     }
 
+    /// The prompt's tokens, estimated as the quota does (4 characters a
+    /// token).
+    fn prompt_estimate(&self) -> u32 {
+        let chars: usize = self
+            .request
+            .messages
+            .iter()
+            .map(|m| m.content.len())
+            .sum::<usize>()
+            + self.request.prompt.as_ref().map_or(0, String::len);
+        u32::try_from(chars / 4 + 1).unwrap_or(u32::MAX)
+    }
+
     fn provider_model(&self) -> (String, String) {
         match self.key.split_once('/') {
             Some((p, m)) => (p.to_string(), m.to_string()),
@@ -333,11 +346,20 @@ impl Run {
         } else {
             ExecutionStatus::Failed
         };
+        // Cut after output began: the provider billed the prompt and what
+        // it wrote (estimated: usage comes only with a stream's end).
         let usage = Usage {
-            prompt_tokens: 0,
+            prompt_tokens: if self.deltas > 0 {
+                self.prompt_estimate()
+            } else {
+                0
+            },
             completion_tokens: self.deltas,
         };
-        let (execution, _, written) = self.record(status, usage, None, Some(error.to_string()));
+        let cost = (usage.total() > 0)
+            .then(|| self.state.cost_of(&self.key, &usage))
+            .flatten();
+        let (execution, _, written) = self.record(status, usage, cost, Some(error.to_string()));
         if let Some(w) = written {
             let _ = w.await;
         }
@@ -466,14 +488,17 @@ impl Drop for Run {
         if !self.finished {
             // The caller went away first: the upstream call (or local decode)
             // was dropped with it; the partial answer is kept.
+            // What was spent, estimated (the provider's usage comes only
+            // with the end): the prompt, and a token per delta received.
             let usage = Usage {
-                prompt_tokens: 0,
+                prompt_tokens: self.prompt_estimate(),
                 completion_tokens: self.deltas,
             };
+            let cost = self.state.cost_of(&self.key, &usage);
             let _ = self.record(
                 ExecutionStatus::Cancelled,
                 usage,
-                None,
+                cost,
                 Some("cancelled before the end (client disconnected or asked to stop)".into()),
             );
         }
