@@ -481,7 +481,15 @@ async fn external_jobs_run_report_progress_stop_and_fail() {
         )
         .await;
     assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+    let asked = std::time::Instant::now();
     let end = wait_job(&app, &token, &job, |j| j["status"] == "cancelled").await;
+    // Within a second or two (the heartbeat reads the stop every second;
+    // it used to take a third of the 30 s lease).
+    assert!(
+        asked.elapsed() < std::time::Duration::from_secs(5),
+        "cancelled after {:?}",
+        asked.elapsed()
+    );
     assert!(end["finished_at"].is_string());
     let step_at_stop = end["step"].as_u64().unwrap();
     assert!(step_at_stop < 1200, "{end}");

@@ -430,10 +430,13 @@ impl Runner {
         }
     }
 
-    /// Renews the lease every third of it; turns `cancel` on when the owner
-    /// asks to stop. Resolves when the job is lost.
+    /// Renews the lease every third of it, and at least every second so
+    /// that a stop asked for (on any replica) reaches the trainer within
+    /// about a second; turns `cancel` on then. Resolves when the job is lost.
     async fn heartbeat(&self, id: Uuid, worker_id: String, cancel: Arc<watch::Sender<bool>>) {
-        let every = (self.config.lease / 3).max(Duration::from_millis(50));
+        let every = (self.config.lease / 3)
+            .min(Duration::from_secs(1))
+            .max(Duration::from_millis(50));
         loop {
             tokio::time::sleep(every).await;
             let (repo, wid) = (self.jobs.clone(), worker_id.clone());
