@@ -128,7 +128,8 @@ const FAILING: &str = r#"
 import json, sys
 print(json.dumps({"type": "progress", "step": 1, "total_steps": 10}), flush=True)
 print("not json, goes to the log", flush=True)
-sys.stderr.write("loading weights\nRuntimeError: CUDA out of memory\n")
+import os
+sys.stderr.write("loading weights from " + os.getcwd() + "/checkpoint.bin\nRuntimeError: CUDA out of memory\n")
 sys.exit(3)
 "#;
 
@@ -532,6 +533,12 @@ async fn external_jobs_run_report_progress_stop_and_fail() {
     let error = failed["error"].as_str().unwrap();
     assert!(
         error.contains("exit status: 3") && error.contains("CUDA out of memory"),
+        "{error}"
+    );
+    // The program named a file in its job directory: its owner sees
+    // `…/checkpoint.bin`, never the server's paths.
+    assert!(
+        error.contains("…/checkpoint.bin") && !error.contains(app.data_dir.to_str().unwrap()),
         "{error}"
     );
     let log = app

@@ -190,9 +190,11 @@ impl Runner {
     }
 
     async fn fail(&self, held: &mut Held, reason: String) {
+        // The log keeps the whole reason; the job (which its owner reads)
+        // never shows the server's paths.
         tracing::info!(job = %held.job.id, reason = %reason, "training job failed");
         let mut u = Self::update(&held.job, JobState::Failed);
-        u.error = Some(reason);
+        u.error = Some(without_server_paths(&reason));
         self.write(held, u).await;
     }
 
@@ -453,6 +455,38 @@ impl Runner {
     }
 }
 
+/// `reason` with every absolute path cut to its last component
+/// (`/srv/muse/data/jobs/42/model` → `…/model`): what a job's owner reads
+/// must not reveal how the server's disk is laid out.
+pub fn without_server_paths(reason: &str) -> String {
+    let mut out = String::with_capacity(reason.len());
+    let mut rest = reason;
+    while let Some(at) = rest.find('/') {
+        let starts_token = at == 0
+            || rest[..at]
+                .chars()
+                .last()
+                .is_some_and(|c| c.is_whitespace() || "\"'`(=:".contains(c));
+        let end = rest[at..]
+            .find(|c: char| c.is_whitespace() || "\"'`),;".contains(c))
+            .map_or(rest.len(), |e| at + e);
+        let path = &rest[at..end];
+        if starts_token && path.matches('/').count() >= 2 {
+            out.push_str(&rest[..at]);
+            let last = path.trim_end_matches('/').rsplit('/').next().unwrap_or("");
+            out.push('…');
+            out.push('/');
+            out.push_str(last);
+            rest = &rest[end..];
+        } else {
+            out.push_str(&rest[..at + 1]);
+            rest = &rest[at + 1..];
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 fn ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
@@ -467,5 +501,34 @@ fn merge(into: &mut Progress, p: Progress) {
     }
     if p.message.is_some() {
         into.message = p.message;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::without_server_paths;
+
+    #[test]
+    fn job_errors_show_no_server_paths() {
+        assert_eq!(
+            without_server_paths("the program succeeded but /srv/muse/data/jobs/0193/model has no model.onnx and tokenizer.json"),
+            "the program succeeded but …/model has no model.onnx and tokenizer.json"
+        );
+        assert_eq!(
+            without_server_paths("cannot create the job directory: Permission denied (os error 13) at \"/var/lib/muse/jobs/7\""),
+            "cannot create the job directory: Permission denied (os error 13) at \"…/7\""
+        );
+        assert_eq!(
+            without_server_paths(
+                "exit status 1: python3: can't open file '/opt/train.py': [Errno 2]"
+            ),
+            "exit status 1: python3: can't open file '…/train.py': [Errno 2]"
+        );
+        assert_eq!(without_server_paths("a / b"), "a / b");
+        assert_eq!(
+            without_server_paths("loss went to NaN at step 3/10 (lr 1e-3/2)"),
+            "loss went to NaN at step 3/10 (lr 1e-3/2)",
+            "not paths"
+        );
     }
 }
