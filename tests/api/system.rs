@@ -421,3 +421,155 @@ async fn a_locked_database_is_a_503_with_retry_after() {
         .await;
     assert!(r.status.is_success(), "{}", r.text);
 }
+
+/// The Grafana dashboard (deploy/grafana/muse.json) loads, and every
+/// metric its PromQL names is one a live Muse exports.
+#[actix_web::test]
+async fn the_grafana_dashboard_names_only_exported_metrics() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/grafana/muse.json");
+    let dash: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let exprs: Vec<String> = dash["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().unwrap().iter())
+        .map(|t| t["expr"].as_str().unwrap().to_string())
+        .collect();
+    assert!(exprs.len() >= 15, "{exprs:?}");
+    // Metric names in the expressions: identifiers followed by `{`.
+    let mut named = std::collections::BTreeSet::new();
+    for e in &exprs {
+        let bytes: Vec<char> = e.chars().collect();
+        let mut i = 0;
+        while i < bytes.len() {
+            if bytes[i].is_ascii_alphabetic() || bytes[i] == '_' {
+                let start = i;
+                while i < bytes.len()
+                    && (bytes[i].is_ascii_alphanumeric() || bytes[i] == '_' || bytes[i] == ':')
+                {
+                    i += 1;
+                }
+                if bytes.get(i) == Some(&'{') {
+                    named.insert(bytes[start..i].iter().collect::<String>());
+                }
+            } else if bytes[i] == '"' {
+                // Skip label values.
+                i += 1;
+                while i < bytes.len() && bytes[i] != '"' {
+                    i += 1;
+                }
+                i += 1;
+            } else {
+                i += 1;
+            }
+        }
+    }
+    for must in [
+        "http_requests_total",
+        "llm_cost_total_usd",
+        "quota_denials_total",
+        "training_jobs",
+        "local_model_memory_bytes",
+        "rate_limit_refusals_total",
+        "llm_errors_total",
+    ] {
+        assert!(
+            named.contains(must),
+            "the dashboard shows {must}: {named:?}"
+        );
+    }
+
+    // A live Muse that has done each of those things once.
+    let cache = crate::models::test_models();
+    let mut env = vec![
+        ("ADMIN_EMAIL", "root@example.com"),
+        ("ADMIN_PASSWORD", "an admin passphrase"),
+        ("RATE_LIMIT_ENABLED", "true"),
+        ("RATE_LIMIT_GENERATION_PER_USER", "3/min"),
+    ];
+    // A price for the test model, so that its cost is counted.
+    let prices = std::env::temp_dir().join(format!(
+        "muse-prices-{}.json",
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::write(
+        &prices,
+        r#"{"up/ok": {"input_per_million": 1, "output_per_million": 2}}"#,
+    )
+    .unwrap();
+    let prices_path = prices.display().to_string();
+    env.push(("MODEL_PRICES_FILE", prices_path.as_str()));
+    if let Some(c) = &cache {
+        env.push(("MODEL_CACHE_DIR", c.as_str()));
+    }
+    let (app, _up) = crate::upstream::app_with_upstream(&env).await;
+    let admin = access(
+        &app.login("root@example.com", "an admin passphrase")
+            .await
+            .body,
+    );
+    let token = access(&app.user("grafana").await);
+    let chat = |model: &str| serde_json::json!({"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8});
+    assert_eq!(
+        app.post("/v1/chat/completions", Some(&token), chat("up/ok"))
+            .await
+            .status,
+        reqwest::StatusCode::OK
+    );
+    assert_eq!(
+        app.post("/v1/chat/completions", Some(&token), chat("up/broken"))
+            .await
+            .status
+            .as_u16(),
+        502
+    );
+    let r = app
+        .call(
+            reqwest::Method::PUT,
+            "/api/v1/admin/plans/free",
+            Some(&admin),
+            Some(serde_json::json!({"name": "Free", "price_cents": 0, "max_requests": 2})),
+        )
+        .await;
+    assert!(r.status.is_success(), "{}", r.text);
+    assert_eq!(
+        app.post("/v1/chat/completions", Some(&token), chat("up/ok"))
+            .await
+            .status
+            .as_u16(),
+        402
+    );
+    assert_eq!(
+        app.post("/v1/chat/completions", Some(&token), chat("up/ok"))
+            .await
+            .status
+            .as_u16(),
+        429
+    );
+    let mut ws = crate::websocket::connect(&app, &admin).await;
+    let _ = crate::websocket::recv(&mut ws).await;
+    let text = app
+        .client
+        .get(format!("{}/metrics", app.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let exported: std::collections::BTreeSet<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .collect();
+    for name in &named {
+        if name == "local_model_memory_bytes" && cache.is_none() {
+            continue; // no local models here (MUSE_REQUIRE_LOCAL_MODELS makes just test provide them)
+        }
+        assert!(
+            exported.contains(name.as_str()),
+            "{name} is not in /metrics: {exported:?}"
+        );
+    }
+}

@@ -206,6 +206,24 @@ pub async fn info(state: web::Data<AppState>) -> web::Json<ApiInfo> {
 #[utoipa::path(get, path = "/metrics", tag = "system",
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    // Read at scrape time: training jobs by state, local models in memory.
+    for m in state.models.list() {
+        if m.kind == muse_inference::ModelKind::Local {
+            metrics::gauge!("local_model_memory_bytes", "model" => m.key.clone())
+                .set(m.memory_bytes.unwrap_or(0) as f64);
+        }
+    }
+    let jobs = state.training.jobs.clone();
+    if let Ok(Ok(counts)) = web::block(move || jobs.count_by_state()).await {
+        // Every state, zeros included (dashboards need the series).
+        for job_state in muse_training::JobState::ALL {
+            let n = counts
+                .iter()
+                .find(|(s, _)| *s == job_state)
+                .map_or(0, |(_, n)| *n);
+            metrics::gauge!("training_jobs", "state" => job_state.as_str()).set(n as f64);
+        }
+    }
     let handle = state.metrics.clone();
     let body = web::block(move || crate::telemetry::render_metrics(&handle))
         .await
