@@ -396,3 +396,79 @@ async fn cached_callers_lose_access_at_once_and_foreign_changes_within_the_ttl()
         "seen within AUTH_CACHE_TTL_MS"
     );
 }
+
+/// Two replicas on one database and one Redis (`TEST_REDIS_URL`): a logout
+/// and a suspension made on one reach the other's cache of callers at once
+/// over Redis, not after its (here one-minute) AUTH_CACHE_TTL_MS.
+#[actix_web::test]
+async fn revocations_reach_another_replica_over_redis() {
+    let Ok(redis) = std::env::var("TEST_REDIS_URL") else {
+        eprintln!("skipping: TEST_REDIS_URL is not set");
+        return;
+    };
+    let shared = [
+        ("REDIS_URL", redis.as_str()),
+        ("AUTH_CACHE_TTL_MS", "60000"),
+        ("ADMIN_EMAIL", "root@example.com"),
+        ("ADMIN_PASSWORD", "an admin passphrase"),
+    ];
+    let a = TestApp::spawn_with(&shared).await;
+    let url = a.config.database_url.expose().to_string();
+    let mut with_db = shared.to_vec();
+    with_db.push(("DATABASE_URL", url.as_str()));
+    let b = TestApp::spawn_with(&with_db).await;
+    // Let both subscribe.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+
+    let token = access(&a.user("tworeplicas").await);
+    assert_eq!(
+        b.get("/api/v1/auth/me", Some(&token)).await.status,
+        StatusCode::OK,
+        "cached on b"
+    );
+    let r = a.post("/api/v1/auth/logout", Some(&token), json!({})).await;
+    assert!(r.status.is_success(), "{}", r.text);
+    let refused = wait_for_status(&b, &token, StatusCode::UNAUTHORIZED).await;
+    assert!(
+        refused < std::time::Duration::from_secs(5),
+        "b saw the logout after {refused:?}"
+    );
+
+    let admin = access(
+        &a.login("root@example.com", "an admin passphrase")
+            .await
+            .body,
+    );
+    let fresh = access(&a.login("tworeplicas@example.com", PASSWORD).await.body);
+    let me = b.get("/api/v1/auth/me", Some(&fresh)).await;
+    assert_eq!(me.status, StatusCode::OK);
+    let user_id = me.body["id"].as_str().unwrap().to_string();
+    let r = a
+        .post(
+            &format!("/api/v1/admin/users/{user_id}/suspend"),
+            Some(&admin),
+            json!({}),
+        )
+        .await;
+    assert!(r.status.is_success(), "{}", r.text);
+    let refused = wait_for_status(&b, &fresh, StatusCode::FORBIDDEN).await;
+    assert!(
+        refused < std::time::Duration::from_secs(5),
+        "b saw the suspension after {refused:?}"
+    );
+}
+
+/// How long until `GET /auth/me` with `token` answers `status` on `app`.
+async fn wait_for_status(app: &TestApp, token: &str, status: StatusCode) -> std::time::Duration {
+    let started = std::time::Instant::now();
+    loop {
+        if app.get("/api/v1/auth/me", Some(token)).await.status == status {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "never {status}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}

@@ -49,6 +49,7 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Running, Sta
     .await
     .map_err(|e| StartError::Admin(e.to_string()))??;
     let addr = listener.local_addr()?;
+    relay_revocations(&state);
     state.flags.clone().spawn_refresh();
     let training = crate::training::start(&state);
     let training_wait = crate::training::shutdown_wait(&state.training.config);
@@ -76,6 +77,62 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Running, Sta
         draining,
         shutdown_delay,
     })
+}
+
+/// The Redis channel revocations travel on between replicas.
+const REVOKED_CHANNEL: &str = "muse:revoked";
+
+/// With `REDIS_URL`, every revocation made here (logout, key deletion,
+/// suspension, role change, …) is published, and those published by other
+/// replicas drop the user's cached callers here at once. While Redis is
+/// down the `events_channel_up` gauge is 0, a warning is logged, and other
+/// replicas' revocations arrive within `AUTH_CACHE_TTL_MS` instead.
+fn relay_revocations(state: &crate::state::AppState) {
+    let Some(url) = &state.config.rate_limits.redis_url else {
+        return;
+    };
+    let events = match muse_persistence::RedisEvents::new(url.expose()) {
+        Ok(e) => std::sync::Arc::new(e),
+        Err(e) => {
+            tracing::warn!(error = %e, "revocations will not be relayed between replicas");
+            return;
+        }
+    };
+    let runtime = tokio::runtime::Handle::current();
+    let publisher = events.clone();
+    state.auth.on_revoke(std::sync::Arc::new(move |user_id| {
+        let publisher = publisher.clone();
+        runtime.spawn(async move {
+            if let Err(e) = publisher
+                .publish(REVOKED_CHANNEL, &user_id.to_string())
+                .await
+            {
+                metrics::counter!("events_publish_failures_total").increment(1);
+                tracing::warn!(error = %e, %user_id, "could not relay a revocation; other replicas see it within AUTH_CACHE_TTL_MS");
+            }
+        });
+    }));
+    let auth = state.auth.clone();
+    actix_web::rt::spawn(async move {
+        events
+            .subscribe(
+                REVOKED_CHANNEL,
+                |payload| {
+                    if let Ok(user_id) = uuid::Uuid::parse_str(&payload) {
+                        auth.principal_cache().forget_user(user_id);
+                    }
+                },
+                |up| {
+                    metrics::gauge!("events_channel_up").set(if up { 1.0 } else { 0.0 });
+                    if up {
+                        tracing::info!("revocations from other replicas arrive over Redis");
+                    } else {
+                        tracing::warn!("the Redis event channel is down: other replicas' revocations arrive within AUTH_CACHE_TTL_MS");
+                    }
+                },
+            )
+            .await;
+    });
 }
 
 /// SIGTERM or SIGINT (Ctrl-C).
