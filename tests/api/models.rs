@@ -220,6 +220,20 @@ async fn local_models_are_listed_loaded_reported_and_unloaded() {
         app.get("/health", None).await.body["checks"]["loaded_models"],
         json!([])
     );
+    // Loads and unloads are audited, with the admin who made them.
+    for event in ["model.loaded", "model.unloaded"] {
+        let audit = app
+            .get(&format!("/api/v1/admin/audit?event={event}"), Some(&admin))
+            .await;
+        let items = audit.body["items"].as_array().unwrap();
+        assert!(
+            items.iter().any(
+                |e| e["subject"] == "local/muse-test/tiny-gpt2" && e["detail"]["by"] == "admin"
+            ),
+            "{event}: {}",
+            audit.text
+        );
+    }
 }
 
 /// A generated local ONNX model behind every generation path: an expert

@@ -298,6 +298,26 @@ async fn a_user_subscribes_through_stripe_and_webhooks_apply_once_and_in_order()
             .body["plan"]["id"],
         "free"
     );
+    // The audit log has every change, and who made it.
+    let audit = app
+        .get(
+            "/api/v1/admin/audit?event=subscription.changed&per_page=100",
+            Some(&admin),
+        )
+        .await;
+    assert_eq!(audit.status, StatusCode::OK, "{}", audit.text);
+    let by: Vec<&str> = audit.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["subject"] == ivy.as_str())
+        .map(|e| e["detail"]["by"].as_str().unwrap_or_default())
+        .collect();
+    assert!(
+        by.contains(&"stripe") && by.contains(&"user"),
+        "{}",
+        audit.text
+    );
 }
 
 #[actix_web::test]

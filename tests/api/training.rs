@@ -484,6 +484,21 @@ async fn external_jobs_run_report_progress_stop_and_fail() {
     assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
     let asked = std::time::Instant::now();
     let end = wait_job(&app, &token, &job, |j| j["status"] == "cancelled").await;
+    let admin = access(&app.login(ADMIN.0, ADMIN.1).await.body);
+    for event in ["training.started", "training.stop_requested"] {
+        let audit = app
+            .get(&format!("/api/v1/admin/audit?event={event}"), Some(&admin))
+            .await;
+        assert!(
+            audit.body["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["subject"] == job.as_str()),
+            "{event}: {}",
+            audit.text
+        );
+    }
     // Within a second or two (the heartbeat reads the stop every second;
     // it used to take a third of the 30 s lease).
     assert!(

@@ -4,6 +4,7 @@
 //! tests both run.
 
 pub mod app;
+pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod error;

@@ -164,6 +164,13 @@ pub mod audit {
     pub const PLAN_CHANGED: &str = "plan.changed";
     pub const PLAN_EDITED: &str = "plan.edited";
     pub const MODEL_PULLED: &str = "model.pulled";
+    pub const MODEL_LOADED: &str = "model.loaded";
+    pub const MODEL_UNLOADED: &str = "model.unloaded";
+    pub const TRAINING_STARTED: &str = "training.started";
+    pub const TRAINING_STOP_REQUESTED: &str = "training.stop_requested";
+    /// A subscription changed by Stripe (webhook) or by its user
+    /// (cancellation); `detail.by` says who.
+    pub const SUBSCRIPTION_CHANGED: &str = "subscription.changed";
 }
 
 /// A row of the audit log.

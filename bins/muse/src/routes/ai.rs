@@ -124,13 +124,24 @@ fn local_model(state: &AppState, key: &str) -> Result<(), ApiError> {
     ))]
 pub async fn load_model(
     state: web::Data<AppState>,
-    _admin: AdminUser,
+    admin: AdminUser,
+    ctx: crate::extract::ClientContext,
     path: web::Path<String>,
 ) -> Result<web::Json<ModelEntry>, ApiError> {
     let key = path.into_inner();
     local_model(&state, &key)?;
     let models = state.models.clone();
-    let info = web::block(move || models.load_blocking(&key)).await??;
+    let k = key.clone();
+    let info = web::block(move || models.load_blocking(&k)).await??;
+    crate::audit::record(
+        &state,
+        Some(admin.0.user.id),
+        muse_auth::audit::MODEL_LOADED,
+        Some(key),
+        ctx.0,
+        serde_json::json!({"by": "admin", "memory_bytes": info.memory_bytes}),
+    )
+    .await;
     Ok(web::Json(info.into()))
 }
 
@@ -145,11 +156,21 @@ pub async fn load_model(
     ))]
 pub async fn unload_model(
     state: web::Data<AppState>,
-    _admin: AdminUser,
+    admin: AdminUser,
+    ctx: crate::extract::ClientContext,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let key = path.into_inner();
     local_model(&state, &key)?;
     let was_loaded = state.models.unload(&key)?;
+    crate::audit::record(
+        &state,
+        Some(admin.0.user.id),
+        muse_auth::audit::MODEL_UNLOADED,
+        Some(key.clone()),
+        ctx.0,
+        serde_json::json!({"by": "admin", "was_loaded": was_loaded}),
+    )
+    .await;
     Ok(HttpResponse::Ok().json(serde_json::json!({"key": key, "was_loaded": was_loaded})))
 }

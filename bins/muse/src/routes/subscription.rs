@@ -311,6 +311,7 @@ pub async fn upgrade(
 pub async fn cancel(
     state: web::Data<AppState>,
     user: CurrentUser,
+    ctx: crate::extract::ClientContext,
 ) -> Result<web::Json<SubscriptionView>, ApiError> {
     let (billing, uid) = (state.billing.clone(), user.0.user.id);
     // A Stripe subscription is cancelled at Stripe first (its webhook confirms).
@@ -356,6 +357,17 @@ pub async fn cancel(
     })
     .await?
     .map_err(store_error)?;
+    if let Some(s) = &sub {
+        crate::audit::record(
+            &state,
+            Some(uid),
+            muse_auth::audit::SUBSCRIPTION_CHANGED,
+            Some(uid.to_string()),
+            ctx.0,
+            serde_json::json!({"by": "user", "change": "cancel_at_period_end", "plan": s.plan_id}),
+        )
+        .await;
+    }
     sub.map(|s| web::Json(SubscriptionView::from(&s)))
         .ok_or_else(|| {
             ApiError::new(
@@ -478,9 +490,21 @@ pub async fn webhook(
         .to_string();
     let created = event["created"].as_i64().unwrap_or(now);
     let object = event["data"]["object"].clone();
-    let billing = state.billing.clone();
-    let outcome =
-        actix_web::web::block(move || apply_event(&billing, &id, &kind, created, &object)).await?;
+    let (billing, auth) = (state.billing.clone(), state.auth.clone());
+    let outcome = actix_web::web::block(move || {
+        // Every change a Stripe event makes is audited, by "stripe".
+        let audit = |uid: Uuid, change: &str, description: &str| {
+            auth.audit(
+                None,
+                muse_auth::audit::SUBSCRIPTION_CHANGED,
+                Some(&uid.to_string()),
+                &muse_auth::RequestContext::default(),
+                Some(serde_json::json!({"by": "stripe", "change": change, "description": description, "stripe_event": id})),
+            );
+        };
+        apply_event(&billing, &id, &kind, created, &object, &audit)
+    })
+    .await?;
     let duplicate = match outcome {
         Ok(d) => d,
         Err(e) => {
@@ -504,6 +528,7 @@ fn apply_event(
     kind: &str,
     created: i64,
     o: &serde_json::Value,
+    audit: &dyn Fn(Uuid, &str, &str),
 ) -> Result<bool, muse_billing::BillingError> {
     if billing.stripe_event_seen(id)? {
         return Ok(true);
@@ -520,6 +545,7 @@ fn apply_event(
         }
     };
     let history = |uid: Uuid, kind: &str, description: String, amount: Option<i64>| {
+        audit(uid, kind, &description);
         billing.record_event(&BillingEvent {
             id: Uuid::now_v7(),
             user_id: uid,

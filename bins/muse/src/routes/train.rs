@@ -464,6 +464,7 @@ fn invalid(fields: Vec<Value>) -> ApiError {
 pub async fn start(
     state: web::Data<AppState>,
     user: CurrentUser,
+    ctx: crate::extract::ClientContext,
     body: web::Json<StartBody>,
 ) -> Result<HttpResponse, ApiError> {
     let plan = gate(&state, &user).await?;
@@ -540,6 +541,15 @@ pub async fn start(
     let (jobs, j) = (training.jobs.clone(), job.clone());
     blocking(move || jobs.insert_job(&j)).await?;
     tracing::info!(job = %job.id, trainer = %job.trainer, "training job queued");
+    crate::audit::record(
+        &state,
+        Some(user.0.user.id),
+        muse_auth::audit::TRAINING_STARTED,
+        Some(job.id.to_string()),
+        ctx.0,
+        serde_json::json!({"by": "user", "trainer": job.trainer, "base_model": job.base_model}),
+    )
+    .await;
     Ok(HttpResponse::Accepted().json(job_view(&job)))
 }
 
@@ -610,6 +620,7 @@ pub async fn status(
 pub async fn stop(
     state: web::Data<AppState>,
     user: CurrentUser,
+    ctx: crate::extract::ClientContext,
     path: web::Path<Uuid>,
 ) -> Result<HttpResponse, ApiError> {
     let (jobs, uid, id) = (
@@ -618,7 +629,19 @@ pub async fn stop(
         path.into_inner(),
     );
     let now = SystemClock.now_ms();
-    match blocking(move || jobs.request_stop(uid, id, now)).await? {
+    let outcome = blocking(move || jobs.request_stop(uid, id, now)).await?;
+    if let StopOutcome::Cancelled(j) | StopOutcome::Requested(j) = &outcome {
+        crate::audit::record(
+            &state,
+            Some(uid),
+            muse_auth::audit::TRAINING_STOP_REQUESTED,
+            Some(j.id.to_string()),
+            ctx.0,
+            serde_json::json!({"by": "user", "state": j.state.as_str()}),
+        )
+        .await;
+    }
+    match outcome {
         StopOutcome::Cancelled(j) => Ok(HttpResponse::Ok().json(job_view(&j))),
         StopOutcome::Requested(j) => Ok(HttpResponse::Accepted().json(job_view(&j))),
         StopOutcome::AlreadyEnded(j) => Err(ApiError::new(
