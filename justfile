@@ -14,10 +14,11 @@ run *ARGS:
 models *ARGS:
     ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$(./scripts/ort-path.sh)}" cargo run -q -p muse-server --bin muse -- models {{ARGS}}
 
-# fmt, clippy -D warnings, dependency rules, test models, and every test (PostgreSQL too when TEST_DATABASE_URL is set)
+# fmt, clippy -D warnings, dependency rules, test models, and every test (PostgreSQL too when TEST_DATABASE_URL is set; three replicas behind nginx when TEST_REDIS_URL is set too)
 test: lint test-models
     ./scripts/check-domain-deps.sh
-    ORT_DYLIB_PATH="$(./scripts/ort-path.sh)" MUSE_REQUIRE_LOCAL_MODELS=1 cargo test --workspace --no-fail-fast
+    if [ -n "${TEST_DATABASE_URL:-}" ] && [ -n "${TEST_REDIS_URL:-}" ]; then ./scripts/ensure-nginx.sh; fi
+    PATH="$PATH:/usr/sbin" ORT_DYLIB_PATH="$(./scripts/ort-path.sh)" MUSE_REQUIRE_LOCAL_MODELS=1 cargo test --workspace --no-fail-fast
 
 # Generate the tiny ONNX test models (deterministic, checked) into target/test-models/hub, check them against the reference onnxruntime loop, and write the chat-template reference (transformers) into target/test-models/chat-templates
 test-models:
