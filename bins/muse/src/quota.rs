@@ -113,42 +113,51 @@ pub async fn reserve(
     let now = muse_core::Clock::now_ms(&muse_core::SystemClock);
     let (period_start, period_end) = month_of(now);
     let ledger = state.quota_ledger.clone();
-    let decide =
-        move |billing: &dyn BillingRepository| -> Result<Decision, muse_billing::BillingError> {
-            let (plan, _) = plan_of(billing, user_id, now)?;
-            if !plan.allows_model(&key) {
-                return Ok(Err((plan, None)));
-            }
-            if unpriced && plan.max_cost_usd.is_some() {
-                return Ok(Err((plan, Some(Refusal::Unpriced))));
-            }
-            let r = match &ledger {
-                // In memory: the period's usage is read once, then counted here.
-                Some(ledger) => {
-                    if !ledger.is_loaded(user_id, period_start) {
-                        ledger.load(user_id, period_start, billing.usage(user_id, period_start)?);
-                    }
-                    ledger
-                        .reserve(user_id, period_start, &plan, tokens, cost)
-                        .map(|_| ())
+    // The decision once the plan is known; storage is read only for an
+    // unloaded period or the database store.
+    let decide = move |plan: Plan,
+                       billing: &dyn BillingRepository|
+          -> Result<Decision, muse_billing::BillingError> {
+        if !plan.allows_model(&key) {
+            return Ok(Err((plan, None)));
+        }
+        if unpriced && plan.max_cost_usd.is_some() {
+            return Ok(Err((plan, Some(Refusal::Unpriced))));
+        }
+        let r = match &ledger {
+            // In memory: the period's usage is read once, then counted here.
+            Some(ledger) => {
+                if !ledger.is_loaded(user_id, period_start) {
+                    ledger.load(user_id, period_start, billing.usage(user_id, period_start)?);
                 }
-                None => billing.reserve(user_id, period_start, &plan, tokens, cost)?,
-            };
-            Ok(r.map_err(|kind| (plan, Some(Refusal::Quota(kind)))))
+                ledger
+                    .reserve(user_id, period_start, &plan, tokens, cost)
+                    .map(|_| ())
+            }
+            None => billing.reserve(user_id, period_start, &plan, tokens, cost)?,
         };
+        Ok(r.map_err(|kind| (plan, Some(Refusal::Quota(kind)))))
+    };
     // Everything known in memory (the caller's plan cached, the period's
-    // usage counted here): decided on this thread, no database, no
-    // blocking-pool hop. Otherwise read what is missing on the pool.
-    let in_memory = state
-        .quota_ledger
-        .as_ref()
-        .is_some_and(|l| l.is_loaded(user_id, period_start))
-        && cached_plan_of(&state.billing_cache, user_id, now).is_some();
-    let outcome = if in_memory {
-        decide(&*state.billing_cache)
-    } else {
-        let billing = state.billing.clone();
-        actix_web::web::block(move || decide(&*billing)).await?
+    // usage counted here): decided on this thread with that plan, no
+    // database, no blocking-pool hop. Otherwise read what is missing on
+    // the pool.
+    let cached = cached_plan_of(&state.billing_cache, user_id, now).filter(|_| {
+        state
+            .quota_ledger
+            .as_ref()
+            .is_some_and(|l| l.is_loaded(user_id, period_start))
+    });
+    let outcome = match cached {
+        Some(plan) => decide(plan, &*state.billing_cache),
+        None => {
+            let billing = state.billing.clone();
+            actix_web::web::block(move || {
+                let (plan, _) = plan_of(&*billing, user_id, now)?;
+                decide(plan, &*billing)
+            })
+            .await?
+        }
     }
     .map_err(store_error)?;
     match outcome {
