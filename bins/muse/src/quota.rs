@@ -33,11 +33,7 @@ pub fn plan_of(
     now_ms: i64,
 ) -> Result<(Plan, Option<Subscription>), muse_billing::BillingError> {
     let sub = billing.subscription(user_id)?;
-    let current = sub.as_ref().filter(|s| {
-        s.status != SubscriptionStatus::Canceled
-            && !(s.cancel_at_period_end && s.current_period_end.is_some_and(|end| now_ms >= end))
-    });
-    let id = current.map_or(FREE_PLAN, |s| s.plan_id.as_str());
+    let id = plan_id_in_force(sub.as_ref(), now_ms);
     let plan = match billing.plan(id)? {
         Some(p) => p,
         None => billing
@@ -47,16 +43,21 @@ pub fn plan_of(
     Ok((plan, sub))
 }
 
+/// The plan a subscription gives now: its own while it is active or past
+/// due (and not cancelled past its period end), else free.
+fn plan_id_in_force(sub: Option<&Subscription>, now_ms: i64) -> &str {
+    sub.filter(|s| {
+        s.status != SubscriptionStatus::Canceled
+            && !(s.cancel_at_period_end && s.current_period_end.is_some_and(|end| now_ms >= end))
+    })
+    .map_or(FREE_PLAN, |s| s.plan_id.as_str())
+}
+
 /// The plan in force for a user, from the cache alone (`None`: something
 /// is not cached). The same rule as [`plan_of`].
 fn cached_plan_of(cache: &muse_billing::CachedBilling, user_id: Uuid, now_ms: i64) -> Option<Plan> {
     let sub = cache.peek_subscription(user_id)?;
-    let current = sub.as_ref().filter(|s| {
-        s.status != SubscriptionStatus::Canceled
-            && !(s.cancel_at_period_end && s.current_period_end.is_some_and(|end| now_ms >= end))
-    });
-    let id = current.map_or(FREE_PLAN, |s| s.plan_id.as_str());
-    match cache.peek_plan(id)? {
+    match cache.peek_plan(plan_id_in_force(sub.as_ref(), now_ms))? {
         Some(p) => Some(p),
         None => cache.peek_plan(FREE_PLAN)?,
     }
