@@ -223,11 +223,17 @@ async fn generations_stream_cancel_and_bad_input_becomes_error_messages() {
         json!({"type": "generate", "id": "s4", "prompt": "x", "model": "up/slow"}),
     )
     .await;
+    // Every one of the four starts (its execution exists from then on:
+    // what is cancelled before it starts never reached a model).
     let mut codes = Vec::new();
-    while codes.len() < 2 {
+    let mut started = std::collections::BTreeSet::new();
+    while codes.len() < 2 || started.len() < 4 {
         let m = recv(&mut ws).await;
         if m["type"] == "error" {
             codes.push(m["error"]["code"].as_str().unwrap().to_string());
+        }
+        if m["type"] == "started" {
+            started.insert(m["id"].as_str().unwrap().to_string());
         }
     }
     assert_eq!(codes, ["duplicate_id", "too_many_generations"]);
