@@ -152,8 +152,10 @@ fn run(db: Database, mut rx: mpsc::Receiver<Item>, pending: Arc<AtomicUsize>) {
     }
 }
 
-/// Writes one batch, retrying while the database refuses it (down,
-/// locked); gives up after [`ATTEMPTS`] and logs every execution lost.
+/// Writes one batch, retrying while the database cannot serve (down,
+/// locked); gives up after [`ATTEMPTS`] and logs every execution lost. A
+/// batch the database refuses (a record it cannot take) is written one
+/// record at a time, so that one bad record costs only itself.
 fn write(db: &Database, batch: &[CallRecord]) -> bool {
     let started = Instant::now();
     for attempt in 1..=ATTEMPTS {
@@ -162,6 +164,22 @@ fn write(db: &Database, batch: &[CallRecord]) -> bool {
                 metrics::histogram!("execution_write_seconds")
                     .record(started.elapsed().as_secs_f64());
                 return true;
+            }
+            Err(muse_persistence::DbError::Rejected(e)) if batch.len() > 1 => {
+                tracing::warn!(error = %e, calls = batch.len(), "a batch of executions was refused; writing them one by one");
+                // Every record is tried (no short cut on the first failure).
+                let failed = batch
+                    .iter()
+                    .map(|c| write(db, std::slice::from_ref(c)))
+                    .filter(|ok| !ok)
+                    .count();
+                return failed == 0;
+            }
+            Err(e @ muse_persistence::DbError::Rejected(_)) => {
+                for c in batch {
+                    tracing::error!(error = %e, execution_id = %c.execution.id, user_id = %c.execution.user_id, "could not record an execution");
+                }
+                return false;
             }
             Err(e) if attempt < ATTEMPTS => {
                 tracing::warn!(error = %e, calls = batch.len(), attempt, "could not write a batch of executions; retrying");
@@ -175,4 +193,82 @@ fn write(db: &Database, batch: &[CallRecord]) -> bool {
         }
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use muse_auth::AuthRepository;
+    use muse_prompts::{
+        Execution, ExecutionRepository, ExecutionScope, ExecutionSource, ExecutionStatus,
+    };
+    use uuid::Uuid;
+
+    fn execution(user_id: Uuid) -> Execution {
+        Execution {
+            id: Uuid::now_v7(),
+            user_id,
+            source: ExecutionSource::OpenaiApi,
+            prompt_id: None,
+            prompt_version: None,
+            provider: "up".into(),
+            model: "ok".into(),
+            variables: None,
+            rendered_prompt: Some("hi".into()),
+            output: Some("ok".into()),
+            prompt_tokens: 3,
+            completion_tokens: 1,
+            cost_usd: None,
+            duration_ms: 1,
+            ttft_ms: None,
+            status: ExecutionStatus::Succeeded,
+            error: None,
+            created_at: 1,
+        }
+    }
+
+    /// One record the database refuses (its user does not exist) costs only
+    /// itself: the others of its batch are written.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refused_record_does_not_take_its_batch_down() {
+        let t = muse_persistence::testing::TestDb::new();
+        let db = Database::connect(&t.url, 2).unwrap();
+        db.run_migrations().unwrap();
+        let user = muse_auth::User {
+            id: Uuid::now_v7(),
+            email: "w@example.com".into(),
+            username: "writer".into(),
+            password_hash: "$2b$04$hash".into(),
+            role: muse_auth::Role::User,
+            status: muse_auth::UserStatus::Active,
+            email_verified_at: None,
+            created_at: 1,
+            updated_at: 1,
+        };
+        muse_persistence::DieselAuthRepository::new(db.clone())
+            .create_user(&user)
+            .unwrap();
+        let writer = Writer::start(db.clone(), WriteMode::Sync).unwrap();
+        let good = [execution(user.id), execution(user.id)];
+        let bad = execution(Uuid::now_v7());
+        let record = |e: &Execution| CallRecord {
+            execution: e.clone(),
+            idea: None,
+            settle: None,
+            reserved_in_db: true,
+        };
+        let waits: Vec<_> = [&good[0], &bad, &good[1]]
+            .into_iter()
+            .map(|e| writer.submit(record(e), &db).unwrap())
+            .collect();
+        for w in waits {
+            let _ = w.await;
+        }
+        assert_eq!(writer.drain(Duration::from_secs(5)), 0);
+        let repo = muse_persistence::DieselExecutionRepository::new(db);
+        for e in &good {
+            assert!(repo.get(ExecutionScope::All, e.id).unwrap().is_some());
+        }
+        assert!(repo.get(ExecutionScope::All, bad.id).unwrap().is_none());
+    }
 }

@@ -117,5 +117,11 @@ pub fn record_calls(db: &Database, batch: &[CallRecord]) -> Result<(), DbError> 
             Ok(())
         })
     })?
-    .map_err(|e| DbError::Unavailable(e.to_string()))
+    .map_err(|e| {
+        if crate::is_unavailable(&e) {
+            DbError::Unavailable(e.to_string())
+        } else {
+            DbError::Rejected(e.to_string())
+        }
+    })
 }

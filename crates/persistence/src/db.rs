@@ -34,6 +34,10 @@ pub enum DbError {
     Migration(String),
     #[error("database unavailable: {0}")]
     Unavailable(String),
+    /// The database answered and refused the statement (a constraint, a
+    /// value it cannot hold): retrying the same write will not help.
+    #[error("the database refused the write: {0}")]
+    Rejected(String),
 }
 
 /// Which database a URL names.
