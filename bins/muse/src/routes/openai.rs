@@ -613,6 +613,11 @@ pub async fn chat_completions(
     let created = muse_core::Clock::now_secs(&muse_core::SystemClock);
     let choices = body.n.unwrap_or(1);
     let stream = body.stream.unwrap_or(false);
+    let include_usage = body
+        .stream_options
+        .as_ref()
+        .and_then(|o| o.include_usage)
+        .unwrap_or(false);
     if choices > 1 && stream {
         // Admitted one by one (each against the quota), opened together.
         let mut runs = Vec::with_capacity(choices as usize);
@@ -640,11 +645,6 @@ pub async fn chat_completions(
         for o in opened {
             streams.push(o.map_err(|f| ApiError::from(f.error).for_execution(f.execution.id))?);
         }
-        let include_usage = body
-            .stream_options
-            .as_ref()
-            .and_then(|o| o.include_usage)
-            .unwrap_or(false);
         return Ok(stream_choices(
             streams,
             key,
@@ -694,11 +694,6 @@ pub async fn chat_completions(
             "a whole answer reached the stream path",
         ));
     };
-    let include_usage = body
-        .stream_options
-        .as_ref()
-        .and_then(|o| o.include_usage)
-        .unwrap_or(false);
     Ok(stream_choices(
         vec![(id, events)],
         key,
