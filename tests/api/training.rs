@@ -951,3 +951,84 @@ async fn the_plan_caps_unfinished_jobs() {
         json!({"plan": "solo", "limit": 1})
     );
 }
+
+/// Two replicas on one database and one Redis: a job trained on `a` is
+/// seen on a WebSocket open on `b` as it progresses, announced over Redis
+/// (`muse:jobs`), though `b` polls only once a minute here.
+#[actix_web::test]
+async fn progress_reaches_another_replica_over_redis_without_polling() {
+    let Ok(redis) = std::env::var("TEST_REDIS_URL") else {
+        eprintln!("skipping: TEST_REDIS_URL is not set");
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("muse-progress-{}", uuid::Uuid::new_v4().simple()));
+    let slow = fake_program(&dir, "slow.py", SLOW);
+    let command = format!("python3 {slow}");
+    let a = TestApp::spawn_with(&[
+        ("ADMIN_EMAIL", ADMIN.0),
+        ("ADMIN_PASSWORD", ADMIN.1),
+        ("REDIS_URL", redis.as_str()),
+        ("TRAINING_EXTERNAL_COMMAND", command.as_str()),
+        ("TRAINING_WORKERS", "1"),
+        ("TRAINING_POLL_MS", "50"),
+        ("TRAINING_PROGRESS_POLL_MS", "60000"),
+    ])
+    .await;
+    let url = a.config.database_url.expose().to_string();
+    let data = a.data_dir.display().to_string();
+    let b = TestApp::spawn_with(&[
+        ("ADMIN_EMAIL", ADMIN.0),
+        ("ADMIN_PASSWORD", ADMIN.1),
+        ("REDIS_URL", redis.as_str()),
+        ("DATABASE_URL", url.as_str()),
+        ("MUSE_DATA_DIR", data.as_str()),
+        ("TRAINING_EXTERNAL_COMMAND", command.as_str()),
+        ("TRAINING_WORKERS", "0"),
+        ("TRAINING_PROGRESS_POLL_MS", "60000"),
+    ])
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let (token, _) = trainer_user(&a, "spread").await;
+    let ds = upload(&a, &token, "", "d.jsonl", chat_rows(10).as_bytes()).await;
+    assert_eq!(ds.status, StatusCode::CREATED, "{}", ds.text);
+    let ds = ds.body["dataset_id"].as_str().unwrap().to_string();
+    let mut ws = crate::websocket::connect(&b, &token).await;
+    assert_eq!(recv(&mut ws).await["type"], "ready");
+    let started = std::time::Instant::now();
+    let r = a
+        .post(
+            "/api/v1/train/start",
+            Some(&token),
+            json!({"dataset_id": ds, "base_model": "slow"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+    let job = r.body["job_id"].as_str().unwrap().to_string();
+    // Progress frames on b, with steps growing, long before b would poll.
+    let mut steps = Vec::new();
+    while steps.len() < 5 {
+        let m = recv(&mut ws).await;
+        if m["type"] == "training.progress" && m["job_id"] == job.as_str() {
+            if let Some(s) = m["step"].as_u64() {
+                steps.push(s);
+            }
+        }
+    }
+    let elapsed = started.elapsed();
+    eprintln!(
+        "5 progress frames on the other replica {elapsed:?} after the start: steps {steps:?}"
+    );
+    assert!(elapsed < std::time::Duration::from_secs(20), "{elapsed:?}");
+    assert!(
+        steps.windows(2).all(|w| w[0] <= w[1]) && steps.last() > steps.first(),
+        "{steps:?}"
+    );
+    let _ = a
+        .post(
+            &format!("/api/v1/train/stop/{job}"),
+            Some(&token),
+            json!({}),
+        )
+        .await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -81,6 +81,25 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Running, Sta
 
 /// The Redis channel revocations travel on between replicas.
 const REVOKED_CHANNEL: &str = "muse:revoked";
+/// The Redis channel training-job changes are announced on.
+pub const JOBS_CHANNEL: &str = "muse:jobs";
+
+/// Announces every job change written through this process on Redis.
+pub fn relay_job_changes(
+    events: &std::sync::Arc<muse_persistence::RedisEvents>,
+    signals: &crate::training::JobSignals,
+) {
+    let (events, runtime) = (events.clone(), tokio::runtime::Handle::current());
+    signals.on_change(std::sync::Arc::new(move |job_id| {
+        let events = events.clone();
+        runtime.spawn(async move {
+            if let Err(e) = events.publish(JOBS_CHANNEL, &job_id.to_string()).await {
+                metrics::counter!("events_publish_failures_total").increment(1);
+                tracing::debug!(error = %e, %job_id, "could not announce a job change; other processes poll");
+            }
+        });
+    }));
+}
 
 /// With `REDIS_URL`, every revocation made here (logout, key deletion,
 /// suspension, role change, …) is published, and those published by other
@@ -112,6 +131,26 @@ fn relay_revocations(state: &crate::state::AppState) {
             }
         });
     }));
+    // Training jobs: a change written here is announced; one announced by
+    // another process (a replica, a `muse worker`) wakes this relay.
+    relay_job_changes(&events, &state.training.signals);
+    let (jobs_events, signals) = (events.clone(), state.training.signals.clone());
+    actix_web::rt::spawn(async move {
+        jobs_events
+            .subscribe(
+                JOBS_CHANNEL,
+                |_| signals.local.notify_one(),
+                |up| {
+                    signals
+                        .channel_up
+                        .store(up, std::sync::atomic::Ordering::SeqCst);
+                    if !up {
+                        tracing::warn!("the Redis event channel is down: training progress from other processes is polled (TRAINING_PROGRESS_POLL_MS)");
+                    }
+                },
+            )
+            .await;
+    });
     let auth = state.auth.clone();
     actix_web::rt::spawn(async move {
         events

@@ -12,8 +12,9 @@ use muse_core::{Clock, SystemClock};
 use muse_inference::ModelRegistry;
 use muse_persistence::{Database, DieselTrainingRepository};
 use muse_training::{
-    DatasetRepository, ExternalConfig, ExternalTrainer, JobRepository, JobState, ModelSink,
-    OpenAiTrainer, OpenAiTrainerConfig, Runner, TrainedModel, Trainers, TrainingJob, WorkerConfig,
+    DatasetRepository, ExternalConfig, ExternalTrainer, JobRepository, JobState, JobStoreError,
+    ModelSink, OpenAiTrainer, OpenAiTrainerConfig, Runner, TrainedModel, Trainers, TrainingJob,
+    WorkerConfig,
 };
 use serde_json::{json, Value};
 use tokio::sync::watch;
@@ -26,8 +27,128 @@ pub fn trained_model_dir(root: &Path, job_id: Uuid) -> PathBuf {
     root.join("models").join(job_id.simple().to_string())
 }
 
+/// Told of every job change written through this process (a claim,
+/// progress, a state, a stop): wakes this process's progress relay at once
+/// and, with Redis, the other replicas' (`muse:jobs`).
+#[derive(Default)]
+pub struct JobSignals {
+    /// Wakes the relay of this process.
+    pub local: tokio::sync::Notify,
+    /// Whether other processes' changes arrive over Redis (the relay then
+    /// polls only as a safety net).
+    pub channel_up: std::sync::atomic::AtomicBool,
+    publish: RwLock<Option<JobHook>>,
+}
+
+/// Told of a changed job (to announce it to other processes).
+pub type JobHook = Arc<dyn Fn(Uuid) + Send + Sync>;
+
+impl JobSignals {
+    fn changed(&self, id: Uuid) {
+        self.local.notify_one();
+        let publish = self.publish.read().ok().and_then(|p| p.clone());
+        if let Some(p) = publish {
+            p(id);
+        }
+    }
+
+    /// Registers who relays job changes to other processes.
+    pub fn on_change(&self, publish: JobHook) {
+        if let Ok(mut p) = self.publish.write() {
+            *p = Some(publish);
+        }
+    }
+}
+
+/// The job store, telling [`JobSignals`] of every change written.
+struct SignallingJobs {
+    inner: Arc<dyn JobRepository>,
+    signals: Arc<JobSignals>,
+}
+
+impl JobRepository for SignallingJobs {
+    fn insert_job(&self, job: &TrainingJob) -> Result<(), JobStoreError> {
+        self.inner.insert_job(job)?;
+        self.signals.changed(job.id);
+        Ok(())
+    }
+    fn job(&self, user_id: Option<Uuid>, id: Uuid) -> Result<Option<TrainingJob>, JobStoreError> {
+        self.inner.job(user_id, id)
+    }
+    fn jobs(
+        &self,
+        user_id: Option<Uuid>,
+        filter: &muse_training::JobFilter,
+        page: muse_core::PageRequest,
+    ) -> Result<muse_core::Page<TrainingJob>, JobStoreError> {
+        self.inner.jobs(user_id, filter, page)
+    }
+    fn unfinished_jobs(&self, user_id: Uuid) -> Result<u64, JobStoreError> {
+        self.inner.unfinished_jobs(user_id)
+    }
+    fn jobs_using_dataset(&self, dataset_id: Uuid) -> Result<u64, JobStoreError> {
+        self.inner.jobs_using_dataset(dataset_id)
+    }
+    fn claim(
+        &self,
+        worker_id: &str,
+        trainers: &[String],
+        now: i64,
+        lease_ms: i64,
+    ) -> Result<Option<TrainingJob>, JobStoreError> {
+        let claimed = self.inner.claim(worker_id, trainers, now, lease_ms)?;
+        if let Some(j) = &claimed {
+            self.signals.changed(j.id);
+        }
+        Ok(claimed)
+    }
+    fn heartbeat(
+        &self,
+        id: Uuid,
+        worker_id: &str,
+        now: i64,
+        lease_ms: i64,
+    ) -> Result<muse_training::Lease, JobStoreError> {
+        self.inner.heartbeat(id, worker_id, now, lease_ms)
+    }
+    fn update_job(
+        &self,
+        id: Uuid,
+        worker_id: &str,
+        update: &muse_training::JobUpdate,
+        now: i64,
+    ) -> Result<bool, JobStoreError> {
+        let held = self.inner.update_job(id, worker_id, update, now)?;
+        if held {
+            self.signals.changed(id);
+        }
+        Ok(held)
+    }
+    fn request_stop(
+        &self,
+        user_id: Uuid,
+        id: Uuid,
+        now: i64,
+    ) -> Result<muse_training::StopOutcome, JobStoreError> {
+        let outcome = self.inner.request_stop(user_id, id, now)?;
+        self.signals.changed(id);
+        Ok(outcome)
+    }
+    fn changed_since(&self, since: i64, limit: i64) -> Result<Vec<TrainingJob>, JobStoreError> {
+        self.inner.changed_since(since, limit)
+    }
+    fn trained_models(&self) -> Result<Vec<TrainingJob>, JobStoreError> {
+        self.inner.trained_models()
+    }
+    fn count_by_state(&self) -> Result<Vec<(JobState, u64)>, JobStoreError> {
+        self.inner.count_by_state()
+    }
+}
+
 pub struct Training {
     pub jobs: Arc<dyn JobRepository>,
+    /// Told of every job change written here.
+    pub signals: Arc<JobSignals>,
     pub datasets: Arc<dyn DatasetRepository>,
     pub trainers: Trainers,
     /// `<MUSE_DATA_DIR>/training`.
@@ -40,8 +161,13 @@ pub struct Training {
 impl Training {
     pub fn new(config: &Config, db: &Database) -> Result<Self, String> {
         let repo = Arc::new(DieselTrainingRepository::new(db.clone()));
+        let signals = Arc::new(JobSignals::default());
         Ok(Self {
-            jobs: repo.clone(),
+            jobs: Arc::new(SignallingJobs {
+                inner: repo.clone(),
+                signals: signals.clone(),
+            }),
+            signals,
             datasets: repo,
             trainers: build_trainers(config)?,
             root: config.data_dir.join("training"),
@@ -276,9 +402,26 @@ fn spawn_relay(state: crate::state::AppState) {
         const OVERLAP_MS: i64 = 2_000;
         let mut since = SystemClock.now_ms() - OVERLAP_MS;
         let mut sent: HashMap<Uuid, i64> = HashMap::new();
-        let mut tick = tokio::time::interval(every);
+        // Polling is the safety net: with Redis relaying changes between
+        // processes it runs every 5 s; without (or while it is down) every
+        // TRAINING_PROGRESS_POLL_MS. Changes written here, or announced by
+        // another process over Redis, wake it at once.
+        let safety_net = Duration::from_secs(5).max(every);
         loop {
-            tick.tick().await;
+            let wait = if state
+                .training
+                .signals
+                .channel_up
+                .load(std::sync::atomic::Ordering::SeqCst)
+            {
+                safety_net
+            } else {
+                every
+            };
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = state.training.signals.local.notified() => {}
+            }
             let jobs = state.training.jobs.clone();
             let from = since;
             let changed =
@@ -320,6 +463,11 @@ pub async fn run_worker(
     workers: Option<usize>,
 ) -> Result<(), crate::app::StartError> {
     let n = workers.unwrap_or(config.training.workers).max(1);
+    let config_redis = config
+        .rate_limits
+        .redis_url
+        .as_ref()
+        .map(|u| u.expose().to_string());
     let (training, models) = actix_web::web::block(move || -> Result<_, crate::app::StartError> {
         let db = crate::server::open_database(&config)?;
         let (models, _) = crate::inference::build_registry(&config.llm)?;
@@ -335,6 +483,13 @@ pub async fn run_worker(
     .map_err(|e| crate::app::StartError::Admin(e.to_string()))??;
     if training.trainers.is_empty() {
         tracing::warn!("no trainer is configured (TRAINING_EXTERNAL_COMMAND, OPENAI_API_KEY): this worker will take no job");
+    }
+    // With Redis, the servers' relays hear of this worker's progress at once.
+    if let Some(url) = &config_redis {
+        match muse_persistence::RedisEvents::new(url) {
+            Ok(events) => crate::server::relay_job_changes(&Arc::new(events), &training.signals),
+            Err(e) => tracing::warn!(error = %e, "job progress is not announced over Redis"),
+        }
     }
     let (stop, stopped) = watch::channel(false);
     let handles = training.runner(models).spawn(n, stopped);
