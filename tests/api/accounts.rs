@@ -308,11 +308,7 @@ async fn cached_callers_lose_access_at_once_and_foreign_changes_within_the_ttl()
         ("ADMIN_PASSWORD", "an admin passphrase"),
     ])
     .await;
-    let admin = access(
-        &app.login("root@example.com", "an admin passphrase")
-            .await
-            .body,
-    );
+    let admin = root_token(&app).await;
     let login = app.user("cached").await;
     let token = access(&login);
     let me = |t: String| {
@@ -434,11 +430,7 @@ async fn revocations_reach_another_replica_over_redis() {
         "b saw the logout after {refused:?}"
     );
 
-    let admin = access(
-        &a.login("root@example.com", "an admin passphrase")
-            .await
-            .body,
-    );
+    let admin = root_token(&a).await;
     let fresh = access(&a.login("tworeplicas@example.com", PASSWORD).await.body);
     let me = b.get("/api/v1/auth/me", Some(&fresh)).await;
     assert_eq!(me.status, StatusCode::OK);

@@ -318,11 +318,7 @@ async fn feature_flags_gate_routes_per_user_and_reach_other_replicas_within_seco
         ("DEFAULT_MODEL", "up/ok"),
     ])
     .await;
-    let admin = access(
-        &app.login("root@example.com", "an admin passphrase")
-            .await
-            .body,
-    );
+    let admin = root_token(&app).await;
     let erin = access(&app.user("erin").await);
     let frank = access(&app.user("frank").await);
     let erin_id = app.get("/api/v1/auth/me", Some(&erin)).await.body["id"]

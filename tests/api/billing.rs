@@ -19,11 +19,7 @@ async fn a_free_user_hits_the_quota_and_an_admin_upgrades_them() {
         ("ADMIN_PASSWORD", "an admin passphrase"),
     ])
     .await;
-    let admin = access(
-        &app.login("root@example.com", "an admin passphrase")
-            .await
-            .body,
-    );
+    let admin = root_token(&app).await;
     let token = access(&app.user("gina").await);
     let gina = app.get("/api/v1/auth/me", Some(&token)).await.body["id"]
         .as_str()
@@ -235,11 +231,7 @@ async fn a_hundred_concurrent_requests_never_pass_the_quota() {
         ("ADMIN_PASSWORD", "an admin passphrase"),
     ])
     .await;
-    let admin = access(
-        &app.login("root@example.com", "an admin passphrase")
-            .await
-            .body,
-    );
+    let admin = root_token(&app).await;
     app.call(
         reqwest::Method::PUT,
         "/api/v1/admin/plans/free",
@@ -295,11 +287,7 @@ async fn unpriced_models_do_not_escape_cost_quotas() {
             env.push(("UNPRICED_MODEL_PRICE", f));
         }
         let (app, _up) = app_with_upstream(&env).await;
-        let admin = access(
-            &app.login("root@example.com", "an admin passphrase")
-                .await
-                .body,
-        );
+        let admin = root_token(&app).await;
         let token = access(&app.user("costly").await);
         let unpriced = json!({"model": "openai/gpt-9-preview", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16});
         let priced = json!({"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16});

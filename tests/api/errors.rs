@@ -200,11 +200,7 @@ async fn text_filters_behave_the_same_on_every_database() {
     ])
     .await;
     let user = access(&app.user("filterer").await);
-    let admin = access(
-        &app.login("root@example.com", "an admin passphrase")
-            .await
-            .body,
-    );
+    let admin = root_token(&app).await;
     let long = "a".repeat(5_000);
     let cases: [(&str, &str, &str); 9] = [
         ("/api/v1/ai/ideas/history", "category", "user"),
@@ -262,11 +258,7 @@ async fn nul_in_stored_text_is_refused_by_name_on_every_database() {
     ])
     .await;
     let user = access(&app.user("nulls").await);
-    let admin = access(
-        &app.login("root@example.com", "an admin passphrase")
-            .await
-            .body,
-    );
+    let admin = root_token(&app).await;
     let cases = [
         (
             Method::POST,

@@ -228,3 +228,13 @@ pub fn access(login: &Value) -> String {
 pub fn refresh(login: &Value) -> String {
     login["refresh_token"].as_str().unwrap().to_string()
 }
+
+/// The access token of the admin that `ADMIN_EMAIL=root@example.com` and
+/// `ADMIN_PASSWORD="an admin passphrase"` create at start.
+pub async fn root_token(app: &TestApp) -> String {
+    access(
+        &app.login("root@example.com", "an admin passphrase")
+            .await
+            .body,
+    )
+}

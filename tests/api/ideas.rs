@@ -18,11 +18,7 @@ async fn ideas_are_generated_streamed_listed_and_rated() {
     .await;
     let token = access(&app.user("muse").await);
     // Batches of 4 need more than the free plan's 3.
-    let admin = access(
-        &app.login("root@example.com", "an admin passphrase")
-            .await
-            .body,
-    );
+    let admin = root_token(&app).await;
     let me = app.get("/api/v1/auth/me", Some(&token)).await.body["id"]
         .as_str()
         .unwrap()

@@ -79,11 +79,7 @@ async fn load_and_unload_are_admin_only_and_explain_remote_models() {
     ])
     .await;
     let user = access(&app.user("noa").await);
-    let admin = access(
-        &app.login("root@example.com", "an admin passphrase")
-            .await
-            .body,
-    );
+    let admin = root_token(&app).await;
     let r = app
         .post(
             "/api/v1/ai/models/ollama/llama3.2/load",
@@ -154,11 +150,7 @@ async fn local_models_are_listed_loaded_reported_and_unloaded() {
         ("ADMIN_PASSWORD", "an admin passphrase"),
     ])
     .await;
-    let admin = access(
-        &app.login("root@example.com", "an admin passphrase")
-            .await
-            .body,
-    );
+    let admin = root_token(&app).await;
     let list = app.get("/api/v1/ai/models", Some(&admin)).await;
     let gpt2 = list.body["items"]
         .as_array()

@@ -210,11 +210,7 @@ async fn an_openai_sdk_works_against_muse_and_every_call_is_recorded() {
         .contains(r#"llm_tokens_used_total{provider="upstream",model="ok",kind="completion"} 8"#));
     // (A gauge shared with the tests running beside this one: present, value not asserted.)
     assert!(metrics.contains("\nactive_executions "), "{metrics}");
-    let admin = access(
-        &app.login("root@example.com", "an admin passphrase")
-            .await
-            .body,
-    );
+    let admin = root_token(&app).await;
     let all = app
         .get("/api/v1/executions/history?status=succeeded", Some(&admin))
         .await;

@@ -71,11 +71,7 @@ async fn a_flood_from_one_ip_is_limited_while_another_ip_is_served() {
     }
 
     // The admin sees the limited key and lifts it; users may not.
-    let admin = access(
-        &app.login("root@example.com", "an admin passphrase")
-            .await
-            .body,
-    );
+    let admin = root_token(&app).await;
     let user = access(&app.user("plain").await);
     let stats = app
         .get("/api/v1/admin/rate-limits/stats", Some(&admin))

@@ -100,11 +100,7 @@ async fn a_user_subscribes_through_stripe_and_webhooks_apply_once_and_in_order()
         ("ADMIN_PASSWORD", "an admin passphrase"),
     ])
     .await;
-    let admin = access(
-        &app.login("root@example.com", "an admin passphrase")
-            .await
-            .body,
-    );
+    let admin = root_token(&app).await;
     let token = access(&app.user("ivy").await);
     let ivy = app.get("/api/v1/auth/me", Some(&token)).await.body["id"]
         .as_str()

@@ -504,11 +504,7 @@ async fn the_grafana_dashboard_names_only_exported_metrics() {
         env.push(("MODEL_CACHE_DIR", c.as_str()));
     }
     let (app, _up) = crate::upstream::app_with_upstream(&env).await;
-    let admin = access(
-        &app.login("root@example.com", "an admin passphrase")
-            .await
-            .body,
-    );
+    let admin = root_token(&app).await;
     let token = access(&app.user("grafana").await);
     let chat = |model: &str| serde_json::json!({"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8});
     assert_eq!(

@@ -362,11 +362,7 @@ async fn an_open_socket_stops_serving_a_revoked_caller() {
         ("ADMIN_PASSWORD", "an admin passphrase"),
     ])
     .await;
-    let admin = access(
-        &app.login("root@example.com", "an admin passphrase")
-            .await
-            .body,
-    );
+    let admin = root_token(&app).await;
     let token = access(&app.user("revoked").await);
     let user_id = app.get("/api/v1/auth/me", Some(&token)).await.body["id"]
         .as_str()

@@ -74,6 +74,19 @@ enum Refusal {
     Unpriced,
 }
 
+/// A request's prompt tokens, estimated before any tokenizer sees it: 4
+/// characters a token (the quota's worst case, and what a call cut short
+/// is charged for its prompt).
+pub fn estimated_prompt_tokens(request: &GenerateRequest) -> u32 {
+    let chars: usize = request
+        .messages
+        .iter()
+        .map(|m| m.content.len())
+        .sum::<usize>()
+        + request.prompt.as_ref().map_or(0, String::len);
+    u32::try_from(chars / 4 + 1).unwrap_or(u32::MAX)
+}
+
 /// Reserves the worst case of `request` on `key` against the user's quota.
 pub async fn reserve(
     state: &AppState,
@@ -89,13 +102,7 @@ pub async fn reserve(
             format!("{key} is not in the model registry"),
         ));
     }
-    let prompt_chars: usize = request
-        .messages
-        .iter()
-        .map(|m| m.content.len())
-        .sum::<usize>()
-        + request.prompt.as_ref().map_or(0, String::len);
-    let prompt_tokens = u32::try_from(prompt_chars / 4 + 1).unwrap_or(u32::MAX);
+    let prompt_tokens = estimated_prompt_tokens(request);
     let completion = request
         .max_tokens
         .unwrap_or(DEFAULT_RESERVED_COMPLETION_TOKENS);

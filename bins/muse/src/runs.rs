@@ -39,6 +39,8 @@ pub struct Run {
     /// The calls once recorded (handed to [`Finished`]).
     finished_calls: Vec<ToolCall>,
     deltas: u32,
+    /// The provider was called (a run dropped before that cost nothing).
+    called: bool,
     first: Option<Duration>,
     finished: bool,
     /// The quota this call holds, reconciled when it is recorded.
@@ -159,6 +161,7 @@ impl Run {
             calls: ToolCallCollector::default(),
             finished_calls: Vec::new(),
             deltas: 0,
+            called: false,
             first: None,
             finished: false,
             reservation: None,
@@ -198,14 +201,7 @@ impl Run {
     /// The prompt's tokens, estimated as the quota does (4 characters a
     /// token).
     fn prompt_estimate(&self) -> u32 {
-        let chars: usize = self
-            .request
-            .messages
-            .iter()
-            .map(|m| m.content.len())
-            .sum::<usize>()
-            + self.request.prompt.as_ref().map_or(0, String::len);
-        u32::try_from(chars / 4 + 1).unwrap_or(u32::MAX)
+        crate::quota::estimated_prompt_tokens(&self.request)
     }
 
     fn provider_model(&self) -> (String, String) {
@@ -386,6 +382,7 @@ impl Run {
         inputs: Vec<String>,
         dimensions: Option<u32>,
     ) -> Result<(muse_inference::Embeddings, Finished), Box<Failed>> {
+        self.called = true;
         let models = self.state.models.clone();
         let request = muse_inference::EmbedRequest {
             model: self.key.clone(),
@@ -420,6 +417,7 @@ impl Run {
 
     /// Runs the whole call.
     pub async fn complete(mut self) -> Result<Finished, Box<Failed>> {
+        self.called = true;
         let models = self.state.models.clone();
         match models.complete(&self.key, &self.request).await {
             Ok(priced) => {
@@ -444,7 +442,8 @@ impl Run {
 
     /// Opens the stream (errors before the first token are returned here,
     /// recorded) and yields its events.
-    pub async fn stream(self) -> Result<impl Stream<Item = RunEvent> + Unpin, Box<Failed>> {
+    pub async fn stream(mut self) -> Result<impl Stream<Item = RunEvent> + Unpin, Box<Failed>> {
+        self.called = true;
         let models = self.state.models.clone();
         let upstream: CompletionStream = match models.stream(&self.key, &self.request).await {
             Ok(s) => s,
@@ -490,11 +489,20 @@ impl Drop for Run {
             // was dropped with it; the partial answer is kept.
             // What was spent, estimated (the provider's usage comes only
             // with the end): the prompt, and a token per delta received.
+            // A run dropped before its call (another choice refused, the
+            // socket closed while it was prepared) spent nothing.
             let usage = Usage {
-                prompt_tokens: self.prompt_estimate(),
+                prompt_tokens: if self.called {
+                    self.prompt_estimate()
+                } else {
+                    0
+                },
                 completion_tokens: self.deltas,
             };
-            let cost = self.state.cost_of(&self.key, &usage);
+            let cost = self
+                .called
+                .then(|| self.state.cost_of(&self.key, &usage))
+                .flatten();
             let _ = self.record(
                 ExecutionStatus::Cancelled,
                 usage,

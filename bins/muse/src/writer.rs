@@ -265,10 +265,38 @@ mod tests {
             let _ = w.await;
         }
         assert_eq!(writer.drain(Duration::from_secs(5)), 0);
-        let repo = muse_persistence::DieselExecutionRepository::new(db);
+        let repo = muse_persistence::DieselExecutionRepository::new(db.clone());
         for e in &good {
             assert!(repo.get(ExecutionScope::All, e.id).unwrap().is_some());
         }
         assert!(repo.get(ExecutionScope::All, bad.id).unwrap().is_none());
+
+        // The same, as one batch for certain: refused at once (not retried
+        // like an outage), the two good records written.
+        let batch = [
+            execution(user.id),
+            execution(Uuid::now_v7()),
+            execution(user.id),
+        ];
+        let records: Vec<CallRecord> = batch.iter().map(record).collect();
+        let started = Instant::now();
+        assert!(!write(&db, &records), "one of the three was refused");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(repo
+            .get(ExecutionScope::All, batch[0].id)
+            .unwrap()
+            .is_some());
+        assert!(repo
+            .get(ExecutionScope::All, batch[2].id)
+            .unwrap()
+            .is_some());
+        assert!(repo
+            .get(ExecutionScope::All, batch[1].id)
+            .unwrap()
+            .is_none());
     }
 }

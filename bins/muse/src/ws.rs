@@ -232,9 +232,8 @@ async fn connection(
                         // The caller may have lost access since the socket
                         // opened (logout, key deleted, suspended): checked
                         // again before anything billable starts.
-                        if let Err(e) = still_allowed(&state, &principal, &mut validated).await {
-                            let _ = out_tx.send(api_error_message(None, e)).await;
-                            break Some(CloseReason { code: CloseCode::Policy, description: Some("access revoked".into()) });
+                        if let Some(reason) = revoked(&state, &principal, &mut validated, &out_tx).await {
+                            break Some(reason);
                         }
                         handle_text(&state, &principal, &out_tx, &mut jobs, &text).await;
                     }
@@ -247,9 +246,8 @@ async fn connection(
                 // A revocation seen by this server ends running generations
                 // too, without waiting for the next message.
                 if state.auth.principal_cache().revoked_since(user_id, validated.0) {
-                    if let Err(e) = still_allowed(&state, &principal, &mut validated).await {
-                        let _ = out_tx.send(api_error_message(None, e)).await;
-                        break Some(CloseReason { code: CloseCode::Policy, description: Some("access revoked".into()) });
+                    if let Some(reason) = revoked(&state, &principal, &mut validated, &out_tx).await {
+                        break Some(reason);
                     }
                 }
                 if last_seen.elapsed() >= idle {
@@ -269,6 +267,22 @@ async fn connection(
     let _ = session.close(close_reason).await;
     metrics::gauge!("websocket_connections").decrement(1.0);
     tracing::info!(%user_id, "websocket closed");
+}
+
+/// When the caller lost access: the error is sent, and the reason to close
+/// the socket with is returned.
+async fn revoked(
+    state: &AppState,
+    principal: &Principal,
+    validated: &mut (u64, Instant),
+    out: &mpsc::Sender<Value>,
+) -> Option<CloseReason> {
+    let e = still_allowed(state, principal, validated).await.err()?;
+    let _ = out.send(api_error_message(None, e)).await;
+    Some(CloseReason {
+        code: CloseCode::Policy,
+        description: Some("access revoked".into()),
+    })
 }
 
 /// Whether the socket's caller still has access: checked from the

@@ -620,20 +620,7 @@ pub async fn chat_completions(
         .unwrap_or(false);
     if choices > 1 && stream {
         // Admitted one by one (each against the quota), opened together.
-        let mut runs = Vec::with_capacity(choices as usize);
-        for _ in 0..choices {
-            runs.push(
-                Run::new(
-                    &state,
-                    user.0.user.id,
-                    ExecutionSource::OpenaiApi,
-                    &key,
-                    request.clone(),
-                )
-                .admit()
-                .await?,
-            );
-        }
+        let runs = admit_choices(&state, &user, &key, &request, choices).await?;
         let opened = futures_util::future::join_all(runs.into_iter().map(|run| async move {
             let id = run.id;
             run.stream()
@@ -856,19 +843,16 @@ fn stream_choices(
 /// The events of one streamed call.
 type RunStream = std::pin::Pin<Box<dyn futures_util::Stream<Item = RunEvent>>>;
 
-/// `n` > 1: as many independent calls, run together (each admitted against
-/// the quota and recorded), answered as one `chat.completion` whose choices
-/// are in order; usage is their sum, `x-muse-execution-id` lists them all.
-async fn several_choices(
+/// One call per choice, each admitted against the quota in turn (a
+/// refusal stops there: the calls admitted before it are dropped, recorded
+/// as cancelled with nothing spent).
+async fn admit_choices(
     state: &web::Data<AppState>,
     user: &CurrentUser,
     key: &str,
-    request: GenerateRequest,
+    request: &GenerateRequest,
     n: u32,
-    created: i64,
-    format: Option<muse_inference::ResponseFormat>,
-) -> Result<HttpResponse, ApiError> {
-    let asked_logprobs = request.logprobs.is_some();
+) -> Result<Vec<Run>, ApiError> {
     let mut runs = Vec::with_capacity(n as usize);
     for _ in 0..n {
         runs.push(
@@ -883,6 +867,23 @@ async fn several_choices(
             .await?,
         );
     }
+    Ok(runs)
+}
+
+/// `n` > 1: as many independent calls, run together (each admitted against
+/// the quota and recorded), answered as one `chat.completion` whose choices
+/// are in order; usage is their sum, `x-muse-execution-id` lists them all.
+async fn several_choices(
+    state: &web::Data<AppState>,
+    user: &CurrentUser,
+    key: &str,
+    request: GenerateRequest,
+    n: u32,
+    created: i64,
+    format: Option<muse_inference::ResponseFormat>,
+) -> Result<HttpResponse, ApiError> {
+    let asked_logprobs = request.logprobs.is_some();
+    let runs = admit_choices(state, user, key, &request, n).await?;
     let ids: Vec<String> = runs.iter().map(|r| r.id.to_string()).collect();
     let first = runs[0].id;
     let results = futures_util::future::join_all(runs.into_iter().map(Run::complete)).await;

@@ -153,18 +153,7 @@ impl AnthropicProvider {
                 message: "structured output with tools is not served on Anthropic models (it uses a forced tool of its own)".into(),
             });
         }
-        if request.logprobs.is_some() {
-            return Err(InferenceError::Unsupported {
-                param: "logprobs".into(),
-                message: "log-probabilities are not served through Anthropic's Messages API by Muse: leave logprobs out for these models".into(),
-            });
-        }
-        if !request.logit_bias.is_empty() {
-            return Err(InferenceError::Unsupported {
-                param: "logit_bias".into(),
-                message: "logit_bias is not supported by Anthropic's Messages API: leave it out for Anthropic models".into(),
-            });
-        }
+        super::refuse_logprobs_and_bias(request, "Anthropic's Messages API")?;
         if request.seed.is_some() {
             return Err(InferenceError::Unsupported {
                 param: "seed".into(),

@@ -227,18 +227,7 @@ impl GeminiProvider {
                 "Gemini"
             )));
         }
-        if request.logprobs.is_some() {
-            return Err(InferenceError::Unsupported {
-                param: "logprobs".into(),
-                message: "log-probabilities are not served through Gemini's generateContent by Muse: leave logprobs out for these models".into(),
-            });
-        }
-        if !request.logit_bias.is_empty() {
-            return Err(InferenceError::Unsupported {
-                param: "logit_bias".into(),
-                message: "logit_bias is not supported by Gemini's generateContent: leave it out for Gemini models".into(),
-            });
-        }
+        super::refuse_logprobs_and_bias(request, "Gemini's generateContent")?;
         let action = if stream {
             "streamGenerateContent?alt=sse"
         } else {

@@ -44,6 +44,25 @@ pub(crate) fn http_client(timeouts: &Timeouts) -> Result<reqwest::Client, Infere
 
 /// An `f32` as the decimal it was written as: 0.3, not
 /// 0.30000001192092896 (what `f64::from(0.3f32)` prints).
+/// Refuses, by name, what `api` has no equivalent of: log-probabilities
+/// and token biases (Anthropic's Messages API, Gemini's generateContent).
+pub(crate) fn refuse_logprobs_and_bias(
+    request: &crate::types::GenerateRequest,
+    api: &str,
+) -> Result<(), crate::error::InferenceError> {
+    let refused = if request.logprobs.is_some() {
+        "logprobs"
+    } else if !request.logit_bias.is_empty() {
+        "logit_bias"
+    } else {
+        return Ok(());
+    };
+    Err(crate::error::InferenceError::Unsupported {
+        param: refused.into(),
+        message: format!("{refused} is not served through {api}: leave it out for these models"),
+    })
+}
+
 pub(crate) fn f32_json(x: f32) -> serde_json::Value {
     x.to_string()
         .parse::<f64>()
