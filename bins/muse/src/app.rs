@@ -409,12 +409,29 @@ pub fn bootstrap_admin(state: &AppState) -> Result<(), StartError> {
             Ok(())
         }
         Ok(None) => {
-            let user = state
+            match state
                 .auth
                 .create_admin(email, &state.config.admin_username, password.expose())
-                .map_err(|e| StartError::Admin(describe(e)))?;
-            tracing::info!(user_id = %user.id, "created the first admin from ADMIN_EMAIL");
-            Ok(())
+            {
+                Ok(user) => {
+                    tracing::info!(user_id = %user.id, "created the first admin from ADMIN_EMAIL");
+                    Ok(())
+                }
+                // Replicas started together race to create the same admin:
+                // the one that loses finds the account made by the winner.
+                Err(
+                    e @ (muse_auth::AuthError::EmailTaken | muse_auth::AuthError::UsernameTaken),
+                ) => match repo.user_by_email(&normalized) {
+                    Ok(Some(_)) => {
+                        tracing::info!(
+                            "ADMIN_EMAIL was created by another process; not creating an admin"
+                        );
+                        Ok(())
+                    }
+                    _ => Err(StartError::Admin(describe(e))),
+                },
+                Err(e) => Err(StartError::Admin(describe(e))),
+            }
         }
         Err(e) => Err(StartError::Admin(e.to_string())),
     }

@@ -110,13 +110,13 @@ fn replica(port: u16, db: &str, redis: &str, up: &str, data: &std::path::Path) -
         .env("ADMIN_PASSWORD", "an admin passphrase")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(data.with_file_name(format!("replica-{port}.log"))).unwrap())
         .spawn()
         .unwrap();
     Replica { child }
 }
 
-async fn wait_ready(client: &reqwest::Client, port: u16) {
+async fn wait_ready(client: &reqwest::Client, port: u16, dir: &std::path::Path) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Ok(r) = client
@@ -128,7 +128,11 @@ async fn wait_ready(client: &reqwest::Client, port: u16) {
                 return;
             }
         }
-        assert!(Instant::now() < deadline, "replica on {port} never ready");
+        assert!(
+            Instant::now() < deadline,
+            "replica on {port} never ready; its log:\n{}",
+            std::fs::read_to_string(dir.join(format!("replica-{port}.log"))).unwrap_or_default()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -206,7 +210,7 @@ async fn three_replicas_behind_nginx() {
         .build()
         .unwrap();
     for p in &ports {
-        wait_ready(&client, *p).await;
+        wait_ready(&client, *p, &dir).await;
     }
     let lb_port = free_port();
     let mut lb = nginx(&dir, lb_port, &ports);
@@ -429,7 +433,7 @@ async fn three_replicas_behind_nginx() {
     sigterm(&replicas[0].child);
     let _ = replicas[0].child.wait();
     replicas[0] = replica(ports[0], &db.url, &redis, &up, &dir.join("data"));
-    wait_ready(&client, ports[0]).await;
+    wait_ready(&client, ports[0], &dir).await;
     for l in loops {
         l.await.unwrap();
     }
