@@ -9,7 +9,7 @@ want=$(sha256sum "$req" | cut -d' ' -f1)
 if [ -x .venv/bin/python ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     exit 0
 fi
-echo "setting up .venv (onnx, onnxruntime, numpy, tokenizers, openai, transformers, jinja2)…" >&2
+echo "setting up .venv (onnx, onnxruntime, numpy, tokenizers, openai, transformers, jinja2, schemathesis)…" >&2
 python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -r "$req"
 echo "$want" > "$stamp"

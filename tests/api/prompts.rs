@@ -513,6 +513,10 @@ async fn specialties_take_the_seeds_icon_url() {
         "javascript:alert(1)",
         "ftp://example.com/i.png",
         "https://exa mple.com/i.png",
+        // Multi-byte characters where the scheme would end (found by
+        // schemathesis: the check sliced inside a character and panicked).
+        "httpsé/example.com",
+        "\u{a6}\u{1f306}\u{e9}\u{3a07a}\u{b9}|",
     ] {
         let r = app
             .post(

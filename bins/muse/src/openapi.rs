@@ -8,6 +8,7 @@ use utoipa_redoc::{Redoc, Servable};
 use utoipa_swagger_ui::SwaggerUi;
 
 use crate::error::{ErrorBody, ErrorDetail};
+use crate::routes::openai::{OpenAiErrorBody, OpenAiErrorDetail};
 use crate::routes::{
     admin, ai, auth, executions, ideas, library, openai, subscription, system, train,
 };
@@ -47,8 +48,8 @@ use crate::ws;
         train::upload, train::trainers, train::list_datasets, train::get_dataset, train::delete_dataset,
         train::start, train::list_jobs, train::status, train::stop, train::logs,
     ),
-    components(schemas(ErrorBody, ErrorDetail)),
-    modifiers(&Security),
+    components(schemas(ErrorBody, ErrorDetail, OpenAiErrorBody, OpenAiErrorDetail)),
+    modifiers(&Security, &CommonResponses),
     tags(
         (name = "system", description = "Service information, health and metrics"),
         (name = "auth", description = "Accounts, sessions, API keys, email verification and password reset"),
@@ -79,6 +80,108 @@ impl Modify for Security {
                     .build(),
             ),
         );
+    }
+}
+
+/// The errors every operation of a kind can give, declared once instead of
+/// on each handler: 401 where credentials are required, 400 where a path or
+/// query parameter can be malformed, 400/413/415/422 where a body is read.
+/// On `/v1/*` every error is in OpenAI's shape ([`OpenAiErrorBody`]).
+struct CommonResponses;
+
+impl Modify for CommonResponses {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::path::ParameterIn;
+        use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
+
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            let openai = path.starts_with("/v1/");
+            let (muse_body, body) = (
+                Ref::from_schema_name("ErrorBody"),
+                Ref::from_schema_name(if openai {
+                    "OpenAiErrorBody"
+                } else {
+                    "ErrorBody"
+                }),
+            );
+            let error = |description: &str| {
+                RefOr::T(
+                    ResponseBuilder::new()
+                        .description(description)
+                        .content(
+                            "application/json",
+                            ContentBuilder::new().schema(Some(body.clone())).build(),
+                        )
+                        .build(),
+                )
+            };
+            let operations = [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.patch,
+            ];
+            for op in operations.into_iter().flatten() {
+                let responses = &mut op.responses.responses;
+                if openai {
+                    for (_, response) in responses
+                        .iter_mut()
+                        .filter(|(s, _)| s.starts_with(['4', '5']))
+                    {
+                        let RefOr::T(response) = response else {
+                            continue;
+                        };
+                        for content in response.content.values_mut() {
+                            if matches!(&content.schema, Some(RefOr::Ref(r)) if *r == muse_body) {
+                                content.schema = Some(RefOr::Ref(body.clone()));
+                            }
+                        }
+                    }
+                }
+                let mut add = |status: &str, description: &str| {
+                    responses
+                        .entry(status.to_string())
+                        .or_insert_with(|| error(description));
+                };
+                let secured = op.security.as_ref().is_some_and(|reqs| {
+                    reqs.iter().any(|r| {
+                        serde_json::to_value(r)
+                            .is_ok_and(|v| v.as_object().is_some_and(|o| !o.is_empty()))
+                    })
+                });
+                if secured {
+                    add("401", "`unauthorized` or `token_expired`: missing, malformed, expired or revoked credentials");
+                }
+                let params = op.parameters.as_deref().unwrap_or_default();
+                if params.iter().any(|p| p.parameter_in == ParameterIn::Path) {
+                    add(
+                        "400",
+                        "`invalid_path_parameter`: a path segment has the wrong type",
+                    );
+                }
+                if params.iter().any(|p| p.parameter_in == ParameterIn::Query) {
+                    add(
+                        "400",
+                        "`invalid_query_parameter`: a query parameter has the wrong type",
+                    );
+                }
+                if op.request_body.is_some() {
+                    add("400", "`malformed_json` or `invalid_body`: the body is not JSON or could not be read");
+                    add(
+                        "413",
+                        "`payload_too_large`: the body is over `MAX_BODY_BYTES`",
+                    );
+                    add(
+                        "415",
+                        "`unsupported_media_type`: the body is not of the declared content type",
+                    );
+                    if !openai {
+                        add("422", "`invalid_body` or `validation_failed`: valid JSON of the wrong shape, or fields that break the rules (`details.fields`)");
+                    }
+                }
+            }
+        }
     }
 }
 

@@ -155,9 +155,9 @@ fn check_icon_url(errors: &mut Vec<FieldError>, raw: &str) -> Option<String> {
     if url.is_empty() {
         return None;
     }
-    let scheme_ok = ["https://", "http://"]
-        .iter()
-        .any(|p| url.len() > p.len() && url[..p.len()].eq_ignore_ascii_case(p));
+    let scheme_ok = ["https://", "http://"].iter().any(|p| {
+        url.len() > p.len() && url.as_bytes()[..p.len()].eq_ignore_ascii_case(p.as_bytes())
+    });
     if !scheme_ok
         || url.chars().count() > MAX_ICON_URL_CHARS
         || url.chars().any(|c| c.is_whitespace() || c.is_control())

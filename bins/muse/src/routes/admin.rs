@@ -301,7 +301,8 @@ pub struct AuditView {
     /// What it is about (a target user id, an email).
     pub subject: Option<String>,
     pub ip: Option<String>,
-    #[schema(value_type = Object)]
+    /// Event-specific facts (null for logins, logouts, registrations).
+    #[schema(value_type = Option<Object>)]
     pub detail: Option<serde_json::Value>,
     pub created_at: String,
 }

@@ -49,7 +49,7 @@ pub struct ExecutionView {
     pub prompt_version: Option<i32>,
     pub llm_provider: String,
     pub llm_model: String,
-    #[schema(value_type = Object)]
+    #[schema(value_type = Option<Object>)]
     pub variables: Option<serde_json::Value>,
     pub rendered_prompt: Option<String>,
     pub output: Option<String>,

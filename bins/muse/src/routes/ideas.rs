@@ -243,7 +243,7 @@ pub struct BatchBody {
 pub struct BatchError {
     pub code: String,
     pub message: String,
-    #[schema(value_type = Object)]
+    #[schema(value_type = Option<Object>)]
     pub details: Option<serde_json::Value>,
 }
 

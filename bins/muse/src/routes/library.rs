@@ -246,7 +246,7 @@ pub struct ExpertPromptBody {
     pub template: Option<String>,
     /// A JSON Schema with `"type": "object"` declaring every placeholder
     /// in `properties`.
-    #[schema(value_type = Object)]
+    #[schema(value_type = Option<Object>)]
     pub variables_schema: Option<Value>,
     /// An empty string clears it.
     pub expected_output: Option<String>,

@@ -11,7 +11,7 @@ use actix_web::{web, HttpResponse};
 use futures_util::StreamExt;
 use muse_inference::{FinishReason, GenerateRequest, Message, Role};
 use muse_prompts::ExecutionSource;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use utoipa::ToSchema;
 
@@ -82,7 +82,7 @@ pub struct ToolCallField {
 pub struct FunctionField {
     pub name: String,
     pub description: Option<String>,
-    #[schema(value_type = Object)]
+    #[schema(value_type = Option<Object>)]
     pub parameters: Option<Value>,
     pub strict: Option<bool>,
 }
@@ -154,18 +154,18 @@ pub struct ChatRequest {
     /// Token id → bias (-100 to 100), added to the logits before
     /// sampling: forwarded to OpenAI-protocol servers, applied by local
     /// models; Anthropic and Gemini refuse it.
-    #[schema(value_type = Object)]
+    #[schema(value_type = Option<Object>)]
     pub logit_bias: Option<Value>,
     /// `{"type": "text"}`, `{"type": "json_object"}` or
     /// `{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}`;
     /// the answer is checked against it before it is returned.
-    #[schema(value_type = Object)]
+    #[schema(value_type = Option<Object>)]
     pub response_format: Option<Value>,
     /// Functions the model may call: served by OpenAI-protocol providers;
     /// the others answer 400 `unsupported_parameter` (`tools`).
     pub tools: Option<Vec<ToolField>>,
     /// `auto`, `none`, `required` or `{"type": "function", "function": {"name"}}`.
-    #[schema(value_type = Object)]
+    #[schema(value_type = Option<serde_json::Value>)]
     pub tool_choice: Option<Value>,
     pub parallel_tool_calls: Option<bool>,
     /// Fields of OpenAI's reference Muse does not serve yet (tools,
@@ -918,9 +918,10 @@ fn usage_of(e: &muse_prompts::Execution) -> Value {
 /// The last frames of a stream that failed: the error in OpenAI's shape,
 /// then `[DONE]`.
 fn error_frame(api: &ApiError) -> Bytes {
+    let body = openai_error(api.status, api.code, &api.message, api.details.as_deref());
     Bytes::from(format!(
         "data: {}\n\ndata: [DONE]\n\n",
-        openai_error(api.status, api.code, &api.message, api.details.as_deref())
+        serde_json::to_string(&body).unwrap_or_default()
     ))
 }
 
@@ -1098,13 +1099,40 @@ pub async fn get_model(
     Ok(HttpResponse::Ok().json(model_object(&state, &id, &model.provider)))
 }
 
+/// OpenAI's error object, the body of every error on `/v1/*`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct OpenAiErrorBody {
+    pub error: OpenAiErrorDetail,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct OpenAiErrorDetail {
+    /// Human-readable explanation.
+    pub message: String,
+    /// OpenAI's error class: `invalid_request_error`, `authentication_error`,
+    /// `permission_error`, `insufficient_quota`, `rate_limit_error`,
+    /// `server_error` or `api_error`.
+    #[serde(rename = "type")]
+    #[schema(rename = "type")]
+    pub kind: &'static str,
+    /// The request field at fault, when there is one.
+    pub param: Option<String>,
+    /// Muse's stable code (docs/errors.md).
+    pub code: String,
+    /// Muse's structured details (quota, plan, execution id, …); OpenAI
+    /// clients ignore members they do not know.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub details: Option<Value>,
+}
+
 /// OpenAI's error object: `{"error": {"message", "type", "param", "code"}}`.
 pub fn openai_error(
     status: StatusCode,
     code: &str,
     message: &str,
     details: Option<&Value>,
-) -> Value {
+) -> OpenAiErrorBody {
     let kind = match status.as_u16() {
         401 => "authentication_error",
         402 => "insufficient_quota",
@@ -1120,13 +1148,15 @@ pub fn openai_error(
             .or_else(|| d["fields"][0]["field"].as_str())
             .map(str::to_string)
     });
-    let mut error = json!({"message": message, "type": kind, "param": param, "code": code});
-    // Muse's structured details (quota, plan, execution id, …) ride along;
-    // OpenAI clients ignore members they do not know.
-    if let Some(d) = details.filter(|d| !d.is_null()) {
-        error["details"] = d.clone();
+    OpenAiErrorBody {
+        error: OpenAiErrorDetail {
+            message: message.to_string(),
+            kind,
+            param,
+            code: code.to_string(),
+            details: details.filter(|d| !d.is_null()).cloned(),
+        },
     }
-    json!({ "error": error })
 }
 
 /// On `/v1/*`, errors take OpenAI's shape (what the SDKs parse into
@@ -1206,7 +1236,7 @@ pub struct CompletionRequest {
     pub presence_penalty: Option<f32>,
     pub frequency_penalty: Option<f32>,
     /// As in chat completions.
-    #[schema(value_type = Object)]
+    #[schema(value_type = Option<Object>)]
     pub logit_bias: Option<Value>,
     /// Ignored (it changes nothing in the answer).
     pub user: Option<String>,
