@@ -3,7 +3,8 @@
 use std::io::{BufRead, Write};
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use crate::app::{build_state, describe};
 use crate::config::Config;
@@ -19,8 +20,10 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Serve the HTTP API (the default).
-    Serve,
+    /// Serve the HTTP API (the default). Every setting below is read from
+    /// its environment variable (or `.env`, or the `MUSE_CONFIG` file); a
+    /// flag given here wins.
+    Serve(Box<ServeArgs>),
     /// Apply pending database migrations and exit.
     Migrate,
     /// Run training workers without the HTTP server (share the database
@@ -40,6 +43,20 @@ pub enum Command {
         #[command(subcommand)]
         command: ModelsCommand,
     },
+}
+
+/// `muse serve`'s flags: every setting (see [`crate::settings`]).
+#[derive(Clone, clap::Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub settings: crate::settings::Settings,
+}
+
+impl std::fmt::Debug for ServeArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Settings hold secrets: never printed.
+        f.write_str("ServeArgs { .. }")
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -76,22 +93,64 @@ fn fail(message: impl std::fmt::Display) -> ExitCode {
     ExitCode::FAILURE
 }
 
-/// Runs a parsed command line.
-pub fn run(cli: Cli) -> ExitCode {
-    let config = match Config::load() {
+/// Parses the process's command line and runs it. On `muse serve`, the
+/// settings are flags: the environment is read for them only by
+/// [`Config::load`] (one parse, with the settings file and `.env` layered
+/// in), and shown in `--help`.
+pub fn main() -> ExitCode {
+    let help = std::env::args_os()
+        .skip(1)
+        .any(|a| a == "--help" || a == "-h" || a == "help");
+    let mut cmd = Cli::command().mut_subcommand("serve", |s| {
+        s.mut_args(|a| {
+            if help {
+                a.hide_env_values(true)
+            } else {
+                a.env(None::<&str>)
+            }
+        })
+    });
+    let matches = cmd.get_matches_mut();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.format(&mut cmd).exit(),
+    };
+    let mut flags = Vec::new();
+    if let (Some(("serve", m)), Some(serve)) = (matches.subcommand(), cmd.find_subcommand("serve"))
+    {
+        for arg in serve.get_arguments() {
+            let id = arg.get_id().as_str();
+            if m.value_source(id) != Some(ValueSource::CommandLine) {
+                continue;
+            }
+            if let (Some(long), Some(values)) = (arg.get_long(), m.get_raw(id)) {
+                for v in values {
+                    let mut flag = std::ffi::OsString::from(format!("--{long}="));
+                    flag.push(v);
+                    flags.push(flag);
+                }
+            }
+        }
+    }
+    run(cli, &flags)
+}
+
+/// Runs a parsed command line; `flags` are the settings given as flags.
+pub fn run(cli: Cli, flags: &[std::ffi::OsString]) -> ExitCode {
+    let config = match Config::load(flags) {
         Ok(c) => c,
         Err(e) => return fail(format!("configuration error: {e}")),
     };
     init_tracing(config.log_format);
-    match cli.command.unwrap_or(Command::Serve) {
-        Command::Serve => {
+    match cli.command {
+        None | Some(Command::Serve(_)) => {
             let result = actix_web::rt::System::new().block_on(serve(config));
             match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(e),
             }
         }
-        Command::Worker { workers } => {
+        Some(Command::Worker { workers }) => {
             let result =
                 actix_web::rt::System::new().block_on(crate::training::run_worker(config, workers));
             match result {
@@ -99,7 +158,7 @@ pub fn run(cli: Cli) -> ExitCode {
                 Err(e) => fail(e),
             }
         }
-        Command::Migrate => match open_database(&config) {
+        Some(Command::Migrate) => match open_database(&config) {
             Ok(db) => {
                 let _ = writeln!(
                     std::io::stdout(),
@@ -110,9 +169,9 @@ pub fn run(cli: Cli) -> ExitCode {
             }
             Err(e) => fail(e),
         },
-        Command::Models {
+        Some(Command::Models {
             command: ModelsCommand::List,
-        } => {
+        }) => {
             let models = muse_inference::local::resolve::scan_cache(&config.llm.model_cache_dir);
             let mut out = std::io::stdout().lock();
             let _ = writeln!(
@@ -135,12 +194,12 @@ pub fn run(cli: Cli) -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Command::Models {
+        Some(Command::Models {
             command: ModelsCommand::Pull { model, variant },
-        } => pull(&config, &model, variant.as_deref()),
-        Command::Admin {
+        }) => pull(&config, &model, variant.as_deref()),
+        Some(Command::Admin {
             command: AdminCommand::Create { email, username },
-        } => {
+        }) => {
             let password = match std::env::var("MUSE_ADMIN_PASSWORD") {
                 Ok(p) if !p.is_empty() => p,
                 _ => {

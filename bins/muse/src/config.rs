@@ -1,5 +1,6 @@
-//! Typed configuration: defaults, then an optional `.env` file, then the
-//! process environment (which wins). Secrets are wrapped in [`Secret`], so
+//! Typed configuration, built from the settings declared in
+//! [`crate::settings`] (defaults, an optional TOML file, `.env`, the
+//! environment, command-line flags). Secrets are wrapped in [`Secret`], so
 //! `Debug` output and logs never show them.
 
 use std::collections::HashMap;
@@ -8,9 +9,11 @@ use std::path::{Path, PathBuf};
 use muse_core::Secret;
 
 /// `MUSE_ENV`: production turns weak settings into start-up errors.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Environment {
+    #[value(alias = "dev")]
     Development,
+    #[value(alias = "prod")]
     Production,
 }
 
@@ -24,8 +27,9 @@ impl Environment {
 }
 
 /// `LOG_FORMAT`: `text` (default) or `json`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
+    #[value(alias = "pretty")]
     Text,
     Json,
 }
@@ -133,12 +137,14 @@ pub struct TrainingConfig {
 }
 
 impl TrainingConfig {
-    fn load(get: &impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let external_command = match get("TRAINING_EXTERNAL_COMMAND")
+    fn from_settings(t: &crate::settings::TrainingSettings) -> Result<Self, ConfigError> {
+        let external_command = match t
+            .training_external_command
+            .as_deref()
             .filter(|c| !c.trim().is_empty())
         {
             None => None,
-            Some(c) => Some(shlex::split(&c).filter(|v| !v.is_empty()).ok_or(
+            Some(c) => Some(shlex::split(c).filter(|v| !v.is_empty()).ok_or(
                 ConfigError::Invalid {
                     var: "TRAINING_EXTERNAL_COMMAND",
                     message:
@@ -147,19 +153,18 @@ impl TrainingConfig {
             )?),
         };
         Ok(Self {
-            workers: parse(get, "TRAINING_WORKERS", 1)?,
-            max_upload_bytes: parse(get, "TRAINING_MAX_UPLOAD_BYTES", 100 * 1024 * 1024)?,
-            storage_quota_bytes: parse(get, "TRAINING_STORAGE_QUOTA_BYTES", 1024 * 1024 * 1024)?,
-            max_concurrent_jobs: parse(get, "TRAINING_MAX_CONCURRENT_JOBS", 2)?,
-            lease_secs: parse(get, "TRAINING_LEASE_SECS", 30)?.max(1),
-            poll_ms: parse(get, "TRAINING_POLL_MS", 1000)?.max(10),
-            progress_poll_ms: parse(get, "TRAINING_PROGRESS_POLL_MS", 500)?.max(10),
+            workers: t.training_workers,
+            max_upload_bytes: t.training_max_upload_bytes,
+            storage_quota_bytes: t.training_storage_quota_bytes,
+            max_concurrent_jobs: t.training_max_concurrent_jobs,
+            lease_secs: t.training_lease_secs.max(1),
+            poll_ms: t.training_poll_ms.max(10),
+            progress_poll_ms: t.training_progress_poll_ms.max(10),
             external_command,
-            external_time_limit_secs: parse(get, "TRAINING_EXTERNAL_TIME_LIMIT_SECS", 6 * 3600)?
-                .max(1),
-            external_grace_secs: parse(get, "TRAINING_EXTERNAL_GRACE_SECS", 10)?,
-            provider_poll_ms: parse(get, "TRAINING_PROVIDER_POLL_MS", 10_000)?.max(10),
-            compatible: parse_bool(get, "TRAINING_COMPATIBLE", false)?,
+            external_time_limit_secs: t.training_external_time_limit_secs.max(1),
+            external_grace_secs: t.training_external_grace_secs,
+            provider_poll_ms: t.training_provider_poll_ms.max(10),
+            compatible: t.training_compatible,
         })
     }
 }
@@ -189,28 +194,26 @@ pub struct RateLimitConfig {
     pub per_user: std::collections::HashMap<muse_billing::RouteClass, muse_billing::Quota>,
 }
 
-fn rate_limit_config(
-    get: &impl Fn(&str) -> Option<String>,
-) -> Result<RateLimitConfig, ConfigError> {
+fn rate_limit_config(l: &crate::settings::LimitSettings) -> Result<RateLimitConfig, ConfigError> {
     use muse_billing::{Quota, RouteClass};
-    let defaults = |class: RouteClass| match class {
-        RouteClass::Auth => ("30/min", "off"),
-        RouteClass::Generation => ("300/min", "60/min"),
-        RouteClass::Reads => ("1200/min", "600/min"),
-        RouteClass::Writes => ("600/min", "240/min"),
-    };
     let mut per_ip = std::collections::HashMap::new();
     let mut per_user = std::collections::HashMap::new();
     for class in RouteClass::ALL {
-        let (ip_default, user_default) = defaults(class);
-        for (scope, default, map) in [
-            ("IP", ip_default, &mut per_ip),
-            ("USER", user_default, &mut per_user),
-        ] {
-            let var = format!("RATE_LIMIT_{}_PER_{scope}", class.as_str().to_uppercase());
-            let value = get(&var).unwrap_or_else(|| default.to_string());
-            let quota = Quota::parse(&value).map_err(|message| ConfigError::Invalid {
-                var: Box::leak(var.clone().into_boxed_str()),
+        let (ip, user) = match class {
+            RouteClass::Auth => (&l.rate_limit_auth_per_ip, &l.rate_limit_auth_per_user),
+            RouteClass::Generation => (
+                &l.rate_limit_generation_per_ip,
+                &l.rate_limit_generation_per_user,
+            ),
+            RouteClass::Reads => (&l.rate_limit_reads_per_ip, &l.rate_limit_reads_per_user),
+            RouteClass::Writes => (&l.rate_limit_writes_per_ip, &l.rate_limit_writes_per_user),
+        };
+        for (scope, value, map) in [("IP", ip, &mut per_ip), ("USER", user, &mut per_user)] {
+            let quota = Quota::parse(value).map_err(|message| ConfigError::Invalid {
+                var: Box::leak(
+                    format!("RATE_LIMIT_{}_PER_{scope}", class.as_str().to_uppercase())
+                        .into_boxed_str(),
+                ),
                 message,
             })?;
             if let Some(q) = quota {
@@ -218,22 +221,14 @@ fn rate_limit_config(
             }
         }
     }
-    let fail_open = match get("RATE_LIMIT_FAILURE").as_deref().map(str::trim) {
-        None | Some("open") => true,
-        Some("closed") => false,
-        Some(other) => {
-            return Err(ConfigError::Invalid {
-                var: "RATE_LIMIT_FAILURE",
-                message: format!("open or closed, got {other:?}"),
-            })
-        }
-    };
     Ok(RateLimitConfig {
-        enabled: parse_bool(get, "RATE_LIMIT_ENABLED", true)?,
-        redis_url: get("REDIS_URL")
+        enabled: l.rate_limit_enabled,
+        redis_url: l
+            .redis_url
+            .as_ref()
             .filter(|u| !u.trim().is_empty())
-            .map(Secret::new),
-        fail_open,
+            .map(|u| Secret::new(u.clone())),
+        fail_open: l.rate_limit_failure != "closed",
         per_ip,
         per_user,
     })
@@ -265,6 +260,8 @@ pub struct LlmConfig {
     pub gemini: Option<RemoteProviderConfig>,
     pub compatible: Option<CompatibleServerConfig>,
     pub prices_file: Option<PathBuf>,
+    /// `MODEL_PRICES`: `provider/model` → price, over the file's.
+    pub prices: std::collections::BTreeMap<String, muse_inference::Price>,
     /// `UNPRICED_MODEL_PRICE` (`IN,OUT` USD per million tokens): what a
     /// remote model with no known price counts against cost quotas. Unset:
     /// such a model is refused on plans with a cost quota.
@@ -309,9 +306,11 @@ const KNOWN_WEAK_SECRETS: &[&str] = &[
 pub const MIN_SECRET_BYTES: usize = 32;
 
 impl Config {
-    /// Loads `.env` (if present; it does not override real variables) and
-    /// reads the environment.
-    pub fn load() -> Result<Self, ConfigError> {
+    /// Reads the settings' layers (see [`crate::settings`]): the TOML file
+    /// (`MUSE_CONFIG`, else `./muse.toml` when present), `.env` (which does
+    /// not override real variables), the environment, then `flags` (what
+    /// was given on the command line, `--name=value`).
+    pub fn load(flags: &[std::ffi::OsString]) -> Result<Self, ConfigError> {
         match dotenvy::dotenv() {
             Ok(_) => {}
             Err(e) if e.not_found() => {}
@@ -322,70 +321,69 @@ impl Config {
                 })
             }
         }
-        let vars: HashMap<String, String> = std::env::vars().collect();
-        Self::from_vars(&vars)
+        let mut vars: HashMap<String, String> = std::env::vars().collect();
+        if !vars.contains_key("MUSE_CONFIG") && Path::new("muse.toml").is_file() {
+            vars.insert("MUSE_CONFIG".into(), "muse.toml".into());
+        }
+        Self::from_layers(&vars, flags)
     }
 
     /// Builds the configuration from a map of variables (defaults for the
-    /// missing ones).
+    /// missing ones; `MUSE_CONFIG` names a settings file layered under them).
     pub fn from_vars(vars: &HashMap<String, String>) -> Result<Self, ConfigError> {
-        let get = |k: &str| {
-            vars.get(k)
-                .map(|v| v.trim().to_string())
-                .filter(|v| !v.is_empty())
-        };
-        let env = match get("MUSE_ENV")
-            .as_deref()
-            .map(str::to_ascii_lowercase)
-            .as_deref()
-        {
-            None | Some("development") | Some("dev") => Environment::Development,
-            Some("production") | Some("prod") => Environment::Production,
-            Some(other) => {
-                return Err(ConfigError::Invalid {
-                    var: "MUSE_ENV",
-                    message: format!("expected development or production, got {other:?}"),
-                })
+        Self::from_layers(vars, &[])
+    }
+
+    fn from_layers(
+        vars: &HashMap<String, String>,
+        flags: &[std::ffi::OsString],
+    ) -> Result<Self, ConfigError> {
+        let file = vars
+            .get("MUSE_CONFIG")
+            .map(|p| p.trim())
+            .filter(|p| !p.is_empty())
+            .map(|p| crate::settings::read_file(Path::new(p)))
+            .transpose()?
+            .unwrap_or_default();
+        let mut merged = file;
+        for (k, v) in vars {
+            if !v.trim().is_empty() {
+                merged.insert(k.clone(), v.clone());
             }
-        };
-        let host = get("HOST").unwrap_or_else(|| "127.0.0.1".into());
-        let port: u16 = parse(&get, "PORT", 8000)?;
-        let data_dir = PathBuf::from(get("MUSE_DATA_DIR").unwrap_or_else(|| "./data".into()));
+        }
+        let settings = crate::settings::Settings::parse(&merged, flags)?;
+        Self::from_settings(settings)
+    }
+
+    /// The configuration the parsed settings describe: defaults that depend
+    /// on other settings, and the checks that span several of them.
+    pub fn from_settings(s: crate::settings::Settings) -> Result<Self, ConfigError> {
+        let (server, accounts) = (&s.server, &s.accounts);
+        let env = server.muse_env;
+        let host = server.host.clone();
+        let port = server.port;
+        let data_dir = server.muse_data_dir.clone();
         let database_url = Secret::new(
-            get("DATABASE_URL")
+            server
+                .database_url
+                .clone()
                 .unwrap_or_else(|| format!("sqlite://{}", data_dir.join("muse.db").display())),
         );
-        let workers: usize = parse(
-            &get,
-            "WORKERS",
+        let workers = server.workers.unwrap_or_else(|| {
             std::thread::available_parallelism()
                 .map(|n| n.get())
-                .unwrap_or(2),
-        )?;
-        let bcrypt_cost: u32 = parse(&get, "BCRYPT_COST", 12)?;
-        if !(4..=31).contains(&bcrypt_cost) {
-            return Err(ConfigError::Invalid {
-                var: "BCRYPT_COST",
-                message: format!("must be between 4 and 31, got {bcrypt_cost}"),
-            });
-        }
+                .unwrap_or(2)
+        });
+        let bcrypt_cost = accounts.bcrypt_cost;
         if env == Environment::Production && bcrypt_cost < 10 {
             return Err(ConfigError::Invalid {
                 var: "BCRYPT_COST",
                 message: "must be at least 10 in production".into(),
             });
         }
-        let log_format = match get("LOG_FORMAT").as_deref() {
-            None | Some("text") | Some("pretty") => LogFormat::Text,
-            Some("json") => LogFormat::Json,
-            Some(other) => {
-                return Err(ConfigError::Invalid {
-                    var: "LOG_FORMAT",
-                    message: format!("expected text or json, got {other:?}"),
-                })
-            }
-        };
-        let public_url = get("PUBLIC_URL")
+        let public_url = server
+            .public_url
+            .clone()
             .unwrap_or_else(|| {
                 let h = if host == "0.0.0.0" || host == "::" {
                     "127.0.0.1"
@@ -396,93 +394,61 @@ impl Config {
             })
             .trim_end_matches('/')
             .to_string();
+        let secret = |v: &Option<String>| v.clone().map(Secret::new);
         Ok(Self {
             env,
             port,
             workers: workers.max(1),
-            database_pool_size: parse(&get, "DATABASE_POOL_SIZE", 16)?,
-            jwt_secret: get("JWT_SECRET").map(Secret::new),
-            jwt_issuer: get("JWT_ISSUER").unwrap_or_else(|| "muse".into()),
-            jwt_audience: get("JWT_AUDIENCE").unwrap_or_else(|| "muse-api".into()),
-            access_token_ttl_secs: parse_range(&get, "ACCESS_TOKEN_TTL_SECS", 900, 60, 86_400)?,
-            auth_cache_ttl_ms: parse_range(&get, "AUTH_CACHE_TTL_MS", 2_000, 0, 60_000)?,
-            shutdown_grace_secs: parse(&get, "SHUTDOWN_GRACE_SECS", 30)?,
-            shutdown_delay_ms: parse(&get, "SHUTDOWN_DELAY_MS", 0)?,
-            quota_store: match get("QUOTA_STORE").as_deref() {
-                Some("memory") => QuotaStore::Memory,
-                Some("database") => QuotaStore::Database,
+            database_pool_size: server.database_pool_size,
+            jwt_secret: secret(&accounts.jwt_secret),
+            jwt_issuer: accounts.jwt_issuer.clone(),
+            jwt_audience: accounts.jwt_audience.clone(),
+            access_token_ttl_secs: accounts.access_token_ttl_secs,
+            auth_cache_ttl_ms: accounts.auth_cache_ttl_ms,
+            shutdown_grace_secs: server.shutdown_grace_secs,
+            shutdown_delay_ms: server.shutdown_delay_ms,
+            quota_store: server.quota_store.unwrap_or(
                 // One SQLite file means one server: count in memory.
-                None if database_url.expose().starts_with("sqlite") => QuotaStore::Memory,
-                None => QuotaStore::Database,
-                Some(other) => {
-                    return Err(ConfigError::Invalid {
-                        var: "QUOTA_STORE",
-                        message: format!("{other:?}: expected memory or database"),
-                    })
-                }
-            },
-            execution_writes: match get("EXECUTION_WRITES").as_deref() {
-                None | Some("sync") => crate::writer::WriteMode::Sync,
-                Some("async") => crate::writer::WriteMode::Async,
-                Some(other) => {
-                    return Err(ConfigError::Invalid {
-                        var: "EXECUTION_WRITES",
-                        message: format!("{other:?}: expected sync or async"),
-                    })
-                }
-            },
-            refresh_token_ttl_secs: parse_range(
-                &get,
-                "REFRESH_TOKEN_TTL_SECS",
-                30 * 86_400,
-                300,
-                365 * 86_400,
-            )?,
+                if database_url.expose().starts_with("sqlite") {
+                    QuotaStore::Memory
+                } else {
+                    QuotaStore::Database
+                },
+            ),
+            execution_writes: server.execution_writes,
+            refresh_token_ttl_secs: accounts.refresh_token_ttl_secs,
             bcrypt_cost,
-            cors_origins: get("CORS_ORIGINS")
-                .map(|v| {
-                    v.split(',')
-                        .map(|s| s.trim().to_string())
-                        .filter(|s| !s.is_empty())
-                        .collect()
-                })
-                .unwrap_or_default(),
-            log_format,
-            smtp_url: get("SMTP_URL").map(Secret::new),
-            mail_from: get("MAIL_FROM").unwrap_or_else(|| "Muse <no-reply@muse.local>".into()),
+            cors_origins: list(server.cors_origins.clone(), &[]),
+            log_format: server.log_format,
+            smtp_url: secret(&accounts.smtp_url),
+            mail_from: accounts.mail_from.clone(),
             public_url,
-            admin_email: get("ADMIN_EMAIL"),
-            admin_username: get("ADMIN_USERNAME").unwrap_or_else(|| "admin".into()),
-            admin_password: get("ADMIN_PASSWORD").map(Secret::new),
-            max_body_bytes: parse(&get, "MAX_BODY_BYTES", 1024 * 1024)?,
-            ws_idle_timeout_secs: parse(&get, "WS_IDLE_TIMEOUT_SECS", 60)?,
-            feature_flags_refresh_secs: parse(&get, "FEATURE_FLAGS_REFRESH_SECS", 5)?,
-            trust_proxy_headers: parse_bool(&get, "TRUST_PROXY_HEADERS", false)?,
-            login_max_failures_per_account: parse(&get, "LOGIN_MAX_FAILURES_PER_ACCOUNT", 5)?,
-            login_max_failures_per_ip: parse(&get, "LOGIN_MAX_FAILURES_PER_IP", 20)?,
-            login_failure_window_secs: parse_range(
-                &get,
-                "LOGIN_FAILURE_WINDOW_SECS",
-                900,
-                1,
-                86_400,
-            )?,
-            llm: llm_config(&get, &data_dir)?,
-            rate_limits: rate_limit_config(&get)?,
-            stripe: match get("STRIPE_SECRET_KEY").filter(|k| !k.trim().is_empty()) {
+            admin_email: accounts.admin_email.clone(),
+            admin_username: accounts.admin_username.clone(),
+            admin_password: secret(&accounts.admin_password),
+            max_body_bytes: server.max_body_bytes,
+            ws_idle_timeout_secs: server.ws_idle_timeout_secs,
+            feature_flags_refresh_secs: server.feature_flags_refresh_secs,
+            trust_proxy_headers: server.trust_proxy_headers,
+            login_max_failures_per_account: accounts.login_max_failures_per_account,
+            login_max_failures_per_ip: accounts.login_max_failures_per_ip,
+            login_failure_window_secs: accounts.login_failure_window_secs,
+            llm: llm_config(&s.models, &data_dir)?,
+            rate_limits: rate_limit_config(&s.limits)?,
+            stripe: match s
+                .limits
+                .stripe_secret_key
+                .clone()
+                .filter(|k| !k.trim().is_empty())
+            {
                 None => None,
                 Some(key) => Some(StripeConfig {
                     secret_key: Secret::new(key),
-                    webhook_secret: get("STRIPE_WEBHOOK_SECRET")
-                        .filter(|k| !k.trim().is_empty())
-                        .map(Secret::new),
-                    api_base: get("STRIPE_API_BASE")
-                        .map(|u| check_url("STRIPE_API_BASE", &u))
-                        .transpose()?
-                        .unwrap_or_else(|| "https://api.stripe.com".into()),
+                    webhook_secret: secret(&s.limits.stripe_webhook_secret),
+                    api_base: check_url("STRIPE_API_BASE", &s.limits.stripe_api_base)?,
                 }),
             },
-            training: TrainingConfig::load(&get)?,
+            training: TrainingConfig::from_settings(&s.training)?,
             host,
             data_dir,
             database_url,
@@ -591,34 +557,34 @@ fn check_url(var: &'static str, url: &str) -> Result<String, ConfigError> {
 }
 
 fn llm_config(
-    get: &impl Fn(&str) -> Option<String>,
+    m: &crate::settings::ModelSettings,
     data_dir: &Path,
 ) -> Result<LlmConfig, ConfigError> {
-    let remote = |prefix: &'static str,
+    let remote = |key: &Option<String>,
                   url_var: &'static str,
-                  models_var: &str,
-                  default_models: &[&str]|
+                  url: &Option<String>,
+                  models: &str|
      -> Result<Option<RemoteProviderConfig>, ConfigError> {
-        let Some(key) = get(&format!("{prefix}_API_KEY")) else {
+        let Some(key) = key.clone() else {
             return Ok(None);
         };
         Ok(Some(RemoteProviderConfig {
             api_key: Secret::new(key),
-            base_url: get(url_var).map(|u| check_url(url_var, &u)).transpose()?,
-            models: list(get(models_var), default_models),
+            base_url: url.as_ref().map(|u| check_url(url_var, u)).transpose()?,
+            models: list(Some(models.to_string()), &[]),
         }))
     };
-    let compatible = match get("OPENAI_COMPATIBLE_BASE_URL") {
+    let compatible = match &m.openai_compatible_base_url {
         None => None,
         Some(url) => {
-            let models = list(get("OPENAI_COMPATIBLE_MODELS"), &[]);
+            let models = list(m.openai_compatible_models.clone(), &[]);
             if models.is_empty() {
                 return Err(ConfigError::Invalid {
                     var: "OPENAI_COMPATIBLE_MODELS",
                     message: "list the models the server serves (comma-separated)".into(),
                 });
             }
-            let name = get("OPENAI_COMPATIBLE_NAME").unwrap_or_else(|| "compatible".into());
+            let name = m.openai_compatible_name.clone();
             if name.is_empty()
                 || !name
                     .chars()
@@ -631,9 +597,11 @@ fn llm_config(
             }
             Some(CompatibleServerConfig {
                 name,
-                base_url: check_url("OPENAI_COMPATIBLE_BASE_URL", &url)?,
+                base_url: check_url("OPENAI_COMPATIBLE_BASE_URL", url)?,
                 api_key: Secret::new(
-                    get("OPENAI_COMPATIBLE_API_KEY").unwrap_or_else(|| "none".into()),
+                    m.openai_compatible_api_key
+                        .clone()
+                        .unwrap_or_else(|| "none".into()),
                 ),
                 models,
             })
@@ -641,52 +609,76 @@ fn llm_config(
     };
     Ok(LlmConfig {
         openai: remote(
-            "OPENAI",
+            &m.openai_api_key,
             "OPENAI_BASE_URL",
-            "OPENAI_MODELS",
-            &["gpt-4o-mini", "gpt-4o"],
+            &m.openai_base_url,
+            &m.openai_models,
         )?,
         anthropic: remote(
-            "ANTHROPIC",
+            &m.anthropic_api_key,
             "ANTHROPIC_BASE_URL",
-            "ANTHROPIC_MODELS",
-            &["claude-3-5-haiku-latest", "claude-3-5-sonnet-latest"],
+            &m.anthropic_base_url,
+            &m.anthropic_models,
         )?,
         gemini: remote(
-            "GEMINI",
+            &m.gemini_api_key,
             "GEMINI_BASE_URL",
-            "GEMINI_MODELS",
-            &["gemini-2.0-flash", "gemini-2.5-flash"],
+            &m.gemini_base_url,
+            &m.gemini_models,
         )?,
         compatible,
-        prices_file: get("MODEL_PRICES_FILE").map(PathBuf::from),
-        unpriced_price: get("UNPRICED_MODEL_PRICE")
-            .map(|v| unpriced_price(&v))
+        prices_file: m.model_prices_file.clone(),
+        prices: m
+            .model_prices
+            .as_deref()
+            .map(inline_prices)
+            .transpose()?
+            .unwrap_or_default(),
+        unpriced_price: m
+            .unpriced_model_price
+            .as_deref()
+            .map(unpriced_price)
             .transpose()?,
-        max_retries: parse(get, "LLM_MAX_RETRIES", 3)?,
-        request_timeout_secs: parse(get, "LLM_REQUEST_TIMEOUT_SECS", 120)?,
-        first_token_timeout_secs: parse(get, "LLM_FIRST_TOKEN_TIMEOUT_SECS", 60)?,
-        model_cache_dir: get("MODEL_CACHE_DIR")
-            .map(PathBuf::from)
+        max_retries: m.llm_max_retries,
+        request_timeout_secs: m.llm_request_timeout_secs,
+        first_token_timeout_secs: m.llm_first_token_timeout_secs,
+        model_cache_dir: m
+            .model_cache_dir
+            .clone()
             .unwrap_or_else(|| data_dir.join("models")),
-        local_threads: parse(
-            get,
-            "LOCAL_MODEL_THREADS",
+        local_threads: m.local_model_threads.unwrap_or_else(|| {
             std::thread::available_parallelism()
                 .map(|n| n.get())
-                .unwrap_or(1),
-        )?,
-        local_queue: parse(get, "LOCAL_MODEL_QUEUE", 16)?,
-        local_models: list(get("LOCAL_MODELS"), &[]),
-        hf_endpoint: get("HF_ENDPOINT")
-            .map(|u| check_url("HF_ENDPOINT", &u))
-            .transpose()?
-            .unwrap_or_else(|| "https://huggingface.co".into()),
-        hf_token: get("HF_TOKEN").map(Secret::new),
-        hf_offline: parse_bool(get, "HF_HUB_OFFLINE", false)?,
-        default_model: get("DEFAULT_MODEL"),
-        model_aliases: aliases(get("MODEL_ALIASES"))?,
+                .unwrap_or(1)
+        }),
+        local_queue: m.local_model_queue,
+        local_models: list(m.local_models.clone(), &[]),
+        hf_endpoint: check_url("HF_ENDPOINT", &m.hf_endpoint)?,
+        hf_token: m.hf_token.clone().map(Secret::new),
+        hf_offline: m.hf_hub_offline,
+        default_model: m.default_model.clone(),
+        model_aliases: aliases(m.model_aliases.clone())?,
     })
+}
+
+/// `MODEL_PRICES`: JSON of `provider/model` → price.
+fn inline_prices(
+    v: &str,
+) -> Result<std::collections::BTreeMap<String, muse_inference::Price>, ConfigError> {
+    let bad = |message: String| ConfigError::Invalid {
+        var: "MODEL_PRICES",
+        message,
+    };
+    let prices: std::collections::BTreeMap<String, muse_inference::Price> = serde_json::from_str(v)
+        .map_err(|e| {
+            bad(format!(
+                "expected JSON of provider/model -> {{input_per_million, output_per_million}}: {e}"
+            ))
+        })?;
+    if let Some(key) = prices.keys().find(|k| !k.contains('/')) {
+        return Err(bad(format!("{key:?} is not provider/model")));
+    }
+    Ok(prices)
 }
 
 /// `MODEL_ALIASES`: `name=key` pairs separated by commas.
@@ -719,7 +711,7 @@ fn aliases(
 }
 
 /// Where quota reservations are counted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum QuotaStore {
     /// In this process (`muse_billing::QuotaLedger`): no database write on
     /// a call's critical path; exact for one server process only.
@@ -749,56 +741,6 @@ fn unpriced_price(v: &str) -> Result<muse_inference::Price, ConfigError> {
         output_per_million: num(o)?,
         context_length: None,
     })
-}
-
-fn parse<T: std::str::FromStr>(
-    get: &impl Fn(&str) -> Option<String>,
-    var: &'static str,
-    default: T,
-) -> Result<T, ConfigError>
-where
-    T::Err: std::fmt::Display,
-{
-    match get(var) {
-        None => Ok(default),
-        Some(v) => v.parse().map_err(|e| ConfigError::Invalid {
-            var,
-            message: format!("cannot parse {v:?}: {e}"),
-        }),
-    }
-}
-
-fn parse_range(
-    get: &impl Fn(&str) -> Option<String>,
-    var: &'static str,
-    default: i64,
-    min: i64,
-    max: i64,
-) -> Result<i64, ConfigError> {
-    let v: i64 = parse(get, var, default)?;
-    if !(min..=max).contains(&v) {
-        return Err(ConfigError::Invalid {
-            var,
-            message: format!("must be between {min} and {max}, got {v}"),
-        });
-    }
-    Ok(v)
-}
-
-fn parse_bool(
-    get: &impl Fn(&str) -> Option<String>,
-    var: &'static str,
-    default: bool,
-) -> Result<bool, ConfigError> {
-    match get(var).map(|v| v.to_ascii_lowercase()).as_deref() {
-        None => Ok(default),
-        Some("1" | "true" | "yes" | "on") => Ok(true),
-        Some("0" | "false" | "no" | "off") => Ok(false),
-        Some(other) => Err(ConfigError::Invalid {
-            var,
-            message: format!("expected true or false, got {other:?}"),
-        }),
-    }
 }
 
 #[cfg(test)]

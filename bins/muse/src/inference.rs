@@ -21,6 +21,11 @@ pub fn build_registry(
     if let Some(path) = &config.prices_file {
         prices = prices.with_overrides(path)?;
     }
+    for (key, price) in &config.prices {
+        if let Some((provider, model)) = key.split_once('/') {
+            prices.insert(provider, model, *price);
+        }
+    }
     let retry = RetryPolicy {
         max_retries: config.max_retries,
         ..RetryPolicy::default()

@@ -19,6 +19,7 @@ pub mod quota;
 pub mod routes;
 pub mod runs;
 pub mod server;
+pub mod settings;
 pub mod state;
 pub mod telemetry;
 pub mod training;

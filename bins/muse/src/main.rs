@@ -1,7 +1,5 @@
 use std::process::ExitCode;
 
-use clap::Parser;
-
 fn main() -> ExitCode {
-    muse_server::run(muse_server::Cli::parse())
+    muse_server::cli::main()
 }

@@ -27,7 +27,7 @@ pub const QUEUE: usize = 8_192;
 const ATTEMPTS: u32 = 30;
 
 /// When a call's answer waits for its record.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum WriteMode {
     /// After the record's commit (default).
     Sync,

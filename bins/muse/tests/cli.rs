@@ -295,3 +295,72 @@ fn sigterm_reports_not_ready_before_stopping() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// `muse serve --help` lists every setting with its variable, and shows no
+/// value taken from the environment (secrets among them).
+#[test]
+fn serve_help_lists_every_setting_and_no_secret() {
+    let dir = workdir();
+    let out = muse(&dir)
+        .args(["serve", "--help"])
+        .env("JWT_SECRET", "a-secret-that-help-must-not-print-0123456789")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout).unwrap();
+    let vars = muse_server::settings::variables();
+    assert!(vars.len() > 80, "{}", vars.len());
+    for var in vars {
+        assert!(
+            help.contains(&format!("[env: {var}]")),
+            "{var} missing from --help"
+        );
+    }
+    assert!(!help.contains("a-secret-that-help-must-not-print"));
+}
+
+/// Layers: ./muse.toml under the environment, flags over both.
+#[test]
+fn serve_takes_settings_from_muse_toml_the_environment_and_flags() {
+    let dir = workdir();
+    std::fs::write(
+        dir.join("muse.toml"),
+        "port = 1\nworkers = 1\nlog_format = \"text\"\n",
+    )
+    .unwrap();
+    let mut child = muse(&dir)
+        .env("LOG_FORMAT", "json")
+        .args(["serve", "--port", "0"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut addr = None;
+    while addr.is_none() && Instant::now() < deadline {
+        let Some(Ok(line)) = lines.next() else { break };
+        // LOG_FORMAT from the environment beats the file's `text`.
+        let v: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|_| panic!("not a JSON log line: {line}"));
+        if v["fields"]["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("Muse is listening"))
+        {
+            addr = v["fields"]["addr"].as_str().map(str::to_string);
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    // `--port 0` beats the file's port 1: an ephemeral port was bound.
+    let addr = addr.expect("server announced its address");
+    assert!(!addr.ends_with(":1"), "{addr}");
+
+    std::fs::write(dir.join("muse.toml"), "prot = 8000\n").unwrap();
+    let out = muse(&dir).arg("migrate").output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("muse.toml") && err.contains("unknown setting \"prot\""),
+        "{err}"
+    );
+}
