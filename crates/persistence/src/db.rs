@@ -251,16 +251,35 @@ impl Database {
     }
 
     /// Applies the embedded migrations of this backend; returns how many ran.
+    /// On PostgreSQL, concurrent callers (replicas starting together) take
+    /// turns under an advisory lock.
     pub fn run_migrations(&self) -> Result<usize, DbError> {
+        let failed = |e: &dyn std::fmt::Display| DbError::Migration(e.to_string());
         let mut conn = self.get()?;
-        let applied = match &mut *conn {
-            DbConnection::Sqlite(c) => c.run_pending_migrations(SQLITE_MIGRATIONS).map(|v| v.len()),
-            DbConnection::Pg(c) => c
-                .run_pending_migrations(POSTGRES_MIGRATIONS)
-                .map(|v| v.len()),
+        match &mut *conn {
+            DbConnection::Sqlite(c) => c
+                .run_pending_migrations(SQLITE_MIGRATIONS)
+                .map(|v| v.len())
+                .map_err(|e| failed(&e)),
+            DbConnection::Pg(c) => {
+                // Replicas started together on a fresh database would run
+                // the same migrations at once (and all but one fail): a
+                // session advisory lock makes them take turns, and the
+                // later ones find nothing pending.
+                c.batch_execute(&format!("SELECT pg_advisory_lock({MIGRATION_LOCK})"))
+                    .map_err(|e| failed(&e))?;
+                let applied = c
+                    .run_pending_migrations(POSTGRES_MIGRATIONS)
+                    .map(|v| v.len())
+                    .map_err(|e| failed(&e));
+                let unlocked = c
+                    .batch_execute(&format!("SELECT pg_advisory_unlock({MIGRATION_LOCK})"))
+                    .map_err(|e| failed(&e));
+                let applied = applied?;
+                unlocked?;
+                Ok(applied)
+            }
         }
-        .map_err(|e| DbError::Migration(e.to_string()))?;
-        Ok(applied)
     }
 
     /// How many embedded migrations are not applied yet.
@@ -280,6 +299,10 @@ impl Database {
             .map_err(|e| DbError::Unavailable(e.to_string()))
     }
 }
+
+/// The advisory lock key `run_migrations` holds on PostgreSQL ("muse" in
+/// ASCII).
+const MIGRATION_LOCK: i64 = 0x6d75_7365;
 
 fn ensure_parent(path: &Path) -> Result<(), DbError> {
     match path.parent() {
