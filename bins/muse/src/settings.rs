@@ -589,14 +589,8 @@ pub fn markdown_table() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::tests::vars;
     use crate::config::Config;
-
-    fn vars(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
 
     fn workspace_file(rel: &str) -> PathBuf {
         std::path::Path::new(env!("CARGO_MANIFEST_DIR"))

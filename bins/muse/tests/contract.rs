@@ -23,6 +23,9 @@ use std::time::{Duration, Instant};
 use muse_persistence::testing::TestDb;
 use serde_json::{json, Value};
 
+mod common;
+use common::free_port;
+
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../..")
@@ -43,14 +46,6 @@ fn schemathesis() -> Option<PathBuf> {
     );
     eprintln!("skipping: {} is missing", bin.display());
     None
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 struct Server {
@@ -106,27 +101,6 @@ fn serve(db_url: &str, dir: &Path) -> Server {
         child,
         base: format!("http://127.0.0.1:{port}"),
         log,
-    }
-}
-
-async fn wait_ready(client: &reqwest::Client, server: &Server) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(r) = client
-            .get(format!("{}/health/ready", server.base))
-            .send()
-            .await
-        {
-            if r.status().is_success() {
-                return;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "muse serve never became ready; its log:\n{}",
-            std::fs::read_to_string(&server.log).unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -208,7 +182,14 @@ async fn check(db: TestDb) {
     std::fs::create_dir_all(&dir).unwrap();
     let server = serve(&db.url, &dir);
     let client = reqwest::Client::new();
-    wait_ready(&client, &server).await;
+    common::until_ready(
+        &client,
+        &server.base,
+        200,
+        Duration::from_secs(60),
+        &server.log,
+    )
+    .await;
     let login = |email: &'static str, password: &'static str| {
         let client = client.clone();
         let url = format!("{}/api/v1/auth/login", server.base);

@@ -13,27 +13,7 @@ use muse_persistence::{Database, DieselExecutionRepository};
 use muse_prompts::{ExecutionRepository, ExecutionScope};
 use serde_json::{json, Value};
 
-async fn upstream() -> String {
-    use actix_web::{web, App, HttpResponse, HttpServer};
-    let srv = HttpServer::new(|| {
-        App::new().route(
-            "/v1/chat/completions",
-            web::post().to(|| async {
-                HttpResponse::Ok().json(json!({
-                    "id": "d", "object": "chat.completion", "created": 1, "model": "ok",
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop", "logprobs": null}],
-                    "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}
-                }))
-            }),
-        )
-    })
-    .workers(2)
-    .bind(("127.0.0.1", 0))
-    .unwrap();
-    let addr = srv.addrs()[0];
-    actix_web::rt::spawn(srv.run());
-    format!("http://{addr}/v1")
-}
+mod common;
 
 fn serve(db_url: &str, up: &str, port: u16, data: &std::path::Path) -> Child {
     Command::new(env!("CARGO_BIN_EXE_muse"))
@@ -81,7 +61,7 @@ async fn every_acknowledged_call_is_recorded_after_a_sigkill() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let up = upstream().await;
+    let up = common::instant_upstream().await;
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

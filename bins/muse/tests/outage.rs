@@ -27,13 +27,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+mod common;
+use common::{free_port, instant_upstream};
 
 /// The PostgreSQL server binaries (Debian's layout, or on PATH).
 fn pg_bin(name: &str) -> Option<PathBuf> {
@@ -200,29 +195,6 @@ impl Drop for Redis {
     }
 }
 
-/// An OpenAI-protocol upstream answering at once.
-async fn upstream() -> String {
-    use actix_web::{web, App, HttpResponse, HttpServer};
-    let srv = HttpServer::new(|| {
-        App::new().route(
-            "/v1/chat/completions",
-            web::post().to(|| async {
-                HttpResponse::Ok().json(json!({
-                    "id": "o", "object": "chat.completion", "created": 1, "model": "ok",
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop", "logprobs": null}],
-                    "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}
-                }))
-            }),
-        )
-    })
-    .workers(1)
-    .bind(("127.0.0.1", 0))
-    .unwrap();
-    let addr = srv.addrs()[0];
-    actix_web::rt::spawn(srv.run());
-    format!("http://{addr}/v1")
-}
-
 struct Replica {
     child: Child,
     base: String,
@@ -290,19 +262,7 @@ async fn until_ready(
     want: u16,
     within: Duration,
 ) -> Duration {
-    let started = Instant::now();
-    loop {
-        if status(client, format!("{}/health/ready", r.base)).await == Some(want) {
-            return started.elapsed();
-        }
-        assert!(
-            started.elapsed() < within,
-            "{} never answered {want} on /health/ready; its log:\n{}",
-            r.base,
-            std::fs::read_to_string(&r.log).unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::until_ready(client, &r.base, want, within, &r.log).await
 }
 
 async fn chat(client: &reqwest::Client, r: &Replica, key: &str) -> (u16, Value, Option<String>) {
@@ -352,7 +312,7 @@ async fn replicas_survive_postgres_and_redis_restarts() {
     let pg = Postgres::init(&root);
     let mut redis = Redis::start(free_port());
     let redis_url = format!("redis://127.0.0.1:{}", redis.port);
-    let up = upstream().await;
+    let up = instant_upstream().await;
     let open = replica(&pg.url(), &redis_url, &up, &root, "open");
     let closed = replica(&pg.url(), &redis_url, &up, &root, "closed");
     let client = reqwest::Client::builder()

@@ -24,13 +24,8 @@ use std::time::{Duration, Instant};
 use muse_persistence::testing::TestDb;
 use serde_json::{json, Value};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+mod common;
+use common::free_port;
 
 /// An OpenAI-protocol upstream: whole answers at once; streams of 5 chunks
 /// 100 ms apart.
@@ -117,24 +112,15 @@ fn replica(port: u16, db: &str, redis: &str, up: &str, data: &std::path::Path) -
 }
 
 async fn wait_ready(client: &reqwest::Client, port: u16, dir: &std::path::Path) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(r) = client
-            .get(format!("http://127.0.0.1:{port}/health/ready"))
-            .send()
-            .await
-        {
-            if r.status().is_success() {
-                return;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "replica on {port} never ready; its log:\n{}",
-            std::fs::read_to_string(dir.join(format!("replica-{port}.log"))).unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let log = dir.join(format!("replica-{port}.log"));
+    common::until_ready(
+        client,
+        &format!("http://127.0.0.1:{port}"),
+        200,
+        Duration::from_secs(60),
+        &log,
+    )
+    .await;
 }
 
 /// nginx with its own prefix, in front of `ports` (the settings of
