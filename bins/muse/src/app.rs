@@ -140,6 +140,7 @@ pub fn build_state(config: Config, db: Database) -> Result<AppState, StartError>
         billing_cache,
         quota_ledger,
         draining: Arc::default(),
+        cut_streams: Arc::new(tokio::sync::watch::Sender::new(false)),
         payments,
         started: Instant::now(),
         mail_transport,

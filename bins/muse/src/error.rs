@@ -236,6 +236,10 @@ impl From<muse_inference::InferenceError> for ApiError {
             E::Cancelled => ApiError::new(S::BAD_REQUEST, "cancelled", msg),
             E::NotConfigured(_) => ApiError::new(S::SERVICE_UNAVAILABLE, "not_configured", msg),
             E::BrokenModel(_) => ApiError::new(S::SERVICE_UNAVAILABLE, "model_unavailable", msg),
+            E::Interrupted(_) => ApiError {
+                retry_after: Some(1),
+                ..ApiError::new(S::SERVICE_UNAVAILABLE, "server_shutting_down", msg)
+            },
             E::Unsupported { param, .. } => {
                 ApiError::new(S::BAD_REQUEST, "unsupported_parameter", msg)
                     .with_details(json!({ "param": param }))

@@ -449,22 +449,29 @@ impl Run {
             Ok(s) => s,
             Err(e) => return Err(Box::new(self.fail(e).await)),
         };
-        let events = futures_util::stream::unfold(Some((self, upstream)), |st| async move {
-            let (mut run, mut upstream) = st?;
-            match upstream.next().await {
+        let cut = self.state.cut_streams.subscribe();
+        let events = futures_util::stream::unfold(Some((self, upstream, cut)), |st| async move {
+            let (mut run, mut upstream, mut cut) = st?;
+            let next = tokio::select! {
+                next = upstream.next() => next,
+                () = stream_cut(&mut cut) => Some(Err(InferenceError::Interrupted(
+                    "the server is shutting down; send the request again".into(),
+                ))),
+            };
+            match next {
                 Some(Ok(StreamEvent::Delta(text))) => {
                     run.first.get_or_insert_with(|| run.started.elapsed());
                     run.deltas = run.deltas.saturating_add(1);
                     run.text.push_str(&text);
-                    Some((RunEvent::Token(text), Some((run, upstream))))
+                    Some((RunEvent::Token(text), Some((run, upstream, cut))))
                 }
                 Some(Ok(StreamEvent::ToolCall(d))) => {
                     run.first.get_or_insert_with(|| run.started.elapsed());
                     run.calls.push(&d);
-                    Some((RunEvent::ToolCall(d), Some((run, upstream))))
+                    Some((RunEvent::ToolCall(d), Some((run, upstream, cut))))
                 }
                 Some(Ok(StreamEvent::Logprobs(l))) => {
-                    Some((RunEvent::Logprobs(l), Some((run, upstream))))
+                    Some((RunEvent::Logprobs(l), Some((run, upstream, cut))))
                 }
                 Some(Ok(StreamEvent::Done(summary))) => {
                     let done = run.succeed(summary.usage, summary.finish_reason).await;
@@ -510,5 +517,12 @@ impl Drop for Run {
                 Some("cancelled before the end (client disconnected or asked to stop)".into()),
             );
         }
+    }
+}
+
+/// Resolves once streams are to be cut (never if the sender is gone).
+async fn stream_cut(cut: &mut tokio::sync::watch::Receiver<bool>) {
+    if cut.wait_for(|c| *c).await.is_err() {
+        std::future::pending::<()>().await;
     }
 }

@@ -31,6 +31,10 @@ pub struct Running {
     /// Set on SIGTERM (readiness answers 503).
     pub draining: std::sync::Arc<std::sync::atomic::AtomicBool>,
     pub shutdown_delay: std::time::Duration,
+    /// `SHUTDOWN_GRACE_SECS`.
+    pub grace: std::time::Duration,
+    /// See [`AppState::cut_streams`].
+    pub cut_streams: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 /// Prepares everything and binds `listener`; the returned server must be
@@ -55,6 +59,7 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Running, Sta
     let training_wait = crate::training::shutdown_wait(&state.training.config);
     let writer = state.writer.clone();
     let draining = state.draining.clone();
+    let cut_streams = state.cut_streams.clone();
     let grace = state.config.shutdown_grace_secs;
     let shutdown_delay = std::time::Duration::from_millis(state.config.shutdown_delay_ms);
     let server = HttpServer::new(move || build_app(state.clone()))
@@ -76,6 +81,8 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Running, Sta
         writer,
         draining,
         shutdown_delay,
+        grace: std::time::Duration::from_secs(grace),
+        cut_streams,
     })
 }
 
@@ -211,10 +218,12 @@ pub async fn serve(config: Config) -> Result<(), StartError> {
     // On SIGTERM or SIGINT: report not ready, wait SHUTDOWN_DELAY_MS for
     // load balancers to notice, then stop accepting connections and give
     // in-flight requests and streams SHUTDOWN_GRACE_SECS.
-    let (handle, draining, delay) = (
+    let (handle, draining, delay, grace, cut_streams) = (
         running.handle.clone(),
         running.draining.clone(),
         running.shutdown_delay,
+        running.grace,
+        running.cut_streams.clone(),
     );
     actix_web::rt::spawn(async move {
         stop_signal().await;
@@ -224,6 +233,14 @@ pub async fn serve(config: Config) -> Result<(), StartError> {
             "stopping: not ready any more"
         );
         actix_web::rt::time::sleep(delay).await;
+        // Streams still open just before the grace period ends get an
+        // error event and end cleanly (actix would cut them mid-frame).
+        actix_web::rt::spawn(async move {
+            let margin = std::time::Duration::from_millis(500).min(grace / 2);
+            actix_web::rt::time::sleep(grace.saturating_sub(margin)).await;
+            tracing::warn!("grace period nearly spent: ending the streams still open");
+            cut_streams.send_replace(true);
+        });
         handle.stop(true).await;
     });
     running.server.await?;

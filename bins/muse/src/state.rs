@@ -13,6 +13,10 @@ use crate::config::Config;
 
 #[derive(Clone)]
 pub struct AppState {
+    /// Set when a stopping server's grace period is nearly spent: every
+    /// stream still open ends with an error event (`server_shutting_down`)
+    /// instead of being cut mid-frame.
+    pub cut_streams: Arc<tokio::sync::watch::Sender<bool>>,
     pub config: Arc<Config>,
     pub db: Database,
     pub auth: Arc<AuthService>,

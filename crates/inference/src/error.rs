@@ -39,6 +39,10 @@ pub enum InferenceError {
     /// chat template that does not parse): the operator's to fix.
     #[error("the model cannot be served: {0}")]
     BrokenModel(String),
+    /// The caller's side stopped the call (a server shutting down cuts
+    /// the streams its grace period could not finish).
+    #[error("the answer was interrupted: {0}")]
+    Interrupted(String),
 }
 
 impl InferenceError {

@@ -550,6 +550,7 @@ fn record_error(provider: &str, model: &str, error: &InferenceError) {
         InferenceError::Cancelled => "cancelled",
         InferenceError::NotConfigured(_) => "not_configured",
         InferenceError::BrokenModel(_) => "model_unavailable",
+        InferenceError::Interrupted(_) => "interrupted",
         InferenceError::Unsupported { .. } => "unsupported_parameter",
     };
     metrics::counter!(
