@@ -386,3 +386,47 @@ async fn vendor_server() -> String {
     actix_web::rt::spawn(srv.run());
     format!("http://{addr}")
 }
+
+/// `MODEL_PRICES` (the settings file's `[model_prices]` table) prices calls,
+/// over `MODEL_PRICES_FILE`.
+#[actix_web::test]
+async fn inline_model_prices_price_calls() {
+    let file = std::env::temp_dir().join(format!(
+        "muse-prices-{}.json",
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::write(
+        &file,
+        r#"{"up/ok": {"input_per_million": 9, "output_per_million": 9}}"#,
+    )
+    .unwrap();
+    let file_path = file.display().to_string();
+    let (app, _up) = app_with_upstream(&[
+        ("MODEL_PRICES_FILE", file_path.as_str()),
+        (
+            "MODEL_PRICES",
+            r#"{"up/ok": {"input_per_million": 1000, "output_per_million": 2000}}"#,
+        ),
+    ])
+    .await;
+    let token = access(&app.user("priced").await);
+    let r = app
+        .post(
+            "/v1/chat/completions",
+            Some(&token),
+            json!({"model": "up/ok", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let (prompt, completion) = (
+        r.body["usage"]["prompt_tokens"].as_f64().unwrap(),
+        r.body["usage"]["completion_tokens"].as_f64().unwrap(),
+    );
+    let history = app.get("/api/v1/executions/history", Some(&token)).await;
+    let cost = history.body["items"][0]["cost"].as_f64().unwrap();
+    assert!(
+        (cost - (prompt + 2.0 * completion) / 1000.0).abs() < 1e-9,
+        "{cost} for {prompt} + {completion} tokens at $1 and $2 per thousand"
+    );
+    let _ = std::fs::remove_file(file);
+}

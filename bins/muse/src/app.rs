@@ -79,7 +79,7 @@ pub fn build_state(config: Config, db: Database) -> Result<AppState, StartError>
     let (models, local_unavailable) = crate::inference::build_registry(&config.llm)?;
     let training = Arc::new(crate::training::Training::new(&config, &db).map_err(|e| {
         StartError::Config(crate::config::ConfigError::Invalid {
-            var: "TRAINING_EXTERNAL_COMMAND",
+            var: "TRAINING_EXTERNAL_COMMAND".into(),
             message: e,
         })
     })?);
@@ -102,7 +102,7 @@ pub fn build_state(config: Config, db: Database) -> Result<AppState, StartError>
         Some(s) => Some(Arc::new(
             muse_billing::StripeGateway::new(s.secret_key.expose(), &s.api_base).map_err(|e| {
                 StartError::Config(crate::config::ConfigError::Invalid {
-                    var: "STRIPE_SECRET_KEY",
+                    var: "STRIPE_SECRET_KEY".into(),
                     message: e.to_string(),
                 })
             })?,
@@ -114,7 +114,7 @@ pub fn build_state(config: Config, db: Database) -> Result<AppState, StartError>
     ));
     let limiter = crate::limits::build(&config.rate_limits).map_err(|e| {
         StartError::Config(crate::config::ConfigError::Invalid {
-            var: "REDIS_URL",
+            var: "REDIS_URL".into(),
             message: e.to_string(),
         })
     })?;

@@ -37,7 +37,7 @@ pub enum LogFormat {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{var}: {message}")]
-    Invalid { var: &'static str, message: String },
+    Invalid { var: String, message: String },
     #[error("JWT_SECRET: {0}")]
     WeakSecret(String),
     #[error("cannot read or write {path}: {message}")]
@@ -146,7 +146,7 @@ impl TrainingConfig {
             None => None,
             Some(c) => Some(shlex::split(c).filter(|v| !v.is_empty()).ok_or(
                 ConfigError::Invalid {
-                    var: "TRAINING_EXTERNAL_COMMAND",
+                    var: "TRAINING_EXTERNAL_COMMAND".into(),
                     message:
                         "cannot split it into a program and arguments (unbalanced quotes?)".into(),
                 },
@@ -210,10 +210,7 @@ fn rate_limit_config(l: &crate::settings::LimitSettings) -> Result<RateLimitConf
         };
         for (scope, value, map) in [("IP", ip, &mut per_ip), ("USER", user, &mut per_user)] {
             let quota = Quota::parse(value).map_err(|message| ConfigError::Invalid {
-                var: Box::leak(
-                    format!("RATE_LIMIT_{}_PER_{scope}", class.as_str().to_uppercase())
-                        .into_boxed_str(),
-                ),
+                var: format!("RATE_LIMIT_{}_PER_{scope}", class.as_str().to_uppercase()),
                 message,
             })?;
             if let Some(q) = quota {
@@ -377,7 +374,7 @@ impl Config {
         let bcrypt_cost = accounts.bcrypt_cost;
         if env == Environment::Production && bcrypt_cost < 10 {
             return Err(ConfigError::Invalid {
-                var: "BCRYPT_COST",
+                var: "BCRYPT_COST".into(),
                 message: "must be at least 10 in production".into(),
             });
         }
@@ -418,7 +415,7 @@ impl Config {
             execution_writes: server.execution_writes,
             refresh_token_ttl_secs: accounts.refresh_token_ttl_secs,
             bcrypt_cost,
-            cors_origins: list(server.cors_origins.clone(), &[]),
+            cors_origins: list(server.cors_origins.as_deref()),
             log_format: server.log_format,
             smtp_url: secret(&accounts.smtp_url),
             mail_from: accounts.mail_from.clone(),
@@ -535,21 +532,19 @@ fn write_private(path: &Path, content: &str) -> std::io::Result<()> {
     std::fs::write(path, content)
 }
 
-fn list(v: Option<String>, default: &[&str]) -> Vec<String> {
-    match v {
-        Some(v) => v
-            .split(',')
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-            .collect(),
-        None => default.iter().map(|s| s.to_string()).collect(),
-    }
+/// A comma-separated list (empty items dropped; unset: empty).
+fn list(v: Option<&str>) -> Vec<String> {
+    v.into_iter()
+        .flat_map(|v| v.split(','))
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect()
 }
 
 fn check_url(var: &'static str, url: &str) -> Result<String, ConfigError> {
     if !(url.starts_with("http://") || url.starts_with("https://")) {
         return Err(ConfigError::Invalid {
-            var,
+            var: var.into(),
             message: format!("must be an http:// or https:// URL, got {url:?}"),
         });
     }
@@ -571,16 +566,16 @@ fn llm_config(
         Ok(Some(RemoteProviderConfig {
             api_key: Secret::new(key),
             base_url: url.as_ref().map(|u| check_url(url_var, u)).transpose()?,
-            models: list(Some(models.to_string()), &[]),
+            models: list(Some(models)),
         }))
     };
     let compatible = match &m.openai_compatible_base_url {
         None => None,
         Some(url) => {
-            let models = list(m.openai_compatible_models.clone(), &[]);
+            let models = list(m.openai_compatible_models.as_deref());
             if models.is_empty() {
                 return Err(ConfigError::Invalid {
-                    var: "OPENAI_COMPATIBLE_MODELS",
+                    var: "OPENAI_COMPATIBLE_MODELS".into(),
                     message: "list the models the server serves (comma-separated)".into(),
                 });
             }
@@ -591,7 +586,7 @@ fn llm_config(
                     .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
             {
                 return Err(ConfigError::Invalid {
-                    var: "OPENAI_COMPATIBLE_NAME",
+                    var: "OPENAI_COMPATIBLE_NAME".into(),
                     message: "letters, digits, '-' and '_' only".into(),
                 });
             }
@@ -652,7 +647,7 @@ fn llm_config(
                 .unwrap_or(1)
         }),
         local_queue: m.local_model_queue,
-        local_models: list(m.local_models.clone(), &[]),
+        local_models: list(m.local_models.as_deref()),
         hf_endpoint: check_url("HF_ENDPOINT", &m.hf_endpoint)?,
         hf_token: m.hf_token.clone().map(Secret::new),
         hf_offline: m.hf_hub_offline,
@@ -666,7 +661,7 @@ fn inline_prices(
     v: &str,
 ) -> Result<std::collections::BTreeMap<String, muse_inference::Price>, ConfigError> {
     let bad = |message: String| ConfigError::Invalid {
-        var: "MODEL_PRICES",
+        var: "MODEL_PRICES".into(),
         message,
     };
     let prices: std::collections::BTreeMap<String, muse_inference::Price> = serde_json::from_str(v)
@@ -701,7 +696,7 @@ fn aliases(
             }
             _ => {
                 return Err(ConfigError::Invalid {
-                    var: "MODEL_ALIASES",
+                    var: "MODEL_ALIASES".into(),
                     message: format!("{pair:?} is not name=provider/model[|provider/model…]"),
                 })
             }
@@ -723,7 +718,7 @@ pub enum QuotaStore {
 /// `IN,OUT`: USD per million input and output tokens.
 fn unpriced_price(v: &str) -> Result<muse_inference::Price, ConfigError> {
     let bad = || ConfigError::Invalid {
-        var: "UNPRICED_MODEL_PRICE",
+        var: "UNPRICED_MODEL_PRICE".into(),
         message: format!(
             "{v:?}: expected IN,OUT (USD per million input and output tokens, e.g. 10,30)"
         ),

@@ -452,7 +452,7 @@ fn clap_error(e: &clap::Error, long_to_env: &HashMap<String, String>) -> ConfigE
         _ => String::new(),
     };
     ConfigError::Invalid {
-        var: Box::leak(var.into_boxed_str()),
+        var,
         message: format!("{message}{valid}"),
     }
 }
@@ -479,7 +479,7 @@ pub fn read_file(path: &std::path::Path) -> Result<HashMap<String, String>, Conf
             return Err(io(format!("unknown setting {key:?}")));
         }
         let bad = |what: &str| ConfigError::Invalid {
-            var: Box::leak(var.clone().into_boxed_str()),
+            var: var.clone(),
             message: format!("in {}: {what}", path.display()),
         };
         let text = match (var.as_str(), value) {

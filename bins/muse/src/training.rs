@@ -473,7 +473,7 @@ pub async fn run_worker(
         let (models, _) = crate::inference::build_registry(&config.llm)?;
         let training = Training::new(&config, &db).map_err(|e| {
             crate::app::StartError::Config(crate::config::ConfigError::Invalid {
-                var: "TRAINING_EXTERNAL_COMMAND",
+                var: "TRAINING_EXTERNAL_COMMAND".into(),
                 message: e,
             })
         })?;

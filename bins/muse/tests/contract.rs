@@ -17,7 +17,7 @@
 )]
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use muse_persistence::testing::TestDb;
@@ -64,24 +64,15 @@ impl Drop for Server {
 fn serve(db_url: &str, dir: &Path) -> Server {
     let port = free_port();
     let log = dir.join("serve.log");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_muse"));
-    cmd.arg("serve")
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("DATABASE_URL", db_url)
-        .env("MUSE_DATA_DIR", dir.join("data"))
-        .env("PORT", port.to_string())
+    let mut cmd = common::serve_command(port, &dir.join("data"), &log);
+    cmd.env("DATABASE_URL", db_url)
         .env(
             "JWT_SECRET",
             "contract-test-secret-0123456789-abcdefghijklmno",
         )
-        .env("BCRYPT_COST", "4")
         // Thousands of requests from one address and one account.
         .env("RATE_LIMIT_ENABLED", "false")
-        .env("ADMIN_EMAIL", "root@example.com")
-        .env("ADMIN_PASSWORD", "an admin passphrase")
-        .env("TRAINING_WORKERS", "0")
-        .env("RUST_LOG", "warn");
+        .env("TRAINING_WORKERS", "0");
     // The generated tiny models give the model routes something to run.
     let hub = workspace().join("target/test-models/hub");
     if let (Some(ort), true) = (
@@ -92,11 +83,7 @@ fn serve(db_url: &str, dir: &Path) -> Server {
             .env("MODEL_CACHE_DIR", &hub)
             .env("LOCAL_MODELS", "muse-test/tiny-gpt2");
     }
-    let child = cmd
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let child = cmd.spawn().unwrap();
     Server {
         child,
         base: format!("http://127.0.0.1:{port}"),
@@ -190,24 +177,26 @@ async fn check(db: TestDb) {
         &server.log,
     )
     .await;
-    let login = |email: &'static str, password: &'static str| {
-        let client = client.clone();
-        let url = format!("{}/api/v1/auth/login", server.base);
-        async move {
-            post(&client, url, json!({"email": email, "password": password})).await["access_token"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        }
-    };
-    let admin = login("root@example.com", "an admin passphrase").await;
+    let admin = common::login(
+        &client,
+        &server.base,
+        common::ADMIN_EMAIL,
+        common::ADMIN_PASSWORD,
+    )
+    .await;
     post(
         &client,
         format!("{}/api/v1/auth/register", server.base),
         json!({"email": "ada@example.com", "username": "ada", "password": "a long enough passphrase"}),
     )
     .await;
-    let user = login("ada@example.com", "a long enough passphrase").await;
+    let user = common::login(
+        &client,
+        &server.base,
+        "ada@example.com",
+        "a long enough passphrase",
+    )
+    .await;
     run_schemathesis(&st, &server, &dir, "anonymous", None);
     run_schemathesis(&st, &server, &dir, "user", Some(&user));
     run_schemathesis(&st, &server, &dir, "admin", Some(&admin));

@@ -4,7 +4,7 @@
 //! SQLite, and PostgreSQL when `TEST_DATABASE_URL` is set.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,23 +16,9 @@ use serde_json::{json, Value};
 mod common;
 
 fn serve(db_url: &str, up: &str, port: u16, data: &std::path::Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_muse"))
-        .arg("serve")
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
+    let mut cmd = common::serve_command(port, data, &data.join("serve.log"));
+    common::with_upstream(&mut cmd, up, "ok")
         .env("DATABASE_URL", db_url)
-        .env("MUSE_DATA_DIR", data)
-        .env("PORT", port.to_string())
-        .env("BCRYPT_COST", "4")
-        .env("OPENAI_COMPATIBLE_BASE_URL", up)
-        .env("OPENAI_COMPATIBLE_NAME", "up")
-        .env("OPENAI_COMPATIBLE_MODELS", "ok")
-        .env("LLM_MAX_RETRIES", "0")
-        .env("ADMIN_EMAIL", "root@example.com")
-        .env("ADMIN_PASSWORD", "an admin passphrase")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
         .spawn()
         .unwrap()
 }
@@ -76,14 +62,7 @@ async fn every_acknowledged_call_is_recorded_after_a_sigkill() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // An admin lifts the free plan's quotas; a user gets an API key.
-    let admin = post(
-        &client,
-        format!("{base}/api/v1/auth/login"),
-        None,
-        json!({"email": "root@example.com", "password": "an admin passphrase"}),
-    )
-    .await;
-    let admin = admin["access_token"].as_str().unwrap().to_string();
+    let admin = common::login(&client, &base, common::ADMIN_EMAIL, common::ADMIN_PASSWORD).await;
     let r = client
         .put(format!("{base}/api/v1/admin/plans/free"))
         .bearer_auth(&admin)
@@ -99,14 +78,7 @@ async fn every_acknowledged_call_is_recorded_after_a_sigkill() {
         json!({"email": "load@example.com", "username": "load", "password": "a long passphrase"}),
     )
     .await;
-    let login = post(
-        &client,
-        format!("{base}/api/v1/auth/login"),
-        None,
-        json!({"email": "load@example.com", "password": "a long passphrase"}),
-    )
-    .await;
-    let token = login["access_token"].as_str().unwrap().to_string();
+    let token = common::login(&client, &base, "load@example.com", "a long passphrase").await;
     let key = post(
         &client,
         format!("{base}/api/v1/auth/api-keys"),

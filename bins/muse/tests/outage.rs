@@ -211,32 +211,18 @@ impl Drop for Replica {
 fn replica(db: &str, redis: &str, up: &str, dir: &Path, failure: &str) -> Replica {
     let port = free_port();
     let log = dir.join(format!("replica-{port}.log"));
-    let child = Command::new(env!("CARGO_BIN_EXE_muse"))
-        .arg("serve")
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
+    let mut cmd = common::serve_command(port, &dir.join("data"), &log);
+    let child = common::with_upstream(&mut cmd, up, "ok")
         .env("DATABASE_URL", db)
         .env("REDIS_URL", redis)
         .env("RATE_LIMIT_FAILURE", failure)
-        .env("MUSE_DATA_DIR", dir.join("data"))
         .env(
             "JWT_SECRET",
             "outage-test-secret-0123456789-abcdefghijklmnop",
         )
-        .env("PORT", port.to_string())
         .env("WORKERS", "1")
-        .env("BCRYPT_COST", "4")
         .env("TRAINING_WORKERS", "0")
         .env("AUTH_CACHE_TTL_MS", "0")
-        .env("OPENAI_COMPATIBLE_BASE_URL", up)
-        .env("OPENAI_COMPATIBLE_NAME", "up")
-        .env("OPENAI_COMPATIBLE_MODELS", "ok")
-        .env("LLM_MAX_RETRIES", "0")
-        .env("ADMIN_EMAIL", "root@example.com")
-        .env("ADMIN_PASSWORD", "an admin passphrase")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
     Replica {
@@ -341,18 +327,13 @@ async fn replicas_survive_postgres_and_redis_restarts() {
     .await
     .unwrap();
     assert_eq!(reg.status().as_u16(), 201);
-    let login: Value = post(
-        &open,
-        "/api/v1/auth/login",
-        None,
-        json!({"email": "ops@example.com", "password": "a long enough passphrase"}),
+    let token = common::login(
+        &client,
+        &open.base,
+        "ops@example.com",
+        "a long enough passphrase",
     )
-    .await
-    .unwrap()
-    .json()
-    .await
-    .unwrap();
-    let token = login["access_token"].as_str().unwrap().to_string();
+    .await;
     let key: Value = post(
         &open,
         "/api/v1/auth/api-keys",

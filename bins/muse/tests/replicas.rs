@@ -78,34 +78,21 @@ struct Replica {
 }
 
 fn replica(port: u16, db: &str, redis: &str, up: &str, data: &std::path::Path) -> Replica {
-    let child = Command::new(env!("CARGO_BIN_EXE_muse"))
-        .arg("serve")
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
+    let log = data.with_file_name(format!("replica-{port}.log"));
+    let mut cmd = common::serve_command(port, data, &log);
+    let child = common::with_upstream(&mut cmd, up, "ok")
         .env("DATABASE_URL", db)
         .env("REDIS_URL", redis)
-        .env("MUSE_DATA_DIR", data)
         .env(
             "JWT_SECRET",
             "replicas-test-secret-0123456789-abcdefghijklmnop",
         )
-        .env("PORT", port.to_string())
         .env("WORKERS", "1")
-        .env("BCRYPT_COST", "4")
         .env("TRUST_PROXY_HEADERS", "true")
         .env("SHUTDOWN_DELAY_MS", "300")
         .env("TRAINING_WORKERS", "0")
         // Thousands of calls from one client address and one user.
         .env("RATE_LIMIT_ENABLED", "false")
-        .env("OPENAI_COMPATIBLE_BASE_URL", up)
-        .env("OPENAI_COMPATIBLE_NAME", "up")
-        .env("OPENAI_COMPATIBLE_MODELS", "ok")
-        .env("LLM_MAX_RETRIES", "0")
-        .env("ADMIN_EMAIL", "root@example.com")
-        .env("ADMIN_PASSWORD", "an admin passphrase")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(data.with_file_name(format!("replica-{port}.log"))).unwrap())
         .spawn()
         .unwrap();
     Replica { child }
@@ -219,17 +206,7 @@ async fn three_replicas_behind_nginx() {
         }
         r.send()
     };
-    let admin: Value = post(
-        "/api/v1/auth/login",
-        None,
-        json!({"email": "root@example.com", "password": "an admin passphrase"}),
-    )
-    .await
-    .unwrap()
-    .json()
-    .await
-    .unwrap();
-    let admin = admin["access_token"].as_str().unwrap().to_string();
+    let admin = common::login(&client, &base, common::ADMIN_EMAIL, common::ADMIN_PASSWORD).await;
     post(
         "/api/v1/auth/register",
         None,
@@ -237,17 +214,7 @@ async fn three_replicas_behind_nginx() {
     )
     .await
     .unwrap();
-    let login: Value = post(
-        "/api/v1/auth/login",
-        None,
-        json!({"email": "multi@example.com", "password": "a long passphrase"}),
-    )
-    .await
-    .unwrap()
-    .json()
-    .await
-    .unwrap();
-    let token = login["access_token"].as_str().unwrap().to_string();
+    let token = common::login(&client, &base, "multi@example.com", "a long passphrase").await;
     let user_id = client
         .get(format!("{base}/api/v1/auth/me"))
         .bearer_auth(&token)

@@ -8,7 +8,7 @@
     clippy::print_stderr
 )]
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
@@ -53,37 +53,15 @@ async fn streams_open_at_the_grace_deadline_end_with_an_error_event() {
     let up = slow_upstream().await;
     let port = free_port();
     let log = dir.join("serve.log");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_muse"))
-        .arg("serve")
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("MUSE_DATA_DIR", dir.join("data"))
-        .env("PORT", port.to_string())
-        .env("BCRYPT_COST", "4")
+    let mut cmd = common::serve_command(port, &dir.join("data"), &log);
+    let mut child = common::with_upstream(&mut cmd, &up, "slow")
         .env("SHUTDOWN_GRACE_SECS", "2")
-        .env("OPENAI_COMPATIBLE_BASE_URL", &up)
-        .env("OPENAI_COMPATIBLE_NAME", "up")
-        .env("OPENAI_COMPATIBLE_MODELS", "slow")
-        .env("ADMIN_EMAIL", "root@example.com")
-        .env("ADMIN_PASSWORD", "an admin passphrase")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
     let base = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::new();
     common::until_ready(&client, &base, 200, Duration::from_secs(60), &log).await;
-    let login: Value = client
-        .post(format!("{base}/api/v1/auth/login"))
-        .json(&json!({"email": "root@example.com", "password": "an admin passphrase"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let token = login["access_token"].as_str().unwrap().to_string();
+    let token = common::login(&client, &base, common::ADMIN_EMAIL, common::ADMIN_PASSWORD).await;
     let res = client
         .post(format!("{base}/v1/chat/completions"))
         .bearer_auth(&token)

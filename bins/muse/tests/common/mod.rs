@@ -3,9 +3,57 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::panic)]
 
 use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::json;
+use serde_json::{json, Value};
+
+/// The admin every process test's server creates (`ADMIN_EMAIL`).
+pub const ADMIN_EMAIL: &str = "root@example.com";
+pub const ADMIN_PASSWORD: &str = "an admin passphrase";
+
+/// `muse serve` on `port` with nothing from this process's environment
+/// but `PATH`: `data` as `MUSE_DATA_DIR`, the test admin, a cheap bcrypt
+/// cost, warnings and errors to `log`. Callers add their settings.
+pub fn serve_command(port: u16, data: &Path, log: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_muse"));
+    cmd.arg("serve")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("MUSE_DATA_DIR", data)
+        .env("PORT", port.to_string())
+        .env("BCRYPT_COST", "4")
+        .env("ADMIN_EMAIL", ADMIN_EMAIL)
+        .env("ADMIN_PASSWORD", ADMIN_PASSWORD)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap());
+    cmd
+}
+
+/// Offers `models` of the test upstream at `up` as the `up` provider,
+/// without retries.
+pub fn with_upstream<'a>(cmd: &'a mut Command, up: &str, models: &str) -> &'a mut Command {
+    cmd.env("OPENAI_COMPATIBLE_BASE_URL", up)
+        .env("OPENAI_COMPATIBLE_NAME", "up")
+        .env("OPENAI_COMPATIBLE_MODELS", models)
+        .env("LLM_MAX_RETRIES", "0")
+}
+
+/// Logs in at `{base}/api/v1/auth/login`; the access token.
+pub async fn login(client: &reqwest::Client, base: &str, email: &str, password: &str) -> String {
+    let res = client
+        .post(format!("{base}/api/v1/auth/login"))
+        .json(&json!({"email": email, "password": password}))
+        .send()
+        .await
+        .unwrap();
+    let body: Value = res.json().await.unwrap();
+    body["access_token"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no access token: {body}"))
+        .to_string()
+}
 
 /// A loopback port free at the time of the call.
 pub fn free_port() -> u16 {
