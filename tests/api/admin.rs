@@ -478,3 +478,101 @@ async fn feature_flags_gate_routes_per_user_and_reach_other_replicas_within_seco
         .await;
     assert_eq!(a.body["total"], 5, "{}", a.text);
 }
+
+/// With Redis, a feature-flag change and a plan change made on one replica
+/// apply on another at once — not after `FEATURE_FLAGS_REFRESH_SECS` (an
+/// hour here) or the plan cache's TTL (a minute here).
+#[actix_web::test]
+async fn flag_and_plan_changes_reach_another_replica_over_redis() {
+    let Ok(redis) = std::env::var("TEST_REDIS_URL") else {
+        eprintln!("skipping: TEST_REDIS_URL is not set");
+        return;
+    };
+    let shared = [
+        ("REDIS_URL", redis.as_str()),
+        ("FEATURE_FLAGS_REFRESH_SECS", "3600"),
+        ("AUTH_CACHE_TTL_MS", "60000"),
+        ("ADMIN_EMAIL", "root@example.com"),
+        ("ADMIN_PASSWORD", "an admin passphrase"),
+    ];
+    let (a, _up_a) = app_with_upstream(&shared).await;
+    let url = a.config.database_url.expose().to_string();
+    let mut with_db = shared.to_vec();
+    with_db.push(("DATABASE_URL", url.as_str()));
+    let (b, _up_b) = app_with_upstream(&with_db).await;
+    // Let both subscribe.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let admin = root_token(&a).await;
+    let token = access(&a.user("relayed").await);
+    let chat =
+        json!({"model": "up/ok", "messages": [{"role": "user", "content": "x"}], "max_tokens": 4});
+    let call = || async {
+        b.post("/v1/chat/completions", Some(&token), chat.clone())
+            .await
+    };
+    assert_eq!(
+        call().await.status,
+        StatusCode::OK,
+        "plan and flags cached on b"
+    );
+
+    let until = |want: &'static str| async move {
+        let started = std::time::Instant::now();
+        loop {
+            let r = call().await;
+            if r.body["error"]["code"] == want {
+                return started.elapsed();
+            }
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(5),
+                "b still answers {} {}",
+                r.status,
+                r.text
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    };
+    let r = a
+        .post(
+            "/api/v1/admin/feature-flags",
+            Some(&admin),
+            json!({"key": "provider.up", "enabled": false}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let flag_seen = until("feature_disabled").await;
+    let r = a
+        .post(
+            "/api/v1/admin/feature-flags",
+            Some(&admin),
+            json!({"key": "provider.up", "enabled": true}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let started = std::time::Instant::now();
+    while call().await.status != StatusCode::OK {
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+
+    // b has counted this user's calls; a plan of one request refuses the next.
+    let r = a
+        .call(
+            reqwest::Method::PUT,
+            "/api/v1/admin/plans/free",
+            Some(&admin),
+            Some(json!({"name": "Free", "price_cents": 0, "max_requests": 1})),
+        )
+        .await;
+    assert!(r.status.is_success(), "{}", r.text);
+    let plan_seen = until("quota_exceeded").await;
+    eprintln!("on another replica: a flag change applied after {flag_seen:?}, a plan change after {plan_seen:?}");
+    assert!(
+        flag_seen < std::time::Duration::from_secs(2),
+        "{flag_seen:?}"
+    );
+    assert!(
+        plan_seen < std::time::Duration::from_secs(2),
+        "{plan_seen:?}"
+    );
+}

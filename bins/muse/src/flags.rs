@@ -1,7 +1,8 @@
 //! Feature flags in the server: a snapshot of every flag in memory,
-//! reloaded from the database every `FEATURE_FLAGS_REFRESH_SECS` (so a
-//! change made on one replica reaches the others within seconds; at once on
-//! the replica that made it), and the gate that routes call.
+//! reloaded from the database every `FEATURE_FLAGS_REFRESH_SECS` and, with
+//! Redis, whenever another replica announces a change (so a change made on
+//! one replica reaches the others at once, or within the refresh interval
+//! while Redis is down), and the gate that routes call.
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -16,6 +17,7 @@ pub struct Flags {
     repo: Arc<dyn FlagRepository>,
     set: RwLock<Arc<FlagSet>>,
     refresh: Duration,
+    on_change: RwLock<Option<Arc<dyn Fn() + Send + Sync>>>,
 }
 
 impl Flags {
@@ -26,6 +28,7 @@ impl Flags {
             repo,
             set: RwLock::default(),
             refresh,
+            on_change: RwLock::default(),
         };
         if let Err(e) = flags.reload() {
             tracing::error!(error = %e, "could not load the feature flags; all are on until the next refresh");
@@ -46,10 +49,23 @@ impl Flags {
         self.set.read().map(|s| s.clone()).unwrap_or_default()
     }
 
-    /// Writes a flag and applies it here at once (blocking).
+    /// Writes a flag, applies it here at once and tells the hook (blocking).
     pub fn upsert(&self, flag: &FeatureFlag) -> Result<(), FlagStoreError> {
         self.repo.upsert_flag(flag)?;
-        self.reload()
+        let reloaded = self.reload();
+        let hook = self.on_change.read().ok().and_then(|h| h.clone());
+        if let Some(hook) = hook {
+            hook();
+        }
+        reloaded
+    }
+
+    /// Registers who is told of the flags written here (the server relays
+    /// them to other replicas, which reload at once).
+    pub fn on_change(&self, hook: Arc<dyn Fn() + Send + Sync>) {
+        if let Ok(mut h) = self.on_change.write() {
+            *h = Some(hook);
+        }
     }
 
     /// `403 feature_disabled` unless `principal` gets `key`.

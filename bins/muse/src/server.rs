@@ -53,7 +53,7 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Running, Sta
     .await
     .map_err(|e| StartError::Admin(e.to_string()))??;
     let addr = listener.local_addr()?;
-    relay_revocations(&state);
+    relay_events(&state);
     state.flags.clone().spawn_refresh();
     let training = crate::training::start(&state);
     let training_wait = crate::training::shutdown_wait(&state.training.config);
@@ -90,6 +90,9 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Running, Sta
 const REVOKED_CHANNEL: &str = "muse:revoked";
 /// The Redis channel training-job changes are announced on.
 pub const JOBS_CHANNEL: &str = "muse:jobs";
+/// The Redis channel feature-flag, plan and subscription changes travel on
+/// (`flags`, `plans`, `subscription:<user id>`).
+const CHANGES_CHANNEL: &str = "muse:changes";
 
 /// Announces every job change written through this process on Redis.
 pub fn relay_job_changes(
@@ -110,10 +113,13 @@ pub fn relay_job_changes(
 
 /// With `REDIS_URL`, every revocation made here (logout, key deletion,
 /// suspension, role change, …) is published, and those published by other
-/// replicas drop the user's cached callers here at once. While Redis is
-/// down the `events_channel_up` gauge is 0, a warning is logged, and other
-/// replicas' revocations arrive within `AUTH_CACHE_TTL_MS` instead.
-fn relay_revocations(state: &crate::state::AppState) {
+/// replicas drop the user's cached callers here at once; so do feature-flag
+/// changes (reloaded at once), plan and subscription changes (dropped from
+/// the cache at once) and training-job changes. While Redis is down the
+/// `events_channel_up` gauge is 0, a warning is logged, and other replicas'
+/// changes arrive within `AUTH_CACHE_TTL_MS`, `FEATURE_FLAGS_REFRESH_SECS`
+/// and `TRAINING_PROGRESS_POLL_MS` instead.
+fn relay_events(state: &crate::state::AppState) {
     let Some(url) = &state.config.rate_limits.redis_url else {
         return;
     };
@@ -138,6 +144,7 @@ fn relay_revocations(state: &crate::state::AppState) {
             }
         });
     }));
+    relay_changes(&events, state);
     // Training jobs: a change written here is announced; one announced by
     // another process (a replica, a `muse worker`) wakes this relay.
     relay_job_changes(&events, &state.training.signals);
@@ -176,6 +183,61 @@ fn relay_revocations(state: &crate::state::AppState) {
                         tracing::warn!("the Redis event channel is down: other replicas' revocations arrive within AUTH_CACHE_TTL_MS");
                     }
                 },
+            )
+            .await;
+    });
+}
+
+/// Feature flags, plans and subscriptions written here are announced on
+/// [`CHANGES_CHANNEL`]; those announced by other replicas are applied here.
+fn relay_changes(
+    events: &std::sync::Arc<muse_persistence::RedisEvents>,
+    state: &crate::state::AppState,
+) {
+    let runtime = tokio::runtime::Handle::current();
+    let announce = {
+        let events = events.clone();
+        move |payload: String| {
+            let events = events.clone();
+            runtime.spawn(async move {
+                if let Err(e) = events.publish(CHANGES_CHANNEL, &payload).await {
+                    metrics::counter!("events_publish_failures_total").increment(1);
+                    tracing::warn!(error = %e, change = %payload, "could not announce a change; other replicas see it within their refresh interval or cache TTL");
+                }
+            });
+        }
+    };
+    let flags_announce = announce.clone();
+    state
+        .flags
+        .on_change(std::sync::Arc::new(move || flags_announce("flags".into())));
+    state
+        .billing_cache
+        .on_change(std::sync::Arc::new(move |change| {
+            announce(change.to_payload())
+        }));
+    let (events, flags, billing) = (
+        events.clone(),
+        state.flags.clone(),
+        state.billing_cache.clone(),
+    );
+    actix_web::rt::spawn(async move {
+        events
+            .subscribe(
+                CHANGES_CHANNEL,
+                |payload| {
+                    if payload == "flags" {
+                        let flags = flags.clone();
+                        tokio::task::spawn_blocking(move || {
+                            if let Err(e) = flags.reload() {
+                                tracing::warn!(error = %e, "could not reload the feature flags another replica changed");
+                            }
+                        });
+                    } else if let Some(change) = muse_billing::BillingChange::from_payload(&payload) {
+                        billing.forget(change);
+                    }
+                },
+                |_| {},
             )
             .await;
     });

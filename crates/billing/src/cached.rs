@@ -1,7 +1,9 @@
 //! Plans and subscriptions kept in memory for a short while, so that a
 //! model call learns its caller's plan without reading the database.
 //! Every write through this repository clears what it could make stale at
-//! once; a change made by another process is seen within the TTL.
+//! once; a change made by another process is seen within the TTL, or at
+//! once when it is relayed ([`CachedBilling::on_change`],
+//! [`CachedBilling::forget`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -15,6 +17,37 @@ use crate::plans::{
 
 type Stamped<T> = (T, i64);
 
+/// What a write made stale: told to [`CachedBilling::on_change`]'s hook,
+/// and applied from elsewhere with [`CachedBilling::forget`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BillingChange {
+    /// A plan was written.
+    Plans,
+    /// A user's subscription was written.
+    Subscription(Uuid),
+}
+
+impl BillingChange {
+    /// `plans` or `subscription:<uuid>`.
+    pub fn to_payload(&self) -> String {
+        match self {
+            BillingChange::Plans => "plans".to_string(),
+            BillingChange::Subscription(id) => format!("subscription:{id}"),
+        }
+    }
+
+    pub fn from_payload(payload: &str) -> Option<Self> {
+        match payload.split_once(':') {
+            None if payload == "plans" => Some(BillingChange::Plans),
+            Some(("subscription", id)) => Uuid::parse_str(id).ok().map(BillingChange::Subscription),
+            _ => None,
+        }
+    }
+}
+
+/// Who is told of the changes written through this process.
+pub type ChangeHook = Arc<dyn Fn(BillingChange) + Send + Sync>;
+
 /// A [`BillingRepository`] whose `plan` and `subscription` answers are
 /// cached for `ttl_ms`.
 pub struct CachedBilling {
@@ -23,6 +56,7 @@ pub struct CachedBilling {
     clock: Arc<dyn muse_core::Clock>,
     plans: RwLock<HashMap<String, Stamped<Option<Plan>>>>,
     subscriptions: RwLock<HashMap<Uuid, Stamped<Option<Subscription>>>>,
+    on_change: RwLock<Option<ChangeHook>>,
 }
 
 /// Most cached subscriptions before the cache starts over.
@@ -40,6 +74,40 @@ impl CachedBilling {
             clock,
             plans: RwLock::default(),
             subscriptions: RwLock::default(),
+            on_change: RwLock::default(),
+        }
+    }
+
+    /// Registers who is told of the plans and subscriptions written here
+    /// (the server relays them to other replicas).
+    pub fn on_change(&self, hook: ChangeHook) {
+        if let Ok(mut h) = self.on_change.write() {
+            *h = Some(hook);
+        }
+    }
+
+    /// Drops what `change` made stale (a change relayed from elsewhere).
+    pub fn forget(&self, change: BillingChange) {
+        match change {
+            BillingChange::Plans => {
+                if let Ok(mut p) = self.plans.write() {
+                    p.clear();
+                }
+            }
+            BillingChange::Subscription(user_id) => {
+                if let Ok(mut s) = self.subscriptions.write() {
+                    s.remove(&user_id);
+                }
+            }
+        }
+    }
+
+    /// A write here: forgotten at once, and told to the hook.
+    fn changed(&self, change: BillingChange) {
+        self.forget(change);
+        let hook = self.on_change.read().ok().and_then(|h| h.clone());
+        if let Some(hook) = hook {
+            hook(change);
         }
     }
 
@@ -56,18 +124,6 @@ impl CachedBilling {
     /// The cached subscription of `user_id`, without reading storage.
     pub fn peek_subscription(&self, user_id: Uuid) -> Option<Option<Subscription>> {
         self.fresh(self.subscriptions.read().ok()?.get(&user_id))
-    }
-
-    fn forget_plans(&self) {
-        if let Ok(mut p) = self.plans.write() {
-            p.clear();
-        }
-    }
-
-    fn forget_subscription(&self, user_id: Uuid) {
-        if let Ok(mut s) = self.subscriptions.write() {
-            s.remove(&user_id);
-        }
     }
 }
 
@@ -93,7 +149,7 @@ impl BillingRepository for CachedBilling {
 
     fn upsert_plan(&self, plan: &Plan, now: i64) -> Result<(), BillingError> {
         let r = self.inner.upsert_plan(plan, now);
-        self.forget_plans();
+        self.changed(BillingChange::Plans);
         r
     }
 
@@ -117,7 +173,7 @@ impl BillingRepository for CachedBilling {
 
     fn upsert_subscription(&self, sub: &Subscription) -> Result<(), BillingError> {
         let r = self.inner.upsert_subscription(sub);
-        self.forget_subscription(sub.user_id);
+        self.changed(BillingChange::Subscription(sub.user_id));
         r
     }
 
@@ -182,5 +238,30 @@ impl BillingRepository for CachedBilling {
     ) -> Result<(), BillingError> {
         self.inner
             .reconcile(reservation, used_tokens, used_cost_usd)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn changes_travel_as_text_and_back() {
+        let id = Uuid::new_v4();
+        for change in [BillingChange::Plans, BillingChange::Subscription(id)] {
+            assert_eq!(
+                BillingChange::from_payload(&change.to_payload()),
+                Some(change)
+            );
+        }
+        for bad in [
+            "",
+            "plan",
+            "subscription:",
+            "subscription:not-a-uuid",
+            "flags",
+        ] {
+            assert_eq!(BillingChange::from_payload(bad), None, "{bad}");
+        }
     }
 }

@@ -13,7 +13,7 @@ pub mod plans;
 pub mod ratelimit;
 pub mod stripe;
 
-pub use cached::CachedBilling;
+pub use cached::{BillingChange, CachedBilling};
 pub use flags::{FeatureFlag, FlagRepository, FlagSet, FlagStoreError};
 pub use ledger::QuotaLedger;
 pub use plans::{
