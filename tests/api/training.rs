@@ -1005,18 +1005,26 @@ async fn progress_reaches_another_replica_over_redis_without_polling() {
     assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
     let job = r.body["job_id"].as_str().unwrap().to_string();
     // Progress frames on b, with steps growing, long before b would poll.
-    let mut steps = Vec::new();
+    // Each frame's age: from the worker's write (`updated_at`, on a's
+    // clock, the same machine's) to its arrival on b.
+    let (mut steps, mut ages_ms) = (Vec::new(), Vec::new());
     while steps.len() < 5 {
         let m = recv(&mut ws).await;
         if m["type"] == "training.progress" && m["job_id"] == job.as_str() {
             if let Some(s) = m["step"].as_u64() {
                 steps.push(s);
+                let written =
+                    chrono::DateTime::parse_from_rfc3339(m["updated_at"].as_str().unwrap())
+                        .unwrap()
+                        .timestamp_millis();
+                ages_ms.push(chrono::Utc::now().timestamp_millis() - written);
             }
         }
     }
     let elapsed = started.elapsed();
+    ages_ms.sort_unstable();
     eprintln!(
-        "5 progress frames on the other replica {elapsed:?} after the start: steps {steps:?}"
+        "5 progress frames on the other replica {elapsed:?} after the start: steps {steps:?}; write-to-frame latency {ages_ms:?} ms"
     );
     assert!(elapsed < std::time::Duration::from_secs(20), "{elapsed:?}");
     assert!(

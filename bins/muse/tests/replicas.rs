@@ -1,6 +1,6 @@
 //! The reference deployment (docs/deploy.md), run for real: three `muse
 //! serve` processes on one PostgreSQL database and one Redis, behind nginx
-//! (`deploy/nginx/muse.conf`'s settings, on a loopback port). Run when
+//! (`deploy/nginx/muse.conf` itself, on loopback ports). Run when
 //! `TEST_DATABASE_URL` and `TEST_REDIS_URL` are set (as in CI; `just test`
 //! installs nginx then); skipped otherwise.
 //!
@@ -16,7 +16,7 @@
     clippy::print_stderr
 )]
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -110,31 +110,6 @@ async fn wait_ready(client: &reqwest::Client, port: u16, dir: &std::path::Path) 
     .await;
 }
 
-/// nginx with its own prefix, in front of `ports` (the settings of
-/// deploy/nginx/muse.conf).
-fn nginx(dir: &std::path::Path, listen: u16, ports: &[u16]) -> Child {
-    let servers: String = ports
-        .iter()
-        .map(|p| format!("        server 127.0.0.1:{p} max_fails=0;\n"))
-        .collect();
-    let conf = format!(
-        "worker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\ndaemon off;\nevents {{ worker_connections 1024; }}\nhttp {{\n    access_log off;\n    client_body_temp_path {d}/body;\n    proxy_temp_path {d}/proxy;\n    fastcgi_temp_path {d}/fastcgi;\n    uwsgi_temp_path {d}/uwsgi;\n    scgi_temp_path {d}/scgi;\n    upstream muse {{\n{servers}        keepalive 16;\n    }}\n    map $http_upgrade $connection_upgrade {{ default upgrade; '' ''; }}\n    server {{\n        listen 127.0.0.1:{listen};\n        location / {{\n            proxy_pass http://muse;\n            proxy_http_version 1.1;\n            proxy_set_header Host $host;\n            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n            proxy_set_header Upgrade $http_upgrade;\n            proxy_set_header Connection $connection_upgrade;\n            proxy_buffering off;\n            proxy_read_timeout 60s;\n            proxy_next_upstream error timeout non_idempotent;\n            proxy_next_upstream_tries 3;\n        }}\n    }}\n}}\n",
-        d = dir.display()
-    );
-    std::fs::write(dir.join("nginx.conf"), conf).unwrap();
-    Command::new("nginx")
-        .args([
-            "-p",
-            dir.to_str().unwrap(),
-            "-c",
-            dir.join("nginx.conf").to_str().unwrap(),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
-}
-
 fn sigterm(child: &Child) {
     let ok = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
@@ -186,7 +161,7 @@ async fn three_replicas_behind_nginx() {
         wait_ready(&client, *p, &dir).await;
     }
     let lb_port = free_port();
-    let mut lb = nginx(&dir, lb_port, &ports);
+    let mut lb = common::nginx::start(&dir, lb_port, &ports);
     let base = format!("http://127.0.0.1:{lb_port}");
     let deadline = Instant::now() + Duration::from_secs(20);
     while client

@@ -2,6 +2,8 @@
 //! upstream, and waiting for a `muse serve` to become ready.
 #![allow(dead_code, clippy::unwrap_used, clippy::panic)]
 
+pub mod nginx;
+
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
