@@ -17,7 +17,10 @@
 //!    and through Muse.
 //!
 //! SQLite by default; `BENCH_DATABASE_URL=postgres://…` runs Muse on a fresh
-//! PostgreSQL database on that server instead.
+//! PostgreSQL database on that server instead. `BENCH_REPLICAS=3` also
+//! starts two more replicas on the same database and nginx in front of the
+//! three (`deploy/nginx/muse.conf` itself, on loopback ports), and adds
+//! rows for `/v1/chat/completions` through nginx.
 //!
 //! `cargo run --release -p muse-tests --example gateway_bench -- target/release/muse [SECONDS] [RATES…]`
 #![allow(
@@ -34,6 +37,9 @@ use actix_web::web::Bytes;
 use actix_web::{web, App, HttpResponse, HttpServer};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
+
+#[path = "../../bins/muse/tests/common/nginx.rs"]
+mod nginx;
 
 const STREAM_TOKENS: usize = 200;
 
@@ -124,6 +130,7 @@ fn start_upstream(emitted: Emitted) -> String {
 struct Muse {
     child: std::process::Child,
     base: String,
+    port: u16,
     _dir: tempfile::TempDir,
 }
 
@@ -134,7 +141,7 @@ impl Drop for Muse {
     }
 }
 
-async fn start_muse(bin: &str, upstream: &str) -> Muse {
+async fn start_muse(bin: &str, upstream: &str, database_url: &str) -> Muse {
     let dir = tempfile::tempdir().unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -146,7 +153,7 @@ async fn start_muse(bin: &str, upstream: &str) -> Muse {
         .arg("serve")
         .env("HOST", "127.0.0.1")
         .env("PORT", port.to_string())
-        .env("DATABASE_URL", database_url(dir.path()))
+        .env("DATABASE_URL", database_url)
         .env("MUSE_DATA_DIR", dir.path().join("data"))
         .env(
             "JWT_SECRET",
@@ -171,6 +178,7 @@ async fn start_muse(bin: &str, upstream: &str) -> Muse {
             return Muse {
                 child,
                 base,
+                port,
                 _dir: dir,
             };
         }
@@ -423,9 +431,53 @@ async fn main() {
     };
     let emitted: Emitted = Arc::default();
     let upstream = start_upstream(emitted.clone());
-    let muse = start_muse(&bin, &upstream).await;
+    let run_dir = tempfile::tempdir().unwrap();
+    let db = database_url(run_dir.path());
+    let muse = start_muse(&bin, &upstream, &db).await;
     let client = reqwest::Client::new();
     let base = muse.base.clone();
+    // More replicas on the same database, and nginx in front of them all.
+    let replicas: usize = std::env::var("BENCH_REPLICAS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let mut others = Vec::new();
+    for _ in 1..replicas {
+        others.push(start_muse(&bin, &upstream, &db).await);
+    }
+    let lb = (replicas > 1).then(|| {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let ports: Vec<u16> = std::iter::once(muse.port)
+            .chain(others.iter().map(|m| m.port))
+            .collect();
+        let child = nginx::start(run_dir.path(), port, &ports);
+        (child, format!("http://127.0.0.1:{port}"))
+    });
+    if let Some((_, lb_base)) = &lb {
+        let started = Instant::now();
+        while client
+            .get(format!("{lb_base}/health/live"))
+            .send()
+            .await
+            .is_err()
+        {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "nginx did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let through_nginx = lb.as_ref().map(|(_, lb_base)| {
+        (
+            format!("Muse `POST /v1/chat/completions` through nginx, {replicas} replicas"),
+            format!("{lb_base}/v1/chat/completions"),
+        )
+    });
 
     // A user, an API key, and a one-variable prompt.
     post(&client, &format!("{base}/api/v1/auth/register"), "", json!({"email": "bench@example.com", "username": "bench", "password": "bench passphrase 2026"})).await;
@@ -495,23 +547,26 @@ async fn main() {
     println!("| path | req/s | requests | p50 ms | p99 ms | errors |");
     println!("|---|---:|---:|---:|---:|---:|");
     for &rate in &rates {
-        let runs = [
+        let mut runs = vec![
             (
-                "model server directly",
+                "model server directly".to_string(),
                 format!("{upstream}/v1/chat/completions"),
                 chat_body.clone(),
             ),
             (
-                "Muse `POST /v1/chat/completions`",
+                "Muse `POST /v1/chat/completions`".to_string(),
                 format!("{base}/v1/chat/completions"),
                 muse_chat.clone(),
             ),
             (
-                "Muse `POST /api/v1/execute-prompt/{id}`",
+                "Muse `POST /api/v1/execute-prompt/{id}`".to_string(),
                 format!("{base}/api/v1/execute-prompt/{pid}"),
                 exec_body.clone(),
             ),
         ];
+        if let Some((name, url)) = &through_nginx {
+            runs.push((name.clone(), url.clone(), muse_chat.clone()));
+        }
         for (name, url, body) in runs {
             let call = caller(client.clone(), url, key.clone(), body);
             let (p50, p99, errors) = open_loop(rate, seconds, call).await;
@@ -528,18 +583,22 @@ async fn main() {
     println!();
     println!("| closed loop, 64 connections, {seconds} s | req/s | errors |");
     println!("|---|---:|---:|");
-    for (name, url, body) in [
+    let mut closed = vec![
         (
-            "model server directly",
+            "model server directly".to_string(),
             format!("{upstream}/v1/chat/completions"),
             chat_body.clone(),
         ),
         (
-            "Muse `POST /v1/chat/completions`",
+            "Muse `POST /v1/chat/completions`".to_string(),
             format!("{base}/v1/chat/completions"),
             muse_chat.clone(),
         ),
-    ] {
+    ];
+    if let Some((name, url)) = &through_nginx {
+        closed.push((name.clone(), url.clone(), muse_chat.clone()));
+    }
+    for (name, url, body) in closed {
         let call = caller(client.clone(), url, key.clone(), body);
         let (rps, errors) = closed_loop(64, seconds, call).await;
         println!("| {name} | {rps:.0} | {errors} |");
@@ -596,4 +655,5 @@ async fn main() {
         w50 - d50,
         w99 - d99
     );
+    drop(lb);
 }

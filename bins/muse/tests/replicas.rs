@@ -161,7 +161,7 @@ async fn three_replicas_behind_nginx() {
         wait_ready(&client, *p, &dir).await;
     }
     let lb_port = free_port();
-    let mut lb = common::nginx::start(&dir, lb_port, &ports);
+    let lb = common::nginx::start(&dir, lb_port, &ports);
     let base = format!("http://127.0.0.1:{lb_port}");
     let deadline = Instant::now() + Duration::from_secs(20);
     while client
@@ -373,8 +373,7 @@ async fn three_replicas_behind_nginx() {
     );
     assert!(done.load(Ordering::SeqCst) > 50);
 
-    let _ = lb.kill();
-    let _ = lb.wait();
+    drop(lb);
     for r in &mut replicas {
         let _ = r.child.kill();
         let _ = r.child.wait();

@@ -40,14 +40,37 @@ pub fn render(shipped: &str, listen: u16, ports: &[u16]) -> String {
     out
 }
 
+/// A running nginx, stopped when dropped: SIGTERM to the master, which
+/// stops its workers (SIGKILL would leave them running), then SIGKILL if it
+/// has not exited within 5 s.
+pub struct Nginx(Child);
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts nginx (in the foreground, as a child) with the shipped
 /// configuration in front of `ports`.
-pub fn start(dir: &Path, listen: u16, ports: &[u16]) -> Child {
-    let shipped = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/nginx/muse.conf"),
-    )
-    .or_else(|_| std::fs::read_to_string("deploy/nginx/muse.conf"))
-    .expect("deploy/nginx/muse.conf");
+pub fn start(dir: &Path, listen: u16, ports: &[u16]) -> Nginx {
+    // From bins/muse (the tests) or tests/ (the bench).
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let shipped = [manifest.join("../../deploy"), manifest.join("../deploy")]
+        .iter()
+        .find_map(|d| std::fs::read_to_string(d.join("nginx/muse.conf")).ok())
+        .expect("deploy/nginx/muse.conf");
     std::fs::write(dir.join("muse.conf"), render(&shipped, listen, ports)).unwrap();
     let d = dir.display();
     let main = format!(
@@ -68,5 +91,6 @@ pub fn start(dir: &Path, listen: u16, ports: &[u16]) -> Child {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
+        .map(Nginx)
         .unwrap()
 }
