@@ -444,6 +444,7 @@ async fn revocations_reach_another_replica_over_redis() {
         .await;
     assert!(r.status.is_success(), "{}", r.text);
     let refused = wait_for_status(&b, &fresh, StatusCode::FORBIDDEN).await;
+    eprintln!("a suspension made on a reached b (callers cached for 60 s) after {refused:?}");
     assert!(
         refused < std::time::Duration::from_secs(5),
         "b saw the suspension after {refused:?}"
