@@ -39,7 +39,7 @@ bench:
     ./scripts/ensure-system-deps.sh
     cargo build --release -p muse-server --bin muse
     cargo build --release -p muse-inference --example provider_overhead --example local_decode
-    cargo build --release -p muse-tests --example gateway_bench
+    cargo build --release -p muse-tests --example gateway_bench --example ws_bench
     python3 scripts/bench.py
 
 # Rewrite docs/openapi.json from the handlers (review the diff)

@@ -202,6 +202,13 @@ def main():
             [os.path.join(ROOT, "target", "release", "examples", "gateway_bench"), BIN, str(DURATION), *rates],
             check=True, capture_output=True, text=True, env={**os.environ, "BENCH_DATABASE_URL": pg}).stdout
         lines += ["", "The same on PostgreSQL (a fresh database on that server):", "", gateway.strip()]
+    # A burst of WebSocket generations (issue 14's start-up target), after a
+    # pause for the previous runs' sockets to leave TIME_WAIT.
+    time.sleep(65)
+    burst = subprocess.run(
+        [os.path.join(ROOT, "target", "release", "examples", "ws_bench"), BIN, "100", "10", "250"],
+        check=True, capture_output=True, text=True, env=sqlite_env).stdout
+    lines += ["", "WebSocket start-up under a burst (SQLite):", "", burst.strip()]
     lines += ["", *local_decode()]
     table = "\n".join(lines)
     print(table)

@@ -479,11 +479,12 @@ async fn feature_flags_gate_routes_per_user_and_reach_other_replicas_within_seco
     assert_eq!(a.body["total"], 5, "{}", a.text);
 }
 
-/// With Redis, a feature-flag change and a plan change made on one replica
-/// apply on another at once — not after `FEATURE_FLAGS_REFRESH_SECS` (an
-/// hour here) or the plan cache's TTL (a minute here).
+/// With Redis, a feature-flag change, a prompt edit and a plan change made
+/// on one replica apply on another at once — not after
+/// `FEATURE_FLAGS_REFRESH_SECS` (an hour here) or the caches' TTL (a minute
+/// here).
 #[actix_web::test]
-async fn flag_and_plan_changes_reach_another_replica_over_redis() {
+async fn flag_prompt_and_plan_changes_reach_another_replica_over_redis() {
     let Ok(redis) = std::env::var("TEST_REDIS_URL") else {
         eprintln!("skipping: TEST_REDIS_URL is not set");
         return;
@@ -555,6 +556,66 @@ async fn flag_and_plan_changes_reach_another_replica_over_redis() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 
+    // A prompt edited on a: b executes the new version at once (its
+    // prompt cache lives a minute here).
+    let spec = a
+        .post(
+            "/api/v1/specialties",
+            Some(&token),
+            json!({"name": "Relay"}),
+        )
+        .await;
+    let sub = a
+        .post(
+            "/api/v1/sub-specialties",
+            Some(&token),
+            json!({"specialty_id": spec.body["id"], "name": "Relay"}),
+        )
+        .await;
+    let prompt = a
+        .post(
+            "/api/v1/expert-prompts",
+            Some(&token),
+            json!({"sub_specialty_id": sub.body["id"], "title": "Relay", "template": "v1 {q}",
+                   "variables_schema": {"type": "object", "required": ["q"], "properties": {"q": {"type": "string"}}}}),
+        )
+        .await;
+    assert_eq!(prompt.status, StatusCode::CREATED, "{}", prompt.text);
+    let pid = prompt.body["id"].as_str().unwrap().to_string();
+    let execute = || async {
+        b.post(
+            &format!("/api/v1/execute-prompt/{pid}"),
+            Some(&token),
+            json!({"variables": {"q": "x"}, "llm_provider": "up", "llm_model": "echo"}),
+        )
+        .await
+    };
+    let first = execute().await;
+    assert_eq!(first.body["output"], "v1 x", "{}", first.text);
+    let r = a
+        .call(
+            reqwest::Method::PATCH,
+            &format!("/api/v1/expert-prompts/{pid}"),
+            Some(&token),
+            Some(json!({"template": "v2 {q}"})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let started = std::time::Instant::now();
+    loop {
+        let r = execute().await;
+        if r.body["output"] == "v2 x" {
+            break;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "b still runs the old prompt: {}",
+            r.text
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let prompt_seen = started.elapsed();
+
     // b has counted this user's calls; a plan of one request refuses the next.
     let r = a
         .call(
@@ -566,7 +627,11 @@ async fn flag_and_plan_changes_reach_another_replica_over_redis() {
         .await;
     assert!(r.status.is_success(), "{}", r.text);
     let plan_seen = until("quota_exceeded").await;
-    eprintln!("on another replica: a flag change applied after {flag_seen:?}, a plan change after {plan_seen:?}");
+    eprintln!("on another replica: a flag change applied after {flag_seen:?}, a prompt edit after {prompt_seen:?}, a plan change after {plan_seen:?}");
+    assert!(
+        prompt_seen < std::time::Duration::from_secs(2),
+        "{prompt_seen:?}"
+    );
     assert!(
         flag_seen < std::time::Duration::from_secs(2),
         "{flag_seen:?}"

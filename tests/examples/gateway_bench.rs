@@ -40,6 +40,9 @@ use serde_json::{json, Value};
 
 #[path = "../../bins/muse/tests/common/nginx.rs"]
 mod nginx;
+#[path = "support/muse.rs"]
+mod support;
+use support::{database_url, post, start_muse};
 
 const STREAM_TOKENS: usize = 200;
 
@@ -125,100 +128,6 @@ fn start_upstream(emitted: Emitted) -> String {
         });
     });
     format!("http://{}", rx.recv().unwrap())
-}
-
-struct Muse {
-    child: std::process::Child,
-    base: String,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Muse {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn start_muse(bin: &str, upstream: &str, database_url: &str) -> Muse {
-    let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let log = std::fs::File::create(dir.path().join("muse.log")).unwrap();
-    let mut child = std::process::Command::new(bin)
-        .arg("serve")
-        .env("HOST", "127.0.0.1")
-        .env("PORT", port.to_string())
-        .env("DATABASE_URL", database_url)
-        .env("MUSE_DATA_DIR", dir.path().join("data"))
-        .env(
-            "JWT_SECRET",
-            "bench-secret-0123456789-abcdefghijklmnopqrstuvwxyz",
-        )
-        .env("OPENAI_COMPATIBLE_BASE_URL", format!("{upstream}/v1"))
-        .env("OPENAI_COMPATIBLE_NAME", "up")
-        .env("OPENAI_COMPATIBLE_MODELS", "bench")
-        .env("LLM_MAX_RETRIES", "0")
-        // One client address sends everything: measure the gateway, not its rate limiter.
-        .env("RATE_LIMIT_ENABLED", "false")
-        .env("ADMIN_EMAIL", "root@example.com")
-        .env("ADMIN_PASSWORD", "bench admin passphrase")
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let base = format!("http://127.0.0.1:{port}");
-    let client = reqwest::Client::new();
-    for _ in 0..300 {
-        if client.get(format!("{base}/health")).send().await.is_ok() {
-            return Muse {
-                child,
-                base,
-                port,
-                _dir: dir,
-            };
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    panic!(
-        "muse did not start; see {}",
-        dir.path().join("muse.log").display()
-    );
-}
-
-async fn post(client: &reqwest::Client, url: &str, token: &str, body: Value) -> Value {
-    let r = client
-        .post(url)
-        .bearer_auth(token)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let status = r.status();
-    let v: Value = r.json().await.unwrap_or(Value::Null);
-    assert!(status.is_success(), "{url}: {status} {v}");
-    v
-}
-
-/// SQLite in the run's directory, or a fresh PostgreSQL database created
-/// on the server `BENCH_DATABASE_URL` names (dropped at exit).
-fn database_url(dir: &std::path::Path) -> String {
-    match std::env::var("BENCH_DATABASE_URL") {
-        Ok(admin) if !admin.trim().is_empty() => {
-            let db = muse_persistence::testing::TestDb::postgres(admin.trim());
-            let url = db.url.clone();
-            // Kept for the whole run (the process exits at the end).
-            std::mem::forget(db);
-            url
-        }
-        _ => format!("sqlite://{}/muse.db", dir.display()),
-    }
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -433,7 +342,7 @@ async fn main() {
     let upstream = start_upstream(emitted.clone());
     let run_dir = tempfile::tempdir().unwrap();
     let db = database_url(run_dir.path());
-    let muse = start_muse(&bin, &upstream, &db).await;
+    let muse = start_muse(&bin, &upstream, &db, &[]).await;
     let client = reqwest::Client::new();
     let base = muse.base.clone();
     // More replicas on the same database, and nginx in front of them all.
@@ -443,7 +352,7 @@ async fn main() {
         .unwrap_or(1);
     let mut others = Vec::new();
     for _ in 1..replicas {
-        others.push(start_muse(&bin, &upstream, &db).await);
+        others.push(start_muse(&bin, &upstream, &db, &[]).await);
     }
     let lb = (replicas > 1).then(|| {
         let port = std::net::TcpListener::bind("127.0.0.1:0")

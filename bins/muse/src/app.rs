@@ -85,6 +85,13 @@ pub fn build_state(config: Config, db: Database) -> Result<AppState, StartError>
     })?);
     training.register_all(&models);
     let library_repo = Arc::new(muse_persistence::DieselLibraryRepository::new(db.clone()));
+    // Prompts cached as long as plans are (writes through this process clear
+    // them at once, other replicas' arrive over Redis or within the TTL): an
+    // idea or an execution reads its prompt from memory.
+    let prompt_cache = Arc::new(muse_prompts::CachedLibrary::new(
+        library_repo.clone(),
+        std::time::Duration::from_millis(u64::try_from(config.auth_cache_ttl_ms).unwrap_or(0)),
+    ));
     // Plans and subscriptions cached as long as callers are (writes through
     // this process clear them at once).
     let billing_cache = Arc::new(muse_billing::CachedBilling::new(
@@ -122,7 +129,8 @@ pub fn build_state(config: Config, db: Database) -> Result<AppState, StartError>
     Ok(AppState {
         writer,
         executions: Arc::new(muse_persistence::DieselExecutionRepository::new(db.clone())),
-        library: muse_prompts::Library::new(library_repo.clone(), Arc::new(SystemClock)),
+        library: muse_prompts::Library::new(prompt_cache.clone(), Arc::new(SystemClock)),
+        prompt_cache,
         ideas: library_repo,
         specs: Arc::default(),
         hub: crate::ws::Hub::default(),

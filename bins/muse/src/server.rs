@@ -90,8 +90,9 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Running, Sta
 const REVOKED_CHANNEL: &str = "muse:revoked";
 /// The Redis channel training-job changes are announced on.
 pub const JOBS_CHANNEL: &str = "muse:jobs";
-/// The Redis channel feature-flag, plan and subscription changes travel on
-/// (`flags`, `plans`, `subscription:<user id>`).
+/// The Redis channel feature-flag, plan, subscription and prompt changes
+/// travel on (`flags`, `plans`, `subscription:<user id>`, `prompt:<id>`,
+/// `prompts`).
 const CHANGES_CHANNEL: &str = "muse:changes";
 
 /// Announces every job change written through this process on Redis.
@@ -188,7 +189,7 @@ fn relay_events(state: &crate::state::AppState) {
     });
 }
 
-/// Feature flags, plans and subscriptions written here are announced on
+/// Feature flags, plans, subscriptions and prompts written here are announced on
 /// [`CHANGES_CHANNEL`]; those announced by other replicas are applied here.
 fn relay_changes(
     events: &std::sync::Arc<muse_persistence::RedisEvents>,
@@ -211,15 +212,20 @@ fn relay_changes(
     state
         .flags
         .on_change(std::sync::Arc::new(move || flags_announce("flags".into())));
+    let billing_announce = announce.clone();
     state
         .billing_cache
         .on_change(std::sync::Arc::new(move |change| {
-            announce(change.to_payload())
+            billing_announce(change.to_payload())
         }));
-    let (events, flags, billing) = (
+    state.prompt_cache.on_change(std::sync::Arc::new(move |id| {
+        announce(id.map_or_else(|| "prompts".to_string(), |id| format!("prompt:{id}")))
+    }));
+    let (events, flags, billing, prompts) = (
         events.clone(),
         state.flags.clone(),
         state.billing_cache.clone(),
+        state.prompt_cache.clone(),
     );
     actix_web::rt::spawn(async move {
         events
@@ -233,6 +239,13 @@ fn relay_changes(
                                 tracing::warn!(error = %e, "could not reload the feature flags another replica changed");
                             }
                         });
+                    } else if payload == "prompts" {
+                        prompts.forget(None);
+                    } else if let Some(id) = payload
+                        .strip_prefix("prompt:")
+                        .and_then(|id| uuid::Uuid::parse_str(id).ok())
+                    {
+                        prompts.forget(Some(id));
                     } else if let Some(change) = muse_billing::BillingChange::from_payload(&payload) {
                         billing.forget(change);
                     }

@@ -43,6 +43,9 @@ pub struct AppState {
     /// The same repository, for reading its cache without a database read
     /// (see `muse_billing::CachedBilling`).
     pub billing_cache: Arc<muse_billing::CachedBilling>,
+    /// The prompts behind `library`, kept in memory (see
+    /// [`muse_prompts::CachedLibrary`]).
+    pub prompt_cache: Arc<muse_prompts::CachedLibrary>,
     /// Quota reservations in memory (`QUOTA_STORE=memory`, one process);
     /// `None`: reserved in the database.
     pub quota_ledger: Option<Arc<muse_billing::QuotaLedger>>,

@@ -21,12 +21,14 @@
 //! idea generation ([`ideas`]) are storage-agnostic: they define plain types
 //! and repository traits that `muse-persistence` implements.
 
+pub mod cached;
 pub mod execution;
 pub mod ideas;
 pub mod library;
 mod schema;
 mod template;
 
+pub use cached::CachedLibrary;
 pub use execution::{
     Execution, ExecutionFilter, ExecutionRepository, ExecutionScope, ExecutionSource,
     ExecutionStatus, ExecutionStoreError, ModelUsage,

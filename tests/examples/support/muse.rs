@@ -1,0 +1,111 @@
+//! What the bench examples share: the release `muse` as a child process,
+//! its database, and JSON calls that must succeed.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+pub struct Muse {
+    pub child: std::process::Child,
+    pub base: String,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Muse {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The release `muse` on a loopback port with `database_url`, the bench's
+/// upstream as provider `up` (model `bench`), rate limiting off (one client
+/// address sends everything) and `extra` settings; its log in its data
+/// directory.
+pub async fn start_muse(
+    bin: &str,
+    upstream: &str,
+    database_url: &str,
+    extra: &[(&str, &str)],
+) -> Muse {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let log = std::fs::File::create(dir.path().join("muse.log")).unwrap();
+    let mut child = std::process::Command::new(bin)
+        .arg("serve")
+        .env("HOST", "127.0.0.1")
+        .env("PORT", port.to_string())
+        .env("DATABASE_URL", database_url)
+        .env("MUSE_DATA_DIR", dir.path().join("data"))
+        .env(
+            "JWT_SECRET",
+            "bench-secret-0123456789-abcdefghijklmnopqrstuvwxyz",
+        )
+        .env("OPENAI_COMPATIBLE_BASE_URL", format!("{upstream}/v1"))
+        .env("OPENAI_COMPATIBLE_NAME", "up")
+        .env("OPENAI_COMPATIBLE_MODELS", "bench")
+        .env("LLM_MAX_RETRIES", "0")
+        // One client address sends everything: measure the gateway, not its rate limiter.
+        .env("RATE_LIMIT_ENABLED", "false")
+        .env("ADMIN_EMAIL", "root@example.com")
+        .env("ADMIN_PASSWORD", "bench admin passphrase")
+        .envs(extra.iter().copied())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    for _ in 0..300 {
+        if client.get(format!("{base}/health")).send().await.is_ok() {
+            return Muse {
+                child,
+                base,
+                port,
+                _dir: dir,
+            };
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!(
+        "muse did not start; see {}",
+        dir.path().join("muse.log").display()
+    );
+}
+
+pub async fn post(client: &reqwest::Client, url: &str, token: &str, body: Value) -> Value {
+    let r = client
+        .post(url)
+        .bearer_auth(token)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    let v: Value = r.json().await.unwrap_or(Value::Null);
+    assert!(status.is_success(), "{url}: {status} {v}");
+    v
+}
+
+/// SQLite in the run's directory, or a fresh PostgreSQL database created
+/// on the server `BENCH_DATABASE_URL` names (dropped at exit).
+pub fn database_url(dir: &std::path::Path) -> String {
+    match std::env::var("BENCH_DATABASE_URL") {
+        Ok(admin) if !admin.trim().is_empty() => {
+            let db = muse_persistence::testing::TestDb::postgres(admin.trim());
+            let url = db.url.clone();
+            // Kept for the whole run (the process exits at the end).
+            std::mem::forget(db);
+            url
+        }
+        _ => format!("sqlite://{}/muse.db", dir.display()),
+    }
+}
