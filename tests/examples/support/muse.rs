@@ -109,3 +109,22 @@ pub fn database_url(dir: &std::path::Path) -> String {
         _ => format!("sqlite://{}/muse.db", dir.display()),
     }
 }
+
+/// Removes every quota of the free plan (as the bench's admin).
+pub async fn lift_free_plan(client: &reqwest::Client, base: &str) {
+    let admin = post(
+        client,
+        &format!("{base}/api/v1/auth/login"),
+        "",
+        serde_json::json!({"email": "root@example.com", "password": "bench admin passphrase"}),
+    )
+    .await;
+    let r = client
+        .put(format!("{base}/api/v1/admin/plans/free"))
+        .bearer_auth(admin["access_token"].as_str().unwrap())
+        .json(&serde_json::json!({"name": "Free", "price_cents": 0}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+}
