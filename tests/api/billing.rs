@@ -430,3 +430,103 @@ async fn inline_model_prices_price_calls() {
     );
     let _ = std::fs::remove_file(file);
 }
+
+/// 100 concurrent calls against a quota of 10 through two replicas.
+async fn hundred_calls_over(apps: [&crate::helpers::TestApp; 2], token: &str) -> (usize, usize) {
+    let calls = (0..100).map(|i| {
+        let app = apps[i % 2];
+        let (client, url, token) = (
+            app.client.clone(),
+            format!("{}/v1/chat/completions", app.base),
+            token.to_string(),
+        );
+        async move {
+            client
+                .post(url)
+                .bearer_auth(token)
+                .json(&chat())
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    });
+    let statuses = futures_util::future::join_all(calls).await;
+    (
+        statuses.iter().filter(|s| **s == StatusCode::OK).count(),
+        statuses
+            .iter()
+            .filter(|s| **s == StatusCode::PAYMENT_REQUIRED)
+            .count(),
+    )
+}
+
+/// Two replicas on one database counting quotas on one Redis
+/// (`QUOTA_STORE=redis`, `TEST_REDIS_URL`): 100 concurrent calls spread
+/// over both admit exactly the quota, and the usage table gets exactly
+/// what was admitted.
+#[actix_web::test]
+async fn a_hundred_concurrent_requests_over_two_replicas_never_pass_the_quota() {
+    let Ok(redis) = std::env::var("TEST_REDIS_URL") else {
+        eprintln!("skipping: TEST_REDIS_URL is not set");
+        return;
+    };
+    let shared = [
+        ("ADMIN_EMAIL", "root@example.com"),
+        ("ADMIN_PASSWORD", "an admin passphrase"),
+        ("REDIS_URL", redis.as_str()),
+        ("QUOTA_STORE", "redis"),
+    ];
+    let (a, up) = app_with_upstream(&shared).await;
+    let url = a.config.database_url.expose().to_string();
+    let mut with_db = shared.to_vec();
+    with_db.extend([
+        ("DATABASE_URL", url.as_str()),
+        ("OPENAI_COMPATIBLE_BASE_URL", up.url.as_str()),
+        ("OPENAI_COMPATIBLE_NAME", "up"),
+        ("OPENAI_COMPATIBLE_MODELS", "ok"),
+    ]);
+    let b = crate::helpers::TestApp::spawn_with(&with_db).await;
+    let admin = root_token(&a).await;
+    let r = a
+        .call(
+            reqwest::Method::PUT,
+            "/api/v1/admin/plans/free",
+            Some(&admin),
+            Some(json!({"name": "Free", "price_cents": 0, "max_requests": 10})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let token = access(&a.user("ivy").await);
+    assert_eq!(hundred_calls_over([&a, &b], &token).await, (10, 90));
+    // The usage table gets the admitted calls by group commit.
+    let u = b.get("/api/v1/subscription/usage", Some(&token)).await;
+    assert_eq!(u.body["requests"], 10, "{}", u.text);
+}
+
+/// `QUOTA_STORE=redis` with Redis unreachable: calls are reserved in the
+/// database instead — still served, still exact.
+#[actix_web::test]
+async fn quotas_hold_in_the_database_while_redis_is_unreachable() {
+    let (app, _up) = app_with_upstream(&[
+        ("ADMIN_EMAIL", "root@example.com"),
+        ("ADMIN_PASSWORD", "an admin passphrase"),
+        ("REDIS_URL", "redis://127.0.0.1:1"),
+        ("QUOTA_STORE", "redis"),
+    ])
+    .await;
+    let admin = root_token(&app).await;
+    let r = app
+        .call(
+            reqwest::Method::PUT,
+            "/api/v1/admin/plans/free",
+            Some(&admin),
+            Some(json!({"name": "Free", "price_cents": 0, "max_requests": 10})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let token = access(&app.user("jade").await);
+    assert_eq!(hundred_calls_over([&app, &app], &token).await, (10, 90));
+    let u = app.get("/api/v1/subscription/usage", Some(&token)).await;
+    assert_eq!(u.body["requests"], 10, "{}", u.text);
+}

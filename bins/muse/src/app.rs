@@ -100,10 +100,23 @@ pub fn build_state(config: Config, db: Database) -> Result<AppState, StartError>
         Arc::new(SystemClock),
     ));
     let billing: Arc<dyn muse_billing::BillingRepository> = billing_cache.clone();
-    let quota_ledger = match config.quota_store {
-        crate::config::QuotaStore::Memory => Some(Arc::new(muse_billing::QuotaLedger::new())),
-        crate::config::QuotaStore::Database => None,
+    let quota = match (config.quota_store, &config.rate_limits.redis_url) {
+        (crate::config::QuotaStore::Memory, _) => {
+            muse_gateway::QuotaCounting::Memory(muse_billing::QuotaLedger::new())
+        }
+        (crate::config::QuotaStore::Redis, Some(url)) => {
+            muse_gateway::QuotaCounting::Shared(Arc::new(
+                muse_persistence::RedisQuotaStore::new(url.expose()).map_err(|e| {
+                    StartError::Config(crate::config::ConfigError::Invalid {
+                        var: "REDIS_URL".into(),
+                        message: e.to_string(),
+                    })
+                })?,
+            ))
+        }
+        _ => muse_gateway::QuotaCounting::Database,
     };
+    tracing::info!(quota_store = ?config.quota_store, "quota reservations");
     let payments: Option<Arc<dyn muse_billing::PaymentGateway>> = match &config.stripe {
         None => None,
         Some(s) => Some(Arc::new(
@@ -125,9 +138,19 @@ pub fn build_state(config: Config, db: Database) -> Result<AppState, StartError>
             message: e.to_string(),
         })
     })?;
-    let writer = crate::writer::Writer::start(db.clone(), config.execution_writes)?;
+    let writer = muse_gateway::Writer::start(
+        Arc::new(muse_persistence::DieselCallStore::new(db.clone())),
+        config.execution_writes.into(),
+    )?;
+    let models = Arc::new(models);
+    let visible_to = training.clone();
+    let gateway = muse_gateway::Gateway::new(models.clone(), billing_cache.clone(), quota, writer)
+        .with_unpriced_price(config.llm.unpriced_price)
+        .with_visibility(move |key, user| visible_to.visible(key, user));
     Ok(AppState {
-        writer,
+        writer: gateway.writer().clone(),
+        cut_streams: gateway.stream_cut().clone(),
+        gateway,
         executions: Arc::new(muse_persistence::DieselExecutionRepository::new(db.clone())),
         library: muse_prompts::Library::new(prompt_cache.clone(), Arc::new(SystemClock)),
         prompt_cache,
@@ -135,7 +158,7 @@ pub fn build_state(config: Config, db: Database) -> Result<AppState, StartError>
         specs: Arc::default(),
         hub: crate::ws::Hub::default(),
         training,
-        models: Arc::new(models),
+        models,
         local_unavailable,
         pulls: crate::pulls::Pulls::default(),
         config: Arc::new(config),
@@ -146,9 +169,7 @@ pub fn build_state(config: Config, db: Database) -> Result<AppState, StartError>
         flags,
         billing,
         billing_cache,
-        quota_ledger,
         draining: Arc::default(),
-        cut_streams: Arc::new(tokio::sync::watch::Sender::new(false)),
         payments,
         started: Instant::now(),
         mail_transport,

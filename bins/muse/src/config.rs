@@ -65,7 +65,7 @@ pub struct Config {
     pub auth_cache_ttl_ms: i64,
     /// `EXECUTION_WRITES`: `sync` (answers wait for their record's commit)
     /// or `async` (answered at once; see docs/benchmarks.md).
-    pub execution_writes: crate::writer::WriteMode,
+    pub execution_writes: ExecutionWrites,
     /// `QUOTA_STORE`: where quota reservations are counted.
     pub quota_store: QuotaStore,
     /// `SHUTDOWN_GRACE_SECS`: on SIGTERM, how long in-flight requests and
@@ -392,6 +392,11 @@ impl Config {
             .trim_end_matches('/')
             .to_string();
         let secret = |v: &Option<String>| v.clone().map(Secret::new);
+        let has_redis = s
+            .limits
+            .redis_url
+            .as_ref()
+            .is_some_and(|u| !u.trim().is_empty());
         Ok(Self {
             env,
             port,
@@ -404,14 +409,11 @@ impl Config {
             auth_cache_ttl_ms: accounts.auth_cache_ttl_ms,
             shutdown_grace_secs: server.shutdown_grace_secs,
             shutdown_delay_ms: server.shutdown_delay_ms,
-            quota_store: server.quota_store.unwrap_or(
-                // One SQLite file means one server: count in memory.
-                if database_url.expose().starts_with("sqlite") {
-                    QuotaStore::Memory
-                } else {
-                    QuotaStore::Database
-                },
-            ),
+            quota_store: quota_store(
+                server.quota_store,
+                database_url.expose().starts_with("sqlite"),
+                has_redis,
+            )?,
             execution_writes: server.execution_writes,
             refresh_token_ttl_secs: accounts.refresh_token_ttl_secs,
             bcrypt_cost,
@@ -711,8 +713,49 @@ pub enum QuotaStore {
     /// In this process (`muse_billing::QuotaLedger`): no database write on
     /// a call's critical path; exact for one server process only.
     Memory,
+    /// On Redis (`REDIS_URL`), one atomic script per call: exact across
+    /// replicas, no database write on a call's critical path.
+    Redis,
     /// A conditional `UPDATE` per call: exact across replicas.
     Database,
+}
+
+/// `QUOTA_STORE`, or its default: one SQLite file means one server (count
+/// in memory); PostgreSQL with Redis counts on Redis, without it in the
+/// database.
+fn quota_store(
+    chosen: Option<QuotaStore>,
+    sqlite: bool,
+    has_redis: bool,
+) -> Result<QuotaStore, ConfigError> {
+    match chosen {
+        Some(QuotaStore::Redis) if !has_redis => Err(ConfigError::Invalid {
+            var: "QUOTA_STORE".into(),
+            message: "redis needs REDIS_URL".into(),
+        }),
+        Some(q) => Ok(q),
+        None if sqlite => Ok(QuotaStore::Memory),
+        None if has_redis => Ok(QuotaStore::Redis),
+        None => Ok(QuotaStore::Database),
+    }
+}
+
+/// `EXECUTION_WRITES`: when a call's answer waits for its record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExecutionWrites {
+    /// After the record's commit (default).
+    Sync,
+    /// At once; the record follows.
+    Async,
+}
+
+impl From<ExecutionWrites> for muse_gateway::WriteMode {
+    fn from(w: ExecutionWrites) -> Self {
+        match w {
+            ExecutionWrites::Sync => Self::Sync,
+            ExecutionWrites::Async => Self::Async,
+        }
+    }
 }
 
 /// `IN,OUT`: USD per million input and output tokens.

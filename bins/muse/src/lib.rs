@@ -17,13 +17,11 @@ pub mod openapi;
 pub mod pulls;
 pub mod quota;
 pub mod routes;
-pub mod runs;
 pub mod server;
 pub mod settings;
 pub mod state;
 pub mod telemetry;
 pub mod training;
-pub mod writer;
 pub mod ws;
 
 pub use app::{build_app, build_state, StartError};

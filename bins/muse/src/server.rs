@@ -27,7 +27,7 @@ pub struct Running {
     pub handle: ServerHandle,
     pub server: actix_web::dev::Server,
     /// Drained after the server stops.
-    pub writer: crate::writer::Writer,
+    pub writer: muse_gateway::Writer,
     /// Set on SIGTERM (readiness answers 503).
     pub draining: std::sync::Arc<std::sync::atomic::AtomicBool>,
     pub shutdown_delay: std::time::Duration,

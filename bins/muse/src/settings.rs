@@ -15,8 +15,7 @@ use std::path::PathBuf;
 use clap::builder::BoolishValueParser;
 use clap::{ArgAction, Args, CommandFactory, FromArgMatches, Parser};
 
-use crate::config::{ConfigError, Environment, LogFormat, QuotaStore};
-use crate::writer::WriteMode;
+use crate::config::{ConfigError, Environment, ExecutionWrites, LogFormat, QuotaStore};
 
 /// All settings (flattened into `muse serve` and `muse worker`).
 #[derive(Clone, Args)]
@@ -96,14 +95,15 @@ pub struct ServerSettings {
     #[arg(long, env, default_value_t = 30)]
     pub shutdown_grace_secs: u64,
     /// Where quota reservations are counted: in the process (one server
-    /// process only) or by a conditional `UPDATE` (any number of replicas)
-    /// (default: `memory` on SQLite, `database` on PostgreSQL)
+    /// process only), on Redis or by a conditional `UPDATE` (any number of
+    /// replicas) (default: `memory` on SQLite; on PostgreSQL `redis` when
+    /// `REDIS_URL` is set, else `database`)
     #[arg(long, env, value_enum)]
     pub quota_store: Option<QuotaStore>,
     /// `sync`: a model call is answered once its record is committed (group
     /// commit); `async`: answered at once, the record follows
     #[arg(long, env, value_enum, default_value = "sync")]
-    pub execution_writes: WriteMode,
+    pub execution_writes: ExecutionWrites,
     /// `json` for one JSON object per line
     #[arg(long, env, value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -702,7 +702,7 @@ output_per_million = 4.4
     #[test]
     fn enumerated_values_are_listed_in_errors() {
         for (k, v, want) in [
-            ("QUOTA_STORE", "redis", "memory, database"),
+            ("QUOTA_STORE", "disk", "memory, redis, database"),
             ("RATE_LIMIT_FAILURE", "maybe", "open, closed"),
             ("EXECUTION_WRITES", "later", "sync, async"),
             ("MUSE_ENV", "staging", "development, production"),

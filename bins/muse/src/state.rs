@@ -46,9 +46,9 @@ pub struct AppState {
     /// The prompts behind `library`, kept in memory (see
     /// [`muse_prompts::CachedLibrary`]).
     pub prompt_cache: Arc<muse_prompts::CachedLibrary>,
-    /// Quota reservations in memory (`QUOTA_STORE=memory`, one process);
-    /// `None`: reserved in the database.
-    pub quota_ledger: Option<Arc<muse_billing::QuotaLedger>>,
+    /// One model call end to end: admission (plan, quota), the call, its
+    /// record by group commit (`muse-gateway`).
+    pub gateway: muse_gateway::Gateway,
     /// `None` without `STRIPE_SECRET_KEY`: plans are changed by administrators.
     pub payments: Option<Arc<dyn muse_billing::PaymentGateway>>,
     pub started: Instant,
@@ -56,33 +56,15 @@ pub struct AppState {
     pub mail_transport: &'static str,
     /// Group commit of model-call records (executions, ideas, quota
     /// reconciliation).
-    pub writer: crate::writer::Writer,
+    pub writer: muse_gateway::Writer,
     /// Set on SIGTERM: `/health/ready` answers 503 so that load balancers
     /// stop sending requests before the server stops.
     pub draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl AppState {
-    /// What a call on `key` costs: the model's price; else (a remote model
-    /// with no known price) `UNPRICED_MODEL_PRICE` when it is set; else
-    /// unknown.
+    /// What a call on `key` costs (see [`muse_gateway::Gateway::cost_of`]).
     pub fn cost_of(&self, key: &str, usage: &muse_inference::Usage) -> Option<f64> {
-        self.models.cost(key, usage).or_else(|| {
-            self.config
-                .llm
-                .unpriced_price
-                .as_ref()
-                .map(|p| p.cost(usage))
-        })
-    }
-
-    /// Whether `key` is a vendor's model (OpenAI, Anthropic, Gemini), which
-    /// is paid per token; OpenAI-compatible servers are taken as
-    /// self-hosted (MODEL_PRICES_FILE prices a paid one). A key that is not
-    /// in the registry is not: it fails as model_not_found.
-    pub fn is_vendor_model(&self, key: &str) -> bool {
-        self.models
-            .provider_of(key)
-            .is_some_and(|p| matches!(p.as_str(), "openai" | "anthropic" | "gemini"))
+        self.gateway.cost_of(key, usage)
     }
 }

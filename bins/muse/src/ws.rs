@@ -35,8 +35,8 @@ use crate::extract::user_or_ticket;
 use crate::routes::ideas::{prepare_idea, IdeaBody};
 use crate::routes::library::{prepare_execution, ExecuteBody};
 use crate::routes::sse;
-use crate::runs::Run;
 use crate::state::AppState;
+use muse_gateway::Run;
 
 /// Largest message the protocol handles, in bytes; bigger text messages
 /// get an `error` (`message_too_large`).

@@ -125,6 +125,16 @@ impl CachedBilling {
     pub fn peek_subscription(&self, user_id: Uuid) -> Option<Option<Subscription>> {
         self.fresh(self.subscriptions.read().ok()?.get(&user_id))
     }
+
+    /// The plan in force for `user_id` ([`crate::plans::plan_in_force`]'s
+    /// rule) from the cache alone (`None`: something is not cached).
+    pub fn peek_plan_in_force(&self, user_id: Uuid, now_ms: i64) -> Option<Plan> {
+        let sub = self.peek_subscription(user_id)?;
+        match self.peek_plan(crate::plans::plan_id_in_force(sub.as_ref(), now_ms))? {
+            Some(p) => Some(p),
+            None => self.peek_plan(crate::plans::FREE_PLAN)?,
+        }
+    }
 }
 
 impl BillingRepository for CachedBilling {

@@ -6,15 +6,58 @@
 //! storage with their records (group commit).
 //!
 //! **One process only**: two processes with a ledger each would each admit
-//! up to the quota. Deployments with several replicas reserve in the
-//! database (or a shared store).
+//! up to the quota. Deployments with several replicas count in a
+//! [`SharedQuota`] (Redis, in `muse-persistence`) or in the database.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+use async_trait::async_trait;
 use uuid::Uuid;
 
-use crate::plans::{Plan, QuotaKind, Reservation, Usage};
+use crate::plans::{BillingError, Plan, QuotaKind, Reservation, Usage};
+
+/// Quota counters shared by every replica (Redis in `muse-persistence`):
+/// the same rule as [`QuotaLedger`], each reservation one atomic step on
+/// the shared store.
+#[async_trait]
+pub trait SharedQuota: Send + Sync + 'static {
+    /// Adds one request, `tokens` and `cost_usd` to the period's counters
+    /// if every quota of `plan` still holds afterwards. `Ok(None)`: the
+    /// period is not loaded — read its usage from storage,
+    /// [`SharedQuota::load`] it, and ask again.
+    async fn reserve(
+        &self,
+        user_id: Uuid,
+        period_start: i64,
+        plan: &Plan,
+        tokens: i64,
+        cost_usd: f64,
+    ) -> Result<Option<Result<(), QuotaKind>>, BillingError>;
+
+    /// Starts counting a period from `stored` unless another replica did
+    /// first (its count is kept). The counters expire after `period_end`.
+    async fn load(
+        &self,
+        user_id: Uuid,
+        period_start: i64,
+        period_end: i64,
+        stored: Usage,
+    ) -> Result<(), BillingError>;
+
+    /// Replaces a reservation by what its call used.
+    async fn reconcile(
+        &self,
+        r: &Reservation,
+        used_tokens: i64,
+        used_cost_usd: f64,
+    ) -> Result<(), BillingError>;
+
+    /// Forgets a period's counters, so that the next reservation loads
+    /// them again from storage (after reservations were counted there
+    /// while this store was unreachable).
+    async fn forget(&self, user_id: Uuid, period_start: i64) -> Result<(), BillingError>;
+}
 
 /// The usage counters of the periods in use.
 #[derive(Debug, Default)]

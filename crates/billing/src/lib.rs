@@ -15,10 +15,10 @@ pub mod stripe;
 
 pub use cached::{BillingChange, CachedBilling};
 pub use flags::{FeatureFlag, FlagRepository, FlagSet, FlagStoreError};
-pub use ledger::QuotaLedger;
+pub use ledger::{QuotaLedger, SharedQuota};
 pub use plans::{
-    month_of, BillingError, BillingEvent, BillingRepository, Plan, QuotaKind, Reservation,
-    Subscription, SubscriptionStatus, Usage, FREE_PLAN,
+    month_of, plan_id_in_force, plan_in_force, BillingError, BillingEvent, BillingRepository, Plan,
+    QuotaKind, Reservation, Subscription, SubscriptionStatus, Usage, FREE_PLAN,
 };
 pub use ratelimit::{
     gcra, Decision, LimitError, MemoryStore, Quota, RateLimitStore, RateLimiter, Refusal,

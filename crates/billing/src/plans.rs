@@ -143,6 +143,34 @@ pub enum BillingError {
     Other(String),
 }
 
+/// The plan a subscription gives now: its own while it is active or past
+/// due (and not cancelled past its period end), else free.
+pub fn plan_id_in_force(sub: Option<&Subscription>, now_ms: i64) -> &str {
+    sub.filter(|s| {
+        s.status != SubscriptionStatus::Canceled
+            && !(s.cancel_at_period_end && s.current_period_end.is_some_and(|end| now_ms >= end))
+    })
+    .map_or(FREE_PLAN, |s| s.plan_id.as_str())
+}
+
+/// The plan in force for a user now ([`plan_id_in_force`]; a plan that no
+/// longer exists falls back to free), with their subscription.
+pub fn plan_in_force(
+    billing: &dyn BillingRepository,
+    user_id: Uuid,
+    now_ms: i64,
+) -> Result<(Plan, Option<Subscription>), BillingError> {
+    let sub = billing.subscription(user_id)?;
+    let id = plan_id_in_force(sub.as_ref(), now_ms);
+    let plan = match billing.plan(id)? {
+        Some(p) => p,
+        None => billing
+            .plan(FREE_PLAN)?
+            .ok_or_else(|| BillingError::UnknownPlan(FREE_PLAN.into()))?,
+    };
+    Ok((plan, sub))
+}
+
 /// The calendar month (UTC) containing `now_ms`: `(start, end)` in ms.
 pub fn month_of(now_ms: i64) -> (i64, i64) {
     let days = now_ms.div_euclid(86_400_000);

@@ -6,32 +6,37 @@
 use std::collections::HashMap;
 
 use diesel::prelude::*;
-use muse_billing::Reservation;
-use muse_prompts::{Execution, Idea};
+use muse_prompts::{CallRecord, CallStore, RecordError};
 
 use crate::db::{Database, DbConnection, DbError};
 use crate::execution_repo::Row;
 use crate::library_repo::IdeaRow;
 use crate::schema::{executions, ideas, usage_counters};
 
-/// What one finished call leaves behind.
-#[derive(Debug, Clone)]
-pub struct CallRecord {
-    pub execution: Execution,
-    /// The idea it produced (idea generations that succeeded).
-    pub idea: Option<Idea>,
-    /// Its reservation and what it really used (tokens, cost).
-    pub settle: Option<(Reservation, i64, f64)>,
-    /// Whether the reservation was already counted in the database (its
-    /// conditional `UPDATE`): then only the difference is written. A
-    /// reservation counted in memory writes the whole usage: one request,
-    /// its tokens and its cost.
-    pub reserved_in_db: bool,
+/// [`CallStore`] on the database: each batch in one transaction.
+#[derive(Clone)]
+pub struct DieselCallStore {
+    db: Database,
+}
+
+impl DieselCallStore {
+    pub fn new(db: Database) -> Self {
+        Self { db }
+    }
+}
+
+impl CallStore for DieselCallStore {
+    fn record_calls(&self, batch: &[CallRecord]) -> Result<(), RecordError> {
+        record_calls(&self.db, batch).map_err(|e| match e {
+            DbError::Rejected(m) => RecordError::Rejected(m),
+            other => RecordError::Unavailable(other.to_string()),
+        })
+    }
 }
 
 /// Writes `batch` in one transaction: every execution and idea inserted,
-/// every reservation replaced by what its call used (summed per user and
-/// period: one `UPDATE` each). All or nothing.
+/// every usage delta added (summed per user and period: one `UPDATE`
+/// each). All or nothing.
 pub fn record_calls(db: &Database, batch: &[CallRecord]) -> Result<(), DbError> {
     if batch.is_empty() {
         return Ok(());
@@ -46,20 +51,13 @@ pub fn record_calls(db: &Database, batch: &[CallRecord]) -> Result<(), DbError> 
         .collect();
     // Per (user, period): requests, tokens and cost to add.
     let mut deltas: HashMap<(String, i64), (i64, i64, f64)> = HashMap::new();
-    for c in batch {
-        if let Some((r, used_tokens, used_cost)) = &c.settle {
-            let d = deltas
-                .entry((r.user_id.to_string(), r.period_start))
-                .or_default();
-            if c.reserved_in_db {
-                d.1 += used_tokens - r.tokens;
-                d.2 += used_cost - r.cost_usd;
-            } else {
-                d.0 += 1;
-                d.1 += used_tokens;
-                d.2 += used_cost;
-            }
-        }
+    for u in batch.iter().filter_map(|c| c.usage.as_ref()) {
+        let d = deltas
+            .entry((u.user_id.to_string(), u.period_start))
+            .or_default();
+        d.0 += u.requests;
+        d.1 += u.tokens;
+        d.2 += u.cost_usd;
     }
     db.write(|conn| {
         conn.transaction::<_, diesel::result::Error, _>(|conn| {

@@ -19,6 +19,7 @@ mod flags_repo;
 mod library_repo;
 mod redis_events;
 mod redis_limits;
+mod redis_quota;
 pub mod schema;
 pub mod testing;
 mod training_repo;
@@ -63,7 +64,7 @@ fn storable_opt(s: &Option<String>) -> Option<String> {
 }
 
 pub use auth_repo::DieselAuthRepository;
-pub use batch::{record_calls, CallRecord};
+pub use batch::{record_calls, DieselCallStore};
 pub use billing_repo::DieselBillingRepository;
 pub use db::{Backend, Database, DbConnection, DbError, PooledConn};
 pub use execution_repo::DieselExecutionRepository;
@@ -71,4 +72,5 @@ pub use flags_repo::DieselFlagRepository;
 pub use library_repo::DieselLibraryRepository;
 pub use redis_events::RedisEvents;
 pub use redis_limits::RedisRateLimitStore;
+pub use redis_quota::RedisQuotaStore;
 pub use training_repo::DieselTrainingRepository;

@@ -25,6 +25,7 @@ pub mod cached;
 pub mod execution;
 pub mod ideas;
 pub mod library;
+pub mod record;
 mod schema;
 mod template;
 
@@ -38,6 +39,7 @@ pub use library::{
     DeleteOutcome, ExpertPrompt, FieldError, Library, LibraryError, LibraryRepository, ListFilter,
     ParentFilter, PromptContent, PromptInput, PromptVersion, Specialty, SpecialtyInput, Viewer,
 };
+pub use record::{CallRecord, CallStore, RecordError, UsageDelta};
 pub use schema::{SchemaError, VariableError, VariablesSchema, MAX_VARIABLES_BYTES};
 pub use template::{Template, TemplateError};
 

@@ -18,8 +18,8 @@ use super::library::{prompt_run, viewer, PromptCall};
 use super::{blocking, rfc3339, sse};
 use crate::error::{ApiError, ErrorBody};
 use crate::extract::{user_or_ticket, CurrentUser};
-use crate::runs::Run;
 use crate::state::AppState;
+use muse_gateway::Run;
 
 /// Registered inside the `/api/v1/ai` scope.
 pub fn config(cfg: &mut web::ServiceConfig) {

@@ -20,8 +20,8 @@ use uuid::Uuid;
 use super::{blocking, rfc3339, sse};
 use crate::error::{ApiError, ErrorBody};
 use crate::extract::CurrentUser;
-use crate::runs::Run;
 use crate::state::AppState;
+use muse_gateway::Run;
 
 pub fn config(cfg: &mut web::ServiceConfig) {
     cfg.service(
@@ -752,6 +752,7 @@ pub async fn prepare_execution(
     )?
     .admit()
     .await
+    .map_err(ApiError::from)
 }
 
 /// One call of a stored prompt version.
@@ -797,17 +798,24 @@ pub fn prompt_run(
         Ok(r) => {
             messages.push(Message::user(r.text));
             request.messages = messages;
-            Ok(
-                Run::new(state, principal.user.id, call.source, &call.key, request).with_prompt(
-                    call.prompt_id,
-                    call.version,
-                    r.variables,
-                ),
+            Ok(Run::new(
+                &state.gateway,
+                principal.user.id,
+                call.source,
+                &call.key,
+                request,
             )
+            .with_prompt(call.prompt_id, call.version, r.variables))
         }
         Err(RenderError::Invalid(errors)) => {
-            let run = Run::new(state, principal.user.id, call.source, &call.key, request)
-                .with_prompt(call.prompt_id, call.version, call.variables);
+            let run = Run::new(
+                &state.gateway,
+                principal.user.id,
+                call.source,
+                &call.key,
+                request,
+            )
+            .with_prompt(call.prompt_id, call.version, call.variables);
             let execution = run.reject("the variables do not match the prompt's schema");
             Err(ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,

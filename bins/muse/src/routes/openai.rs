@@ -17,8 +17,8 @@ use utoipa::ToSchema;
 
 use crate::error::{ApiError, ErrorBody};
 use crate::extract::CurrentUser;
-use crate::runs::{Run, RunEvent};
 use crate::state::AppState;
+use muse_gateway::{Run, RunEvent};
 
 pub fn config(cfg: &mut web::ServiceConfig) {
     cfg.service(
@@ -857,7 +857,7 @@ async fn admit_choices(
     for _ in 0..n {
         runs.push(
             Run::new(
-                state,
+                &state.gateway,
                 user.0.user.id,
                 ExecutionSource::OpenaiApi,
                 key,
@@ -962,7 +962,7 @@ fn assistant_message(text: &str, calls: &[muse_inference::ToolCall]) -> Value {
 /// A call opened on one model of a chain: its whole answer, or its stream
 /// (already past its first event) and execution id.
 enum Opened {
-    Whole(Box<crate::runs::Finished>),
+    Whole(Box<muse_gateway::Finished>),
     Stream(
         std::pin::Pin<Box<dyn futures_util::Stream<Item = RunEvent>>>,
         uuid::Uuid,
@@ -994,9 +994,15 @@ async fn open_chain(
         }
         let mut req = request.clone();
         req.model = key.clone();
-        let run = Run::new(state, user.0.user.id, ExecutionSource::OpenaiApi, key, req)
-            .admit()
-            .await?;
+        let run = Run::new(
+            &state.gateway,
+            user.0.user.id,
+            ExecutionSource::OpenaiApi,
+            key,
+            req,
+        )
+        .admit()
+        .await?;
         let id = run.id;
         let outcome = if stream {
             run.stream()
@@ -1383,7 +1389,7 @@ pub async fn completions(
         let mut ids = Vec::with_capacity(requests.len());
         for (index, request) in requests.into_iter().enumerate() {
             let run = Run::new(
-                &state,
+                &state.gateway,
                 user.0.user.id,
                 ExecutionSource::OpenaiApi,
                 &key,
@@ -1421,7 +1427,7 @@ pub async fn completions(
         .and_then(|o| o.include_usage)
         .unwrap_or(false);
     let run = Run::new(
-        &state,
+        &state.gateway,
         user.0.user.id,
         ExecutionSource::OpenaiApi,
         &key,
@@ -1569,7 +1575,7 @@ pub async fn embeddings(
     let mut request = GenerateRequest::completion(key.clone(), inputs.join("\n"));
     request.max_tokens = Some(1);
     let run = Run::new(
-        &state,
+        &state.gateway,
         user.0.user.id,
         ExecutionSource::OpenaiApi,
         &key,

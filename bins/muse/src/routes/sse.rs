@@ -17,7 +17,7 @@ use futures_util::{Stream, StreamExt};
 use serde_json::{json, Value};
 
 use crate::error::ApiError;
-use crate::runs::RunEvent;
+use muse_gateway::RunEvent;
 
 fn event(name: &str, data: &Value) -> Bytes {
     Bytes::from(format!("event: {name}\ndata: {data}\n\n"))

@@ -1,4 +1,4 @@
-//! Group commit of model-call records: one writer thread per server takes
+//! Group commit of model-call records: one writer thread per store takes
 //! finished calls (execution, idea, quota reconciliation) from a bounded
 //! queue and writes everything queued in one transaction. A batch closes
 //! when the queue is empty or at [`MAX_BATCH`] calls: under load, the
@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use muse_persistence::{CallRecord, Database};
+use muse_prompts::{CallRecord, CallStore, RecordError};
 use tokio::sync::{mpsc, oneshot};
 
 /// Most calls in one transaction.
@@ -27,7 +27,7 @@ pub const QUEUE: usize = 8_192;
 const ATTEMPTS: u32 = 30;
 
 /// When a call's answer waits for its record.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WriteMode {
     /// After the record's commit (default).
     Sync,
@@ -43,6 +43,7 @@ enum Item {
 #[derive(Clone)]
 pub struct Writer {
     tx: mpsc::Sender<Item>,
+    store: Arc<dyn CallStore>,
     mode: WriteMode,
     /// Records submitted and not yet written.
     pending: Arc<AtomicUsize>,
@@ -59,15 +60,21 @@ impl std::fmt::Debug for Writer {
 pub type Written = oneshot::Receiver<bool>;
 
 impl Writer {
-    /// Starts the writer thread over `db`.
-    pub fn start(db: Database, mode: WriteMode) -> std::io::Result<Self> {
+    /// Starts the writer thread over `store`.
+    pub fn start(store: Arc<dyn CallStore>, mode: WriteMode) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel(QUEUE);
         let pending = Arc::new(AtomicUsize::new(0));
         let counter = pending.clone();
+        let writes = store.clone();
         std::thread::Builder::new()
             .name("muse-writer".into())
-            .spawn(move || run(db, rx, counter))?;
-        Ok(Self { tx, mode, pending })
+            .spawn(move || run(&*writes, rx, counter))?;
+        Ok(Self {
+            tx,
+            store,
+            mode,
+            pending,
+        })
     }
 
     pub fn mode(&self) -> WriteMode {
@@ -78,7 +85,7 @@ impl Writer {
     /// when the writer is gone: the record is then written here, blocking).
     /// A full queue makes this wait: on a blocking thread when there is a
     /// runtime, else here.
-    pub fn submit(&self, record: CallRecord, db: &Database) -> Option<Written> {
+    pub fn submit(&self, record: CallRecord) -> Option<Written> {
         let (done, written) = oneshot::channel();
         let item = Item::Record(Box::new(record), Some(done));
         self.pending.fetch_add(1, Ordering::SeqCst);
@@ -102,7 +109,7 @@ impl Writer {
             Err(mpsc::error::TrySendError::Closed(Item::Record(record, _))) => {
                 self.pending.fetch_sub(1, Ordering::SeqCst);
                 // The writer stopped (shutdown): write this one directly.
-                if let Err(e) = muse_persistence::record_calls(db, std::slice::from_ref(&record)) {
+                if let Err(e) = self.store.record_calls(std::slice::from_ref(&record)) {
                     tracing::error!(error = %e, execution_id = %record.execution.id, "could not record an execution");
                 }
                 None
@@ -125,7 +132,7 @@ impl Writer {
     }
 }
 
-fn run(db: Database, mut rx: mpsc::Receiver<Item>, pending: Arc<AtomicUsize>) {
+fn run(store: &dyn CallStore, mut rx: mpsc::Receiver<Item>, pending: Arc<AtomicUsize>) {
     let mut batch: Vec<CallRecord> = Vec::with_capacity(MAX_BATCH);
     let mut waiters: Vec<oneshot::Sender<bool>> = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = rx.blocking_recv() {
@@ -143,7 +150,7 @@ fn run(db: Database, mut rx: mpsc::Receiver<Item>, pending: Arc<AtomicUsize>) {
             }
         }
         metrics::histogram!("execution_write_batch_size").record(batch.len() as f64);
-        let ok = write(&db, &batch);
+        let ok = write(store, &batch);
         pending.fetch_sub(batch.len(), Ordering::SeqCst);
         for w in waiters.drain(..) {
             let _ = w.send(ok);
@@ -156,26 +163,26 @@ fn run(db: Database, mut rx: mpsc::Receiver<Item>, pending: Arc<AtomicUsize>) {
 /// locked); gives up after [`ATTEMPTS`] and logs every execution lost. A
 /// batch the database refuses (a record it cannot take) is written one
 /// record at a time, so that one bad record costs only itself.
-fn write(db: &Database, batch: &[CallRecord]) -> bool {
+fn write(store: &dyn CallStore, batch: &[CallRecord]) -> bool {
     let started = Instant::now();
     for attempt in 1..=ATTEMPTS {
-        match muse_persistence::record_calls(db, batch) {
+        match store.record_calls(batch) {
             Ok(()) => {
                 metrics::histogram!("execution_write_seconds")
                     .record(started.elapsed().as_secs_f64());
                 return true;
             }
-            Err(muse_persistence::DbError::Rejected(e)) if batch.len() > 1 => {
+            Err(RecordError::Rejected(e)) if batch.len() > 1 => {
                 tracing::warn!(error = %e, calls = batch.len(), "a batch of executions was refused; writing them one by one");
                 // Every record is tried (no short cut on the first failure).
                 let failed = batch
                     .iter()
-                    .map(|c| write(db, std::slice::from_ref(c)))
+                    .map(|c| write(store, std::slice::from_ref(c)))
                     .filter(|ok| !ok)
                     .count();
                 return failed == 0;
             }
-            Err(e @ muse_persistence::DbError::Rejected(_)) => {
+            Err(e @ RecordError::Rejected(_)) => {
                 for c in batch {
                     tracing::error!(error = %e, execution_id = %c.execution.id, user_id = %c.execution.user_id, "could not record an execution");
                 }
@@ -232,7 +239,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_refused_record_does_not_take_its_batch_down() {
         let t = muse_persistence::testing::TestDb::new();
-        let db = Database::connect(&t.url, 2).unwrap();
+        let db = muse_persistence::Database::connect(&t.url, 2).unwrap();
         db.run_migrations().unwrap();
         let user = muse_auth::User {
             id: Uuid::now_v7(),
@@ -248,18 +255,19 @@ mod tests {
         muse_persistence::DieselAuthRepository::new(db.clone())
             .create_user(&user)
             .unwrap();
-        let writer = Writer::start(db.clone(), WriteMode::Sync).unwrap();
+        let store: Arc<dyn CallStore> =
+            Arc::new(muse_persistence::DieselCallStore::new(db.clone()));
+        let writer = Writer::start(store.clone(), WriteMode::Sync).unwrap();
         let good = [execution(user.id), execution(user.id)];
         let bad = execution(Uuid::now_v7());
         let record = |e: &Execution| CallRecord {
             execution: e.clone(),
             idea: None,
-            settle: None,
-            reserved_in_db: true,
+            usage: None,
         };
         let waits: Vec<_> = [&good[0], &bad, &good[1]]
             .into_iter()
-            .map(|e| writer.submit(record(e), &db).unwrap())
+            .map(|e| writer.submit(record(e)).unwrap())
             .collect();
         for w in waits {
             let _ = w.await;
@@ -280,7 +288,7 @@ mod tests {
         ];
         let records: Vec<CallRecord> = batch.iter().map(record).collect();
         let started = Instant::now();
-        assert!(!write(&db, &records), "one of the three was refused");
+        assert!(!write(&*store, &records), "one of the three was refused");
         assert!(
             started.elapsed() < Duration::from_secs(5),
             "{:?}",

@@ -17,12 +17,12 @@ use muse_prompts::{Execution, ExecutionSource, ExecutionStatus, Idea};
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::error::ApiError;
-use crate::state::AppState;
+use crate::admission::{AdmitError, Held};
+use crate::Gateway;
 
 /// A call about to run. Dropping it before it ends records a cancellation.
 pub struct Run {
-    state: AppState,
+    gateway: Gateway,
     pub id: Uuid,
     user_id: Uuid,
     source: ExecutionSource,
@@ -44,7 +44,7 @@ pub struct Run {
     first: Option<Duration>,
     finished: bool,
     /// The quota this call holds, reconciled when it is recorded.
-    reservation: Option<muse_billing::Reservation>,
+    reservation: Option<Held>,
 }
 
 /// A call that succeeded (already recorded).
@@ -133,7 +133,7 @@ pub fn transcript(messages: &[Message]) -> String {
 
 impl Run {
     pub fn new(
-        state: &AppState,
+        gateway: &Gateway,
         user_id: Uuid,
         source: ExecutionSource,
         key: &str,
@@ -146,7 +146,7 @@ impl Run {
             None => transcript(&request.messages),
         };
         Self {
-            state: state.clone(),
+            gateway: gateway.clone(),
             id: Uuid::now_v7(),
             user_id,
             source,
@@ -170,9 +170,13 @@ impl Run {
 
     /// Reserves this call's worst case against the user's plan quotas; on
     /// refusal the run is dropped unrecorded (nothing was called) and the
-    /// error (402 `quota_exceeded`, 403 `model_not_in_plan`) returned.
-    pub async fn admit(mut self) -> Result<Self, ApiError> {
-        match crate::quota::reserve(&self.state, self.user_id, &self.key, &self.request).await {
+    /// reason returned.
+    pub async fn admit(mut self) -> Result<Self, AdmitError> {
+        match self
+            .gateway
+            .reserve(self.user_id, &self.key, &self.request)
+            .await
+        {
             Ok(r) => {
                 self.reservation = Some(r);
                 Ok(self)
@@ -201,7 +205,7 @@ impl Run {
     /// The prompt's tokens, estimated as the quota does (4 characters a
     /// token).
     fn prompt_estimate(&self) -> u32 {
-        crate::quota::estimated_prompt_tokens(&self.request)
+        crate::admission::estimated_prompt_tokens(&self.request)
     }
 
     fn provider_model(&self) -> (String, String) {
@@ -211,9 +215,10 @@ impl Run {
         }
     }
 
-    /// Builds the execution, counts it in the metrics, and writes it (and
-    /// the idea, on success) on the blocking pool. The returned handle says
-    /// when the rows are written; a write failure is logged.
+    /// Builds the execution, counts it in the metrics, and queues it (and
+    /// the idea, on success, and the quota's reconciliation) for the
+    /// writer. The returned handle says when the rows are written (`None`
+    /// with [`crate::WriteMode::Async`]); a write failure is logged.
     fn record(
         &mut self,
         status: ExecutionStatus,
@@ -228,11 +233,12 @@ impl Run {
         let source = self.source.as_str();
         // Label values only from the registry: a name a caller made up
         // (model_not_found) must not create a series of its own.
-        let (label_provider, label_model) = if self.state.models.provider_of(&self.key).is_some() {
-            (provider.clone(), model.clone())
-        } else {
-            ("unknown".to_string(), "unknown".to_string())
-        };
+        let (label_provider, label_model) =
+            if self.gateway.models().provider_of(&self.key).is_some() {
+                (provider.clone(), model.clone())
+            } else {
+                ("unknown".to_string(), "unknown".to_string())
+            };
         metrics::counter!("prompt_executions_total", "source" => source, "provider" => label_provider.clone(), "model" => label_model.clone(), "status" => status.as_str())
             .increment(1);
         metrics::histogram!("prompt_execution_duration_seconds", "source" => source, "provider" => label_provider, "model" => label_model)
@@ -271,26 +277,20 @@ impl Run {
                 idea.created_at = execution.created_at;
                 idea
             });
-        let settle = self.reservation.take().map(|r| {
+        let usage = self.reservation.take().map(|held| {
             let used = i64::from(usage.prompt_tokens) + i64::from(usage.completion_tokens);
-            let cost = cost.unwrap_or(0.0);
-            // Counted in memory: corrected there at once; the database
-            // gets the whole usage with the record.
-            if let Some(ledger) = &self.state.quota_ledger {
-                ledger.reconcile(&r, used, cost);
-            }
-            (r, used, cost)
+            self.gateway.settle(held, used, cost.unwrap_or(0.0))
         });
         // Group commit (crate::writer): the answer waits for it unless
-        // EXECUTION_WRITES=async.
-        let record = muse_persistence::CallRecord {
+        // WriteMode::Async.
+        let record = muse_prompts::CallRecord {
             execution: execution.clone(),
             idea: idea.clone(),
-            settle,
-            reserved_in_db: self.state.quota_ledger.is_none(),
+            usage,
         };
-        let written = self.state.writer.submit(record, &self.state.db);
-        let handle = match self.state.writer.mode() {
+        let writer = self.gateway.writer();
+        let written = writer.submit(record);
+        let handle = match writer.mode() {
             crate::writer::WriteMode::Sync => written,
             crate::writer::WriteMode::Async => None,
         };
@@ -315,7 +315,7 @@ impl Run {
     }
 
     async fn succeed(mut self, usage: Usage, reason: FinishReason) -> Finished {
-        let cost = self.state.cost_of(&self.key, &usage);
+        let cost = self.gateway.cost_of(&self.key, &usage);
         let text = self.text.clone();
         let (mut execution, idea, written) =
             self.record(ExecutionStatus::Succeeded, usage, cost, None);
@@ -353,7 +353,7 @@ impl Run {
             completion_tokens: self.deltas,
         };
         let cost = (usage.total() > 0)
-            .then(|| self.state.cost_of(&self.key, &usage))
+            .then(|| self.gateway.cost_of(&self.key, &usage))
             .flatten();
         let (execution, _, written) = self.record(status, usage, cost, Some(error.to_string()));
         if let Some(w) = written {
@@ -383,7 +383,7 @@ impl Run {
         dimensions: Option<u32>,
     ) -> Result<(muse_inference::Embeddings, Finished), Box<Failed>> {
         self.called = true;
-        let models = self.state.models.clone();
+        let models = self.gateway.models().clone();
         let request = muse_inference::EmbedRequest {
             model: self.key.clone(),
             inputs,
@@ -396,7 +396,7 @@ impl Run {
                     "{} embeddings of {dims} dimensions",
                     embeddings.vectors.len()
                 );
-                let cost = cost.or_else(|| self.state.cost_of(&self.key, &embeddings.usage));
+                let cost = cost.or_else(|| self.gateway.cost_of(&self.key, &embeddings.usage));
                 let (execution, _, written) =
                     self.record(ExecutionStatus::Succeeded, embeddings.usage, cost, None);
                 if let Some(w) = written {
@@ -418,7 +418,7 @@ impl Run {
     /// Runs the whole call.
     pub async fn complete(mut self) -> Result<Finished, Box<Failed>> {
         self.called = true;
-        let models = self.state.models.clone();
+        let models = self.gateway.models().clone();
         match models.complete(&self.key, &self.request).await {
             Ok(priced) => {
                 let c = priced.completion;
@@ -444,12 +444,12 @@ impl Run {
     /// recorded) and yields its events.
     pub async fn stream(mut self) -> Result<impl Stream<Item = RunEvent> + Unpin, Box<Failed>> {
         self.called = true;
-        let models = self.state.models.clone();
+        let models = self.gateway.models().clone();
         let upstream: CompletionStream = match models.stream(&self.key, &self.request).await {
             Ok(s) => s,
             Err(e) => return Err(Box::new(self.fail(e).await)),
         };
-        let cut = self.state.cut_streams.subscribe();
+        let cut = self.gateway.stream_cut().subscribe();
         let events = futures_util::stream::unfold(Some((self, upstream, cut)), |st| async move {
             let (mut run, mut upstream, mut cut) = st?;
             let next = tokio::select! {
@@ -508,7 +508,7 @@ impl Drop for Run {
             };
             let cost = self
                 .called
-                .then(|| self.state.cost_of(&self.key, &usage))
+                .then(|| self.gateway.cost_of(&self.key, &usage))
                 .flatten();
             let _ = self.record(
                 ExecutionStatus::Cancelled,

@@ -1,0 +1,185 @@
+//! [`SharedQuota`] on Redis: quota counters shared by every replica. A
+//! reservation is one Lua script (checked and counted atomically on the
+//! server), so any number of replicas admit together exactly what one
+//! process would. Counters live in a hash per (user, period) —
+//! `muse:quota:<user>:<period start>` with fields `r` (requests), `t`
+//! (tokens), `c` (cost, USD) — loaded from the usage table the first time
+//! a period is used, and expiring a week after the period ends. Every call
+//! has a short time limit, so a Redis outage costs a request at most that
+//! long before the caller falls back (see `muse-gateway`).
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use muse_billing::{BillingError, Plan, QuotaKind, Reservation, SharedQuota, Usage};
+use redis::aio::ConnectionManager;
+use tokio::sync::OnceCell;
+use uuid::Uuid;
+
+const PREFIX: &str = "muse:quota:";
+/// How long counters outlive their period (ms).
+const KEEP_AFTER_PERIOD_MS: i64 = 7 * 24 * 3_600_000;
+
+/// KEYS[1] the counters; ARGV: max requests, max tokens, max cost (each
+/// -1 for none), tokens, cost. Returns -1 (not loaded), 0 (admitted and
+/// counted), or the quota that refused: 1 requests, 2 tokens, 3 cost.
+const RESERVE: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+local u = redis.call('HMGET', KEYS[1], 'r', 't', 'c')
+local r, t, c = tonumber(u[1]) or 0, tonumber(u[2]) or 0, tonumber(u[3]) or 0
+local mr, mt, mc = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local tokens, cost = tonumber(ARGV[4]), tonumber(ARGV[5])
+if mr >= 0 and r >= mr then return 1 end
+if mt >= 0 and t + tokens > mt then return 2 end
+if mc >= 0 and c + cost > mc then return 3 end
+redis.call('HINCRBY', KEYS[1], 'r', 1)
+redis.call('HINCRBY', KEYS[1], 't', ARGV[4])
+redis.call('HINCRBYFLOAT', KEYS[1], 'c', ARGV[5])
+return 0
+"#;
+
+/// KEYS[1] the counters; ARGV: requests, tokens, cost, expiry (ms since
+/// the epoch). Sets them only if no replica did first.
+const LOAD: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'r', ARGV[1], 't', ARGV[2], 'c', ARGV[3])
+redis.call('PEXPIREAT', KEYS[1], ARGV[4])
+return 1
+"#;
+
+/// KEYS[1] the counters; ARGV: tokens and cost to add (may be negative).
+/// A period that expired meanwhile is left alone.
+const RECONCILE: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HINCRBY', KEYS[1], 't', ARGV[1])
+redis.call('HINCRBYFLOAT', KEYS[1], 'c', ARGV[2])
+return 1
+"#;
+
+pub struct RedisQuotaStore {
+    client: redis::Client,
+    conn: OnceCell<ConnectionManager>,
+    reserve: redis::Script,
+    load: redis::Script,
+    reconcile: redis::Script,
+    timeout: Duration,
+}
+
+fn key(user_id: Uuid, period_start: i64) -> String {
+    format!("{PREFIX}{user_id}:{period_start}")
+}
+
+fn unavailable(m: impl std::fmt::Display) -> BillingError {
+    BillingError::Unavailable(format!("Redis quota store: {m}"))
+}
+
+impl RedisQuotaStore {
+    /// Checks the URL; connects on first use (so Muse starts while Redis is down).
+    pub fn new(url: &str) -> Result<Self, BillingError> {
+        let client = redis::Client::open(url)
+            .map_err(|e| BillingError::Unavailable(format!("bad REDIS_URL: {e}")))?;
+        Ok(Self {
+            client,
+            conn: OnceCell::new(),
+            reserve: redis::Script::new(RESERVE),
+            load: redis::Script::new(LOAD),
+            reconcile: redis::Script::new(RECONCILE),
+            timeout: Duration::from_millis(500),
+        })
+    }
+
+    async fn conn(&self) -> Result<ConnectionManager, BillingError> {
+        let c = tokio::time::timeout(
+            self.timeout,
+            self.conn
+                .get_or_try_init(|| async { self.client.get_connection_manager().await }),
+        )
+        .await
+        .map_err(|_| unavailable("connecting timed out"))?
+        .map_err(unavailable)?;
+        Ok(c.clone())
+    }
+
+    async fn run<T: redis::FromRedisValue>(
+        &self,
+        inv: &redis::ScriptInvocation<'_>,
+    ) -> Result<T, BillingError> {
+        let mut conn = self.conn().await?;
+        tokio::time::timeout(self.timeout, inv.invoke_async(&mut conn))
+            .await
+            .map_err(|_| unavailable("no answer in time"))?
+            .map_err(unavailable)
+    }
+}
+
+/// A limit as the scripts take it (-1: none).
+fn limit<T: ToString>(l: Option<T>) -> String {
+    l.map_or_else(|| "-1".to_string(), |v| v.to_string())
+}
+
+#[async_trait]
+impl SharedQuota for RedisQuotaStore {
+    async fn reserve(
+        &self,
+        user_id: Uuid,
+        period_start: i64,
+        plan: &Plan,
+        tokens: i64,
+        cost_usd: f64,
+    ) -> Result<Option<Result<(), QuotaKind>>, BillingError> {
+        let mut inv = self.reserve.key(key(user_id, period_start));
+        inv.arg(limit(plan.max_requests))
+            .arg(limit(plan.max_tokens))
+            .arg(limit(plan.max_cost_usd))
+            .arg(tokens)
+            .arg(cost_usd.to_string());
+        let outcome: i64 = self.run(&inv).await?;
+        Ok(match outcome {
+            -1 => None,
+            0 => Some(Ok(())),
+            1 => Some(Err(QuotaKind::Requests)),
+            2 => Some(Err(QuotaKind::Tokens)),
+            _ => Some(Err(QuotaKind::Cost)),
+        })
+    }
+
+    async fn load(
+        &self,
+        user_id: Uuid,
+        period_start: i64,
+        period_end: i64,
+        stored: Usage,
+    ) -> Result<(), BillingError> {
+        let mut inv = self.load.key(key(user_id, period_start));
+        inv.arg(stored.requests)
+            .arg(stored.tokens)
+            .arg(stored.cost_usd.to_string())
+            .arg(period_end.saturating_add(KEEP_AFTER_PERIOD_MS));
+        let _: i64 = self.run(&inv).await?;
+        Ok(())
+    }
+
+    async fn reconcile(
+        &self,
+        r: &Reservation,
+        used_tokens: i64,
+        used_cost_usd: f64,
+    ) -> Result<(), BillingError> {
+        let mut inv = self.reconcile.key(key(r.user_id, r.period_start));
+        inv.arg(used_tokens - r.tokens)
+            .arg((used_cost_usd - r.cost_usd).to_string());
+        let _: i64 = self.run(&inv).await?;
+        Ok(())
+    }
+
+    async fn forget(&self, user_id: Uuid, period_start: i64) -> Result<(), BillingError> {
+        let mut conn = self.conn().await?;
+        let mut cmd = redis::cmd("DEL");
+        cmd.arg(key(user_id, period_start));
+        let _: i64 = tokio::time::timeout(self.timeout, cmd.query_async(&mut conn))
+            .await
+            .map_err(|_| unavailable("no answer in time"))?
+            .map_err(unavailable)?;
+        Ok(())
+    }
+}
