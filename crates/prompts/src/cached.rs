@@ -61,6 +61,16 @@ impl CachedLibrary {
         }
     }
 
+    /// Prompt `id` if it is cached and fresh, without reading storage
+    /// (`None`: not cached; `Some(None)`: cached as missing).
+    pub fn peek(&self, id: Uuid) -> Option<Option<ExpertPrompt>> {
+        if self.ttl.is_zero() {
+            return None;
+        }
+        let (p, at) = self.prompts.read().ok()?.get(&id).cloned()?;
+        (at.elapsed() < self.ttl).then_some(p)
+    }
+
     /// Drops prompt `id` (every prompt with `None`).
     pub fn forget(&self, id: Option<Uuid>) {
         if let Ok(mut p) = self.prompts.write() {

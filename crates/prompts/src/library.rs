@@ -655,7 +655,17 @@ impl Library {
 
     /// A readable prompt at its current version.
     pub fn prompt(&self, viewer: Viewer, id: Uuid) -> Result<ExpertPrompt, LibraryError> {
-        match self.repo.prompt(id)? {
+        Self::readable(viewer, self.repo.prompt(id)?)
+    }
+
+    /// `prompt` (as storage or a cache gave it) if `viewer` may read it:
+    /// the rule of [`Library::prompt`], for a prompt found elsewhere
+    /// ([`crate::CachedLibrary::peek`]).
+    pub fn readable(
+        viewer: Viewer,
+        prompt: Option<ExpertPrompt>,
+    ) -> Result<ExpertPrompt, LibraryError> {
+        match prompt {
             Some(p) if viewer.can_read(p.owner_id, p.published) => Ok(p),
             _ => Err(LibraryError::NotFound("expert prompt")),
         }

@@ -152,8 +152,9 @@ pub async fn prepare_idea(
         .with_details(json!({ "fields": fields }))
     })?;
     let key = pick_model(state, body.model)?;
-    let (lib, v, prompt_id) = (state.library.clone(), viewer(principal), plan.prompt_id);
-    let prompt = blocking(move || lib.prompt(v, prompt_id)).await?;
+    let prompt_id = plan.prompt_id;
+    let prompt =
+        crate::routes::library::current_prompt(state, viewer(principal), prompt_id).await?;
     let run = prompt_run(
         state,
         principal,

@@ -727,14 +727,19 @@ pub async fn prepare_execution(
         ));
     }
     let (lib, v) = (state.library.clone(), viewer(principal));
-    let version = body.version;
-    let (version, content) = blocking(move || match version {
-        Some(n) => lib
-            .prompt_version(v, prompt_id, n)
-            .map(|p| (p.version, p.content)),
-        None => lib.prompt(v, prompt_id).map(|p| (p.version, p.content)),
-    })
-    .await?;
+    let (version, content) = match body.version {
+        Some(n) => {
+            blocking(move || {
+                lib.prompt_version(v, prompt_id, n)
+                    .map(|p| (p.version, p.content))
+            })
+            .await?
+        }
+        None => {
+            let p = current_prompt(state, v, prompt_id).await?;
+            (p.version, p.content)
+        }
+    };
     prompt_run(
         state,
         principal,
@@ -753,6 +758,21 @@ pub async fn prepare_execution(
     .admit()
     .await
     .map_err(ApiError::from)
+}
+
+/// The current version of prompt `id` as `viewer` may see it: from
+/// memory when it is cached (no blocking-pool hop on a model call's path),
+/// else read on the blocking pool.
+pub async fn current_prompt(
+    state: &AppState,
+    viewer: Viewer,
+    id: Uuid,
+) -> Result<muse_prompts::ExpertPrompt, ApiError> {
+    if let Some(p) = state.prompt_cache.peek(id) {
+        return Ok(muse_prompts::Library::readable(viewer, p)?);
+    }
+    let lib = state.library.clone();
+    blocking(move || lib.prompt(viewer, id)).await
 }
 
 /// One call of a stored prompt version.
