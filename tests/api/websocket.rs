@@ -429,3 +429,79 @@ async fn an_open_socket_stops_serving_a_revoked_caller() {
     assert_eq!(m["error"]["code"], "account_suspended", "{m}");
     assert_eq!(recv(&mut ws).await["type"], "closed");
 }
+
+/// Two replicas sharing Redis, callers cached for a minute: a key deleted
+/// on one replica stops a socket open with it on the other at its next
+/// message — the revocation travels over Redis (the socket relies on that
+/// relay instead of checking its caller again every AUTH_CACHE_TTL_MS).
+#[actix_web::test]
+async fn a_socket_on_another_replica_stops_serving_a_revoked_key() {
+    let Ok(redis) = std::env::var("TEST_REDIS_URL") else {
+        eprintln!("skipping: TEST_REDIS_URL is not set");
+        return;
+    };
+    let shared = [
+        ("REDIS_URL", redis.as_str()),
+        ("AUTH_CACHE_TTL_MS", "60000"),
+    ];
+    let (a, up) = app_with_upstream(&shared).await;
+    let url = a.config.database_url.expose().to_string();
+    let mut with_db = shared.to_vec();
+    with_db.extend([
+        ("DATABASE_URL", url.as_str()),
+        ("OPENAI_COMPATIBLE_BASE_URL", up.url.as_str()),
+        ("OPENAI_COMPATIBLE_NAME", "up"),
+        ("OPENAI_COMPATIBLE_MODELS", "ok"),
+    ]);
+    let b = TestApp::spawn_with(&with_db).await;
+    // Let both subscribe.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let token = access(&a.user("relayed").await);
+    let created = a
+        .post("/api/v1/auth/api-keys", Some(&token), json!({"name": "ws"}))
+        .await;
+    let (key, key_id) = (
+        created.body["key"].as_str().unwrap().to_string(),
+        created.body["id"].as_str().unwrap().to_string(),
+    );
+    let (res, mut ws) = awc::Client::new()
+        .ws(format!("{}/ws/relay", b.base.replace("http://", "ws://")))
+        .bearer_auth(key)
+        .connect()
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 101);
+    assert_eq!(recv(&mut ws).await["type"], "ready");
+    send(&mut ws, json!({"type": "ping", "id": "a"})).await;
+    assert_eq!(recv(&mut ws).await["type"], "pong");
+
+    let r = a
+        .call(
+            reqwest::Method::DELETE,
+            &format!("/api/v1/auth/api-keys/{key_id}"),
+            Some(&token),
+            None,
+        )
+        .await;
+    assert!(r.status.is_success(), "{}", r.text);
+    let started = std::time::Instant::now();
+    loop {
+        send(&mut ws, json!({"type": "ping", "id": "p"})).await;
+        let m = recv(&mut ws).await;
+        if m["type"] == "error" {
+            assert_eq!(m["error"]["code"], "unauthorized", "{m}");
+            assert_eq!(recv(&mut ws).await["type"], "closed");
+            break;
+        }
+        assert_eq!(m["type"], "pong", "{m}");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the other replica's socket kept serving a deleted key"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!(
+        "a key deleted on one replica closed a socket on the other after {:?}",
+        started.elapsed()
+    );
+}

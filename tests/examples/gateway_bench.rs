@@ -439,8 +439,8 @@ async fn main() {
     muse_chat["model"] = json!("up/bench");
     let exec_body = json!({"variables": {"q": "Say something."}, "llm_provider": "up", "llm_model": "bench", "max_tokens": 16});
 
-    println!("| path | req/s | requests | p50 ms | p99 ms | errors |");
-    println!("|---|---:|---:|---:|---:|---:|");
+    println!("| path | req/s | requests | p50 ms | p99 ms | added p50 / p99 ms | errors |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
     for &rate in &rates {
         let mut runs = vec![
             (
@@ -462,14 +462,23 @@ async fn main() {
         if let Some((name, url)) = &through_nginx {
             runs.push((name.clone(), url.clone(), muse_chat.clone()));
         }
+        // What each path adds to the model server answered directly, in
+        // the same run (the first row).
+        let mut direct: Option<(f64, f64)> = None;
         for (name, url, body) in runs {
             let call = caller(client.clone(), url, key.clone(), body);
             let (p50, p99, errors) = open_loop(rate, seconds, call).await;
+            let (p50, p99) = (p50.as_secs_f64() * 1e3, p99.as_secs_f64() * 1e3);
+            let added = match direct {
+                None => {
+                    direct = Some((p50, p99));
+                    "—".to_string()
+                }
+                Some((d50, d99)) => format!("{:+.3} / {:+.3}", p50 - d50, p99 - d99),
+            };
             println!(
-                "| {name} | {rate} | {} | {:.3} | {:.3} | {errors} |",
+                "| {name} | {rate} | {} | {p50:.3} | {p99:.3} | {added} | {errors} |",
                 rate * seconds,
-                p50.as_secs_f64() * 1e3,
-                p99.as_secs_f64() * 1e3
             );
         }
     }

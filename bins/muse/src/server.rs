@@ -177,6 +177,9 @@ fn relay_events(state: &crate::state::AppState) {
                     }
                 },
                 |up| {
+                    // Open WebSockets rely on the relay instead of checking
+                    // their caller again every AUTH_CACHE_TTL_MS.
+                    auth.principal_cache().set_relayed(up);
                     metrics::gauge!("events_channel_up").set(if up { 1.0 } else { 0.0 });
                     if up {
                         tracing::info!("revocations from other replicas arrive over Redis");

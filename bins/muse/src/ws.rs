@@ -63,9 +63,30 @@ type Sockets = Vec<(u64, mpsc::Sender<Value>)>;
 pub struct Hub {
     inner: Arc<Mutex<HashMap<Uuid, Sockets>>>,
     next: Arc<AtomicU64>,
+    /// Per user: the turn to check their access again from the database,
+    /// so that their sockets waking together cost one read, not one each.
+    rechecks: Arc<Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>>,
 }
 
 impl Hub {
+    /// The user's turn to check their access again (see `still_allowed`).
+    fn recheck_turn(&self, user_id: Uuid) -> Arc<tokio::sync::Mutex<()>> {
+        self.rechecks
+            .lock()
+            .map(|mut m| m.entry(user_id).or_default().clone())
+            .unwrap_or_default()
+    }
+
+    /// Forgets the user's turn once nobody else holds it.
+    fn recheck_done(&self, user_id: Uuid, turn: Arc<tokio::sync::Mutex<()>>) {
+        if let Ok(mut m) = self.rechecks.lock() {
+            // The map's and this one: nobody waits.
+            if Arc::strong_count(&turn) <= 2 {
+                m.remove(&user_id);
+            }
+        }
+    }
+
     fn register(&self, user_id: Uuid) -> (u64, mpsc::Receiver<Value>) {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(PUSH_QUEUE);
@@ -287,8 +308,9 @@ async fn revoked(
 
 /// Whether the socket's caller still has access: checked from the
 /// database when this server saw a revocation of the user since the last
-/// check, or when the last check is older than AUTH_CACHE_TTL_MS (a
-/// revocation made on another replica).
+/// check, when its API key expired, or when the last check is older than
+/// AUTH_CACHE_TTL_MS while other replicas' revocations are not relayed
+/// here (docs/auth.md).
 async fn still_allowed(
     state: &AppState,
     principal: &Principal,
@@ -297,14 +319,43 @@ async fn still_allowed(
     let cache = state.auth.principal_cache();
     let ttl = Duration::from_millis(u64::try_from(cache.ttl_ms()).unwrap_or(0));
     let (epoch, at) = *validated;
-    if !cache.revoked_since(principal.user.id, epoch) && at.elapsed() < ttl {
+    // An API key that expired since: refused by the database check below.
+    let expired = matches!(principal.method, muse_auth::AuthMethod::ApiKey { expires_at: Some(e), .. }
+        if e <= muse_core::Clock::now_ms(&muse_core::SystemClock));
+    // Fresh, or every revocation since this caller's last check would have
+    // reached this process (Redis relay up since before it).
+    if !cache.revoked_since(principal.user.id, epoch)
+        && !expired
+        && (at.elapsed() < ttl || cache.relayed_since(epoch))
+    {
         return Ok(());
     }
-    let begin = cache.begin();
-    let (auth, p) = (state.auth.clone(), principal.clone());
-    web::block(move || auth.revalidate(&p)).await??;
-    *validated = (begin, Instant::now());
-    Ok(())
+    // Checked lately for another socket (or an HTTP request) with the same
+    // session or key, and no revocation since: no database read. Sockets of
+    // one user that wake together take turns, so that the first one's read
+    // serves the others.
+    let user_id = principal.user.id;
+    let turn = state.hub.recheck_turn(user_id);
+    let outcome = {
+        let _turn = turn.lock().await;
+        if state.auth.revalidated_recently(principal) {
+            Ok(())
+        } else {
+            let begin = cache.begin();
+            let (auth, p) = (state.auth.clone(), principal.clone());
+            let read = web::block(move || auth.revalidate(&p)).await;
+            match read {
+                Ok(Ok(())) => {
+                    *validated = (begin, Instant::now());
+                    Ok(())
+                }
+                Ok(Err(e)) => Err(ApiError::from(e)),
+                Err(e) => Err(ApiError::from(e)),
+            }
+        }
+    };
+    state.hub.recheck_done(user_id, turn);
+    outcome
 }
 
 /// One text message from the client.

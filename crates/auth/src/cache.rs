@@ -29,6 +29,9 @@ use crate::model::Principal;
 pub enum CacheKey {
     Session(Uuid),
     ApiKey(String),
+    /// An API key by id: what an open connection's caller was checked
+    /// with ([`crate::AuthService::revalidate`]).
+    ApiKeyId(Uuid),
 }
 
 #[derive(Debug, Clone)]
@@ -50,6 +53,9 @@ pub struct PrincipalCache {
     /// Per user: the epoch of their last revocation.
     revoked: RwLock<HashMap<Uuid, u64>>,
     epoch: AtomicU64,
+    /// The epoch since which every replica's revocations reach this cache
+    /// as they happen (0: they do not; see [`PrincipalCache::set_relayed`]).
+    relayed_from: AtomicU64,
 }
 
 impl std::fmt::Debug for PrincipalCache {
@@ -68,6 +74,7 @@ impl PrincipalCache {
             entries: RwLock::new(HashMap::new()),
             revoked: RwLock::new(HashMap::new()),
             epoch: AtomicU64::new(1),
+            relayed_from: AtomicU64::new(0),
         }
     }
 
@@ -148,6 +155,28 @@ impl PrincipalCache {
         }
     }
 
+    /// Says whether every replica's revocations reach this cache as they
+    /// happen (the server's Redis relay is subscribed). Revocations made
+    /// while it was not may have been missed: a connection checked before
+    /// the relay came (back) up is not covered by it
+    /// ([`PrincipalCache::relayed_since`]).
+    pub fn set_relayed(&self, up: bool) {
+        if up {
+            let epoch = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
+            self.relayed_from.store(epoch, Ordering::SeqCst);
+        } else {
+            self.relayed_from.store(0, Ordering::SeqCst);
+        }
+    }
+
+    /// Whether a caller checked in `epoch` would have heard of every
+    /// revocation since (by [`PrincipalCache::revoked_since`]): the relay is
+    /// up and has been since before that check.
+    pub fn relayed_since(&self, epoch: u64) -> bool {
+        let from = self.relayed_from.load(Ordering::SeqCst);
+        from > 0 && epoch >= from
+    }
+
     /// Whether `user_id` lost access (any revocation) after `epoch`: an
     /// open connection authenticated in `epoch` must check its caller again.
     pub fn revoked_since(&self, user_id: Uuid, epoch: u64) -> bool {
@@ -177,7 +206,10 @@ mod tests {
                 created_at: 0,
                 updated_at: 0,
             },
-            method: AuthMethod::ApiKey { key_id: id },
+            method: AuthMethod::ApiKey {
+                key_id: id,
+                expires_at: None,
+            },
         }
     }
 

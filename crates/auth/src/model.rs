@@ -192,8 +192,11 @@ pub struct AuditEvent {
 pub enum AuthMethod {
     /// A JWT access token of this session.
     Session { session_id: Uuid, jti: String },
-    /// A personal API key.
-    ApiKey { key_id: Uuid },
+    /// A personal API key, and when it expires (ms since the epoch).
+    ApiKey {
+        key_id: Uuid,
+        expires_at: Option<i64>,
+    },
     /// A single-use stream ticket (browser EventSource / WebSocket clients).
     StreamTicket,
 }

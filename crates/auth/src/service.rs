@@ -567,6 +567,44 @@ impl AuthService {
     /// the session or API key it came with is not revoked or expired.
     /// A stream ticket's caller is held to the account's status.
     pub fn revalidate(&self, principal: &Principal) -> Result<(), AuthError> {
+        let epoch = self.cache.begin();
+        let user = self.revalidate_uncached(principal)?;
+        // Every connection of this caller (and HTTP requests with the same
+        // session) can rely on this check for the cache's TTL: cached with
+        // the user as just read (not as the connection first saw them).
+        if let Some(key) = Self::credential_key(principal) {
+            let fresh = Principal {
+                user,
+                method: principal.method.clone(),
+            };
+            self.cache.insert(key, fresh, epoch, self.now(), None);
+        }
+        Ok(())
+    }
+
+    /// [`AuthService::revalidate`] from memory alone: `true` when the same
+    /// session or API key was checked from the database within the cache's
+    /// TTL and the user lost no access since (the rule of
+    /// [`AuthService::authenticate_cached`]); `false`: check the database.
+    pub fn revalidated_recently(&self, principal: &Principal) -> bool {
+        Self::credential_key(principal)
+            .and_then(|key| self.cache.get(&key, self.now()))
+            .is_some_and(|p| p.user.id == principal.user.id)
+    }
+
+    /// The cache entry a caller's credential is checked under (none for a
+    /// single-use stream ticket).
+    fn credential_key(principal: &Principal) -> Option<crate::cache::CacheKey> {
+        match &principal.method {
+            AuthMethod::Session { session_id, .. } => {
+                Some(crate::cache::CacheKey::Session(*session_id))
+            }
+            AuthMethod::ApiKey { key_id, .. } => Some(crate::cache::CacheKey::ApiKeyId(*key_id)),
+            AuthMethod::StreamTicket => None,
+        }
+    }
+
+    fn revalidate_uncached(&self, principal: &Principal) -> Result<User, AuthError> {
         let now = self.now();
         let user = match &principal.method {
             AuthMethod::Session { session_id, .. } => {
@@ -579,7 +617,7 @@ impl AuthService {
                 }
                 user
             }
-            AuthMethod::ApiKey { key_id } => {
+            AuthMethod::ApiKey { key_id, .. } => {
                 let active = self.repo.active_api_keys(principal.user.id)?;
                 let key = active
                     .iter()
@@ -600,7 +638,7 @@ impl AuthService {
         if user.status == UserStatus::Suspended {
             return Err(AuthError::Suspended);
         }
-        Ok(())
+        Ok(user)
     }
 
     /// [`AuthService::authenticate`] from memory alone: `None` when the
@@ -653,7 +691,10 @@ impl AuthService {
         }
         let principal = Principal {
             user,
-            method: AuthMethod::ApiKey { key_id: key.id },
+            method: AuthMethod::ApiKey {
+                key_id: key.id,
+                expires_at: key.expires_at,
+            },
         };
         self.cache.insert(
             crate::cache::CacheKey::ApiKey(digest),
