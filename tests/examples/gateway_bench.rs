@@ -485,8 +485,10 @@ async fn main() {
 
     // Closed loop, 64 connections: the most each path answers.
     println!();
-    println!("| closed loop, 64 connections, {seconds} s | req/s | errors |");
-    println!("|---|---:|---:|");
+    println!(
+        "| closed loop, 64 connections, {seconds} s | req/s | errors | Muse CPU per call (user + system) |"
+    );
+    println!("|---|---:|---:|---:|");
     let mut closed = vec![
         (
             "model server directly".to_string(),
@@ -502,10 +504,25 @@ async fn main() {
     if let Some((name, url)) = &through_nginx {
         closed.push((name.clone(), url.clone(), muse_chat.clone()));
     }
-    for (name, url, body) in closed {
+    let muse_pid = muse.child.id();
+    for (i, (name, url, body)) in closed.into_iter().enumerate() {
         let call = caller(client.clone(), url, key.clone(), body);
+        let cpu_before = support::cpu_seconds(muse_pid);
+        let started = Instant::now();
         let (rps, errors) = closed_loop(64, seconds, call).await;
-        println!("| {name} | {rps:.0} | {errors} |");
+        let calls = rps * started.elapsed().as_secs_f64();
+        // The CPU the (first) Muse process spent per call answered through
+        // it directly; not meaningful for the model server's row or
+        // through nginx (spread over replicas).
+        let cpu = if i == 1 && calls > 0.0 {
+            format!(
+                "{:.0} µs",
+                (support::cpu_seconds(muse_pid) - cpu_before) / calls * 1e6
+            )
+        } else {
+            "—".to_string()
+        };
+        println!("| {name} | {rps:.0} | {errors} | {cpu} |");
     }
 
     // Streaming: 20 streams of 200 tokens each per path, one at a time;

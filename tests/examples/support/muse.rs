@@ -128,3 +128,20 @@ pub async fn lift_free_plan(client: &reqwest::Client, base: &str) {
         .unwrap();
     assert!(r.status().is_success(), "{}", r.status());
 }
+
+/// CPU time (user + system) a process has used, in seconds, from
+/// `/proc/<pid>/stat` (clock ticks of 10 ms).
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): state is the
+    // 3rd field; utime and stime the 14th and 15th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
