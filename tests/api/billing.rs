@@ -240,30 +240,7 @@ async fn a_hundred_concurrent_requests_never_pass_the_quota() {
     )
     .await;
     let token = access(&app.user("hank").await);
-    let calls = (0..100).map(|_| {
-        let (client, url, token) = (
-            app.client.clone(),
-            format!("{}/v1/chat/completions", app.base),
-            token.clone(),
-        );
-        async move {
-            client
-                .post(url)
-                .bearer_auth(token)
-                .json(&chat())
-                .send()
-                .await
-                .unwrap()
-                .status()
-        }
-    });
-    let statuses = futures_util::future::join_all(calls).await;
-    let ok = statuses.iter().filter(|s| **s == StatusCode::OK).count();
-    let refused = statuses
-        .iter()
-        .filter(|s| **s == StatusCode::PAYMENT_REQUIRED)
-        .count();
-    assert_eq!((ok, refused), (10, 90));
+    assert_eq!(hundred_calls_over([&app, &app], &token).await, (10, 90));
     let u = app.get("/api/v1/subscription/usage", Some(&token)).await;
     assert_eq!(u.body["requests"], 10);
 }
@@ -478,15 +455,7 @@ async fn a_hundred_concurrent_requests_over_two_replicas_never_pass_the_quota() 
         ("QUOTA_STORE", "redis"),
     ];
     let (a, up) = app_with_upstream(&shared).await;
-    let url = a.config.database_url.expose().to_string();
-    let mut with_db = shared.to_vec();
-    with_db.extend([
-        ("DATABASE_URL", url.as_str()),
-        ("OPENAI_COMPATIBLE_BASE_URL", up.url.as_str()),
-        ("OPENAI_COMPATIBLE_NAME", "up"),
-        ("OPENAI_COMPATIBLE_MODELS", "ok"),
-    ]);
-    let b = crate::helpers::TestApp::spawn_with(&with_db).await;
+    let b = crate::upstream::another_replica(&a, &up, &shared).await;
     let admin = root_token(&a).await;
     let r = a
         .call(

@@ -388,6 +388,25 @@ pub async fn upstream() -> Upstream {
     }
 }
 
+/// A second Muse on `first`'s database with the same upstream and `extra`
+/// settings: another replica.
+pub async fn another_replica(
+    first: &crate::helpers::TestApp,
+    up: &Upstream,
+    extra: &[(&str, &str)],
+) -> crate::helpers::TestApp {
+    let url = first.config.database_url.expose().to_string();
+    let mut vars = extra.to_vec();
+    vars.extend([
+        ("DATABASE_URL", url.as_str()),
+        ("OPENAI_COMPATIBLE_BASE_URL", up.url.as_str()),
+        ("OPENAI_COMPATIBLE_NAME", "up"),
+        ("OPENAI_COMPATIBLE_MODELS", "ok"),
+        ("LLM_MAX_RETRIES", "0"),
+    ]);
+    crate::helpers::TestApp::spawn_with(&vars).await
+}
+
 /// Muse started with the upstream above as the compatible server `up`
 /// (models `ok`, `echo`, `broken`, `limited`, `slow`, `flood`, `tools`, `json`, `embed`; no retries).
 pub async fn app_with_upstream(extra: &[(&str, &str)]) -> (crate::helpers::TestApp, Upstream) {

@@ -445,15 +445,7 @@ async fn a_socket_on_another_replica_stops_serving_a_revoked_key() {
         ("AUTH_CACHE_TTL_MS", "60000"),
     ];
     let (a, up) = app_with_upstream(&shared).await;
-    let url = a.config.database_url.expose().to_string();
-    let mut with_db = shared.to_vec();
-    with_db.extend([
-        ("DATABASE_URL", url.as_str()),
-        ("OPENAI_COMPATIBLE_BASE_URL", up.url.as_str()),
-        ("OPENAI_COMPATIBLE_NAME", "up"),
-        ("OPENAI_COMPATIBLE_MODELS", "ok"),
-    ]);
-    let b = TestApp::spawn_with(&with_db).await;
+    let b = crate::upstream::another_replica(&a, &up, &shared).await;
     // Let both subscribe.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let token = access(&a.user("relayed").await);
