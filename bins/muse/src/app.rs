@@ -144,9 +144,16 @@ pub fn build_state(config: Config, db: Database) -> Result<AppState, StartError>
     )?;
     let models = Arc::new(models);
     let visible_to = training.clone();
-    let gateway = muse_gateway::Gateway::new(models.clone(), billing_cache.clone(), quota, writer)
-        .with_unpriced_price(config.llm.unpriced_price)
-        .with_visibility(move |key, user| visible_to.visible(key, user));
+    let gateway = muse_gateway::Gateway::new(
+        models.clone(),
+        billing_cache.clone(),
+        quota,
+        writer,
+        muse_gateway::GatewayOptions {
+            unpriced_price: config.llm.unpriced_price,
+            visibility: Some(Box::new(move |key, user| visible_to.visible(key, user))),
+        },
+    );
     Ok(AppState {
         writer: gateway.writer().clone(),
         cut_streams: gateway.stream_cut().clone(),

@@ -81,6 +81,17 @@ impl std::fmt::Debug for Gateway {
     }
 }
 
+/// What a [`Gateway`] may be told besides its parts (all optional).
+#[derive(Default)]
+pub struct GatewayOptions {
+    /// What a remote model without a known price counts at (else a
+    /// vendor's model without a price is refused on plans with a cost
+    /// quota).
+    pub unpriced_price: Option<Price>,
+    /// Which models each user may call (default: all).
+    pub visibility: Option<Box<Visibility>>,
+}
+
 impl Gateway {
     /// A gateway over `models`, with plans read through `plans` (whose
     /// cache lets most calls decide without storage), quotas counted as
@@ -90,6 +101,7 @@ impl Gateway {
         plans: Arc<CachedBilling>,
         quota: QuotaCounting,
         writer: Writer,
+        options: GatewayOptions,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -99,33 +111,11 @@ impl Gateway {
                 quota,
                 fallbacks: admission::Fallbacks::default(),
                 writer,
-                unpriced_price: None,
-                visible: Box::new(|_, _| true),
+                unpriced_price: options.unpriced_price,
+                visible: options.visibility.unwrap_or_else(|| Box::new(|_, _| true)),
                 cut_streams: Arc::new(tokio::sync::watch::Sender::new(false)),
             }),
         }
-    }
-
-    /// Counts remote models without a known price at `price` (else a
-    /// vendor's model without a price is refused on plans with a cost
-    /// quota). Call before the gateway is cloned.
-    pub fn with_unpriced_price(mut self, price: Option<Price>) -> Self {
-        if let Some(inner) = Arc::get_mut(&mut self.inner) {
-            inner.unpriced_price = price;
-        }
-        self
-    }
-
-    /// Which models each user may call (default: all). Call before the
-    /// gateway is cloned.
-    pub fn with_visibility(
-        mut self,
-        visible: impl Fn(&str, Uuid) -> bool + Send + Sync + 'static,
-    ) -> Self {
-        if let Some(inner) = Arc::get_mut(&mut self.inner) {
-            inner.visible = Box::new(visible);
-        }
-        self
     }
 
     pub fn models(&self) -> &Arc<ModelRegistry> {

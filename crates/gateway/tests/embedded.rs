@@ -10,7 +10,9 @@ use std::sync::Arc;
 use futures_util::StreamExt;
 use muse_auth::AuthRepository;
 use muse_billing::{BillingRepository, CachedBilling, QuotaKind, QuotaLedger};
-use muse_gateway::{AdmitError, Gateway, QuotaCounting, Run, RunEvent, WriteMode, Writer};
+use muse_gateway::{
+    AdmitError, Gateway, GatewayOptions, QuotaCounting, Run, RunEvent, WriteMode, Writer,
+};
 use muse_inference::{
     testing::EchoProvider, GenerateRequest, Message, ModelRegistry, PriceTable, RetryPolicy,
 };
@@ -64,6 +66,7 @@ async fn calls_are_admitted_run_recorded_and_refused_past_the_quota() {
         plans.clone(),
         QuotaCounting::Memory(QuotaLedger::new()),
         writer,
+        GatewayOptions::default(),
     );
     let key = "test/echo";
     let source = ExecutionSource::OpenaiApi;
