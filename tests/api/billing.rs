@@ -231,14 +231,7 @@ async fn a_hundred_concurrent_requests_never_pass_the_quota() {
         ("ADMIN_PASSWORD", "an admin passphrase"),
     ])
     .await;
-    let admin = root_token(&app).await;
-    app.call(
-        reqwest::Method::PUT,
-        "/api/v1/admin/plans/free",
-        Some(&admin),
-        Some(json!({"name": "Free", "price_cents": 0, "max_requests": 10})),
-    )
-    .await;
+    ten_requests_a_month(&app).await;
     let token = access(&app.user("hank").await);
     assert_eq!(hundred_calls_over([&app, &app], &token).await, (10, 90));
     let u = app.get("/api/v1/subscription/usage", Some(&token)).await;
@@ -408,6 +401,21 @@ async fn inline_model_prices_price_calls() {
     let _ = std::fs::remove_file(file);
 }
 
+/// The admin (ADMIN_EMAIL root@example.com) gives the free plan a quota of
+/// 10 requests a month.
+async fn ten_requests_a_month(app: &crate::helpers::TestApp) {
+    let admin = root_token(app).await;
+    let r = app
+        .call(
+            reqwest::Method::PUT,
+            "/api/v1/admin/plans/free",
+            Some(&admin),
+            Some(json!({"name": "Free", "price_cents": 0, "max_requests": 10})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+}
+
 /// 100 concurrent calls against a quota of 10 through two replicas.
 async fn hundred_calls_over(apps: [&crate::helpers::TestApp; 2], token: &str) -> (usize, usize) {
     let calls = (0..100).map(|i| {
@@ -456,16 +464,7 @@ async fn a_hundred_concurrent_requests_over_two_replicas_never_pass_the_quota() 
     ];
     let (a, up) = app_with_upstream(&shared).await;
     let b = crate::upstream::another_replica(&a, &up, &shared).await;
-    let admin = root_token(&a).await;
-    let r = a
-        .call(
-            reqwest::Method::PUT,
-            "/api/v1/admin/plans/free",
-            Some(&admin),
-            Some(json!({"name": "Free", "price_cents": 0, "max_requests": 10})),
-        )
-        .await;
-    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    ten_requests_a_month(&a).await;
     let token = access(&a.user("ivy").await);
     assert_eq!(hundred_calls_over([&a, &b], &token).await, (10, 90));
     // The usage table gets the admitted calls by group commit.
@@ -484,16 +483,7 @@ async fn quotas_hold_in_the_database_while_redis_is_unreachable() {
         ("QUOTA_STORE", "redis"),
     ])
     .await;
-    let admin = root_token(&app).await;
-    let r = app
-        .call(
-            reqwest::Method::PUT,
-            "/api/v1/admin/plans/free",
-            Some(&admin),
-            Some(json!({"name": "Free", "price_cents": 0, "max_requests": 10})),
-        )
-        .await;
-    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    ten_requests_a_month(&app).await;
     let token = access(&app.user("jade").await);
     assert_eq!(hundred_calls_over([&app, &app], &token).await, (10, 90));
     let u = app.get("/api/v1/subscription/usage", Some(&token)).await;
