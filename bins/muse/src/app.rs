@@ -155,8 +155,6 @@ pub fn build_state(config: Config, db: Database) -> Result<AppState, StartError>
         },
     );
     Ok(AppState {
-        writer: gateway.writer().clone(),
-        cut_streams: gateway.stream_cut().clone(),
         gateway,
         executions: Arc::new(muse_persistence::DieselExecutionRepository::new(db.clone())),
         library: muse_prompts::Library::new(prompt_cache.clone(), Arc::new(SystemClock)),

@@ -33,7 +33,7 @@ pub struct Running {
     pub shutdown_delay: std::time::Duration,
     /// `SHUTDOWN_GRACE_SECS`.
     pub grace: std::time::Duration,
-    /// See [`AppState::cut_streams`].
+    /// See [`muse_gateway::Gateway::stream_cut`].
     pub cut_streams: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
 }
 
@@ -57,9 +57,9 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Running, Sta
     state.flags.clone().spawn_refresh();
     let training = crate::training::start(&state);
     let training_wait = crate::training::shutdown_wait(&state.training.config);
-    let writer = state.writer.clone();
+    let writer = state.gateway.writer().clone();
     let draining = state.draining.clone();
-    let cut_streams = state.cut_streams.clone();
+    let cut_streams = state.gateway.stream_cut().clone();
     let grace = state.config.shutdown_grace_secs;
     let shutdown_delay = std::time::Duration::from_millis(state.config.shutdown_delay_ms);
     let server = HttpServer::new(move || build_app(state.clone()))

@@ -13,10 +13,6 @@ use crate::config::Config;
 
 #[derive(Clone)]
 pub struct AppState {
-    /// Set when a stopping server's grace period is nearly spent: every
-    /// stream still open ends with an error event (`server_shutting_down`)
-    /// instead of being cut mid-frame.
-    pub cut_streams: Arc<tokio::sync::watch::Sender<bool>>,
     pub config: Arc<Config>,
     pub db: Database,
     pub auth: Arc<AuthService>,
@@ -54,17 +50,7 @@ pub struct AppState {
     pub started: Instant,
     /// `smtp` or `outbox`.
     pub mail_transport: &'static str,
-    /// Group commit of model-call records (executions, ideas, quota
-    /// reconciliation).
-    pub writer: muse_gateway::Writer,
     /// Set on SIGTERM: `/health/ready` answers 503 so that load balancers
     /// stop sending requests before the server stops.
     pub draining: Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl AppState {
-    /// What a call on `key` costs (see [`muse_gateway::Gateway::cost_of`]).
-    pub fn cost_of(&self, key: &str, usage: &muse_inference::Usage) -> Option<f64> {
-        self.gateway.cost_of(key, usage)
-    }
 }

@@ -126,14 +126,6 @@ impl Gateway {
         &self.inner.writer
     }
 
-    /// The in-process quota ledger, when quotas are counted in memory.
-    pub fn ledger(&self) -> Option<&muse_billing::QuotaLedger> {
-        match &self.inner.quota {
-            QuotaCounting::Memory(l) => Some(l),
-            _ => None,
-        }
-    }
-
     /// Set to `true` to end every open stream with an error event
     /// ([`muse_inference::InferenceError::Interrupted`]): a stopping
     /// server's grace period is nearly spent.
