@@ -10,11 +10,21 @@ pub struct Muse {
     pub child: std::process::Child,
     pub base: String,
     pub port: u16,
+    wrapped: bool,
     _dir: tempfile::TempDir,
 }
 
 impl Drop for Muse {
     fn drop(&mut self) {
+        if self.wrapped {
+            // A profiler writes its report on a clean exit: SIGTERM is
+            // Muse's graceful shutdown.
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &self.child.id().to_string()])
+                .status();
+            let _ = self.child.wait();
+            return;
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -37,7 +47,22 @@ pub async fn start_muse(
         .unwrap()
         .port();
     let log = std::fs::File::create(dir.path().join("muse.log")).unwrap();
-    let mut child = std::process::Command::new(bin)
+    // `BENCH_MUSE_WRAPPER="valgrind --tool=callgrind …"` runs Muse under
+    // a profiler (see docs/benchmarks.md).
+    let wrapper: Vec<String> = std::env::var("BENCH_MUSE_WRAPPER")
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    let mut command = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut c = std::process::Command::new(program);
+            c.args(args).arg(bin);
+            c
+        }
+        None => std::process::Command::new(bin),
+    };
+    let mut child = command
         .arg("serve")
         .env("HOST", "127.0.0.1")
         .env("PORT", port.to_string())
@@ -62,12 +87,14 @@ pub async fn start_muse(
         .unwrap();
     let base = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::new();
-    for _ in 0..300 {
+    let tries = if wrapper.is_empty() { 300 } else { 3_000 };
+    for _ in 0..tries {
         if client.get(format!("{base}/health")).send().await.is_ok() {
             return Muse {
                 child,
                 base,
                 port,
+                wrapped: !wrapper.is_empty(),
                 _dir: dir,
             };
         }
