@@ -22,6 +22,9 @@
 //! three (`deploy/nginx/muse.conf` itself, on loopback ports), and adds
 //! rows for `/v1/chat/completions` through nginx.
 //!
+//! `BENCH_TRACE=DIR` writes every open-loop call's send time and latency;
+//! `BENCH_MUSE_WRAPPER="strace -f …"` (or valgrind) runs Muse under a tool.
+//!
 //! `cargo run --release -p muse-tests --example gateway_bench -- target/release/muse [SECONDS] [RATES…]`
 #![allow(
     clippy::unwrap_used,
@@ -135,7 +138,11 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[idx.min(sorted.len() - 1)]
 }
 
-/// Open loop at `rate` for `seconds`: returns (p50, p99, errors).
+/// Open loop at `rate` for `seconds`: returns (p50, p99, errors). Sends
+/// are scheduled by a thread of its own sleeping to each send time
+/// (tokio's timer ticks by the millisecond, which would add up to 1 ms
+/// to every latency); a late send counts its lateness (latency from the
+/// scheduled time).
 async fn open_loop<F, Fut>(rate: u32, seconds: u32, call: Arc<F>) -> (Duration, Duration, usize)
 where
     F: Fn() -> Fut + Send + Sync + 'static,
@@ -146,23 +153,44 @@ where
     }
     let total = rate * seconds;
     let interval = Duration::from_secs_f64(1.0 / f64::from(rate));
-    let start = Instant::now();
-    let mut handles = Vec::with_capacity(total as usize);
-    for i in 0..total {
-        let scheduled = start + interval * i;
-        tokio::time::sleep_until(scheduled.into()).await;
-        let call = call.clone();
-        handles.push(tokio::spawn(async move {
-            let ok = call().await;
-            (scheduled.elapsed(), ok)
-        }));
-    }
-    let mut latencies = Vec::with_capacity(handles.len());
+    let runtime = tokio::runtime::Handle::current();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        let start = Instant::now();
+        for i in 0..total {
+            let scheduled = start + interval * i;
+            if let Some(wait) = scheduled.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            let call = call.clone();
+            let handle = runtime.spawn(async move {
+                let ok = call().await;
+                (scheduled.elapsed(), ok, scheduled - start)
+            });
+            if tx.send(handle).is_err() {
+                return;
+            }
+        }
+    });
+    let mut latencies = Vec::with_capacity(total as usize);
     let mut errors = 0;
-    for h in handles {
-        let (d, ok) = h.await.unwrap();
+    let mut trace = String::new();
+    while let Some(h) = rx.recv().await {
+        let (d, ok, at) = h.await.unwrap();
+        trace.push_str(&format!(
+            "{:.3} {:.3}\n",
+            at.as_secs_f64() * 1e3,
+            d.as_secs_f64() * 1e3
+        ));
         latencies.push(d);
         errors += usize::from(!ok);
+    }
+    // `BENCH_TRACE=DIR`: each row's calls (send time and latency, ms) in
+    // DIR/trace-<row>-<rate>.txt, to see when the slow ones happen.
+    if let Ok(dir) = std::env::var("BENCH_TRACE") {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        std::fs::write(format!("{dir}/trace-{n}-{rate}.txt"), trace).unwrap();
     }
     latencies.sort();
     (
