@@ -110,18 +110,33 @@ impl Backend {
         match self {
             Backend::Sqlite(path) => {
                 let mut conn = SqliteConnection::establish(&path.to_string_lossy())?;
-                conn.batch_execute(
-                    // busy_timeout first: switching to WAL takes a lock that
-                    // the pool's other new connections must wait for. No
-                    // commit checkpoints the WAL (a checkpoint syncs the
-                    // file and took the p99 of group commits from under
-                    // 1 ms to several): a background thread does it (see
-                    // `Checkpointer`); the WAL file is cut back to 64 MiB.
-                    "PRAGMA busy_timeout = 5000; PRAGMA journal_mode = WAL; \
+                // busy_timeout first: switching to WAL takes a lock that
+                // the pool's other new connections must wait for. No
+                // commit checkpoints the WAL (a checkpoint syncs the
+                // file and took the p99 of group commits from under
+                // 1 ms to several): a background thread does it (see
+                // `Checkpointer`); the WAL file is cut back to 64 MiB.
+                let setup = "PRAGMA busy_timeout = 5000; PRAGMA journal_mode = WAL; \
                      PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON; \
-                     PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = 67108864;",
-                )
-                .map_err(|e| diesel::ConnectionError::BadConnection(e.to_string()))?;
+                     PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = 67108864;";
+                // A new database's switch to WAL can still answer "locked"
+                // without waiting (several connections opening it at once,
+                // on a busy machine): the settings are tried again.
+                let mut attempts = 0;
+                loop {
+                    match conn.batch_execute(setup) {
+                        Ok(()) => break,
+                        Err(e)
+                            if attempts < 100 && e.to_string().contains("database is locked") =>
+                        {
+                            attempts += 1;
+                            std::thread::sleep(Duration::from_millis(10));
+                        }
+                        Err(e) => {
+                            return Err(diesel::ConnectionError::BadConnection(e.to_string()))
+                        }
+                    }
+                }
                 Ok(DbConnection::Sqlite(conn))
             }
             Backend::Postgres(url) => Ok(DbConnection::Pg(PgConnection::establish(url)?)),
@@ -475,6 +490,27 @@ mod tests {
                 size()
             );
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Many connections opening a new database at once (a server's pool
+    /// and its checkpointer, on a busy machine): none fails with "locked".
+    #[test]
+    fn a_new_database_opened_by_many_connections_at_once() {
+        for _ in 0..20 {
+            let dir = tempfile::tempdir().unwrap();
+            let url = format!("sqlite://{}", dir.path().join("n.db").display());
+            let threads: Vec<_> = (0..8)
+                .map(|_| {
+                    let backend = Backend::parse(&url).unwrap();
+                    std::thread::spawn(move || {
+                        backend.connect().map(|_| ()).map_err(|e| e.to_string())
+                    })
+                })
+                .collect();
+            for t in threads {
+                t.join().unwrap().unwrap();
+            }
         }
     }
 
