@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 
 use diesel::prelude::*;
+use diesel::upsert::excluded;
 use muse_prompts::{CallRecord, CallStore, RecordError};
 
 use crate::db::{Database, DbConnection, DbError};
@@ -35,7 +36,7 @@ impl CallStore for DieselCallStore {
 }
 
 /// Writes `batch` in one transaction: every execution and idea inserted,
-/// every usage delta added (summed per user and period: one `UPDATE`
+/// every usage delta added (summed per user and period: one upsert
 /// each). All or nothing.
 pub fn record_calls(db: &Database, batch: &[CallRecord]) -> Result<(), DbError> {
     if batch.is_empty() {
@@ -85,25 +86,47 @@ pub fn record_calls(db: &Database, batch: &[CallRecord]) -> Result<(), DbError> 
             }
             for ((uid, period), (dr, dt, dc)) in &deltas {
                 if *dr > 0 {
-                    // The period's row may not exist yet (counted in memory).
+                    // The period's row may not exist yet (counted in
+                    // memory): created or added to in one statement (one
+                    // round trip less per batch on PostgreSQL).
                     let row = (
                         usage_counters::user_id.eq(uid),
                         usage_counters::period_start.eq(*period),
+                        usage_counters::requests.eq(*dr),
+                        usage_counters::tokens.eq(*dt),
+                        usage_counters::cost_usd.eq(*dc),
                     );
+                    let add = (
+                        usage_counters::requests
+                            .eq(usage_counters::requests + excluded(usage_counters::requests)),
+                        usage_counters::tokens
+                            .eq(usage_counters::tokens + excluded(usage_counters::tokens)),
+                        usage_counters::cost_usd
+                            .eq(usage_counters::cost_usd + excluded(usage_counters::cost_usd)),
+                    );
+                    let key = (usage_counters::user_id, usage_counters::period_start);
                     match conn {
                         DbConnection::Pg(pg) => {
                             diesel::insert_into(usage_counters::table)
                                 .values(row)
-                                .on_conflict_do_nothing()
+                                .on_conflict(key)
+                                .do_update()
+                                .set(add)
                                 .execute(pg)?;
                         }
                         DbConnection::Sqlite(sqlite) => {
-                            diesel::insert_or_ignore_into(usage_counters::table)
+                            diesel::insert_into(usage_counters::table)
                                 .values(row)
+                                .on_conflict(key)
+                                .do_update()
+                                .set(add)
                                 .execute(sqlite)?;
                         }
                     }
+                    continue;
                 }
+                // No request to count (a refund of tokens or cost): only
+                // an existing period's row changes.
                 diesel::update(usage_counters::table.find((uid, *period)))
                     .set((
                         usage_counters::requests.eq(usage_counters::requests + *dr),
