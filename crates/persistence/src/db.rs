@@ -204,6 +204,14 @@ pub struct Checkpointer {
 }
 
 impl Checkpointer {
+    /// One for a SQLite pool; none for PostgreSQL.
+    fn for_backend(backend: &Backend) -> Result<Option<std::sync::Arc<Self>>, DbError> {
+        match backend {
+            Backend::Sqlite(_) => Self::start(backend.clone()).map(Some),
+            Backend::Postgres(_) => Ok(None),
+        }
+    }
+
     fn start(backend: Backend) -> Result<std::sync::Arc<Self>, DbError> {
         let (stop, stopped) = std::sync::mpsc::channel::<()>();
         std::thread::Builder::new()
@@ -267,10 +275,7 @@ impl Database {
                 backend: backend.clone(),
             })
             .map_err(|e| DbError::Connect(format!("{:?}: {e}", backend)))?;
-        let checkpointer = match &backend {
-            Backend::Sqlite(_) => Some(Checkpointer::start(backend.clone())?),
-            Backend::Postgres(_) => None,
-        };
+        let checkpointer = Checkpointer::for_backend(&backend)?;
         Ok(Self {
             pool,
             backend,
@@ -290,10 +295,7 @@ impl Database {
             .build_unchecked(Manager {
                 backend: backend.clone(),
             });
-        let checkpointer = match &backend {
-            Backend::Sqlite(_) => Some(Checkpointer::start(backend.clone())?),
-            Backend::Postgres(_) => None,
-        };
+        let checkpointer = Checkpointer::for_backend(&backend)?;
         Ok(Self {
             pool,
             backend,
