@@ -66,7 +66,7 @@ fn storable_opt(s: &Option<String>) -> Option<String> {
 pub use auth_repo::DieselAuthRepository;
 pub use batch::{record_calls, DieselCallStore};
 pub use billing_repo::DieselBillingRepository;
-pub use db::{Backend, Database, DbConnection, DbError, PooledConn};
+pub use db::{Backend, Database, DbConnection, DbError, PooledConn, CHECKPOINT_EVERY};
 pub use execution_repo::DieselExecutionRepository;
 pub use flags_repo::DieselFlagRepository;
 pub use library_repo::DieselLibraryRepository;
