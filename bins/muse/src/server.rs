@@ -26,8 +26,8 @@ pub struct Running {
     pub training_wait: std::time::Duration,
     pub handle: ServerHandle,
     pub server: actix_web::dev::Server,
-    /// Drained after the server stops.
-    pub writer: muse_gateway::Writer,
+    /// Its record writer and quota settlements drained after the server stops.
+    pub gateway: muse_gateway::Gateway,
     /// Set on SIGTERM (readiness answers 503).
     pub draining: std::sync::Arc<std::sync::atomic::AtomicBool>,
     pub shutdown_delay: std::time::Duration,
@@ -57,7 +57,7 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Running, Sta
     state.flags.clone().spawn_refresh();
     let training = crate::training::start(&state);
     let training_wait = crate::training::shutdown_wait(&state.training.config);
-    let writer = state.gateway.writer().clone();
+    let gateway = state.gateway.clone();
     let draining = state.draining.clone();
     let cut_streams = state.gateway.stream_cut().clone();
     let grace = state.config.shutdown_grace_secs;
@@ -78,7 +78,7 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Running, Sta
         training_wait,
         handle: server.handle(),
         server,
-        writer,
+        gateway,
         draining,
         shutdown_delay,
         grace: std::time::Duration::from_secs(grace),
@@ -324,12 +324,15 @@ pub async fn serve(config: Config) -> Result<(), StartError> {
     running.server.await?;
     running.training.shutdown(running.training_wait).await;
     // Every answered call's record is written before the process exits.
-    let writer = running.writer.clone();
+    let writer = running.gateway.writer().clone();
     let left = web::block(move || writer.drain(std::time::Duration::from_secs(30)))
         .await
         .unwrap_or(usize::MAX);
     if left > 0 {
         tracing::error!(left, "executions still unwritten at exit");
+    }
+    if let Err(e) = running.gateway.flush_quota_counts().await {
+        tracing::warn!(error = %e, "could not send the last quota settlements to the shared store");
     }
     tracing::info!("server stopped");
     Ok(())

@@ -17,6 +17,30 @@ use uuid::Uuid;
 
 use crate::plans::{BillingError, Plan, QuotaKind, Reservation, Usage};
 
+/// Usage added to one period's counters on a [`SharedQuota`] (may be
+/// negative: an estimate given back).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct UsageChange {
+    pub user_id: Uuid,
+    pub period_start: i64,
+    pub usage: Usage,
+}
+
+impl UsageChange {
+    /// What replaces `r` once its call used `used_tokens` and `used_cost_usd`.
+    pub fn settling(r: &Reservation, used_tokens: i64, used_cost_usd: f64) -> Self {
+        Self {
+            user_id: r.user_id,
+            period_start: r.period_start,
+            usage: Usage {
+                requests: 0,
+                tokens: used_tokens - r.tokens,
+                cost_usd: used_cost_usd - r.cost_usd,
+            },
+        }
+    }
+}
+
 /// Quota counters shared by every replica (Redis in `muse-persistence`):
 /// the same rule as [`QuotaLedger`], each reservation one atomic step on
 /// the shared store.
@@ -45,13 +69,12 @@ pub trait SharedQuota: Send + Sync + 'static {
         stored: Usage,
     ) -> Result<(), BillingError>;
 
-    /// Replaces a reservation by what its call used.
-    async fn reconcile(
-        &self,
-        r: &Reservation,
-        used_tokens: i64,
-        used_cost_usd: f64,
-    ) -> Result<(), BillingError>;
+    /// Adds each change to its period's counters, in one step for the
+    /// whole slice: a reservation replaced by what its call used (tokens
+    /// and cost given back or added), or a call that no quota capped,
+    /// counted whole. Periods not loaded are left alone: they are loaded
+    /// from storage, which every call's record reaches.
+    async fn add(&self, changes: &[UsageChange]) -> Result<(), BillingError>;
 
     /// Forgets a period's counters, so that the next reservation loads
     /// them again from storage (after reservations were counted there

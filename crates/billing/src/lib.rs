@@ -15,7 +15,7 @@ pub mod stripe;
 
 pub use cached::{BillingChange, CachedBilling};
 pub use flags::{FeatureFlag, FlagRepository, FlagSet, FlagStoreError};
-pub use ledger::{QuotaLedger, SharedQuota};
+pub use ledger::{QuotaLedger, SharedQuota, UsageChange};
 pub use plans::{
     month_of, plan_id_in_force, plan_in_force, BillingError, BillingEvent, BillingRepository, Plan,
     QuotaKind, Reservation, Subscription, SubscriptionStatus, Usage, FREE_PLAN,

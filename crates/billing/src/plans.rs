@@ -40,6 +40,12 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// Whether no quota caps the plan's usage (requests, tokens and cost
+    /// unlimited): its calls need no reservation, only counting.
+    pub fn is_uncapped(&self) -> bool {
+        self.max_requests.is_none() && self.max_tokens.is_none() && self.max_cost_usd.is_none()
+    }
+
     /// Whether the plan may call the model `key` (`provider/model`).
     pub fn allows_model(&self, key: &str) -> bool {
         if self.allowed_models.is_empty() {

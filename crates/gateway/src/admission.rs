@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use muse_billing::{
     month_of, plan_in_force, BillingError, Plan, QuotaKind, QuotaLedger, Reservation, SharedQuota,
+    UsageChange,
 };
 use muse_inference::GenerateRequest;
 use uuid::Uuid;
@@ -41,6 +42,10 @@ pub enum Counted {
     Database,
     Memory,
     Shared,
+    /// Not reserved: no quota of the caller's plan caps it. The call is
+    /// counted once it ends (in the database with its record, and on the
+    /// shared store when there is one).
+    Uncapped,
 }
 
 /// A reservation held by a call until it is recorded.
@@ -236,6 +241,9 @@ impl Gateway {
                     None => blocking(move || Ok(plan_in_force(&*billing, user_id, now)?.0)).await?,
                 };
                 let plan = check(plan)?;
+                if plan.is_uncapped() {
+                    return Ok(held(Counted::Uncapped));
+                }
                 self.reserve_in_database(&plan, user_id, period_start, tokens, cost)
                     .await?
                     .map_err(|kind| refused(plan, kind))?;
@@ -250,6 +258,11 @@ impl Gateway {
                     }
                 };
                 let plan = check(plan)?;
+                if plan.is_uncapped() {
+                    // Nothing to refuse: no round trip to the store on
+                    // the call's path (it is counted there when it ends).
+                    return Ok(held(Counted::Uncapped));
+                }
                 let shared_outcome = if g.fallbacks.store_down(now) {
                     Err(BillingError::Unavailable(
                         "the quota store failed less than a second ago".into(),
@@ -353,15 +366,21 @@ impl Gateway {
             (QuotaCounting::Memory(ledger), Counted::Memory) => {
                 ledger.reconcile(&r, used_tokens, used_cost);
             }
-            (QuotaCounting::Shared(shared), Counted::Shared) => {
-                // Off the caller's path; a lost correction leaves the
-                // estimate counted (the safe side).
-                if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                    let shared = shared.clone();
-                    rt.spawn(async move {
-                        if let Err(e) = shared.reconcile(&r, used_tokens, used_cost).await {
-                            tracing::warn!(error = %e, "could not reconcile a quota reservation on the shared store");
-                        }
+            (QuotaCounting::Shared(_), Counted::Shared) => {
+                if let Some(tally) = &self.inner.tally {
+                    tally.push(UsageChange::settling(&r, used_tokens, used_cost));
+                }
+            }
+            (QuotaCounting::Shared(_), Counted::Uncapped) => {
+                if let Some(tally) = &self.inner.tally {
+                    tally.push(UsageChange {
+                        user_id: r.user_id,
+                        period_start: r.period_start,
+                        usage: muse_billing::Usage {
+                            requests: 1,
+                            tokens: used_tokens,
+                            cost_usd: used_cost,
+                        },
                     });
                 }
             }
@@ -377,7 +396,7 @@ impl Gateway {
                 cost_usd: used_cost - r.cost_usd,
             },
             // Not counted there yet: the whole call.
-            Counted::Memory | Counted::Shared => muse_prompts::UsageDelta {
+            Counted::Memory | Counted::Shared | Counted::Uncapped => muse_prompts::UsageDelta {
                 user_id: r.user_id,
                 period_start: r.period_start,
                 requests: 1,

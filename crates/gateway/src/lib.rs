@@ -35,6 +35,7 @@
 
 mod admission;
 mod run;
+mod tally;
 mod writer;
 
 use std::sync::Arc;
@@ -66,6 +67,8 @@ struct Inner {
     billing: Arc<dyn BillingRepository>,
     plans: Arc<CachedBilling>,
     quota: QuotaCounting,
+    /// Settlements and counts bound for the shared quota store.
+    tally: Option<Arc<tally::Tally>>,
     fallbacks: admission::Fallbacks,
     writer: Writer,
     unpriced_price: Option<Price>,
@@ -103,12 +106,17 @@ impl Gateway {
         writer: Writer,
         options: GatewayOptions,
     ) -> Self {
+        let tally = match &quota {
+            QuotaCounting::Shared(shared) => Some(tally::Tally::new(shared.clone())),
+            _ => None,
+        };
         Self {
             inner: Arc::new(Inner {
                 models,
                 billing: plans.clone(),
                 plans,
                 quota,
+                tally,
                 fallbacks: admission::Fallbacks::default(),
                 writer,
                 unpriced_price: options.unpriced_price,
@@ -124,6 +132,16 @@ impl Gateway {
 
     pub fn writer(&self) -> &Writer {
         &self.inner.writer
+    }
+
+    /// Sends the quota settlements still queued for the shared store (a
+    /// stopping server calls it once its last call ended). Returns how many
+    /// periods' counters changed.
+    pub async fn flush_quota_counts(&self) -> Result<usize, muse_billing::BillingError> {
+        match &self.inner.tally {
+            Some(tally) => tally.flush().await,
+            None => Ok(0),
+        }
     }
 
     /// Set to `true` to end every open stream with an error event

@@ -190,7 +190,11 @@ fn write(store: &dyn CallStore, batch: &[CallRecord]) -> bool {
             }
             Err(e) if attempt < ATTEMPTS => {
                 tracing::warn!(error = %e, calls = batch.len(), attempt, "could not write a batch of executions; retrying");
-                std::thread::sleep(Duration::from_secs(1));
+                // The first retry is immediate: a store whose connection
+                // was closed while idle reconnects at once.
+                if attempt > 1 {
+                    std::thread::sleep(Duration::from_secs(1));
+                }
             }
             Err(e) => {
                 for c in batch {
@@ -234,17 +238,53 @@ mod tests {
         }
     }
 
-    /// One record the database refuses (its user does not exist) costs only
-    /// itself: the others of its batch are written.
+    /// On PostgreSQL the writer keeps a connection of its own between
+    /// batches: when the server closes it (a restart, an idle timeout, an
+    /// administrator), the next batch is written on a new one at once —
+    /// not after the one-second wait of an outage.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_refused_record_does_not_take_its_batch_down() {
+    async fn a_closed_connection_costs_no_wait() {
+        use diesel::RunQueryDsl;
         let t = muse_persistence::testing::TestDb::new();
         let db = muse_persistence::Database::connect(&t.url, 2).unwrap();
+        if db.backend().name() != "postgres" {
+            eprintln!("skipping: PostgreSQL only (TEST_DATABASE_URL is not set)");
+            return;
+        }
         db.run_migrations().unwrap();
+        let user = user_in(&db);
+        let store: Arc<dyn CallStore> =
+            Arc::new(muse_persistence::DieselCallStore::new(db.clone()));
+        let writer = Writer::start(store, WriteMode::Sync).unwrap();
+        let record = || CallRecord {
+            execution: execution(user.id),
+            idea: None,
+            usage: None,
+        };
+        assert_eq!(writer.submit(record()).unwrap().await, Ok(true));
+        // Every other session on this database ends (the writer's too).
+        let mut conn = db.get().unwrap();
+        let closed: usize = diesel::sql_query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        )
+        .execute(&mut *conn)
+        .unwrap();
+        assert!(closed >= 1, "the writer's session was open");
+        let started = Instant::now();
+        assert_eq!(writer.submit(record()).unwrap().await, Ok(true));
+        assert!(
+            started.elapsed() < Duration::from_millis(900),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    fn user_in(db: &muse_persistence::Database) -> muse_auth::User {
         let user = muse_auth::User {
             id: Uuid::now_v7(),
-            email: "w@example.com".into(),
-            username: "writer".into(),
+            email: format!("{}@example.com", Uuid::now_v7()),
+            username: format!("w{}", Uuid::now_v7().simple()),
             password_hash: "$2b$04$hash".into(),
             role: muse_auth::Role::User,
             status: muse_auth::UserStatus::Active,
@@ -255,6 +295,17 @@ mod tests {
         muse_persistence::DieselAuthRepository::new(db.clone())
             .create_user(&user)
             .unwrap();
+        user
+    }
+
+    /// One record the database refuses (its user does not exist) costs only
+    /// itself: the others of its batch are written.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refused_record_does_not_take_its_batch_down() {
+        let t = muse_persistence::testing::TestDb::new();
+        let db = muse_persistence::Database::connect(&t.url, 2).unwrap();
+        db.run_migrations().unwrap();
+        let user = user_in(&db);
         let store: Arc<dyn CallStore> =
             Arc::new(muse_persistence::DieselCallStore::new(db.clone()));
         let writer = Writer::start(store.clone(), WriteMode::Sync).unwrap();

@@ -9,7 +9,10 @@ use std::sync::Arc;
 
 use futures_util::StreamExt;
 use muse_auth::AuthRepository;
-use muse_billing::{BillingRepository, CachedBilling, QuotaKind, QuotaLedger};
+use muse_billing::{
+    BillingError, BillingRepository, CachedBilling, Plan, QuotaKind, QuotaLedger, SharedQuota,
+    Usage, UsageChange,
+};
 use muse_gateway::{
     AdmitError, Gateway, GatewayOptions, QuotaCounting, Run, RunEvent, WriteMode, Writer,
 };
@@ -24,16 +27,13 @@ fn request(text: &str) -> GenerateRequest {
     GenerateRequest::new("echo", vec![Message::user(text)])
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn calls_are_admitted_run_recorded_and_refused_past_the_quota() {
-    let t = muse_persistence::testing::TestDb::new();
-    let db = Database::connect(&t.url, 4).unwrap();
-    db.run_migrations().unwrap();
+/// A user on `db`, and plans read through a cache (one minute).
+fn user_and_plans(db: &Database, email: &str) -> (muse_auth::User, Arc<CachedBilling>) {
     let now = muse_core::Clock::now_ms(&muse_core::SystemClock);
     let user = muse_auth::User {
         id: Uuid::now_v7(),
-        email: "embed@example.com".into(),
-        username: "embedder".into(),
+        email: email.into(),
+        username: email.split('@').next().unwrap_or("user").into(),
         password_hash: "$2b$04$hash".into(),
         role: muse_auth::Role::User,
         status: muse_auth::UserStatus::Active,
@@ -49,6 +49,22 @@ async fn calls_are_admitted_run_recorded_and_refused_past_the_quota() {
         60_000,
         Arc::new(muse_core::SystemClock),
     ));
+    (user, plans)
+}
+
+fn echo_registry() -> Arc<ModelRegistry> {
+    let mut registry = ModelRegistry::new(PriceTable::builtin(), RetryPolicy::none());
+    registry.add_provider(Arc::new(EchoProvider::new()), &["echo".to_string()]);
+    Arc::new(registry)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_are_admitted_run_recorded_and_refused_past_the_quota() {
+    let t = muse_persistence::testing::TestDb::new();
+    let db = Database::connect(&t.url, 4).unwrap();
+    db.run_migrations().unwrap();
+    let now = muse_core::Clock::now_ms(&muse_core::SystemClock);
+    let (user, plans) = user_and_plans(&db, "embed@example.com");
     let mut free = plans
         .plan("free")
         .unwrap()
@@ -57,12 +73,10 @@ async fn calls_are_admitted_run_recorded_and_refused_past_the_quota() {
     free.max_cost_usd = None;
     plans.upsert_plan(&free, now).unwrap();
 
-    let mut registry = ModelRegistry::new(PriceTable::builtin(), RetryPolicy::none());
-    registry.add_provider(Arc::new(EchoProvider::new()), &["echo".to_string()]);
     let writer =
         Writer::start(Arc::new(DieselCallStore::new(db.clone())), WriteMode::Sync).unwrap();
     let gateway = Gateway::new(
-        Arc::new(registry),
+        echo_registry(),
         plans.clone(),
         QuotaCounting::Memory(QuotaLedger::new()),
         writer,
@@ -155,4 +169,125 @@ async fn calls_are_admitted_run_recorded_and_refused_past_the_quota() {
     let (period, _) = muse_billing::month_of(now);
     let usage = plans.usage(user.id, period).unwrap();
     assert_eq!(usage.requests, 3);
+}
+
+/// The Redis quota store, counting the reservations asked of it.
+struct CountingStore {
+    redis: muse_persistence::RedisQuotaStore,
+    reservations: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl SharedQuota for CountingStore {
+    async fn reserve(
+        &self,
+        user_id: Uuid,
+        period_start: i64,
+        plan: &Plan,
+        tokens: i64,
+        cost_usd: f64,
+    ) -> Result<Option<Result<(), QuotaKind>>, BillingError> {
+        self.reservations
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.redis
+            .reserve(user_id, period_start, plan, tokens, cost_usd)
+            .await
+    }
+
+    async fn load(
+        &self,
+        user_id: Uuid,
+        period_start: i64,
+        period_end: i64,
+        stored: Usage,
+    ) -> Result<(), BillingError> {
+        self.redis
+            .load(user_id, period_start, period_end, stored)
+            .await
+    }
+
+    async fn add(&self, changes: &[UsageChange]) -> Result<(), BillingError> {
+        self.redis.add(changes).await
+    }
+
+    async fn forget(&self, user_id: Uuid, period_start: i64) -> Result<(), BillingError> {
+        self.redis.forget(user_id, period_start).await
+    }
+}
+
+/// A plan with no quota needs no reservation: its calls take no round
+/// trip to the shared store, yet are counted there once they end — so
+/// that a quota the plan gains mid-period starts from the right count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_uncapped_plan_reserves_nothing_on_the_shared_store_and_is_counted_there() {
+    let Ok(url) = std::env::var("TEST_REDIS_URL") else {
+        eprintln!("skipping: TEST_REDIS_URL is not set");
+        return;
+    };
+    let t = muse_persistence::testing::TestDb::new();
+    let db = Database::connect(&t.url, 4).unwrap();
+    db.run_migrations().unwrap();
+    let now = muse_core::Clock::now_ms(&muse_core::SystemClock);
+    let (user, plans) = user_and_plans(&db, "uncapped@example.com");
+    let mut free = plans.plan("free").unwrap().expect("seeded");
+    (free.max_requests, free.max_tokens, free.max_cost_usd) = (None, None, None);
+    plans.upsert_plan(&free, now).unwrap();
+
+    let store = Arc::new(CountingStore {
+        redis: muse_persistence::RedisQuotaStore::new(&url).unwrap(),
+        reservations: Default::default(),
+    });
+    let writer =
+        Writer::start(Arc::new(DieselCallStore::new(db.clone())), WriteMode::Sync).unwrap();
+    let gateway = Gateway::new(
+        echo_registry(),
+        plans.clone(),
+        QuotaCounting::Shared(store.clone()),
+        writer,
+        GatewayOptions::default(),
+    );
+    let (period, period_end) = muse_billing::month_of(now);
+    store
+        .load(user.id, period, period_end, Usage::default())
+        .await
+        .unwrap();
+    let reservations = || store.reservations.load(std::sync::atomic::Ordering::SeqCst);
+    let call = |text: &'static str| {
+        Run::new(
+            &gateway,
+            user.id,
+            ExecutionSource::OpenaiApi,
+            "test/echo",
+            request(text),
+        )
+        .admit()
+    };
+
+    for _ in 0..3 {
+        call("hello world").await.unwrap().complete().await.unwrap();
+    }
+    assert_eq!(reservations(), 0, "no quota: nothing reserved");
+    gateway.flush_quota_counts().await.unwrap();
+
+    // The plan gains a quota of four requests: the three calls were
+    // counted on the store, so one more is admitted, not four.
+    free.max_requests = Some(4);
+    plans.upsert_plan(&free, now).unwrap();
+    call("one more").await.unwrap().complete().await.unwrap();
+    assert_eq!(reservations(), 1, "capped again: reserved on the store");
+    let refused = call("past the quota").await.err().expect("over the quota");
+    assert!(
+        matches!(
+            refused,
+            AdmitError::QuotaExceeded {
+                kind: QuotaKind::Requests,
+                ..
+            }
+        ),
+        "{refused:?}"
+    );
+    // The usage table has the four calls too.
+    assert_eq!(gateway.writer().drain(std::time::Duration::from_secs(5)), 0);
+    assert_eq!(plans.usage(user.id, period).unwrap().requests, 4);
+    store.forget(user.id, period).await.unwrap();
 }

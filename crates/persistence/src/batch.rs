@@ -14,6 +14,11 @@ use crate::execution_repo::Row;
 use crate::library_repo::IdeaRow;
 use crate::schema::{executions, ideas, usage_counters};
 
+/// Requests, tokens and cost to add to one usage row.
+type Delta = (i64, i64, f64);
+/// The usage changes of a batch, per (user, period start).
+type Deltas = HashMap<(String, i64), Delta>;
+
 /// [`CallStore`] on the database: each batch in one transaction.
 #[derive(Clone)]
 pub struct DieselCallStore {
@@ -51,7 +56,7 @@ pub fn record_calls(db: &Database, batch: &[CallRecord]) -> Result<(), DbError> 
         .filter_map(|c| c.idea.as_ref().map(IdeaRow::from_domain))
         .collect();
     // Per (user, period): requests, tokens and cost to add.
-    let mut deltas: HashMap<(String, i64), (i64, i64, f64)> = HashMap::new();
+    let mut deltas: Deltas = HashMap::new();
     for u in batch.iter().filter_map(|c| c.usage.as_ref()) {
         let d = deltas
             .entry((u.user_id.to_string(), u.period_start))
@@ -60,24 +65,16 @@ pub fn record_calls(db: &Database, batch: &[CallRecord]) -> Result<(), DbError> 
         d.1 += u.tokens;
         d.2 += u.cost_usd;
     }
-    db.write(|conn| {
-        conn.transaction::<_, diesel::result::Error, _>(|conn| {
-            match conn {
-                // One multi-row INSERT per batch.
-                DbConnection::Pg(pg) => {
-                    diesel::insert_into(executions::table)
-                        .values(&rows)
-                        .execute(pg)?;
-                }
-                // SQLite takes no multi-row INSERT with NULLs through
-                // diesel: one statement per row, still one commit.
-                DbConnection::Sqlite(_) => {
-                    for row in &rows {
-                        diesel::insert_into(executions::table)
-                            .values(row)
-                            .execute(conn)?;
-                    }
-                }
+    db.write_batch(|conn| match conn {
+        DbConnection::Pg(pg) => record_in_one_statement(pg, rows, idea_rows, &deltas),
+        DbConnection::Sqlite(conn) => conn.transaction::<_, diesel::result::Error, _>(|conn| {
+            // SQLite takes no multi-row INSERT with NULLs through diesel:
+            // one statement per row, still one commit (and no round trips:
+            // SQLite is in this process).
+            for row in &rows {
+                diesel::insert_into(executions::table)
+                    .values(row)
+                    .execute(conn)?;
             }
             for row in &idea_rows {
                 diesel::insert_into(ideas::table)
@@ -87,8 +84,7 @@ pub fn record_calls(db: &Database, batch: &[CallRecord]) -> Result<(), DbError> 
             for ((uid, period), (dr, dt, dc)) in &deltas {
                 if *dr > 0 {
                     // The period's row may not exist yet (counted in
-                    // memory): created or added to in one statement (one
-                    // round trip less per batch on PostgreSQL).
+                    // memory): created or added to in one statement.
                     let row = (
                         usage_counters::user_id.eq(uid),
                         usage_counters::period_start.eq(*period),
@@ -105,24 +101,12 @@ pub fn record_calls(db: &Database, batch: &[CallRecord]) -> Result<(), DbError> 
                             .eq(usage_counters::cost_usd + excluded(usage_counters::cost_usd)),
                     );
                     let key = (usage_counters::user_id, usage_counters::period_start);
-                    match conn {
-                        DbConnection::Pg(pg) => {
-                            diesel::insert_into(usage_counters::table)
-                                .values(row)
-                                .on_conflict(key)
-                                .do_update()
-                                .set(add)
-                                .execute(pg)?;
-                        }
-                        DbConnection::Sqlite(sqlite) => {
-                            diesel::insert_into(usage_counters::table)
-                                .values(row)
-                                .on_conflict(key)
-                                .do_update()
-                                .set(add)
-                                .execute(sqlite)?;
-                        }
-                    }
+                    diesel::insert_into(usage_counters::table)
+                        .values(row)
+                        .on_conflict(key)
+                        .do_update()
+                        .set(add)
+                        .execute(conn)?;
                     continue;
                 }
                 // No request to count (a refund of tokens or cost): only
@@ -136,7 +120,7 @@ pub fn record_calls(db: &Database, batch: &[CallRecord]) -> Result<(), DbError> 
                     .execute(conn)?;
             }
             Ok(())
-        })
+        }),
     })?
     .map_err(|e| {
         if crate::is_unavailable(&e) {
@@ -146,3 +130,112 @@ pub fn record_calls(db: &Database, batch: &[CallRecord]) -> Result<(), DbError> 
         }
     })
 }
+
+/// A batch on PostgreSQL: one statement, so one round trip and one
+/// (implicit) transaction — every execution, idea and usage change of the
+/// batch in data-modifying `WITH` clauses, each fed by `unnest` over one
+/// array per column (the statement's text and its 40 parameters are the
+/// same whatever the batch's size). All or nothing, like the transaction
+/// it replaces: a row the database refuses fails the whole statement.
+fn record_in_one_statement(
+    pg: &mut PgConnection,
+    rows: Vec<Row>,
+    ideas: Vec<IdeaRow>,
+    deltas: &Deltas,
+) -> Result<(), diesel::result::Error> {
+    use diesel::sql_types::{Array, BigInt, Bool, Double, Integer, Nullable, Text};
+
+    macro_rules! column {
+        ($rows:expr, $field:ident) => {
+            $rows.iter().map(|r| r.$field.clone()).collect::<Vec<_>>()
+        };
+    }
+    // Usage rows to create or add to (a request counted), and usage rows
+    // only corrected (a refund of tokens or cost: an existing row only).
+    let (counted, corrected): (Vec<_>, Vec<_>) = deltas.iter().partition(|(_, d)| d.0 > 0);
+    let usage = |set: &[(&(String, i64), &Delta)]| {
+        (
+            set.iter().map(|((u, _), _)| u.clone()).collect::<Vec<_>>(),
+            set.iter().map(|((_, p), _)| *p).collect::<Vec<_>>(),
+            set.iter().map(|(_, d)| d.0).collect::<Vec<_>>(),
+            set.iter().map(|(_, d)| d.1).collect::<Vec<_>>(),
+            set.iter().map(|(_, d)| d.2).collect::<Vec<_>>(),
+        )
+    };
+    let (cu, cp, cr, ct, cc) = usage(&counted);
+    let (fu, fp, _, ft, fc) = usage(&corrected);
+    diesel::sql_query(BATCH_SQL)
+        .bind::<Array<Text>, _>(column!(rows, id))
+        .bind::<Array<Text>, _>(column!(rows, user_id))
+        .bind::<Array<Text>, _>(column!(rows, source))
+        .bind::<Array<Nullable<Text>>, _>(column!(rows, prompt_id))
+        .bind::<Array<Nullable<Integer>>, _>(column!(rows, prompt_version))
+        .bind::<Array<Text>, _>(column!(rows, provider))
+        .bind::<Array<Text>, _>(column!(rows, model))
+        .bind::<Array<Nullable<Text>>, _>(column!(rows, variables))
+        .bind::<Array<Nullable<Text>>, _>(column!(rows, rendered_prompt))
+        .bind::<Array<Nullable<Text>>, _>(column!(rows, output))
+        .bind::<Array<Integer>, _>(column!(rows, prompt_tokens))
+        .bind::<Array<Integer>, _>(column!(rows, completion_tokens))
+        .bind::<Array<Nullable<Double>>, _>(column!(rows, cost_usd))
+        .bind::<Array<BigInt>, _>(column!(rows, duration_ms))
+        .bind::<Array<Nullable<BigInt>>, _>(column!(rows, ttft_ms))
+        .bind::<Array<Text>, _>(column!(rows, status))
+        .bind::<Array<Nullable<Text>>, _>(column!(rows, error))
+        .bind::<Array<BigInt>, _>(column!(rows, created_at))
+        .bind::<Array<Text>, _>(column!(ideas, id))
+        .bind::<Array<Text>, _>(column!(ideas, user_id))
+        .bind::<Array<Text>, _>(column!(ideas, execution_id))
+        .bind::<Array<Nullable<Text>>, _>(column!(ideas, prompt))
+        .bind::<Array<Nullable<Text>>, _>(column!(ideas, category))
+        .bind::<Array<Nullable<Text>>, _>(column!(ideas, theme))
+        .bind::<Array<Integer>, _>(column!(ideas, creativity))
+        .bind::<Array<Text>, _>(column!(ideas, provider))
+        .bind::<Array<Text>, _>(column!(ideas, model))
+        .bind::<Array<Text>, _>(column!(ideas, content))
+        .bind::<Array<Nullable<Integer>>, _>(column!(ideas, rating))
+        .bind::<Array<Bool>, _>(column!(ideas, favorite))
+        .bind::<Array<BigInt>, _>(column!(ideas, created_at))
+        .bind::<Array<Text>, _>(cu)
+        .bind::<Array<BigInt>, _>(cp)
+        .bind::<Array<BigInt>, _>(cr)
+        .bind::<Array<BigInt>, _>(ct)
+        .bind::<Array<Double>, _>(cc)
+        .bind::<Array<Text>, _>(fu)
+        .bind::<Array<BigInt>, _>(fp)
+        .bind::<Array<BigInt>, _>(ft)
+        .bind::<Array<Double>, _>(fc)
+        .execute(pg)?;
+    Ok(())
+}
+
+/// See [`record_in_one_statement`]. The `WITH` clauses touch disjoint
+/// rows (a usage row is either counted or corrected), as PostgreSQL
+/// requires of one statement.
+const BATCH_SQL: &str = "\
+WITH new_executions AS (
+    INSERT INTO executions (id, user_id, source, prompt_id, prompt_version, provider, model,
+        variables, rendered_prompt, output, prompt_tokens, completion_tokens, cost_usd,
+        duration_ms, ttft_ms, status, error, created_at)
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int4[], $6::text[],
+        $7::text[], $8::text[], $9::text[], $10::text[], $11::int4[], $12::int4[], $13::float8[],
+        $14::int8[], $15::int8[], $16::text[], $17::text[], $18::int8[])
+), new_ideas AS (
+    INSERT INTO ideas (id, user_id, execution_id, prompt, category, theme, creativity, provider,
+        model, content, rating, favorite, created_at)
+    SELECT * FROM unnest($19::text[], $20::text[], $21::text[], $22::text[], $23::text[],
+        $24::text[], $25::int4[], $26::text[], $27::text[], $28::text[], $29::int4[],
+        $30::bool[], $31::int8[])
+), counted AS (
+    INSERT INTO usage_counters (user_id, period_start, requests, tokens, cost_usd)
+    SELECT * FROM unnest($32::text[], $33::int8[], $34::int8[], $35::int8[], $36::float8[])
+    ON CONFLICT (user_id, period_start) DO UPDATE SET
+        requests = usage_counters.requests + excluded.requests,
+        tokens = usage_counters.tokens + excluded.tokens,
+        cost_usd = usage_counters.cost_usd + excluded.cost_usd
+), corrected AS (
+    UPDATE usage_counters AS c SET tokens = c.tokens + d.tokens, cost_usd = c.cost_usd + d.cost_usd
+    FROM unnest($37::text[], $38::int8[], $39::int8[], $40::float8[]) AS d(user_id, period_start, tokens, cost_usd)
+    WHERE c.user_id = d.user_id AND c.period_start = d.period_start
+)
+SELECT 1";

@@ -180,6 +180,9 @@ pub struct Database {
     /// this one dedicated connection instead, queueing on its lock without
     /// holding a pooled connection (PostgreSQL does not need it).
     writer: std::sync::Arc<std::sync::Mutex<Option<DbConnection>>>,
+    /// PostgreSQL: the group-commit writer's own connection (see
+    /// [`Database::write_batch`]).
+    batch_writer: std::sync::Arc<std::sync::Mutex<Option<DbConnection>>>,
     /// SQLite: keeps the WAL checkpointer thread running while any clone
     /// of this pool lives.
     _checkpointer: Option<std::sync::Arc<Checkpointer>>,
@@ -280,6 +283,7 @@ impl Database {
             pool,
             backend,
             writer: Default::default(),
+            batch_writer: Default::default(),
             _checkpointer: checkpointer,
         })
     }
@@ -300,6 +304,7 @@ impl Database {
             pool,
             backend,
             writer: Default::default(),
+            batch_writer: Default::default(),
             _checkpointer: checkpointer,
         })
     }
@@ -325,8 +330,33 @@ impl Database {
             let mut conn = self.get()?;
             return Ok(f(&mut conn));
         }
-        let mut writer = self
-            .writer
+        self.on_dedicated(&self.writer, f)
+    }
+
+    /// Runs one batch of the group-commit writer (one caller at a time):
+    /// on SQLite like [`Database::write`]; on PostgreSQL on a connection
+    /// of its own, kept from batch to batch — no pool check-out, and none
+    /// of the pool's `SELECT 1` before each use — and reopened after a
+    /// failed batch.
+    pub fn write_batch<T, E>(
+        &self,
+        f: impl FnOnce(&mut DbConnection) -> Result<T, E>,
+    ) -> Result<Result<T, E>, DbError> {
+        match self.backend {
+            Backend::Postgres(_) => self.on_dedicated(&self.batch_writer, f),
+            Backend::Sqlite(_) => self.write(f),
+        }
+    }
+
+    /// Runs `f` on the connection kept in `slot` (opened when there is
+    /// none; dropped when `f` fails, so that the next caller gets a fresh
+    /// one).
+    fn on_dedicated<T, E>(
+        &self,
+        slot: &std::sync::Mutex<Option<DbConnection>>,
+        f: impl FnOnce(&mut DbConnection) -> Result<T, E>,
+    ) -> Result<Result<T, E>, DbError> {
+        let mut writer = slot
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let conn = match writer.as_mut() {

@@ -543,19 +543,19 @@ impl LibraryRepository for DieselLibraryRepository {
 #[derive(Queryable, Selectable, Insertable)]
 #[diesel(table_name = ideas)]
 pub(crate) struct IdeaRow {
-    id: String,
-    user_id: String,
-    execution_id: String,
-    prompt: Option<String>,
-    category: Option<String>,
-    theme: Option<String>,
-    creativity: i32,
-    provider: String,
-    model: String,
-    content: String,
-    rating: Option<i32>,
-    favorite: bool,
-    created_at: i64,
+    pub(crate) id: String,
+    pub(crate) user_id: String,
+    pub(crate) execution_id: String,
+    pub(crate) prompt: Option<String>,
+    pub(crate) category: Option<String>,
+    pub(crate) theme: Option<String>,
+    pub(crate) creativity: i32,
+    pub(crate) provider: String,
+    pub(crate) model: String,
+    pub(crate) content: String,
+    pub(crate) rating: Option<i32>,
+    pub(crate) favorite: bool,
+    pub(crate) created_at: i64,
 }
 
 fn idea_err(e: LibraryError) -> IdeaStoreError {

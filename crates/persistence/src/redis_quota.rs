@@ -11,7 +11,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use muse_billing::{BillingError, Plan, QuotaKind, Reservation, SharedQuota, Usage};
+use muse_billing::{BillingError, Plan, QuotaKind, SharedQuota, Usage, UsageChange};
 use redis::aio::ConnectionManager;
 use tokio::sync::OnceCell;
 use uuid::Uuid;
@@ -47,21 +47,30 @@ redis.call('PEXPIREAT', KEYS[1], ARGV[4])
 return 1
 "#;
 
-/// KEYS[1] the counters; ARGV: tokens and cost to add (may be negative).
-/// A period that expired meanwhile is left alone.
-const RECONCILE: &str = r#"
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HINCRBY', KEYS[1], 't', ARGV[1])
-redis.call('HINCRBYFLOAT', KEYS[1], 'c', ARGV[2])
-return 1
+/// KEYS the counters of several periods; ARGV: requests, tokens and cost
+/// to add (may be negative) for each key in turn. Periods that are not
+/// loaded (or expired meanwhile) are left alone.
+const ADD: &str = r#"
+for i, k in ipairs(KEYS) do
+  if redis.call('EXISTS', k) == 1 then
+    local j = (i - 1) * 3
+    if tonumber(ARGV[j + 1]) ~= 0 then redis.call('HINCRBY', k, 'r', ARGV[j + 1]) end
+    redis.call('HINCRBY', k, 't', ARGV[j + 2])
+    redis.call('HINCRBYFLOAT', k, 'c', ARGV[j + 3])
+  end
+end
+return 0
 "#;
+
+/// Most periods changed by one script run (a longer slice takes several).
+const ADD_CHUNK: usize = 256;
 
 pub struct RedisQuotaStore {
     client: redis::Client,
     conn: OnceCell<ConnectionManager>,
     reserve: redis::Script,
     load: redis::Script,
-    reconcile: redis::Script,
+    add: redis::Script,
     timeout: Duration,
 }
 
@@ -83,7 +92,7 @@ impl RedisQuotaStore {
             conn: OnceCell::new(),
             reserve: redis::Script::new(RESERVE),
             load: redis::Script::new(LOAD),
-            reconcile: redis::Script::new(RECONCILE),
+            add: redis::Script::new(ADD),
             timeout: Duration::from_millis(500),
         })
     }
@@ -159,16 +168,17 @@ impl SharedQuota for RedisQuotaStore {
         Ok(())
     }
 
-    async fn reconcile(
-        &self,
-        r: &Reservation,
-        used_tokens: i64,
-        used_cost_usd: f64,
-    ) -> Result<(), BillingError> {
-        let mut inv = self.reconcile.key(key(r.user_id, r.period_start));
-        inv.arg(used_tokens - r.tokens)
-            .arg((used_cost_usd - r.cost_usd).to_string());
-        let _: i64 = self.run(&inv).await?;
+    async fn add(&self, changes: &[UsageChange]) -> Result<(), BillingError> {
+        for chunk in changes.chunks(ADD_CHUNK) {
+            let mut inv = self.add.prepare_invoke();
+            for c in chunk {
+                inv.key(key(c.user_id, c.period_start))
+                    .arg(c.usage.requests)
+                    .arg(c.usage.tokens)
+                    .arg(c.usage.cost_usd.to_string());
+            }
+            let _: i64 = self.run(&inv).await?;
+        }
         Ok(())
     }
 

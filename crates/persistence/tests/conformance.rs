@@ -1137,3 +1137,174 @@ fn quotas_hold_under_100_concurrent_reservations_and_reconcile() {
         );
     });
 }
+
+/// Group commit (`record_calls`, one statement per batch on PostgreSQL,
+/// one transaction on SQLite): every execution (NULLs and values alike),
+/// idea and usage change of a batch lands as given; a request counted
+/// creates or adds to its month's row, a correction (tokens or cost given
+/// back) changes only a row that exists; and a batch with one row the
+/// database refuses writes nothing.
+#[test]
+fn a_batch_of_calls_is_written_whole_or_not_at_all() {
+    use muse_billing::BillingRepository;
+    use muse_persistence::{record_calls, DieselBillingRepository, DieselExecutionRepository};
+    use muse_prompts::{
+        CallRecord, Execution, ExecutionRepository, ExecutionScope, ExecutionSource,
+        ExecutionStatus, Idea, IdeaRepository, UsageDelta,
+    };
+    each_backend(|db, repo| {
+        let (a, b, c) = (
+            user("batch-a@example.com", "batcha"),
+            user("batch-b@example.com", "batchb"),
+            user("batch-c@example.com", "batchc"),
+        );
+        for u in [&a, &b, &c] {
+            repo.create_user(u).unwrap();
+        }
+        let full = |user_id: Uuid| Execution {
+            id: Uuid::now_v7(),
+            user_id,
+            source: ExecutionSource::Prompt,
+            prompt_id: Some(Uuid::now_v7()),
+            prompt_version: Some(3),
+            provider: "vllm".into(),
+            model: "ok".into(),
+            variables: Some(serde_json::json!({"topic": "l'été", "n": 2})),
+            rendered_prompt: Some("Write about l'été".into()),
+            output: Some("Un été".into()),
+            prompt_tokens: 12,
+            completion_tokens: 4,
+            cost_usd: Some(0.000_25),
+            duration_ms: 120,
+            ttft_ms: Some(15),
+            status: ExecutionStatus::Succeeded,
+            error: None,
+            created_at: 2_000,
+        };
+        let bare = |user_id: Uuid| Execution {
+            prompt_id: None,
+            prompt_version: None,
+            variables: None,
+            rendered_prompt: None,
+            output: None,
+            cost_usd: None,
+            ttft_ms: None,
+            status: ExecutionStatus::Failed,
+            error: Some("upstream said no".into()),
+            source: ExecutionSource::OpenaiApi,
+            ..full(user_id)
+        };
+        let delta = |user_id: Uuid, requests, tokens, cost_usd| UsageDelta {
+            user_id,
+            period_start: 1_000,
+            requests,
+            tokens,
+            cost_usd,
+        };
+        let billing = DieselBillingRepository::new(db.clone());
+        // A first batch creates the months of a and b.
+        let first = [
+            CallRecord {
+                execution: full(a.id),
+                idea: None,
+                usage: Some(delta(a.id, 1, 100, 1.0)),
+            },
+            CallRecord {
+                execution: bare(b.id),
+                idea: None,
+                usage: Some(delta(b.id, 1, 50, 0.5)),
+            },
+        ];
+        record_calls(db, &first).unwrap();
+
+        let with_idea = full(a.id);
+        let idea = Idea {
+            id: Uuid::now_v7(),
+            user_id: a.id,
+            execution_id: with_idea.id,
+            prompt: None,
+            category: Some("poetry".into()),
+            theme: None,
+            creativity: 7,
+            provider: "vllm".into(),
+            model: "ok".into(),
+            content: "Un été".into(),
+            rating: None,
+            favorite: false,
+            created_at: 2_000,
+        };
+        let second = [
+            CallRecord {
+                execution: with_idea.clone(),
+                idea: Some(idea.clone()),
+                usage: Some(delta(a.id, 1, 10, 0.25)),
+            },
+            // Two changes of a's month in one batch add up.
+            CallRecord {
+                execution: bare(a.id),
+                idea: None,
+                usage: Some(delta(a.id, 1, 5, 0.0)),
+            },
+            // b's estimate corrected (a reservation held in the database).
+            CallRecord {
+                execution: bare(b.id),
+                idea: None,
+                usage: Some(delta(b.id, 0, -20, -0.25)),
+            },
+            // c has no month yet: a correction alone creates none.
+            CallRecord {
+                execution: bare(c.id),
+                idea: None,
+                usage: Some(delta(c.id, 0, -3, 0.0)),
+            },
+        ];
+        record_calls(db, &second).unwrap();
+
+        let executions = DieselExecutionRepository::new(db.clone());
+        for r in first.iter().chain(&second) {
+            let stored = executions
+                .get(ExecutionScope::All, r.execution.id)
+                .unwrap()
+                .expect("recorded");
+            assert_eq!(stored, r.execution);
+        }
+        let ideas = muse_persistence::DieselLibraryRepository::new(db.clone());
+        assert_eq!(ideas.get(a.id, idea.id).unwrap(), Some(idea));
+        let usage = |u: &User| billing.usage(u.id, 1_000).unwrap();
+        assert_eq!(
+            (usage(&a).requests, usage(&a).tokens),
+            (3, 115),
+            "{:?}",
+            usage(&a)
+        );
+        assert!((usage(&a).cost_usd - 1.25).abs() < 1e-9);
+        assert_eq!((usage(&b).requests, usage(&b).tokens), (1, 30));
+        assert!((usage(&b).cost_usd - 0.25).abs() < 1e-9);
+        assert_eq!(usage(&c), muse_billing::Usage::default());
+
+        // One execution of a user that does not exist: the batch is
+        // refused, and none of it is written.
+        let good = full(a.id);
+        let refused = [
+            CallRecord {
+                execution: good.clone(),
+                idea: None,
+                usage: Some(delta(a.id, 1, 1, 0.0)),
+            },
+            CallRecord {
+                execution: full(Uuid::now_v7()),
+                idea: None,
+                usage: None,
+            },
+        ];
+        assert!(matches!(
+            record_calls(db, &refused),
+            Err(DbError::Rejected(_))
+        ));
+        assert!(executions
+            .get(ExecutionScope::All, good.id)
+            .unwrap()
+            .is_none());
+        assert_eq!(usage(&a).requests, 3);
+    });
+}

@@ -117,7 +117,10 @@ async fn tokens_and_cost_are_reserved_reconciled_and_forgotten() {
         tokens: 80,
         cost_usd: 0.5,
     };
-    store.reconcile(&r, 10, 0.1).await.unwrap();
+    store
+        .add(&[muse_billing::UsageChange::settling(&r, 10, 0.1)])
+        .await
+        .unwrap();
     assert_eq!(
         store.reserve(user, PERIOD, &p, 30, 0.0).await.unwrap(),
         Some(Ok(())),
@@ -141,6 +144,65 @@ async fn tokens_and_cost_are_reserved_reconciled_and_forgotten() {
         None,
         "forgotten: loaded again from storage"
     );
+}
+
+/// One `add` changes several periods at once (more than one script run
+/// takes: 300 periods), counts requests when told to, and leaves alone a
+/// period that is not loaded (it loads from storage when next used).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_is_added_to_many_periods_at_once_and_only_where_loaded() {
+    let Some(url) = redis_url() else {
+        eprintln!("skipping: TEST_REDIS_URL is not set");
+        return;
+    };
+    let store = RedisQuotaStore::new(&url).unwrap();
+    let users: Vec<Uuid> = (0..300).map(|_| Uuid::now_v7()).collect();
+    for u in &users {
+        store
+            .load(*u, PERIOD, period_end(), Usage::default())
+            .await
+            .unwrap();
+    }
+    let not_loaded = Uuid::now_v7();
+    let change = |user_id: Uuid| muse_billing::UsageChange {
+        user_id,
+        period_start: PERIOD,
+        usage: Usage {
+            requests: 1,
+            tokens: 40,
+            cost_usd: 0.25,
+        },
+    };
+    let mut changes: Vec<_> = users.iter().map(|u| change(*u)).collect();
+    changes.push(change(not_loaded));
+    store.add(&changes).await.unwrap();
+    // Each loaded period now holds one request, 40 tokens and $0.25.
+    let p = plan(Some(2), Some(100), Some(1.0));
+    for u in [users[0], users[299]] {
+        assert_eq!(
+            store.reserve(u, PERIOD, &p, 61, 0.0).await.unwrap(),
+            Some(Err(QuotaKind::Tokens)),
+            "40 counted + 61 > 100"
+        );
+        assert_eq!(
+            store.reserve(u, PERIOD, &p, 60, 0.75).await.unwrap(),
+            Some(Ok(())),
+            "40 + 60 and 0.25 + 0.75 fit exactly"
+        );
+        assert_eq!(
+            store.reserve(u, PERIOD, &p, 0, 0.0).await.unwrap(),
+            Some(Err(QuotaKind::Requests)),
+            "1 counted + 1 reserved: the quota of 2 is reached"
+        );
+    }
+    assert_eq!(
+        store.reserve(not_loaded, PERIOD, &p, 1, 0.0).await.unwrap(),
+        None,
+        "never loaded: left alone"
+    );
+    for u in users {
+        store.forget(u, PERIOD).await.unwrap();
+    }
 }
 
 #[tokio::test]
