@@ -42,7 +42,7 @@ bench:
     cargo build --release -p muse-tests --example gateway_bench --example ws_bench
     python3 scripts/bench.py
 
-# Muse against the model server directly, same run: /v1/chat/completions and execute-prompt at fixed rates (open loop, latency from the scheduled send time), then closed loop with 64 connections. SQLite; BENCH_DATABASE_URL=postgres://… for PostgreSQL, QUOTA_STORE/EXECUTION_WRITES pass through
+# Muse against the model server directly, same run: /v1/chat/completions and execute-prompt at fixed rates (open loop, latency from the scheduled send time), then closed loop with 64 connections. SQLite; BENCH_DATABASE_URL=postgres://… for PostgreSQL, QUOTA_STORE/EXECUTION_WRITES pass through, BENCH_QUOTA=capped gives the plan quotas (reserved on every call)
 bench-gateway SECONDS="5" *RATES="50 500 1000 2000 4000":
     cargo build --release -p muse-server --bin muse -p muse-tests --example gateway_bench
     target/release/examples/gateway_bench target/release/muse {{SECONDS}} {{RATES}}

@@ -251,11 +251,43 @@ fn caller(
                 .send()
                 .await
             {
-                Ok(r) if r.status().is_success() => r.bytes().await.is_ok(),
-                _ => false,
+                Ok(r) if r.status().is_success() => match r.bytes().await {
+                    Ok(_) => true,
+                    Err(e) => failed(format!("reading the answer: {}", error_kind(&e))),
+                },
+                Ok(r) => {
+                    let status = r.status();
+                    let body = r.text().await.unwrap_or_default();
+                    failed(format!(
+                        "HTTP {status}: {}",
+                        body.chars().take(160).collect::<String>()
+                    ))
+                }
+                Err(e) => failed(format!("sending: {}", error_kind(&e))),
             }
         }) as std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>
     })
+}
+
+/// Why calls failed, and how often (printed at the end of the run).
+static FAILURES: std::sync::Mutex<std::collections::BTreeMap<String, usize>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+fn failed(why: String) -> bool {
+    *FAILURES.lock().unwrap().entry(why).or_default() += 1;
+    false
+}
+
+fn error_kind(e: &reqwest::Error) -> &'static str {
+    if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "could not connect"
+    } else if e.is_body() || e.is_decode() {
+        "broken body"
+    } else {
+        "connection error"
+    }
 }
 
 /// Per-token delays (arrival − emission) of one stream.
@@ -604,5 +636,14 @@ async fn main() {
         w50 - d50,
         w99 - d99
     );
+    let failures = FAILURES.lock().unwrap();
+    if !failures.is_empty() {
+        println!();
+        println!("| errors (all paths) | calls |");
+        println!("|---|---:|");
+        for (why, n) in failures.iter() {
+            println!("| {} | {n} |", why.replace('|', "/"));
+        }
+    }
     drop(lb);
 }

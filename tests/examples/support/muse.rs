@@ -138,6 +138,20 @@ pub fn database_url(dir: &std::path::Path) -> String {
 }
 
 /// Removes every quota of the free plan (as the bench's admin).
+/// The free plan the benches run on: no quota (a call reserves nothing),
+/// or with `BENCH_QUOTA=capped` quotas no bench reaches (every call is
+/// reserved and settled as on a paying plan: on Redis with
+/// `QUOTA_STORE=redis`).
+fn plan_body() -> serde_json::Value {
+    match std::env::var("BENCH_QUOTA").as_deref() {
+        Ok("capped") => serde_json::json!({
+            "name": "Free", "price_cents": 0,
+            "max_requests": 1_000_000_000_000i64, "max_tokens": 1_000_000_000_000_000i64,
+        }),
+        _ => serde_json::json!({"name": "Free", "price_cents": 0}),
+    }
+}
+
 pub async fn lift_free_plan(client: &reqwest::Client, base: &str) {
     let admin = post(
         client,
@@ -149,7 +163,7 @@ pub async fn lift_free_plan(client: &reqwest::Client, base: &str) {
     let r = client
         .put(format!("{base}/api/v1/admin/plans/free"))
         .bearer_auth(admin["access_token"].as_str().unwrap())
-        .json(&serde_json::json!({"name": "Free", "price_cents": 0}))
+        .json(&plan_body())
         .send()
         .await
         .unwrap();
