@@ -52,6 +52,20 @@ fn user_and_plans(db: &Database, email: &str) -> (muse_auth::User, Arc<CachedBil
     (user, plans)
 }
 
+/// `e` is the plan's request quota refusing a call.
+fn assert_requests_quota(e: AdmitError) {
+    assert!(
+        matches!(
+            e,
+            AdmitError::QuotaExceeded {
+                kind: QuotaKind::Requests,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+}
+
 fn echo_registry() -> Arc<ModelRegistry> {
     let mut registry = ModelRegistry::new(PriceTable::builtin(), RetryPolicy::none());
     registry.add_provider(Arc::new(EchoProvider::new()), &["echo".to_string()]);
@@ -154,16 +168,7 @@ async fn calls_are_admitted_run_recorded_and_refused_past_the_quota() {
         .await
         .err()
         .expect("over the quota");
-    assert!(
-        matches!(
-            refused,
-            AdmitError::QuotaExceeded {
-                kind: QuotaKind::Requests,
-                ..
-            }
-        ),
-        "{refused:?}"
-    );
+    assert_requests_quota(refused);
     // The usage table got the three calls by group commit.
     assert_eq!(gateway.writer().drain(std::time::Duration::from_secs(5)), 0);
     let (period, _) = muse_billing::month_of(now);
@@ -276,16 +281,7 @@ async fn an_uncapped_plan_reserves_nothing_on_the_shared_store_and_is_counted_th
     call("one more").await.unwrap().complete().await.unwrap();
     assert_eq!(reservations(), 1, "capped again: reserved on the store");
     let refused = call("past the quota").await.err().expect("over the quota");
-    assert!(
-        matches!(
-            refused,
-            AdmitError::QuotaExceeded {
-                kind: QuotaKind::Requests,
-                ..
-            }
-        ),
-        "{refused:?}"
-    );
+    assert_requests_quota(refused);
     // The usage table has the four calls too.
     assert_eq!(gateway.writer().drain(std::time::Duration::from_secs(5)), 0);
     assert_eq!(plans.usage(user.id, period).unwrap().requests, 4);
