@@ -109,15 +109,38 @@ impl RedisQuotaStore {
         Ok(c.clone())
     }
 
-    async fn run<T: redis::FromRedisValue>(
+    /// Sends one command (`call` on a connection) within the time limit.
+    async fn run<T, F, Fut>(&self, call: F) -> Result<T, BillingError>
+    where
+        F: Fn(ConnectionManager) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        let conn = self.conn().await?;
+        let attempt = || async {
+            tokio::time::timeout(self.timeout, call(conn.clone()))
+                .await
+                .map_err(|_| unavailable("no answer in time"))
+        };
+        match attempt().await? {
+            // The connection's driver ran on a runtime that has stopped
+            // (Muse's HTTP workers each have one, and the last settlements
+            // are sent after they stop), or Redis dropped the connection:
+            // the manager reconnects on this runtime; tried once more. The
+            // command was not sent, or its answer was lost: counted twice
+            // at worst.
+            Err(e) if e.is_connection_dropped() || e.is_io_error() => {
+                attempt().await?.map_err(unavailable)
+            }
+            other => other.map_err(unavailable),
+        }
+    }
+
+    async fn script<T: redis::FromRedisValue>(
         &self,
         inv: &redis::ScriptInvocation<'_>,
     ) -> Result<T, BillingError> {
-        let mut conn = self.conn().await?;
-        tokio::time::timeout(self.timeout, inv.invoke_async(&mut conn))
+        self.run(|mut conn| async move { inv.invoke_async(&mut conn).await })
             .await
-            .map_err(|_| unavailable("no answer in time"))?
-            .map_err(unavailable)
     }
 }
 
@@ -142,7 +165,7 @@ impl SharedQuota for RedisQuotaStore {
             .arg(limit(plan.max_cost_usd))
             .arg(tokens)
             .arg(cost_usd.to_string());
-        let outcome: i64 = self.run(&inv).await?;
+        let outcome: i64 = self.script(&inv).await?;
         Ok(match outcome {
             -1 => None,
             0 => Some(Ok(())),
@@ -164,7 +187,7 @@ impl SharedQuota for RedisQuotaStore {
             .arg(stored.tokens)
             .arg(stored.cost_usd.to_string())
             .arg(period_end.saturating_add(KEEP_AFTER_PERIOD_MS));
-        let _: i64 = self.run(&inv).await?;
+        let _: i64 = self.script(&inv).await?;
         Ok(())
     }
 
@@ -177,19 +200,19 @@ impl SharedQuota for RedisQuotaStore {
                     .arg(c.usage.tokens)
                     .arg(c.usage.cost_usd.to_string());
             }
-            let _: i64 = self.run(&inv).await?;
+            let _: i64 = self.script(&inv).await?;
         }
         Ok(())
     }
 
     async fn forget(&self, user_id: Uuid, period_start: i64) -> Result<(), BillingError> {
-        let mut conn = self.conn().await?;
-        let mut cmd = redis::cmd("DEL");
-        cmd.arg(key(user_id, period_start));
-        let _: i64 = tokio::time::timeout(self.timeout, cmd.query_async(&mut conn))
-            .await
-            .map_err(|_| unavailable("no answer in time"))?
-            .map_err(unavailable)?;
+        let key = key(user_id, period_start);
+        let _: i64 = self
+            .run(|mut conn| {
+                let key = key.clone();
+                async move { redis::cmd("DEL").arg(key).query_async(&mut conn).await }
+            })
+            .await?;
         Ok(())
     }
 }

@@ -217,3 +217,52 @@ async fn an_unreachable_redis_is_an_unavailable_error() {
         "{e:?}"
     );
 }
+
+/// Muse's HTTP workers each run a runtime of their own and stop before
+/// the process sends its last settlements (from the main runtime): the
+/// store must still answer once the runtime that first used it is gone.
+#[test]
+fn the_store_outlives_the_runtime_that_first_used_it() {
+    let Some(url) = redis_url() else {
+        eprintln!("skipping: TEST_REDIS_URL is not set");
+        return;
+    };
+    let store = Arc::new(RedisQuotaStore::new(&url).unwrap());
+    let user = Uuid::now_v7();
+    let first = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    first.block_on(async {
+        store
+            .load(user, PERIOD, period_end(), Usage::default())
+            .await
+            .unwrap();
+    });
+    drop(first);
+    let second = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    second.block_on(async {
+        let change = muse_billing::UsageChange {
+            user_id: user,
+            period_start: PERIOD,
+            usage: Usage {
+                requests: 1,
+                tokens: 0,
+                cost_usd: 0.0,
+            },
+        };
+        store.add(&[change]).await.unwrap();
+        assert_eq!(
+            store
+                .reserve(user, PERIOD, &plan(Some(1), None, None), 0, 0.0)
+                .await
+                .unwrap(),
+            Some(Err(QuotaKind::Requests)),
+            "the request added from the second runtime was counted"
+        );
+        store.forget(user, PERIOD).await.unwrap();
+    });
+}
