@@ -18,6 +18,8 @@ use crate::schema::{executions, ideas, usage_counters};
 type Delta = (i64, i64, f64);
 /// The usage changes of a batch, per (user, period start).
 type Deltas = HashMap<(String, i64), Delta>;
+/// One of them.
+type Change<'a> = (&'a (String, i64), &'a Delta);
 
 /// [`CallStore`] on the database: each batch in one transaction.
 #[derive(Clone)]
@@ -65,8 +67,13 @@ pub fn record_calls(db: &Database, batch: &[CallRecord]) -> Result<(), DbError> 
         d.1 += u.tokens;
         d.2 += u.cost_usd;
     }
+    // A change that counts a request creates or adds to its period's row
+    // (counted in memory or on Redis, the row may not exist yet); one
+    // without (a refund of tokens or cost) changes only an existing row.
+    let (counted, corrected): (Vec<Change>, Vec<Change>) =
+        deltas.iter().partition(|(_, d)| d.0 > 0);
     db.write_batch(|conn| match conn {
-        DbConnection::Pg(pg) => record_in_one_statement(pg, rows, idea_rows, &deltas),
+        DbConnection::Pg(pg) => record_in_one_statement(pg, rows, idea_rows, &counted, &corrected),
         DbConnection::Sqlite(conn) => conn.transaction::<_, diesel::result::Error, _>(|conn| {
             // SQLite takes no multi-row INSERT with NULLs through diesel:
             // one statement per row, still one commit (and no round trips:
@@ -81,36 +88,31 @@ pub fn record_calls(db: &Database, batch: &[CallRecord]) -> Result<(), DbError> 
                     .values(row)
                     .execute(conn)?;
             }
-            for ((uid, period), (dr, dt, dc)) in &deltas {
-                if *dr > 0 {
-                    // The period's row may not exist yet (counted in
-                    // memory): created or added to in one statement.
-                    let row = (
-                        usage_counters::user_id.eq(uid),
-                        usage_counters::period_start.eq(*period),
-                        usage_counters::requests.eq(*dr),
-                        usage_counters::tokens.eq(*dt),
-                        usage_counters::cost_usd.eq(*dc),
-                    );
-                    let add = (
-                        usage_counters::requests
-                            .eq(usage_counters::requests + excluded(usage_counters::requests)),
-                        usage_counters::tokens
-                            .eq(usage_counters::tokens + excluded(usage_counters::tokens)),
-                        usage_counters::cost_usd
-                            .eq(usage_counters::cost_usd + excluded(usage_counters::cost_usd)),
-                    );
-                    let key = (usage_counters::user_id, usage_counters::period_start);
-                    diesel::insert_into(usage_counters::table)
-                        .values(row)
-                        .on_conflict(key)
-                        .do_update()
-                        .set(add)
-                        .execute(conn)?;
-                    continue;
-                }
-                // No request to count (a refund of tokens or cost): only
-                // an existing period's row changes.
+            for ((uid, period), (dr, dt, dc)) in &counted {
+                let row = (
+                    usage_counters::user_id.eq(uid),
+                    usage_counters::period_start.eq(*period),
+                    usage_counters::requests.eq(*dr),
+                    usage_counters::tokens.eq(*dt),
+                    usage_counters::cost_usd.eq(*dc),
+                );
+                let add = (
+                    usage_counters::requests
+                        .eq(usage_counters::requests + excluded(usage_counters::requests)),
+                    usage_counters::tokens
+                        .eq(usage_counters::tokens + excluded(usage_counters::tokens)),
+                    usage_counters::cost_usd
+                        .eq(usage_counters::cost_usd + excluded(usage_counters::cost_usd)),
+                );
+                let key = (usage_counters::user_id, usage_counters::period_start);
+                diesel::insert_into(usage_counters::table)
+                    .values(row)
+                    .on_conflict(key)
+                    .do_update()
+                    .set(add)
+                    .execute(conn)?;
+            }
+            for ((uid, period), (dr, dt, dc)) in &corrected {
                 diesel::update(usage_counters::table.find((uid, *period)))
                     .set((
                         usage_counters::requests.eq(usage_counters::requests + *dr),
@@ -141,7 +143,8 @@ fn record_in_one_statement(
     pg: &mut PgConnection,
     rows: Vec<Row>,
     ideas: Vec<IdeaRow>,
-    deltas: &Deltas,
+    counted: &[Change],
+    corrected: &[Change],
 ) -> Result<(), diesel::result::Error> {
     use diesel::sql_types::{Array, BigInt, Bool, Double, Integer, Nullable, Text};
 
@@ -150,10 +153,7 @@ fn record_in_one_statement(
             $rows.iter().map(|r| r.$field.clone()).collect::<Vec<_>>()
         };
     }
-    // Usage rows to create or add to (a request counted), and usage rows
-    // only corrected (a refund of tokens or cost: an existing row only).
-    let (counted, corrected): (Vec<_>, Vec<_>) = deltas.iter().partition(|(_, d)| d.0 > 0);
-    let usage = |set: &[(&(String, i64), &Delta)]| {
+    let usage = |set: &[Change]| {
         (
             set.iter().map(|((u, _), _)| u.clone()).collect::<Vec<_>>(),
             set.iter().map(|((_, p), _)| *p).collect::<Vec<_>>(),
@@ -162,8 +162,8 @@ fn record_in_one_statement(
             set.iter().map(|(_, d)| d.2).collect::<Vec<_>>(),
         )
     };
-    let (cu, cp, cr, ct, cc) = usage(&counted);
-    let (fu, fp, _, ft, fc) = usage(&corrected);
+    let (cu, cp, cr, ct, cc) = usage(counted);
+    let (fu, fp, _, ft, fc) = usage(corrected);
     diesel::sql_query(BATCH_SQL)
         .bind::<Array<Text>, _>(column!(rows, id))
         .bind::<Array<Text>, _>(column!(rows, user_id))
