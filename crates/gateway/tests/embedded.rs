@@ -287,3 +287,55 @@ async fn an_uncapped_plan_reserves_nothing_on_the_shared_store_and_is_counted_th
     assert_eq!(plans.usage(user.id, period).unwrap().requests, 4);
     store.forget(user.id, period).await.unwrap();
 }
+
+/// Quotas counted in the database: a plan without any quota takes no
+/// reservation (no conditional `UPDATE` before the call), and each call is
+/// counted exactly once, with its record — so a quota the plan gains
+/// mid-month starts from the real count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_uncapped_plan_is_counted_once_in_the_database() {
+    let t = muse_persistence::testing::TestDb::new();
+    let db = Database::connect(&t.url, 4).unwrap();
+    db.run_migrations().unwrap();
+    let now = muse_core::Clock::now_ms(&muse_core::SystemClock);
+    let (user, plans) = user_and_plans(&db, "uncapped-db@example.com");
+    let mut free = plans.plan("free").unwrap().expect("seeded");
+    (free.max_requests, free.max_tokens, free.max_cost_usd) = (None, None, None);
+    plans.upsert_plan(&free, now).unwrap();
+    let writer =
+        Writer::start(Arc::new(DieselCallStore::new(db.clone())), WriteMode::Sync).unwrap();
+    let gateway = Gateway::new(
+        echo_registry(),
+        plans.clone(),
+        QuotaCounting::Database,
+        writer,
+        GatewayOptions::default(),
+    );
+    let call = |text: &'static str| {
+        Run::new(
+            &gateway,
+            user.id,
+            ExecutionSource::OpenaiApi,
+            "test/echo",
+            request(text),
+        )
+        .admit()
+    };
+    let (period, _) = muse_billing::month_of(now);
+    for done in 0..3 {
+        let run = call("hello world").await.unwrap();
+        assert_eq!(
+            plans.usage(user.id, period).unwrap().requests,
+            done,
+            "nothing reserved before the call"
+        );
+        run.complete().await.unwrap();
+    }
+    assert_eq!(plans.usage(user.id, period).unwrap().requests, 3);
+
+    free.max_requests = Some(4);
+    plans.upsert_plan(&free, now).unwrap();
+    call("one more").await.unwrap().complete().await.unwrap();
+    assert_requests_quota(call("past the quota").await.err().expect("over the quota"));
+    assert_eq!(plans.usage(user.id, period).unwrap().requests, 4);
+}
