@@ -52,6 +52,41 @@ fn user_and_plans(db: &Database, email: &str) -> (muse_auth::User, Arc<CachedBil
     (user, plans)
 }
 
+/// A gateway over the echo model, plans read through `plans`, quotas
+/// counted as `quota` says, records written by group commit on `db`.
+fn gateway_on(db: &Database, plans: &Arc<CachedBilling>, quota: QuotaCounting) -> Gateway {
+    let writer =
+        Writer::start(Arc::new(DieselCallStore::new(db.clone())), WriteMode::Sync).unwrap();
+    Gateway::new(
+        echo_registry(),
+        plans.clone(),
+        quota,
+        writer,
+        GatewayOptions::default(),
+    )
+}
+
+/// The free plan without any quota (returned, to be given one later).
+fn uncapped_free_plan(plans: &CachedBilling, now: i64) -> Plan {
+    let mut free = plans.plan("free").unwrap().expect("seeded");
+    (free.max_requests, free.max_tokens, free.max_cost_usd) = (None, None, None);
+    plans.upsert_plan(&free, now).unwrap();
+    free
+}
+
+/// `user` asks `gateway` for one chat call on the echo model.
+async fn admit(gateway: &Gateway, user: Uuid, text: &str) -> Result<Run, AdmitError> {
+    Run::new(
+        gateway,
+        user,
+        ExecutionSource::OpenaiApi,
+        "test/echo",
+        request(text),
+    )
+    .admit()
+    .await
+}
+
 /// `e` is the plan's request quota refusing a call.
 fn assert_requests_quota(e: AdmitError) {
     assert!(
@@ -87,15 +122,7 @@ async fn calls_are_admitted_run_recorded_and_refused_past_the_quota() {
     free.max_cost_usd = None;
     plans.upsert_plan(&free, now).unwrap();
 
-    let writer =
-        Writer::start(Arc::new(DieselCallStore::new(db.clone())), WriteMode::Sync).unwrap();
-    let gateway = Gateway::new(
-        echo_registry(),
-        plans.clone(),
-        QuotaCounting::Memory(QuotaLedger::new()),
-        writer,
-        GatewayOptions::default(),
-    );
+    let gateway = gateway_on(&db, &plans, QuotaCounting::Memory(QuotaLedger::new()));
     let key = "test/echo";
     let source = ExecutionSource::OpenaiApi;
     let executions = muse_persistence::DieselExecutionRepository::new(db.clone());
@@ -234,39 +261,20 @@ async fn an_uncapped_plan_reserves_nothing_on_the_shared_store_and_is_counted_th
     db.run_migrations().unwrap();
     let now = muse_core::Clock::now_ms(&muse_core::SystemClock);
     let (user, plans) = user_and_plans(&db, "uncapped@example.com");
-    let mut free = plans.plan("free").unwrap().expect("seeded");
-    (free.max_requests, free.max_tokens, free.max_cost_usd) = (None, None, None);
-    plans.upsert_plan(&free, now).unwrap();
+    let mut free = uncapped_free_plan(&plans, now);
 
     let store = Arc::new(CountingStore {
         redis: muse_persistence::RedisQuotaStore::new(&url).unwrap(),
         reservations: Default::default(),
     });
-    let writer =
-        Writer::start(Arc::new(DieselCallStore::new(db.clone())), WriteMode::Sync).unwrap();
-    let gateway = Gateway::new(
-        echo_registry(),
-        plans.clone(),
-        QuotaCounting::Shared(store.clone()),
-        writer,
-        GatewayOptions::default(),
-    );
+    let gateway = gateway_on(&db, &plans, QuotaCounting::Shared(store.clone()));
     let (period, period_end) = muse_billing::month_of(now);
     store
         .load(user.id, period, period_end, Usage::default())
         .await
         .unwrap();
     let reservations = || store.reservations.load(std::sync::atomic::Ordering::SeqCst);
-    let call = |text: &'static str| {
-        Run::new(
-            &gateway,
-            user.id,
-            ExecutionSource::OpenaiApi,
-            "test/echo",
-            request(text),
-        )
-        .admit()
-    };
+    let call = |text| admit(&gateway, user.id, text);
 
     for _ in 0..3 {
         call("hello world").await.unwrap().complete().await.unwrap();
@@ -299,28 +307,9 @@ async fn an_uncapped_plan_is_counted_once_in_the_database() {
     db.run_migrations().unwrap();
     let now = muse_core::Clock::now_ms(&muse_core::SystemClock);
     let (user, plans) = user_and_plans(&db, "uncapped-db@example.com");
-    let mut free = plans.plan("free").unwrap().expect("seeded");
-    (free.max_requests, free.max_tokens, free.max_cost_usd) = (None, None, None);
-    plans.upsert_plan(&free, now).unwrap();
-    let writer =
-        Writer::start(Arc::new(DieselCallStore::new(db.clone())), WriteMode::Sync).unwrap();
-    let gateway = Gateway::new(
-        echo_registry(),
-        plans.clone(),
-        QuotaCounting::Database,
-        writer,
-        GatewayOptions::default(),
-    );
-    let call = |text: &'static str| {
-        Run::new(
-            &gateway,
-            user.id,
-            ExecutionSource::OpenaiApi,
-            "test/echo",
-            request(text),
-        )
-        .admit()
-    };
+    let mut free = uncapped_free_plan(&plans, now);
+    let gateway = gateway_on(&db, &plans, QuotaCounting::Database);
+    let call = |text| admit(&gateway, user.id, text);
     let (period, _) = muse_billing::month_of(now);
     for done in 0..3 {
         let run = call("hello world").await.unwrap();
