@@ -156,6 +156,7 @@ fn run(store: &dyn CallStore, mut rx: mpsc::Receiver<Item>, pending: Arc<AtomicU
             let _ = w.send(ok);
         }
         batch.clear();
+        store.between_batches();
     }
 }
 

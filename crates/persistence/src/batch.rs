@@ -40,6 +40,16 @@ impl CallStore for DieselCallStore {
             other => RecordError::Unavailable(other.to_string()),
         })
     }
+
+    fn between_batches(&self) {
+        match self.db.restart_wal_if_large() {
+            Ok(true) => tracing::debug!("the WAL was made to start over"),
+            Ok(false) => {}
+            // The next batch tries again; a WAL that keeps growing is
+            // worth an operator's look.
+            Err(e) => tracing::warn!(error = %e, "cannot make the WAL start over"),
+        }
+    }
 }
 
 /// Writes `batch` in one transaction: every execution and idea inserted,

@@ -44,4 +44,10 @@ pub enum RecordError {
 /// Writes batches of call records, all or nothing per batch.
 pub trait CallStore: Send + Sync + 'static {
     fn record_calls(&self, batch: &[CallRecord]) -> Result<(), RecordError>;
+
+    /// Housekeeping the store wants done off its callers' path: a
+    /// group-commit writer calls it after each batch's callers were
+    /// answered (SQLite makes its WAL start over here when it grew too
+    /// large). Nothing by default.
+    fn between_batches(&self) {}
 }
