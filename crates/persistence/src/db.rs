@@ -434,8 +434,19 @@ impl Database {
         let Ok(_held) = c.checkpointing.try_lock() else {
             return Ok(false);
         };
-        self.write(|conn| conn.batch_execute("PRAGMA wal_checkpoint(RESTART)"))?
-            .map_err(|e| DbError::Unavailable(format!("WAL restart checkpoint: {e}")))?;
+        // Without waiting: a reader still on an older snapshot (or a
+        // writer in another process) would otherwise hold the writer, and
+        // every caller waiting on its next batch, for up to the busy
+        // timeout. Busy, the checkpoint does what it can without waiting
+        // and the WAL does not start over this time; the thread's next
+        // measurement asks again.
+        let restarted = self.write(|conn| {
+            conn.batch_execute("PRAGMA busy_timeout = 0")?;
+            let restarted = conn.batch_execute("PRAGMA wal_checkpoint(RESTART)");
+            conn.batch_execute("PRAGMA busy_timeout = 5000")?;
+            restarted
+        })?;
+        restarted.map_err(|e| DbError::Unavailable(format!("WAL restart checkpoint: {e}")))?;
         // Until the thread's next checkpoint measures the new WAL.
         c.wal_bytes.store(0, Ordering::Relaxed);
         Ok(true)
@@ -660,6 +671,51 @@ mod tests {
             bounded < 6_000_000,
             "the WAL file reached {bounded} bytes with a 1 MB limit ({restarts} restarts)"
         );
+    }
+
+    /// A reader still on an older snapshot keeps the WAL from starting
+    /// over; the restart must not wait for it (the group-commit writer,
+    /// and every caller waiting on its next batch, would wait with it).
+    #[test]
+    fn a_restart_does_not_wait_for_an_old_reader() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.db");
+        let db = Database::connect(&format!("sqlite://{}", path.display()), 2).unwrap();
+        db.write(|c| c.batch_execute("CREATE TABLE t (x BLOB); INSERT INTO t VALUES (1)"))
+            .unwrap()
+            .unwrap();
+        let mut reader = db.get().unwrap();
+        reader
+            .batch_execute("BEGIN; SELECT count(*) FROM t;")
+            .unwrap();
+        for _ in 0..100 {
+            db.write(|c| c.batch_execute("INSERT INTO t VALUES (randomblob(4000))"))
+                .unwrap()
+                .unwrap();
+        }
+        let started = std::time::Instant::now();
+        loop {
+            // Once the background thread has measured the WAL.
+            let call = std::time::Instant::now();
+            if db.restart_wal_above(1024).unwrap() {
+                assert!(
+                    call.elapsed() < Duration::from_millis(2_500),
+                    "the restart waited {:?} for the reader",
+                    call.elapsed()
+                );
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "never measured"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        reader.batch_execute("COMMIT").unwrap();
+        // The writing connection waits for other writers again.
+        db.write(|c| c.batch_execute("INSERT INTO t VALUES (2)"))
+            .unwrap()
+            .unwrap();
     }
 
     /// Many connections opening a new database at once (a server's pool
