@@ -406,7 +406,9 @@ impl Database {
 
     /// SQLite: makes the WAL start over once it holds more than
     /// [`WAL_RESTART_ABOVE`] (as measured by the background thread's last
-    /// checkpoint); returns whether it did. The WAL starts over
+    /// checkpoint); returns whether it ran the restart checkpoint (which,
+    /// when a reader is still on an older snapshot, copies what it can
+    /// and leaves the start-over to a later try). The WAL starts over
     /// from its first frame only when a commit finds it completely
     /// checkpointed; under steady writes the background checkpoints never
     /// get there (new commits land while they copy), and the file would
