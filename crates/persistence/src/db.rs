@@ -592,13 +592,20 @@ mod tests {
         }
     }
 
+    /// A new SQLite database in a folder of its own (kept while the first
+    /// value lives), its file, and a pool on it.
+    fn new_sqlite() -> (tempfile::TempDir, PathBuf, Database) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let db = Database::connect(&format!("sqlite://{}", path.display()), 2).unwrap();
+        (dir, path, db)
+    }
+
     /// Commits never checkpoint the WAL (its sync would stall the group
     /// commit); the background checkpointer moves it into the database.
     #[test]
     fn the_wal_reaches_the_database_file_off_the_writers_path() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("c.db");
-        let db = Database::connect(&format!("sqlite://{}", path.display()), 2).unwrap();
+        let (_dir, path, db) = new_sqlite();
         let mut conn = db.get().unwrap();
         let mut autocheckpoint = 1;
         if let DbConnection::Sqlite(c) = &mut *conn {
@@ -638,13 +645,11 @@ mod tests {
     #[test]
     fn steady_writes_keep_the_wal_near_its_limit() {
         fn wal_file_after_steady_writes(restart: bool) -> (u64, usize) {
-            let dir = tempfile::tempdir().unwrap();
-            let path = dir.path().join("w.db");
-            let db = Database::connect(&format!("sqlite://{}", path.display()), 2).unwrap();
+            let (dir, _path, db) = new_sqlite();
             db.write(|c| c.batch_execute("CREATE TABLE t (x BLOB)"))
                 .unwrap()
                 .unwrap();
-            let wal = dir.path().join("w.db-wal");
+            let wal = dir.path().join("t.db-wal");
             let mut largest = 0;
             let mut restarts = 0;
             // 12 MB in 3,000 commits, 1 ms apart (4 MB/s, 1 MB between
@@ -680,9 +685,7 @@ mod tests {
     /// and every caller waiting on its next batch, would wait with it).
     #[test]
     fn a_restart_does_not_wait_for_an_old_reader() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("r.db");
-        let db = Database::connect(&format!("sqlite://{}", path.display()), 2).unwrap();
+        let (_dir, _path, db) = new_sqlite();
         db.write(|c| c.batch_execute("CREATE TABLE t (x BLOB); INSERT INTO t VALUES (1)"))
             .unwrap()
             .unwrap();
