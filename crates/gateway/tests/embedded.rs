@@ -101,6 +101,15 @@ fn assert_requests_quota(e: AdmitError) {
     );
 }
 
+/// A test database (SQLite, or PostgreSQL with `TEST_DATABASE_URL`; kept
+/// while the first value lives), migrated, and a pool on it.
+fn migrated_db() -> (muse_persistence::testing::TestDb, Database) {
+    let t = muse_persistence::testing::TestDb::new();
+    let db = Database::connect(&t.url, 4).unwrap();
+    db.run_migrations().unwrap();
+    (t, db)
+}
+
 fn echo_registry() -> Arc<ModelRegistry> {
     let mut registry = ModelRegistry::new(PriceTable::builtin(), RetryPolicy::none());
     registry.add_provider(Arc::new(EchoProvider::new()), &["echo".to_string()]);
@@ -109,9 +118,7 @@ fn echo_registry() -> Arc<ModelRegistry> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_are_admitted_run_recorded_and_refused_past_the_quota() {
-    let t = muse_persistence::testing::TestDb::new();
-    let db = Database::connect(&t.url, 4).unwrap();
-    db.run_migrations().unwrap();
+    let (_t, db) = migrated_db();
     let now = muse_core::Clock::now_ms(&muse_core::SystemClock);
     let (user, plans) = user_and_plans(&db, "embed@example.com");
     let mut free = plans
@@ -256,9 +263,7 @@ async fn an_uncapped_plan_reserves_nothing_on_the_shared_store_and_is_counted_th
         eprintln!("skipping: TEST_REDIS_URL is not set");
         return;
     };
-    let t = muse_persistence::testing::TestDb::new();
-    let db = Database::connect(&t.url, 4).unwrap();
-    db.run_migrations().unwrap();
+    let (_t, db) = migrated_db();
     let now = muse_core::Clock::now_ms(&muse_core::SystemClock);
     let (user, plans) = user_and_plans(&db, "uncapped@example.com");
     let mut free = uncapped_free_plan(&plans, now);
@@ -302,9 +307,7 @@ async fn an_uncapped_plan_reserves_nothing_on_the_shared_store_and_is_counted_th
 /// mid-month starts from the real count.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_uncapped_plan_is_counted_once_in_the_database() {
-    let t = muse_persistence::testing::TestDb::new();
-    let db = Database::connect(&t.url, 4).unwrap();
-    db.run_migrations().unwrap();
+    let (_t, db) = migrated_db();
     let now = muse_core::Clock::now_ms(&muse_core::SystemClock);
     let (user, plans) = user_and_plans(&db, "uncapped-db@example.com");
     let mut free = uncapped_free_plan(&plans, now);
