@@ -281,6 +281,65 @@ mod tests {
         );
     }
 
+    /// The real store, with its `between_batches` held until the test
+    /// lets it go, and counted.
+    struct HeldHousekeeping {
+        store: muse_persistence::DieselCallStore,
+        release: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+        calls: AtomicUsize,
+    }
+
+    impl CallStore for HeldHousekeeping {
+        fn record_calls(&self, batch: &[CallRecord]) -> Result<(), muse_prompts::RecordError> {
+            self.store.record_calls(batch)
+        }
+
+        fn between_batches(&self) {
+            let _ = self.release.lock().unwrap().recv();
+            self.store.between_batches();
+            self.calls.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// The store's housekeeping (SQLite's WAL restart) runs after each
+    /// batch, and only once its callers were answered: a caller never
+    /// waits for it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn housekeeping_runs_after_each_batch_once_its_callers_are_answered() {
+        let t = muse_persistence::testing::TestDb::new();
+        let db = muse_persistence::Database::connect(&t.url, 2).unwrap();
+        db.run_migrations().unwrap();
+        let user = user_in(&db);
+        let (release, held) = std::sync::mpsc::channel();
+        let store = Arc::new(HeldHousekeeping {
+            store: muse_persistence::DieselCallStore::new(db.clone()),
+            release: std::sync::Mutex::new(held),
+            calls: AtomicUsize::new(0),
+        });
+        let writer = Writer::start(store.clone(), WriteMode::Sync).unwrap();
+        for batch in 1..=2 {
+            let written = writer
+                .submit(CallRecord {
+                    execution: execution(user.id),
+                    idea: None,
+                    usage: None,
+                })
+                .unwrap();
+            // Answered while the housekeeping after it is still held.
+            let answered = tokio::time::timeout(Duration::from_secs(5), written).await;
+            assert_eq!(answered.map_err(|_| "not answered"), Ok(Ok(true)));
+            release.send(()).unwrap();
+            let started = Instant::now();
+            while store.calls.load(Ordering::SeqCst) < batch {
+                assert!(
+                    started.elapsed() < Duration::from_secs(5),
+                    "no housekeeping"
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    }
+
     fn user_in(db: &muse_persistence::Database) -> muse_auth::User {
         let user = muse_auth::User {
             id: Uuid::now_v7(),
