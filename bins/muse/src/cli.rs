@@ -141,7 +141,9 @@ pub fn run(cli: Cli, flags: &[std::ffi::OsString]) -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(format!("configuration error: {e}")),
     };
-    init_tracing(config.log_format);
+    // Held until this function returns: the log lines still queued are
+    // written out before the process exits.
+    let _log = init_tracing(config.log_format);
     match cli.command {
         None | Some(Command::Serve(_)) => {
             let result = actix_web::rt::System::new().block_on(serve(config));

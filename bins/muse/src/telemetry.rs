@@ -19,25 +19,48 @@ use crate::config::LogFormat;
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
 /// Installs the global subscriber: `RUST_LOG` filter (default `info`),
-/// text or JSON lines on stderr. Safe to call twice (the second is a no-op).
-pub fn init_tracing(format: LogFormat) {
+/// text or JSON lines on stderr (colours only when stderr is a terminal).
+/// Safe to call twice (the second is a no-op, and returns `None`).
+///
+/// Lines are written by a thread of their own ([`tracing_appender`]'s
+/// non-blocking writer): a request's log line costs a copy into a queue,
+/// not a `write` system call on the HTTP worker — one that waits whenever
+/// the file or pipe behind stderr does (a busy disk, a slow log reader).
+/// No line is dropped: when [`LOG_QUEUE_LINES`] lines are already
+/// waiting, the logging thread waits too. Keep the returned guard for the
+/// process's life: dropping it writes out what is still queued.
+pub fn init_tracing(format: LogFormat) -> Option<tracing_appender::non_blocking::WorkerGuard> {
+    use std::io::IsTerminal;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let registry = tracing_subscriber::registry().with(filter);
-    let _ = match format {
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .buffered_lines_limit(LOG_QUEUE_LINES)
+        .lossy(false)
+        .thread_name("muse-log")
+        .finish(std::io::stderr());
+    let installed = match format {
         LogFormat::Json => registry
             .with(
                 tracing_subscriber::fmt::layer()
                     .json()
                     .with_current_span(true)
                     .with_span_list(false)
-                    .with_writer(std::io::stderr),
+                    .with_writer(writer),
             )
             .try_init(),
         LogFormat::Text => registry
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(std::io::stderr().is_terminal())
+                    .with_writer(writer),
+            )
             .try_init(),
     };
+    installed.ok().map(|()| guard)
 }
+
+/// Log lines queued for the log thread before a logging thread waits.
+pub const LOG_QUEUE_LINES: usize = 65_536;
 
 /// The process-wide Prometheus recorder (installed on first use).
 pub fn metrics_handle() -> PrometheusHandle {

@@ -246,6 +246,86 @@ fn serve_logs_json_and_stops_gracefully_on_sigterm() {
     );
 }
 
+/// Text logs through a pipe (the usual case under systemd or a container
+/// runtime): plain lines, no terminal colour codes, and the lines logged
+/// while stopping reach the pipe before the process exits (they are
+/// written by a log thread of their own, flushed at exit).
+#[cfg(unix)]
+#[test]
+fn text_logs_in_a_pipe_are_plain_and_complete_at_exit() {
+    let dir = workdir();
+    let mut child = muse(&dir)
+        .env("PORT", "0")
+        .env("LOG_FORMAT", "text")
+        .env("WORKERS", "1")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Lines arrive on a channel, so that a missing one fails the test
+    // instead of blocking it; the channel closes with the pipe.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !seen
+        .iter()
+        .any(|l: &String| l.contains("Muse is listening"))
+    {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => seen.push(line),
+            Err(_) => {
+                let _ = child.kill();
+                panic!("no address announced: {seen:?}");
+            }
+        }
+    }
+    let addr = seen
+        .iter()
+        .find(|l| l.contains("Muse is listening"))
+        .and_then(|l| l.split_once("addr="))
+        .map(|(_, addr)| addr.trim().to_string())
+        .unwrap_or_else(|| {
+            let _ = child.kill();
+            panic!("no plain addr= field: {seen:?}")
+        });
+    // Serving (its signal handlers are in place once it answers).
+    let res = http(&addr, "GET", "/health");
+    assert!(res.starts_with("HTTP/1.1 200"), "{res}");
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // Everything up to the pipe's end (the process has exited then).
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => seen.push(line),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                let _ = child.kill();
+                panic!("stderr still open after SIGTERM: {seen:?}");
+            }
+        }
+    }
+    let code = child.wait().unwrap();
+    assert!(code.success(), "exit status {code}: {seen:?}");
+    assert!(
+        seen.iter().all(|l| !l.contains('\u{1b}')),
+        "colour codes in a pipe: {seen:?}"
+    );
+    assert!(
+        seen.last().is_some_and(|l| l.contains("server stopped")),
+        "the last lines were lost at exit: {seen:?}"
+    );
+}
+
 /// On SIGTERM the server reports not ready first (for SHUTDOWN_DELAY_MS,
 /// while still serving), then stops and exits cleanly.
 #[cfg(unix)]
