@@ -6,7 +6,6 @@
 use std::collections::HashMap;
 
 use diesel::prelude::*;
-use diesel::upsert::excluded;
 use muse_prompts::{CallRecord, CallStore, RecordError};
 
 use crate::db::{Database, DbConnection, DbError};
@@ -99,28 +98,14 @@ pub fn record_calls(db: &Database, batch: &[CallRecord]) -> Result<(), DbError> 
                     .execute(conn)?;
             }
             for ((uid, period), (dr, dt, dc)) in &counted {
-                let row = (
-                    usage_counters::user_id.eq(uid),
-                    usage_counters::period_start.eq(*period),
-                    usage_counters::requests.eq(*dr),
-                    usage_counters::tokens.eq(*dt),
-                    usage_counters::cost_usd.eq(*dc),
-                );
-                let add = (
-                    usage_counters::requests
-                        .eq(usage_counters::requests + excluded(usage_counters::requests)),
-                    usage_counters::tokens
-                        .eq(usage_counters::tokens + excluded(usage_counters::tokens)),
-                    usage_counters::cost_usd
-                        .eq(usage_counters::cost_usd + excluded(usage_counters::cost_usd)),
-                );
-                let key = (usage_counters::user_id, usage_counters::period_start);
-                diesel::insert_into(usage_counters::table)
-                    .values(row)
-                    .on_conflict(key)
-                    .do_update()
-                    .set(add)
-                    .execute(conn)?;
+                AddUsage {
+                    user_id: uid,
+                    period_start: *period,
+                    requests: *dr,
+                    tokens: *dt,
+                    cost_usd: *dc,
+                }
+                .execute(conn)?;
             }
             for ((uid, period), (dr, dt, dc)) in &corrected {
                 diesel::update(usage_counters::table.find((uid, *period)))
@@ -142,6 +127,57 @@ pub fn record_calls(db: &Database, batch: &[CallRecord]) -> Result<(), DbError> 
         }
     })
 }
+
+/// SQLite: adds one batch's requests, tokens and cost to a usage row,
+/// creating it. The same upsert diesel's query builder writes, as a
+/// statement of fixed text and static type, which diesel prepares once per
+/// connection and keeps: its builder marks every `ON CONFLICT … DO UPDATE`
+/// as not to be cached, so that SQLite parsed and planned the upsert again
+/// for every batch (a fifth of the writer's work per commit, measured with
+/// `perf` at 2,000 calls/s).
+struct AddUsage<'a> {
+    user_id: &'a str,
+    period_start: i64,
+    requests: i64,
+    tokens: i64,
+    cost_usd: f64,
+}
+
+impl diesel::query_builder::QueryId for AddUsage<'_> {
+    type QueryId = AddUsage<'static>;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl diesel::query_builder::QueryFragment<diesel::sqlite::Sqlite> for AddUsage<'_> {
+    fn walk_ast<'b>(
+        &'b self,
+        mut out: diesel::query_builder::AstPass<'_, 'b, diesel::sqlite::Sqlite>,
+    ) -> QueryResult<()> {
+        use diesel::sql_types::{BigInt, Double, Text};
+        out.push_sql(
+            "INSERT INTO usage_counters (user_id, period_start, requests, tokens, cost_usd) \
+             VALUES (",
+        );
+        out.push_bind_param::<Text, _>(&self.user_id)?;
+        out.push_sql(", ");
+        out.push_bind_param::<BigInt, _>(&self.period_start)?;
+        out.push_sql(", ");
+        out.push_bind_param::<BigInt, _>(&self.requests)?;
+        out.push_sql(", ");
+        out.push_bind_param::<BigInt, _>(&self.tokens)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Double, _>(&self.cost_usd)?;
+        out.push_sql(
+            ") ON CONFLICT (user_id, period_start) DO UPDATE SET \
+             requests = requests + excluded.requests, \
+             tokens = tokens + excluded.tokens, \
+             cost_usd = cost_usd + excluded.cost_usd",
+        );
+        Ok(())
+    }
+}
+
+impl RunQueryDsl<diesel::sqlite::SqliteConnection> for AddUsage<'_> {}
 
 /// A batch on PostgreSQL: one statement, so one round trip and one
 /// (implicit) transaction — every execution, idea and usage change of the
@@ -249,3 +285,66 @@ WITH new_executions AS (
     WHERE c.user_id = d.user_id AND c.period_start = d.period_start
 )
 SELECT 1";
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use diesel::connection::{Instrumentation, InstrumentationEvent, SimpleConnection};
+    use std::sync::{Arc, Mutex};
+
+    /// What the connection put in its prepared statement cache.
+    fn cached_statements(conn: &mut SqliteConnection) -> Arc<Mutex<Vec<String>>> {
+        let cached = Arc::new(Mutex::new(Vec::new()));
+        let seen = cached.clone();
+        let on_event = move |event: InstrumentationEvent<'_>| {
+            if let InstrumentationEvent::CacheQuery { sql, .. } = event {
+                seen.lock().unwrap().push(sql.to_string());
+            }
+        };
+        let instrumentation: Box<dyn Instrumentation> = Box::new(on_event);
+        conn.set_instrumentation(instrumentation);
+        cached
+    }
+
+    #[test]
+    fn the_usage_upsert_is_prepared_once_per_connection() {
+        let mut conn = SqliteConnection::establish(":memory:").unwrap();
+        conn.batch_execute(
+            "CREATE TABLE usage_counters (user_id TEXT NOT NULL, period_start BIGINT NOT NULL, \
+             requests BIGINT NOT NULL DEFAULT 0, tokens BIGINT NOT NULL DEFAULT 0, \
+             cost_usd DOUBLE PRECISION NOT NULL DEFAULT 0, PRIMARY KEY (user_id, period_start))",
+        )
+        .unwrap();
+        let cached = cached_statements(&mut conn);
+        for (user, tokens) in [("a", 10), ("a", 5), ("b", 7)] {
+            AddUsage {
+                user_id: user,
+                period_start: 100,
+                requests: 1,
+                tokens,
+                cost_usd: 0.5,
+            }
+            .execute(&mut conn)
+            .unwrap();
+        }
+        let cached = cached.lock().unwrap().clone();
+        assert_eq!(cached.len(), 1, "{cached:?}");
+        assert!(cached[0].contains("ON CONFLICT"), "{cached:?}");
+        // And it adds up.
+        let rows: Vec<(String, i64, i64, f64)> = usage_counters::table
+            .select((
+                usage_counters::user_id,
+                usage_counters::requests,
+                usage_counters::tokens,
+                usage_counters::cost_usd,
+            ))
+            .order(usage_counters::user_id)
+            .load(&mut conn)
+            .unwrap();
+        assert_eq!(
+            rows,
+            vec![("a".into(), 2, 15, 1.0), ("b".into(), 1, 7, 0.5)]
+        );
+    }
+}
