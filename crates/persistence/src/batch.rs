@@ -291,6 +291,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use diesel::connection::{Instrumentation, InstrumentationEvent, SimpleConnection};
+    use diesel_migrations::MigrationHarness;
     use std::sync::{Arc, Mutex};
 
     /// What the connection put in its prepared statement cache.
@@ -309,13 +310,12 @@ mod tests {
 
     #[test]
     fn the_usage_upsert_is_prepared_once_per_connection() {
+        // The real schema; its foreign keys off, so that no users are
+        // needed for the usage rows.
         let mut conn = SqliteConnection::establish(":memory:").unwrap();
-        conn.batch_execute(
-            "CREATE TABLE usage_counters (user_id TEXT NOT NULL, period_start BIGINT NOT NULL, \
-             requests BIGINT NOT NULL DEFAULT 0, tokens BIGINT NOT NULL DEFAULT 0, \
-             cost_usd DOUBLE PRECISION NOT NULL DEFAULT 0, PRIMARY KEY (user_id, period_start))",
-        )
-        .unwrap();
+        conn.run_pending_migrations(crate::db::SQLITE_MIGRATIONS)
+            .unwrap();
+        conn.batch_execute("PRAGMA foreign_keys = OFF").unwrap();
         let cached = cached_statements(&mut conn);
         for (user, tokens) in [("a", 10), ("a", 5), ("b", 7)] {
             AddUsage {
