@@ -166,17 +166,23 @@ fn http(addr: &str, method: &str, path: &str) -> String {
     out
 }
 
+/// `muse serve` on a free port, one worker, its logs (in `format`) on a
+/// pipe.
+fn serve_logging(dir: &Work, format: &str) -> std::process::Child {
+    muse(dir)
+        .env("PORT", "0")
+        .env("LOG_FORMAT", format)
+        .env("WORKERS", "1")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 #[cfg(unix)]
 #[test]
 fn serve_logs_json_and_stops_gracefully_on_sigterm() {
     let dir = workdir();
-    let mut child = muse(&dir)
-        .env("PORT", "0")
-        .env("LOG_FORMAT", "json")
-        .env("WORKERS", "1")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = serve_logging(&dir, "json");
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut addr = None;
@@ -254,13 +260,7 @@ fn serve_logs_json_and_stops_gracefully_on_sigterm() {
 #[test]
 fn text_logs_in_a_pipe_are_plain_and_complete_at_exit() {
     let dir = workdir();
-    let mut child = muse(&dir)
-        .env("PORT", "0")
-        .env("LOG_FORMAT", "text")
-        .env("WORKERS", "1")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = serve_logging(&dir, "text");
     // Lines arrive on a channel, so that a missing one fails the test
     // instead of blocking it; the channel closes with the pipe.
     let (tx, rx) = std::sync::mpsc::channel();

@@ -301,14 +301,23 @@ mod tests {
         }
     }
 
+    /// A migrated test database (removed when the first value is dropped).
+    fn migrated_db() -> (
+        muse_persistence::testing::TestDb,
+        muse_persistence::Database,
+    ) {
+        let t = muse_persistence::testing::TestDb::new();
+        let db = muse_persistence::Database::connect(&t.url, 2).unwrap();
+        db.run_migrations().unwrap();
+        (t, db)
+    }
+
     /// The store's housekeeping (SQLite's WAL restart) runs after each
     /// batch, and only once its callers were answered: a caller never
     /// waits for it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn housekeeping_runs_after_each_batch_once_its_callers_are_answered() {
-        let t = muse_persistence::testing::TestDb::new();
-        let db = muse_persistence::Database::connect(&t.url, 2).unwrap();
-        db.run_migrations().unwrap();
+        let (_t, db) = migrated_db();
         let user = user_in(&db);
         let (release, held) = std::sync::mpsc::channel();
         let store = Arc::new(HeldHousekeeping {
@@ -362,9 +371,7 @@ mod tests {
     /// itself: the others of its batch are written.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_refused_record_does_not_take_its_batch_down() {
-        let t = muse_persistence::testing::TestDb::new();
-        let db = muse_persistence::Database::connect(&t.url, 2).unwrap();
-        db.run_migrations().unwrap();
+        let (_t, db) = migrated_db();
         let user = user_in(&db);
         let store: Arc<dyn CallStore> =
             Arc::new(muse_persistence::DieselCallStore::new(db.clone()));
