@@ -11,7 +11,7 @@ use muse_prompts::{CallRecord, CallStore, RecordError};
 use crate::db::{Database, DbConnection, DbError};
 use crate::execution_repo::Row;
 use crate::library_repo::IdeaRow;
-use crate::schema::{executions, ideas, usage_counters};
+use crate::schema::{executions, ideas};
 
 /// Requests, tokens and cost to add to one usage row.
 type Delta = (i64, i64, f64);
@@ -108,13 +108,15 @@ pub fn record_calls(db: &Database, batch: &[CallRecord]) -> Result<(), DbError> 
                 .execute(conn)?;
             }
             for ((uid, period), (dr, dt, dc)) in &corrected {
-                diesel::update(usage_counters::table.find((uid, *period)))
-                    .set((
-                        usage_counters::requests.eq(usage_counters::requests + *dr),
-                        usage_counters::tokens.eq(usage_counters::tokens + *dt),
-                        usage_counters::cost_usd.eq(usage_counters::cost_usd + *dc),
-                    ))
-                    .execute(conn)?;
+                AddUsage {
+                    user_id: uid,
+                    period_start: *period,
+                    requests: *dr,
+                    tokens: *dt,
+                    cost_usd: *dc,
+                }
+                .into_refund()
+                .execute(conn)?;
             }
             Ok(())
         }),
@@ -134,7 +136,8 @@ pub fn record_calls(db: &Database, batch: &[CallRecord]) -> Result<(), DbError> 
 /// connection and keeps: its builder marks every `ON CONFLICT … DO UPDATE`
 /// as not to be cached, so that SQLite parsed and planned the upsert again
 /// for every batch (a fifth of the writer's work per commit, measured with
-/// `perf` at 2,000 calls/s).
+/// `perf` at 2,000 calls/s). [`AddUsage::into_refund`] is the same
+/// change made only to a row that exists (refunds).
 struct AddUsage<'a> {
     user_id: &'a str,
     period_start: i64,
@@ -179,12 +182,52 @@ impl diesel::query_builder::QueryFragment<diesel::sqlite::Sqlite> for AddUsage<'
 
 impl RunQueryDsl<diesel::sqlite::SqliteConnection> for AddUsage<'_> {}
 
+impl<'a> AddUsage<'a> {
+    /// The change as an `UPDATE` of the row, if there is one.
+    fn into_refund(self) -> Refund<'a> {
+        Refund(self)
+    }
+}
+
+/// [`AddUsage`] made only to an existing row (no row is created), also of
+/// fixed text: diesel's update builder is never cached either.
+struct Refund<'a>(AddUsage<'a>);
+
+impl diesel::query_builder::QueryId for Refund<'_> {
+    type QueryId = Refund<'static>;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl diesel::query_builder::QueryFragment<diesel::sqlite::Sqlite> for Refund<'_> {
+    fn walk_ast<'b>(
+        &'b self,
+        mut out: diesel::query_builder::AstPass<'_, 'b, diesel::sqlite::Sqlite>,
+    ) -> QueryResult<()> {
+        use diesel::sql_types::{BigInt, Double, Text};
+        let change = &self.0;
+        out.push_sql("UPDATE usage_counters SET requests = requests + ");
+        out.push_bind_param::<BigInt, _>(&change.requests)?;
+        out.push_sql(", tokens = tokens + ");
+        out.push_bind_param::<BigInt, _>(&change.tokens)?;
+        out.push_sql(", cost_usd = cost_usd + ");
+        out.push_bind_param::<Double, _>(&change.cost_usd)?;
+        out.push_sql(" WHERE user_id = ");
+        out.push_bind_param::<Text, _>(&change.user_id)?;
+        out.push_sql(" AND period_start = ");
+        out.push_bind_param::<BigInt, _>(&change.period_start)?;
+        Ok(())
+    }
+}
+
+impl RunQueryDsl<diesel::sqlite::SqliteConnection> for Refund<'_> {}
+
 /// A batch on PostgreSQL: one statement, so one round trip and one
 /// (implicit) transaction — every execution, idea and usage change of the
 /// batch in data-modifying `WITH` clauses, each fed by `unnest` over one
 /// array per column (the statement's text and its 40 parameters are the
-/// same whatever the batch's size). All or nothing, like the transaction
-/// it replaces: a row the database refuses fails the whole statement.
+/// same whatever the batch's size, so it is prepared once per connection:
+/// see [`PgBatch`]). All or nothing, like the transaction it replaces: a
+/// row the database refuses fails the whole statement.
 fn record_in_one_statement(
     pg: &mut PgConnection,
     rows: Vec<Row>,
@@ -192,67 +235,143 @@ fn record_in_one_statement(
     counted: &[Change],
     corrected: &[Change],
 ) -> Result<(), diesel::result::Error> {
-    use diesel::sql_types::{Array, BigInt, Bool, Double, Integer, Nullable, Text};
-
+    use Column as C;
     macro_rules! column {
-        ($rows:expr, $field:ident) => {
-            $rows.iter().map(|r| r.$field.clone()).collect::<Vec<_>>()
+        ($kind:ident, $rows:expr, $field:ident) => {
+            C::$kind($rows.iter().map(|r| r.$field.clone()).collect())
         };
     }
     let usage = |set: &[Change]| {
         (
-            set.iter().map(|((u, _), _)| u.clone()).collect::<Vec<_>>(),
-            set.iter().map(|((_, p), _)| *p).collect::<Vec<_>>(),
-            set.iter().map(|(_, d)| d.0).collect::<Vec<_>>(),
-            set.iter().map(|(_, d)| d.1).collect::<Vec<_>>(),
-            set.iter().map(|(_, d)| d.2).collect::<Vec<_>>(),
+            C::Text(set.iter().map(|((u, _), _)| u.clone()).collect()),
+            C::BigInt(set.iter().map(|((_, p), _)| *p).collect()),
+            C::BigInt(set.iter().map(|(_, d)| d.0).collect()),
+            C::BigInt(set.iter().map(|(_, d)| d.1).collect()),
+            C::Double(set.iter().map(|(_, d)| d.2).collect()),
         )
     };
     let (cu, cp, cr, ct, cc) = usage(counted);
     let (fu, fp, _, ft, fc) = usage(corrected);
-    diesel::sql_query(BATCH_SQL)
-        .bind::<Array<Text>, _>(column!(rows, id))
-        .bind::<Array<Text>, _>(column!(rows, user_id))
-        .bind::<Array<Text>, _>(column!(rows, source))
-        .bind::<Array<Nullable<Text>>, _>(column!(rows, prompt_id))
-        .bind::<Array<Nullable<Integer>>, _>(column!(rows, prompt_version))
-        .bind::<Array<Text>, _>(column!(rows, provider))
-        .bind::<Array<Text>, _>(column!(rows, model))
-        .bind::<Array<Nullable<Text>>, _>(column!(rows, variables))
-        .bind::<Array<Nullable<Text>>, _>(column!(rows, rendered_prompt))
-        .bind::<Array<Nullable<Text>>, _>(column!(rows, output))
-        .bind::<Array<Integer>, _>(column!(rows, prompt_tokens))
-        .bind::<Array<Integer>, _>(column!(rows, completion_tokens))
-        .bind::<Array<Nullable<Double>>, _>(column!(rows, cost_usd))
-        .bind::<Array<BigInt>, _>(column!(rows, duration_ms))
-        .bind::<Array<Nullable<BigInt>>, _>(column!(rows, ttft_ms))
-        .bind::<Array<Text>, _>(column!(rows, status))
-        .bind::<Array<Nullable<Text>>, _>(column!(rows, error))
-        .bind::<Array<BigInt>, _>(column!(rows, created_at))
-        .bind::<Array<Text>, _>(column!(ideas, id))
-        .bind::<Array<Text>, _>(column!(ideas, user_id))
-        .bind::<Array<Text>, _>(column!(ideas, execution_id))
-        .bind::<Array<Nullable<Text>>, _>(column!(ideas, prompt))
-        .bind::<Array<Nullable<Text>>, _>(column!(ideas, category))
-        .bind::<Array<Nullable<Text>>, _>(column!(ideas, theme))
-        .bind::<Array<Integer>, _>(column!(ideas, creativity))
-        .bind::<Array<Text>, _>(column!(ideas, provider))
-        .bind::<Array<Text>, _>(column!(ideas, model))
-        .bind::<Array<Text>, _>(column!(ideas, content))
-        .bind::<Array<Nullable<Integer>>, _>(column!(ideas, rating))
-        .bind::<Array<Bool>, _>(column!(ideas, favorite))
-        .bind::<Array<BigInt>, _>(column!(ideas, created_at))
-        .bind::<Array<Text>, _>(cu)
-        .bind::<Array<BigInt>, _>(cp)
-        .bind::<Array<BigInt>, _>(cr)
-        .bind::<Array<BigInt>, _>(ct)
-        .bind::<Array<Double>, _>(cc)
-        .bind::<Array<Text>, _>(fu)
-        .bind::<Array<BigInt>, _>(fp)
-        .bind::<Array<BigInt>, _>(ft)
-        .bind::<Array<Double>, _>(fc)
-        .execute(pg)?;
+    PgBatch([
+        column!(Text, rows, id),
+        column!(Text, rows, user_id),
+        column!(Text, rows, source),
+        column!(OptText, rows, prompt_id),
+        column!(OptInt, rows, prompt_version),
+        column!(Text, rows, provider),
+        column!(Text, rows, model),
+        column!(OptText, rows, variables),
+        column!(OptText, rows, rendered_prompt),
+        column!(OptText, rows, output),
+        column!(Int, rows, prompt_tokens),
+        column!(Int, rows, completion_tokens),
+        column!(OptDouble, rows, cost_usd),
+        column!(BigInt, rows, duration_ms),
+        column!(OptBigInt, rows, ttft_ms),
+        column!(Text, rows, status),
+        column!(OptText, rows, error),
+        column!(BigInt, rows, created_at),
+        column!(Text, ideas, id),
+        column!(Text, ideas, user_id),
+        column!(Text, ideas, execution_id),
+        column!(OptText, ideas, prompt),
+        column!(OptText, ideas, category),
+        column!(OptText, ideas, theme),
+        column!(Int, ideas, creativity),
+        column!(Text, ideas, provider),
+        column!(Text, ideas, model),
+        column!(Text, ideas, content),
+        column!(OptInt, ideas, rating),
+        column!(Bool, ideas, favorite),
+        column!(BigInt, ideas, created_at),
+        cu,
+        cp,
+        cr,
+        ct,
+        cc,
+        fu,
+        fp,
+        ft,
+        fc,
+    ])
+    .execute(pg)?;
     Ok(())
+}
+
+/// One parameter of [`BATCH_SQL`]: a column of the batch, as an array.
+enum Column {
+    Text(Vec<String>),
+    OptText(Vec<Option<String>>),
+    Int(Vec<i32>),
+    OptInt(Vec<Option<i32>>),
+    BigInt(Vec<i64>),
+    OptBigInt(Vec<Option<i64>>),
+    OptDouble(Vec<Option<f64>>),
+    Double(Vec<f64>),
+    Bool(Vec<bool>),
+}
+
+/// [`BATCH_SQL`] with its parameters, as a statement of static type, which
+/// diesel prepares once per connection and keeps (a `sql_query` is parsed
+/// and planned by PostgreSQL again at every execution: diesel never caches
+/// it). Its text is [`BATCH_SQL`] cut at each `$n`, each cut filled with
+/// the next column.
+struct PgBatch([Column; PARAMETERS]);
+
+/// How many parameters [`BATCH_SQL`] takes.
+const PARAMETERS: usize = 40;
+
+impl diesel::query_builder::QueryId for PgBatch {
+    type QueryId = PgBatch;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl diesel::query_builder::QueryFragment<diesel::pg::Pg> for PgBatch {
+    fn walk_ast<'b>(
+        &'b self,
+        mut out: diesel::query_builder::AstPass<'_, 'b, diesel::pg::Pg>,
+    ) -> QueryResult<()> {
+        use diesel::sql_types::{Array, BigInt, Bool, Double, Integer, Nullable, Text};
+        let text = batch_sql_pieces();
+        for (piece, column) in text.iter().zip(&self.0) {
+            out.push_sql(piece);
+            match column {
+                Column::Text(v) => out.push_bind_param::<Array<Text>, _>(v)?,
+                Column::OptText(v) => out.push_bind_param::<Array<Nullable<Text>>, _>(v)?,
+                Column::Int(v) => out.push_bind_param::<Array<Integer>, _>(v)?,
+                Column::OptInt(v) => out.push_bind_param::<Array<Nullable<Integer>>, _>(v)?,
+                Column::BigInt(v) => out.push_bind_param::<Array<BigInt>, _>(v)?,
+                Column::OptBigInt(v) => out.push_bind_param::<Array<Nullable<BigInt>>, _>(v)?,
+                Column::OptDouble(v) => out.push_bind_param::<Array<Nullable<Double>>, _>(v)?,
+                Column::Double(v) => out.push_bind_param::<Array<Double>, _>(v)?,
+                Column::Bool(v) => out.push_bind_param::<Array<Bool>, _>(v)?,
+            }
+        }
+        out.push_sql(text.last().copied().unwrap_or_default());
+        Ok(())
+    }
+}
+
+impl RunQueryDsl<PgConnection> for PgBatch {}
+
+/// [`BATCH_SQL`] cut at its parameters: the text before `$1`, between each
+/// `$n` and `$n+1`, and after the last (diesel writes each `$n` itself, in
+/// the order the parameters are pushed).
+fn batch_sql_pieces() -> &'static [&'static str] {
+    static PIECES: std::sync::LazyLock<Vec<&'static str>> = std::sync::LazyLock::new(|| {
+        let mut pieces = Vec::with_capacity(PARAMETERS + 1);
+        let mut rest = BATCH_SQL;
+        while let Some(at) = rest.find('$') {
+            pieces.push(&rest[..at]);
+            let digits = rest[at + 1..]
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(rest.len() - at - 1);
+            rest = &rest[at + 1 + digits..];
+        }
+        pieces.push(rest);
+        pieces
+    });
+    &PIECES
 }
 
 /// See [`record_in_one_statement`]. The `WITH` clauses touch disjoint
@@ -290,12 +409,13 @@ SELECT 1";
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::schema::usage_counters;
     use diesel::connection::{Instrumentation, InstrumentationEvent, SimpleConnection};
     use diesel_migrations::MigrationHarness;
     use std::sync::{Arc, Mutex};
 
     /// What the connection put in its prepared statement cache.
-    fn cached_statements(conn: &mut SqliteConnection) -> Arc<Mutex<Vec<String>>> {
+    fn cached_statements<C: Connection>(conn: &mut C) -> Arc<Mutex<Vec<String>>> {
         let cached = Arc::new(Mutex::new(Vec::new()));
         let seen = cached.clone();
         let on_event = move |event: InstrumentationEvent<'_>| {
@@ -309,7 +429,7 @@ mod tests {
     }
 
     #[test]
-    fn the_usage_upsert_is_prepared_once_per_connection() {
+    fn the_usage_changes_are_prepared_once_per_connection() {
         // The real schema; its foreign keys off, so that no users are
         // needed for the usage rows.
         let mut conn = SqliteConnection::establish(":memory:").unwrap();
@@ -328,9 +448,23 @@ mod tests {
             .execute(&mut conn)
             .unwrap();
         }
+        // Refunds: to an existing row, and to none (changes nothing).
+        for (user, tokens) in [("a", -3), ("c", -1), ("a", -2)] {
+            AddUsage {
+                user_id: user,
+                period_start: 100,
+                requests: 0,
+                tokens,
+                cost_usd: -0.25,
+            }
+            .into_refund()
+            .execute(&mut conn)
+            .unwrap();
+        }
         let cached = cached.lock().unwrap().clone();
-        assert_eq!(cached.len(), 1, "{cached:?}");
+        assert_eq!(cached.len(), 2, "{cached:?}");
         assert!(cached[0].contains("ON CONFLICT"), "{cached:?}");
+        assert!(cached[1].starts_with("UPDATE"), "{cached:?}");
         // And it adds up.
         let rows: Vec<(String, i64, i64, f64)> = usage_counters::table
             .select((
@@ -344,7 +478,71 @@ mod tests {
             .unwrap();
         assert_eq!(
             rows,
-            vec![("a".into(), 2, 15, 1.0), ("b".into(), 1, 7, 0.5)]
+            vec![("a".into(), 2, 10, 0.5), ("b".into(), 1, 7, 0.5)]
+        );
+    }
+
+    #[test]
+    fn the_batch_statement_is_cut_at_each_of_its_parameters_in_order() {
+        let pieces = batch_sql_pieces();
+        assert_eq!(pieces.len(), PARAMETERS + 1);
+        // Put back together with diesel's placeholders, it is the text.
+        let mut text = String::new();
+        for (n, piece) in pieces.iter().enumerate() {
+            text.push_str(piece);
+            if n < PARAMETERS {
+                text.push_str(&format!("${}", n + 1));
+            }
+        }
+        assert_eq!(text, BATCH_SQL);
+    }
+
+    /// PostgreSQL (`TEST_DATABASE_URL`): the batch statement is prepared
+    /// once per connection, and what it writes adds up.
+    #[test]
+    fn the_postgres_batch_is_prepared_once_per_connection() {
+        let Some(url) = std::env::var("TEST_DATABASE_URL")
+            .ok()
+            .filter(|u| !u.trim().is_empty())
+        else {
+            return;
+        };
+        let test_db = crate::testing::TestDb::postgres(url.trim());
+        Database::connect(&test_db.url, 1)
+            .unwrap()
+            .run_migrations()
+            .unwrap();
+        let mut conn = PgConnection::establish(&test_db.url).unwrap();
+        // No users are needed for the usage rows: foreign keys unchecked
+        // in this session.
+        conn.batch_execute("SET session_replication_role = replica")
+            .unwrap();
+        let cached = cached_statements(&mut conn);
+        let a = ("a".to_string(), 100);
+        let b = ("b".to_string(), 100);
+        for (counted, corrected) in [
+            (vec![(&a, &(1, 10, 0.5))], vec![]),
+            (vec![(&a, &(1, 5, 0.5)), (&b, &(1, 7, 0.5))], vec![]),
+            (vec![], vec![(&a, &(0, -3, -0.25))]),
+        ] {
+            record_in_one_statement(&mut conn, vec![], vec![], &counted, &corrected).unwrap();
+        }
+        let cached = cached.lock().unwrap().clone();
+        assert_eq!(cached.len(), 1, "{cached:?}");
+        assert!(cached[0].contains("unnest"), "{cached:?}");
+        let rows: Vec<(String, i64, i64, f64)> = usage_counters::table
+            .select((
+                usage_counters::user_id,
+                usage_counters::requests,
+                usage_counters::tokens,
+                usage_counters::cost_usd,
+            ))
+            .order(usage_counters::user_id)
+            .load(&mut conn)
+            .unwrap();
+        assert_eq!(
+            rows,
+            vec![("a".into(), 2, 12, 0.75), ("b".into(), 1, 7, 0.5)]
         );
     }
 }
