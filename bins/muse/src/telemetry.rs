@@ -62,7 +62,19 @@ pub fn init_tracing(format: LogFormat) -> Option<tracing_appender::non_blocking:
 /// Log lines queued for the log thread before a logging thread waits.
 pub const LOG_QUEUE_LINES: usize = 65_536;
 
+/// How often histogram samples are folded into their buckets and
+/// summaries (see [`metrics_handle`]).
+pub const METRICS_UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The process-wide Prometheus recorder (installed on first use).
+///
+/// The recorder keeps every histogram sample (request durations, batch
+/// sizes, …) in a list until its "upkeep" folds them into the buckets and
+/// quantiles `/metrics` shows; only a scrape or an explicit upkeep does
+/// that. Without a Prometheus scraping the server, the lists would grow
+/// for as long as it serves (tens of bytes per request), so a thread of
+/// its own (`muse-metrics`) runs the upkeep every
+/// [`METRICS_UPKEEP_EVERY`].
 pub fn metrics_handle() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
@@ -77,15 +89,34 @@ pub fn metrics_handle() -> PrometheusHandle {
                 )
                 .unwrap_or_else(|_| PrometheusBuilder::new());
             let handle = match builder.install_recorder() {
-                Ok(h) => h,
+                Ok(h) => {
+                    keep_up(h.clone(), METRICS_UPKEEP_EVERY);
+                    h
+                }
                 // Another recorder is installed (an embedding program's):
-                // keep serving our own, unregistered.
+                // keep serving our own, unregistered (nothing records
+                // into it, nothing to keep up).
                 Err(_) => PrometheusBuilder::new().build_recorder().handle(),
             };
             describe_metrics();
             handle
         })
         .clone()
+}
+
+/// Runs the recorder's upkeep every `every`, on a thread of its own, for
+/// the life of the process (the recorder is process-wide).
+fn keep_up(handle: PrometheusHandle, every: std::time::Duration) {
+    let started = std::thread::Builder::new()
+        .name("muse-metrics".into())
+        .spawn(move || loop {
+            std::thread::sleep(every);
+            handle.run_upkeep();
+        });
+    if let Err(e) = started {
+        // Scrapes still fold the samples; only their memory waits longer.
+        tracing::warn!(error = %e, "cannot start the metrics upkeep thread");
+    }
 }
 
 fn describe_metrics() {
