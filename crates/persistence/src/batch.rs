@@ -414,6 +414,23 @@ mod tests {
     use diesel_migrations::MigrationHarness;
     use std::sync::{Arc, Mutex};
 
+    /// Every usage row as (user, requests, tokens, cost), by user (on
+    /// either backend's connection).
+    macro_rules! usage_rows {
+        ($conn:expr) => {
+            usage_counters::table
+                .select((
+                    usage_counters::user_id,
+                    usage_counters::requests,
+                    usage_counters::tokens,
+                    usage_counters::cost_usd,
+                ))
+                .order(usage_counters::user_id)
+                .load::<(String, i64, i64, f64)>(&mut $conn)
+                .unwrap()
+        };
+    }
+
     /// What the connection put in its prepared statement cache.
     fn cached_statements<C: Connection>(conn: &mut C) -> Arc<Mutex<Vec<String>>> {
         let cached = Arc::new(Mutex::new(Vec::new()));
@@ -466,18 +483,8 @@ mod tests {
         assert!(cached[0].contains("ON CONFLICT"), "{cached:?}");
         assert!(cached[1].starts_with("UPDATE"), "{cached:?}");
         // And it adds up.
-        let rows: Vec<(String, i64, i64, f64)> = usage_counters::table
-            .select((
-                usage_counters::user_id,
-                usage_counters::requests,
-                usage_counters::tokens,
-                usage_counters::cost_usd,
-            ))
-            .order(usage_counters::user_id)
-            .load(&mut conn)
-            .unwrap();
         assert_eq!(
-            rows,
+            usage_rows!(conn),
             vec![("a".into(), 2, 10, 0.5), ("b".into(), 1, 7, 0.5)]
         );
     }
@@ -530,18 +537,8 @@ mod tests {
         let cached = cached.lock().unwrap().clone();
         assert_eq!(cached.len(), 1, "{cached:?}");
         assert!(cached[0].contains("unnest"), "{cached:?}");
-        let rows: Vec<(String, i64, i64, f64)> = usage_counters::table
-            .select((
-                usage_counters::user_id,
-                usage_counters::requests,
-                usage_counters::tokens,
-                usage_counters::cost_usd,
-            ))
-            .order(usage_counters::user_id)
-            .load(&mut conn)
-            .unwrap();
         assert_eq!(
-            rows,
+            usage_rows!(conn),
             vec![("a".into(), 2, 12, 0.75), ("b".into(), 1, 7, 0.5)]
         );
     }
