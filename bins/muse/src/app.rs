@@ -138,9 +138,13 @@ pub fn build_state(config: Config, db: Database) -> Result<AppState, StartError>
             message: e.to_string(),
         })
     })?;
-    let writer = muse_gateway::Writer::start(
+    let writer = muse_gateway::Writer::start_with(
         Arc::new(muse_persistence::DieselCallStore::new(db.clone())),
         config.execution_writes.into(),
+        muse_gateway::BatchWindow {
+            wait: std::time::Duration::from_micros(config.execution_batch_window_us),
+            ..Default::default()
+        },
     )?;
     let models = Arc::new(models);
     let visible_to = training.clone();

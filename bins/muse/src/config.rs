@@ -66,6 +66,9 @@ pub struct Config {
     /// `EXECUTION_WRITES`: `sync` (answers wait for their record's commit)
     /// or `async` (answered at once; see docs/benchmarks.md).
     pub execution_writes: ExecutionWrites,
+    /// `EXECUTION_BATCH_WINDOW_US`: how long a group commit waits for more
+    /// calls when the writer is busy (0: never).
+    pub execution_batch_window_us: u64,
     /// `QUOTA_STORE`: where quota reservations are counted.
     pub quota_store: QuotaStore,
     /// `SHUTDOWN_GRACE_SECS`: on SIGTERM, how long in-flight requests and
@@ -415,6 +418,7 @@ impl Config {
                 has_redis,
             )?,
             execution_writes: server.execution_writes,
+            execution_batch_window_us: server.execution_batch_window_us,
             refresh_token_ttl_secs: accounts.refresh_token_ttl_secs,
             bcrypt_cost,
             cors_origins: list(server.cors_origins.as_deref()),

@@ -49,7 +49,7 @@ pub use admission::{
     DEFAULT_RESERVED_COMPLETION_TOKENS,
 };
 pub use run::{transcript, Failed, Finished, Run, RunEvent};
-pub use writer::{WriteMode, Writer, Written, MAX_BATCH, QUEUE};
+pub use writer::{BatchWindow, WriteMode, Writer, Written, MAX_BATCH, QUEUE};
 
 /// Whether a user may call a model (somebody else's trained model is
 /// invisible to them).

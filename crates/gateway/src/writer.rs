@@ -3,7 +3,9 @@
 //! queue and writes everything queued in one transaction. A batch closes
 //! when the queue is empty or at [`MAX_BATCH`] calls: under load, the
 //! calls that finish while a batch commits form the next one, so commits
-//! per second stay flat while calls per second grow.
+//! per second stay flat while calls per second grow. Above a rate
+//! ([`BatchWindow`]: 2,000 calls/s by default) a batch also waits a little
+//! (200 µs) for more calls before it commits.
 //!
 //! `EXECUTION_WRITES=sync` (the default): a call is answered once its
 //! batch has committed — no acknowledged call is ever unrecorded.
@@ -60,15 +62,25 @@ impl std::fmt::Debug for Writer {
 pub type Written = oneshot::Receiver<bool>;
 
 impl Writer {
-    /// Starts the writer thread over `store`.
+    /// Starts the writer thread over `store`, with the default
+    /// [`BatchWindow`].
     pub fn start(store: Arc<dyn CallStore>, mode: WriteMode) -> std::io::Result<Self> {
+        Self::start_with(store, mode, BatchWindow::default())
+    }
+
+    /// Starts the writer thread over `store`; batches wait as `window` says.
+    pub fn start_with(
+        store: Arc<dyn CallStore>,
+        mode: WriteMode,
+        window: BatchWindow,
+    ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel(QUEUE);
         let pending = Arc::new(AtomicUsize::new(0));
         let counter = pending.clone();
         let writes = store.clone();
         std::thread::Builder::new()
             .name("muse-writer".into())
-            .spawn(move || run(&*writes, rx, counter))?;
+            .spawn(move || run(&*writes, rx, counter, window))?;
         Ok(Self {
             tx,
             store,
@@ -132,22 +144,101 @@ impl Writer {
     }
 }
 
-fn run(store: &dyn CallStore, mut rx: mpsc::Receiver<Item>, pending: Arc<AtomicUsize>) {
+/// When a batch waits for more calls before it commits: only while the
+/// writer is busy (more than `above` calls per second over its last 50 ms),
+/// for `wait`. More calls per commit means fewer commits and less work per
+/// call, which shortens the tail at high rates; every call of such a batch
+/// waits up to `wait` longer. An idle server commits each call at once.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BatchWindow {
+    /// Calls per second above which batches wait.
+    pub above: f64,
+    /// How long they wait (zero: never).
+    pub wait: Duration,
+}
+
+impl Default for BatchWindow {
+    /// 200 µs above 2,000 calls/s (`EXECUTION_BATCH_WINDOW_US`).
+    fn default() -> Self {
+        Self {
+            above: 2_000.0,
+            wait: Duration::from_micros(200),
+        }
+    }
+}
+
+/// How often the writer measures its rate.
+const RATE_EVERY: Duration = Duration::from_millis(50);
+
+/// The writer's recent rate of calls, measured over [`RATE_EVERY`].
+struct Rate {
+    since: Instant,
+    calls: usize,
+    busy: bool,
+}
+
+impl Rate {
+    fn new() -> Self {
+        Self {
+            since: Instant::now(),
+            calls: 0,
+            busy: false,
+        }
+    }
+
+    /// Counts a batch; says whether the writer is busy: above `above`
+    /// calls per second over the last full period.
+    fn count(&mut self, calls: usize, above: f64) -> bool {
+        self.calls += calls;
+        let elapsed = self.since.elapsed();
+        if elapsed >= RATE_EVERY {
+            self.busy = self.calls as f64 / elapsed.as_secs_f64() > above;
+            self.since = Instant::now();
+            self.calls = 0;
+        }
+        self.busy
+    }
+}
+
+/// Moves what is queued (up to [`MAX_BATCH`]) into the batch.
+fn take_queued(
+    rx: &mut mpsc::Receiver<Item>,
+    batch: &mut Vec<CallRecord>,
+    waiters: &mut Vec<oneshot::Sender<bool>>,
+) {
+    while batch.len() < MAX_BATCH {
+        match rx.try_recv() {
+            Ok(Item::Record(record, done)) => {
+                batch.push(*record);
+                waiters.extend(done);
+            }
+            Err(_) => break,
+        }
+    }
+}
+
+fn run(
+    store: &dyn CallStore,
+    mut rx: mpsc::Receiver<Item>,
+    pending: Arc<AtomicUsize>,
+    window: BatchWindow,
+) {
     let mut batch: Vec<CallRecord> = Vec::with_capacity(MAX_BATCH);
     let mut waiters: Vec<oneshot::Sender<bool>> = Vec::with_capacity(MAX_BATCH);
+    let mut rate = Rate::new();
     while let Some(first) = rx.blocking_recv() {
         let Item::Record(record, done) = first;
         batch.push(*record);
         waiters.extend(done);
         // Everything already queued joins this batch.
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(Item::Record(record, done)) => {
-                    batch.push(*record);
-                    waiters.extend(done);
-                }
-                Err(_) => break,
-            }
+        take_queued(&mut rx, &mut batch, &mut waiters);
+        // Busy: more calls may share this commit if it waits a little.
+        if rate.count(batch.len(), window.above)
+            && !window.wait.is_zero()
+            && batch.len() < MAX_BATCH
+        {
+            std::thread::sleep(window.wait);
+            take_queued(&mut rx, &mut batch, &mut waiters);
         }
         metrics::histogram!("execution_write_batch_size").record(batch.len() as f64);
         let ok = write(store, &batch);
@@ -237,6 +328,63 @@ mod tests {
             error: None,
             created_at: 1,
         }
+    }
+
+    /// Remembers the size of each batch it is given.
+    #[derive(Default)]
+    struct Sizes(std::sync::Mutex<Vec<usize>>);
+
+    impl CallStore for Sizes {
+        fn record_calls(&self, batch: &[CallRecord]) -> Result<(), RecordError> {
+            if let Ok(mut s) = self.0.lock() {
+                s.push(batch.len());
+            }
+            Ok(())
+        }
+    }
+
+    /// Batch sizes for: one call, then (once a rate period has passed) a
+    /// call and another 10 ms later.
+    async fn batches_with(window: BatchWindow) -> Vec<usize> {
+        let store = Arc::new(Sizes::default());
+        let writer = Writer::start_with(store.clone(), WriteMode::Async, window).unwrap();
+        let record = || CallRecord {
+            execution: execution(Uuid::now_v7()),
+            idea: None,
+            usage: None,
+        };
+        let first = writer.submit(record()).unwrap();
+        assert_eq!(first.await, Ok(true));
+        tokio::time::sleep(RATE_EVERY + Duration::from_millis(10)).await;
+        let a = writer.submit(record()).unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let b = writer.submit(record()).unwrap();
+        assert_eq!((a.await, b.await), (Ok(true), Ok(true)));
+        let sizes = store.0.lock().unwrap();
+        sizes.clone()
+    }
+
+    #[tokio::test]
+    async fn a_busy_writer_waits_for_more_calls_and_an_idle_one_does_not() {
+        // Any rate counts as busy: the first call commits at once (no
+        // rate measured yet); the second waits 100 ms, and the third,
+        // 10 ms later, joins its batch.
+        let busy = BatchWindow {
+            above: 0.0,
+            wait: Duration::from_millis(100),
+        };
+        assert_eq!(batches_with(busy).await, vec![1, 2]);
+        // Below the rate, or with no window: each call at once.
+        let idle = BatchWindow {
+            above: 1e9,
+            wait: Duration::from_millis(100),
+        };
+        assert_eq!(batches_with(idle).await, vec![1, 1, 1]);
+        let off = BatchWindow {
+            above: 0.0,
+            wait: Duration::ZERO,
+        };
+        assert_eq!(batches_with(off).await, vec![1, 1, 1]);
     }
 
     /// On PostgreSQL the writer keeps a connection of its own between
