@@ -108,14 +108,13 @@ pub fn record_calls(db: &Database, batch: &[CallRecord]) -> Result<(), DbError> 
                 .execute(conn)?;
             }
             for ((uid, period), (dr, dt, dc)) in &corrected {
-                AddUsage {
+                Refund {
                     user_id: uid,
                     period_start: *period,
                     requests: *dr,
                     tokens: *dt,
                     cost_usd: *dc,
                 }
-                .into_refund()
                 .execute(conn)?;
             }
             Ok(())
@@ -130,15 +129,16 @@ pub fn record_calls(db: &Database, batch: &[CallRecord]) -> Result<(), DbError> 
     })
 }
 
-/// SQLite: adds one batch's requests, tokens and cost to a usage row,
-/// creating it. The same upsert diesel's query builder writes, as a
-/// statement of fixed text and static type, which diesel prepares once per
-/// connection and keeps: its builder marks every `ON CONFLICT … DO UPDATE`
-/// as not to be cached, so that SQLite parsed and planned the upsert again
-/// for every batch (a fifth of the writer's work per commit, measured with
-/// `perf` at 2,000 calls/s). [`AddUsage::into_refund`] is the same
-/// change made only to a row that exists (refunds).
-struct AddUsage<'a> {
+/// SQLite: adds one batch's requests, tokens and cost to a usage row —
+/// creating it ([`AddUsage`]), or only if it exists ([`Refund`]). The
+/// same statements diesel's query builders write, as statements of fixed
+/// text and static type, which diesel prepares once per connection and
+/// keeps: its builders mark every `ON CONFLICT … DO UPDATE` (and every
+/// `UPDATE`) as not to be cached, so that SQLite parsed and planned the
+/// upsert again for every batch (a fifth of the writer's work per commit,
+/// measured with `perf` at 2,000 calls/s). `CREATE` is part of the type,
+/// so each text has its own cache entry.
+struct UsageChange<'a, const CREATE: bool> {
     user_id: &'a str,
     period_start: i64,
     requests: i64,
@@ -146,80 +146,61 @@ struct AddUsage<'a> {
     cost_usd: f64,
 }
 
-impl diesel::query_builder::QueryId for AddUsage<'_> {
-    type QueryId = AddUsage<'static>;
+/// `INSERT … ON CONFLICT DO UPDATE`: counts a call.
+type AddUsage<'a> = UsageChange<'a, true>;
+/// `UPDATE` of an existing row: gives back what a call did not use.
+type Refund<'a> = UsageChange<'a, false>;
+
+impl<const CREATE: bool> diesel::query_builder::QueryId for UsageChange<'_, CREATE> {
+    type QueryId = UsageChange<'static, CREATE>;
     const HAS_STATIC_QUERY_ID: bool = true;
 }
 
-impl diesel::query_builder::QueryFragment<diesel::sqlite::Sqlite> for AddUsage<'_> {
+impl<const CREATE: bool> diesel::query_builder::QueryFragment<diesel::sqlite::Sqlite>
+    for UsageChange<'_, CREATE>
+{
     fn walk_ast<'b>(
         &'b self,
         mut out: diesel::query_builder::AstPass<'_, 'b, diesel::sqlite::Sqlite>,
     ) -> QueryResult<()> {
         use diesel::sql_types::{BigInt, Double, Text};
-        out.push_sql(
-            "INSERT INTO usage_counters (user_id, period_start, requests, tokens, cost_usd) \
-             VALUES (",
-        );
-        out.push_bind_param::<Text, _>(&self.user_id)?;
-        out.push_sql(", ");
-        out.push_bind_param::<BigInt, _>(&self.period_start)?;
-        out.push_sql(", ");
-        out.push_bind_param::<BigInt, _>(&self.requests)?;
-        out.push_sql(", ");
-        out.push_bind_param::<BigInt, _>(&self.tokens)?;
-        out.push_sql(", ");
-        out.push_bind_param::<Double, _>(&self.cost_usd)?;
-        out.push_sql(
-            ") ON CONFLICT (user_id, period_start) DO UPDATE SET \
-             requests = requests + excluded.requests, \
-             tokens = tokens + excluded.tokens, \
-             cost_usd = cost_usd + excluded.cost_usd",
-        );
+        if CREATE {
+            out.push_sql(
+                "INSERT INTO usage_counters (user_id, period_start, requests, tokens, cost_usd) \
+                 VALUES (",
+            );
+            out.push_bind_param::<Text, _>(&self.user_id)?;
+            out.push_sql(", ");
+            out.push_bind_param::<BigInt, _>(&self.period_start)?;
+            out.push_sql(", ");
+            out.push_bind_param::<BigInt, _>(&self.requests)?;
+            out.push_sql(", ");
+            out.push_bind_param::<BigInt, _>(&self.tokens)?;
+            out.push_sql(", ");
+            out.push_bind_param::<Double, _>(&self.cost_usd)?;
+            out.push_sql(
+                ") ON CONFLICT (user_id, period_start) DO UPDATE SET \
+                 requests = requests + excluded.requests, \
+                 tokens = tokens + excluded.tokens, \
+                 cost_usd = cost_usd + excluded.cost_usd",
+            );
+        } else {
+            out.push_sql("UPDATE usage_counters SET requests = requests + ");
+            out.push_bind_param::<BigInt, _>(&self.requests)?;
+            out.push_sql(", tokens = tokens + ");
+            out.push_bind_param::<BigInt, _>(&self.tokens)?;
+            out.push_sql(", cost_usd = cost_usd + ");
+            out.push_bind_param::<Double, _>(&self.cost_usd)?;
+            out.push_sql(" WHERE user_id = ");
+            out.push_bind_param::<Text, _>(&self.user_id)?;
+            out.push_sql(" AND period_start = ");
+            out.push_bind_param::<BigInt, _>(&self.period_start)?;
+        }
         Ok(())
     }
 }
 
-impl RunQueryDsl<diesel::sqlite::SqliteConnection> for AddUsage<'_> {}
-
-impl<'a> AddUsage<'a> {
-    /// The change as an `UPDATE` of the row, if there is one.
-    fn into_refund(self) -> Refund<'a> {
-        Refund(self)
-    }
-}
-
-/// [`AddUsage`] made only to an existing row (no row is created), also of
-/// fixed text: diesel's update builder is never cached either.
-struct Refund<'a>(AddUsage<'a>);
-
-impl diesel::query_builder::QueryId for Refund<'_> {
-    type QueryId = Refund<'static>;
-    const HAS_STATIC_QUERY_ID: bool = true;
-}
-
-impl diesel::query_builder::QueryFragment<diesel::sqlite::Sqlite> for Refund<'_> {
-    fn walk_ast<'b>(
-        &'b self,
-        mut out: diesel::query_builder::AstPass<'_, 'b, diesel::sqlite::Sqlite>,
-    ) -> QueryResult<()> {
-        use diesel::sql_types::{BigInt, Double, Text};
-        let change = &self.0;
-        out.push_sql("UPDATE usage_counters SET requests = requests + ");
-        out.push_bind_param::<BigInt, _>(&change.requests)?;
-        out.push_sql(", tokens = tokens + ");
-        out.push_bind_param::<BigInt, _>(&change.tokens)?;
-        out.push_sql(", cost_usd = cost_usd + ");
-        out.push_bind_param::<Double, _>(&change.cost_usd)?;
-        out.push_sql(" WHERE user_id = ");
-        out.push_bind_param::<Text, _>(&change.user_id)?;
-        out.push_sql(" AND period_start = ");
-        out.push_bind_param::<BigInt, _>(&change.period_start)?;
-        Ok(())
-    }
-}
-
-impl RunQueryDsl<diesel::sqlite::SqliteConnection> for Refund<'_> {}
+impl<const CREATE: bool> RunQueryDsl<diesel::sqlite::SqliteConnection> for UsageChange<'_, CREATE> {}
 
 /// A batch on PostgreSQL: one statement, so one round trip and one
 /// (implicit) transaction — every execution, idea and usage change of the
@@ -467,14 +448,13 @@ mod tests {
         }
         // Refunds: to an existing row, and to none (changes nothing).
         for (user, tokens) in [("a", -3), ("c", -1), ("a", -2)] {
-            AddUsage {
+            Refund {
                 user_id: user,
                 period_start: 100,
                 requests: 0,
                 tokens,
                 cost_usd: -0.25,
             }
-            .into_refund()
             .execute(&mut conn)
             .unwrap();
         }
