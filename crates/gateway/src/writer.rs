@@ -330,42 +330,54 @@ mod tests {
         }
     }
 
-    /// Remembers the size of each batch it is given.
-    #[derive(Default)]
-    struct Sizes(std::sync::Mutex<Vec<usize>>);
+    /// The real store, remembering the size of each batch it is given.
+    struct Sizes {
+        store: muse_persistence::DieselCallStore,
+        sizes: std::sync::Mutex<Vec<usize>>,
+    }
 
     impl CallStore for Sizes {
         fn record_calls(&self, batch: &[CallRecord]) -> Result<(), RecordError> {
-            if let Ok(mut s) = self.0.lock() {
+            if let Ok(mut s) = self.sizes.lock() {
                 s.push(batch.len());
             }
-            Ok(())
+            self.store.record_calls(batch)
         }
     }
 
     /// Batch sizes for: one call, then (once a rate period has passed) a
-    /// call and another 10 ms later.
-    async fn batches_with(window: BatchWindow) -> Vec<usize> {
-        let store = Arc::new(Sizes::default());
+    /// call and another 10 ms later — each written to `db`.
+    async fn batches_with(db: &muse_persistence::Database, window: BatchWindow) -> Vec<usize> {
+        let user = user_in(db);
+        let store = Arc::new(Sizes {
+            store: muse_persistence::DieselCallStore::new(db.clone()),
+            sizes: std::sync::Mutex::default(),
+        });
         let writer = Writer::start_with(store.clone(), WriteMode::Async, window).unwrap();
-        let record = || CallRecord {
-            execution: execution(Uuid::now_v7()),
+        let executions = [execution(user.id), execution(user.id), execution(user.id)];
+        let record = |e: &Execution| CallRecord {
+            execution: e.clone(),
             idea: None,
             usage: None,
         };
-        let first = writer.submit(record()).unwrap();
+        let first = writer.submit(record(&executions[0])).unwrap();
         assert_eq!(first.await, Ok(true));
         tokio::time::sleep(RATE_EVERY + Duration::from_millis(10)).await;
-        let a = writer.submit(record()).unwrap();
+        let a = writer.submit(record(&executions[1])).unwrap();
         tokio::time::sleep(Duration::from_millis(10)).await;
-        let b = writer.submit(record()).unwrap();
+        let b = writer.submit(record(&executions[2])).unwrap();
         assert_eq!((a.await, b.await), (Ok(true), Ok(true)));
-        let sizes = store.0.lock().unwrap();
+        let repo = muse_persistence::DieselExecutionRepository::new(db.clone());
+        for e in &executions {
+            assert!(repo.get(ExecutionScope::All, e.id).unwrap().is_some());
+        }
+        let sizes = store.sizes.lock().unwrap();
         sizes.clone()
     }
 
     #[tokio::test]
     async fn a_busy_writer_waits_for_more_calls_and_an_idle_one_does_not() {
+        let (_t, db) = migrated_db();
         // Any rate counts as busy: the first call commits at once (no
         // rate measured yet); the second waits 100 ms, and the third,
         // 10 ms later, joins its batch.
@@ -373,18 +385,18 @@ mod tests {
             above: 0.0,
             wait: Duration::from_millis(100),
         };
-        assert_eq!(batches_with(busy).await, vec![1, 2]);
+        assert_eq!(batches_with(&db, busy).await, vec![1, 2]);
         // Below the rate, or with no window: each call at once.
         let idle = BatchWindow {
             above: 1e9,
             wait: Duration::from_millis(100),
         };
-        assert_eq!(batches_with(idle).await, vec![1, 1, 1]);
+        assert_eq!(batches_with(&db, idle).await, vec![1, 1, 1]);
         let off = BatchWindow {
             above: 0.0,
             wait: Duration::ZERO,
         };
-        assert_eq!(batches_with(off).await, vec![1, 1, 1]);
+        assert_eq!(batches_with(&db, off).await, vec![1, 1, 1]);
     }
 
     /// On PostgreSQL the writer keeps a connection of its own between
