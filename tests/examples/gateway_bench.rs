@@ -546,9 +546,9 @@ async fn main() {
     // Closed loop, 64 connections: the most each path answers.
     println!();
     println!(
-        "| closed loop, 64 connections, {seconds} s | req/s | errors | Muse CPU per call (user + system) |"
+        "| closed loop, 64 connections, {seconds} s | req/s | errors | Muse CPU per call (user + system) | Muse context switches per call |"
     );
-    println!("|---|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|");
     let mut closed = vec![
         (
             "model server directly".to_string(),
@@ -568,21 +568,29 @@ async fn main() {
     for (i, (name, url, body)) in closed.into_iter().enumerate() {
         let call = caller(client.clone(), url, key.clone(), body);
         let cpu_before = support::cpu_seconds(muse_pid);
+        let switches_before = support::context_switches(muse_pid);
         let started = Instant::now();
         let (rps, errors) = closed_loop(64, seconds, call).await;
         let calls = rps * started.elapsed().as_secs_f64();
         // The CPU the (first) Muse process spent per call answered through
         // it directly; not meaningful for the model server's row or
         // through nginx (spread over replicas).
-        let cpu = if i == 1 && calls > 0.0 {
-            format!(
-                "{:.0} µs",
-                (support::cpu_seconds(muse_pid) - cpu_before) / calls * 1e6
+        let (cpu, switches) = if i == 1 && calls > 0.0 {
+            (
+                format!(
+                    "{:.0} µs",
+                    (support::cpu_seconds(muse_pid) - cpu_before) / calls * 1e6
+                ),
+                format!(
+                    "{:.2}",
+                    support::context_switches(muse_pid).saturating_sub(switches_before) as f64
+                        / calls
+                ),
             )
         } else {
-            "—".to_string()
+            ("—".to_string(), "—".to_string())
         };
-        println!("| {name} | {rps:.0} | {errors} | {cpu} |");
+        println!("| {name} | {rps:.0} | {errors} | {cpu} | {switches} |");
     }
 
     // Streaming: 20 streams of 200 tokens each per path, one at a time;

@@ -403,6 +403,55 @@ fn request(model: &str) -> GenerateRequest {
     r
 }
 
+/// A server runs one runtime per worker thread. A call must not depend on
+/// the thread that opened the connection it reuses: here that thread's
+/// runtime is left unpolled after its call (as a busy or descheduled
+/// worker's is), and a call from a second thread still completes at once
+/// instead of waiting for it (each thread has its own connections).
+#[actix_web::test]
+async fn a_call_does_not_wait_for_the_thread_that_opened_its_connection() {
+    let srv = server().await;
+    for p in providers(&srv.base, KEY) {
+        let (opened, wait_opened) = std::sync::mpsc::channel();
+        let (release, wait_release) = std::sync::mpsc::channel::<()>();
+        let first = p.clone();
+        let idle = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let done = rt.block_on(first.complete(&request("ok"))).map(|c| c.text);
+            opened.send(done).unwrap();
+            // The runtime (and the connection it drives) stays, unpolled.
+            wait_release.recv().ok();
+        });
+        let second = p.clone();
+        let other = tokio::task::spawn_blocking(move || {
+            let first = wait_opened.recv().unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let started = Instant::now();
+            let done = rt.block_on(async {
+                tokio::time::timeout(Duration::from_secs(3), second.complete(&request("ok"))).await
+            });
+            (first, done, started.elapsed())
+        })
+        .await
+        .unwrap();
+        release.send(()).unwrap();
+        idle.join().unwrap();
+        let (first, done, took) = other;
+        assert_eq!(first.unwrap(), "Hello, world!", "{}", p.id());
+        let text = done
+            .unwrap_or_else(|_| panic!("{}: the call waited for the idle thread", p.id()))
+            .unwrap_or_else(|e| panic!("{}: {e} after {took:?}", p.id()))
+            .text;
+        assert_eq!(text, "Hello, world!", "{}", p.id());
+    }
+}
+
 #[actix_web::test]
 async fn complete_and_stream_with_usage_on_every_protocol() {
     let srv = server().await;

@@ -9,7 +9,7 @@ use futures::StreamExt;
 use muse_core::Secret;
 use serde_json::{json, Value};
 
-use super::{check_model_name, drive, http_client, send, Step, StreamParser, Timeouts};
+use super::{check_model_name, drive, send, HttpClient, Step, StreamParser, Timeouts};
 use crate::error::{retry_after, InferenceError};
 use crate::sse::{events, SseEvent};
 use crate::types::*;
@@ -39,14 +39,14 @@ impl AnthropicConfig {
 }
 
 pub struct AnthropicProvider {
-    client: reqwest::Client,
+    client: HttpClient,
     config: AnthropicConfig,
 }
 
 impl AnthropicProvider {
     pub fn new(config: AnthropicConfig) -> Result<Self, InferenceError> {
         Ok(Self {
-            client: http_client(&config.timeouts)?,
+            client: HttpClient::new(&config.timeouts)?,
             config,
         })
     }
@@ -168,6 +168,7 @@ impl AnthropicProvider {
         }
         let builder = self
             .client
+            .get()
             .post(format!("{}/v1/messages", self.config.base_url))
             .header("x-api-key", self.config.api_key.expose())
             .header("anthropic-version", API_VERSION)

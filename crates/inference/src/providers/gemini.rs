@@ -9,7 +9,7 @@ use futures::StreamExt;
 use muse_core::Secret;
 use serde_json::{json, Value};
 
-use super::{check_model_name, drive, http_client, send, Step, StreamParser, Timeouts};
+use super::{check_model_name, drive, send, HttpClient, Step, StreamParser, Timeouts};
 use crate::error::{retry_after, InferenceError};
 use crate::sse::{events, SseEvent};
 use crate::types::*;
@@ -35,7 +35,7 @@ impl GeminiConfig {
 }
 
 pub struct GeminiProvider {
-    client: reqwest::Client,
+    client: HttpClient,
     config: GeminiConfig,
 }
 
@@ -209,7 +209,7 @@ fn text_of(v: &Value) -> String {
 impl GeminiProvider {
     pub fn new(config: GeminiConfig) -> Result<Self, InferenceError> {
         Ok(Self {
-            client: http_client(&config.timeouts)?,
+            client: HttpClient::new(&config.timeouts)?,
             config,
         })
     }
@@ -239,6 +239,7 @@ impl GeminiProvider {
         );
         let builder = self
             .client
+            .get()
             .post(url)
             .header("x-goog-api-key", self.config.api_key.expose())
             .json(&body(request));
@@ -322,6 +323,7 @@ impl LlmProvider for GeminiProvider {
         );
         let builder = self
             .client
+            .get()
             .post(url)
             .header("x-goog-api-key", self.config.api_key.expose())
             .json(&json!({"requests": requests}));

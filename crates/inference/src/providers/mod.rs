@@ -35,11 +35,50 @@ impl Default for Timeouts {
     }
 }
 
-pub(crate) fn http_client(timeouts: &Timeouts) -> Result<reqwest::Client, InferenceError> {
+fn build_client(connect: Duration) -> Result<reqwest::Client, InferenceError> {
     reqwest::Client::builder()
-        .connect_timeout(timeouts.connect)
+        .connect_timeout(connect)
         .build()
         .map_err(|e| InferenceError::NotConfigured(format!("HTTP client: {e}")))
+}
+
+/// A provider's HTTP client: one per calling thread, each with its own
+/// connection pool.
+///
+/// A pooled connection is driven by a task on the runtime of the thread
+/// that opened it. Shared between the server's workers (one runtime per
+/// thread), a call on one worker that took a connection opened by another
+/// hands its request to that other thread and waits for it to be scheduled
+/// to write and read the socket: two cross-thread wake-ups per call, and a
+/// call slowed whenever the other worker is busy or descheduled. With a
+/// client per thread, a call's connection lives on its own thread.
+#[derive(Clone)]
+pub(crate) struct HttpClient {
+    per_thread: std::sync::Arc<thread_local::ThreadLocal<reqwest::Client>>,
+    /// Built at start (so a client that cannot be built is an error then),
+    /// and used by threads whose own client could not be built.
+    first: reqwest::Client,
+    connect: Duration,
+}
+
+impl HttpClient {
+    pub(crate) fn new(timeouts: &Timeouts) -> Result<Self, InferenceError> {
+        Ok(Self {
+            per_thread: std::sync::Arc::default(),
+            first: build_client(timeouts.connect)?,
+            connect: timeouts.connect,
+        })
+    }
+
+    /// The calling thread's client.
+    pub(crate) fn get(&self) -> &reqwest::Client {
+        self.per_thread.get_or(|| {
+            build_client(self.connect).unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "sharing the first HTTP client on this thread");
+                self.first.clone()
+            })
+        })
+    }
 }
 
 /// An `f32` as the decimal it was written as: 0.3, not

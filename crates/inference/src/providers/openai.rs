@@ -18,7 +18,7 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use muse_core::Secret;
 
-use super::{check_model_name, drive, f32_json, http_client, send, Step, StreamParser, Timeouts};
+use super::{check_model_name, drive, f32_json, send, HttpClient, Step, StreamParser, Timeouts};
 use crate::error::InferenceError;
 use crate::types::*;
 
@@ -77,7 +77,7 @@ pub struct OpenAiProvider {
     /// task, which would read a whole answer into memory however slowly the
     /// caller consumes it. Reading the body as the caller polls keeps
     /// backpressure end to end.
-    http: reqwest::Client,
+    http: HttpClient,
     config: OpenAiConfig,
 }
 
@@ -89,13 +89,17 @@ impl OpenAiProvider {
         // Our own transport instead of async-openai's default one: no hidden
         // retries (retrying is `Retrying`'s job, with one policy for every
         // provider), and the `Retry-After` of a 429 is kept for it.
-        let http = http_client(&config.timeouts)?;
+        let http = HttpClient::new(&config.timeouts)?;
         let stream_http = http.clone();
         let transport = tower::service_fn(move |factory: HttpRequestFactory| {
             let http = http.clone();
             async move {
                 let request = factory.build().await?;
-                let response = http.execute(request).await.map_err(OpenAIError::Reqwest)?;
+                let response = http
+                    .get()
+                    .execute(request)
+                    .await
+                    .map_err(OpenAIError::Reqwest)?;
                 if response.status().as_u16() == 429 {
                     let wait = crate::error::retry_after(response.headers());
                     let _ = RETRY_AFTER.try_with(|cell| cell.set(wait));
@@ -281,6 +285,7 @@ impl LlmProvider for OpenAiProvider {
         }
         let builder = self
             .http
+            .get()
             .post(format!(
                 "{}/embeddings",
                 self.config.base_url.trim_end_matches('/')
@@ -324,6 +329,7 @@ impl LlmProvider for OpenAiProvider {
         let body = self.json_body(request, true)?;
         let builder = self
             .http
+            .get()
             .post(format!(
                 "{}/chat/completions",
                 self.config.base_url.trim_end_matches('/')
@@ -539,6 +545,7 @@ impl OpenAiProvider {
         let started = Instant::now();
         let builder = self
             .http
+            .get()
             .post(self.text_url())
             .bearer_auth(self.config.api_key.expose())
             .json(&self.text_body(request, false)?);
@@ -574,6 +581,7 @@ impl OpenAiProvider {
         let started = Instant::now();
         let builder = self
             .http
+            .get()
             .post(self.text_url())
             .bearer_auth(self.config.api_key.expose())
             .json(&self.text_body(request, true)?);
