@@ -3,7 +3,7 @@
 //! reservations reconciled), so that a busy server commits once per batch
 //! instead of three times per call.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 use diesel::prelude::*;
 use muse_prompts::{CallRecord, CallStore, RecordError};
@@ -15,8 +15,11 @@ use crate::schema::{executions, ideas};
 
 /// Requests, tokens and cost to add to one usage row.
 type Delta = (i64, i64, f64);
-/// The usage changes of a batch, per (user, period start).
-type Deltas = HashMap<(String, i64), Delta>;
+/// The usage changes of a batch, per (user, period start), in that order:
+/// every writer (of every replica) locks usage rows in the same order, so
+/// that two batches changing the same rows wait for each other instead of
+/// deadlocking.
+type Deltas = BTreeMap<(String, i64), Delta>;
 /// One of them.
 type Change<'a> = (&'a (String, i64), &'a Delta);
 
@@ -67,7 +70,7 @@ pub fn record_calls(db: &Database, batch: &[CallRecord]) -> Result<(), DbError> 
         .filter_map(|c| c.idea.as_ref().map(IdeaRow::from_domain))
         .collect();
     // Per (user, period): requests, tokens and cost to add.
-    let mut deltas: Deltas = HashMap::new();
+    let mut deltas: Deltas = BTreeMap::new();
     for u in batch.iter().filter_map(|c| c.usage.as_ref()) {
         let d = deltas
             .entry((u.user_id.to_string(), u.period_start))
@@ -79,11 +82,15 @@ pub fn record_calls(db: &Database, batch: &[CallRecord]) -> Result<(), DbError> 
     // A change that counts a request creates or adds to its period's row
     // (counted in memory or on Redis, the row may not exist yet); one
     // without (a refund of tokens or cost) changes only an existing row.
-    let (counted, corrected): (Vec<Change>, Vec<Change>) =
-        deltas.iter().partition(|(_, d)| d.0 > 0);
     db.write_batch(|conn| match conn {
-        DbConnection::Pg(pg) => record_in_one_statement(pg, rows, idea_rows, &counted, &corrected),
+        DbConnection::Pg(pg) => {
+            let changes: Vec<Change> = deltas.iter().collect();
+            record_in_one_statement(pg, rows, idea_rows, &changes)
+        }
         DbConnection::Sqlite(conn) => conn.transaction::<_, diesel::result::Error, _>(|conn| {
+            // One writer at a time on SQLite: no lock order to keep.
+            let (counted, corrected): (Vec<Change>, Vec<Change>) =
+                deltas.iter().partition(|(_, d)| d.0 > 0);
             // SQLite takes no multi-row INSERT with NULLs through diesel:
             // one statement per row, still one commit (and no round trips:
             // SQLite is in this process).
@@ -208,13 +215,13 @@ impl<const CREATE: bool> RunQueryDsl<diesel::sqlite::SqliteConnection> for Usage
 /// array per column (the statement's text and its 40 parameters are the
 /// same whatever the batch's size, so it is prepared once per connection:
 /// see [`PgBatch`]). All or nothing, like the transaction it replaces: a
-/// row the database refuses fails the whole statement.
+/// row the database refuses fails the whole statement. The usage rows are
+/// changed in (user, period) order whatever the order of `changes`.
 fn record_in_one_statement(
     pg: &mut PgConnection,
     rows: Vec<Row>,
     ideas: Vec<IdeaRow>,
-    counted: &[Change],
-    corrected: &[Change],
+    changes: &[Change],
 ) -> Result<(), diesel::result::Error> {
     use Column as C;
     macro_rules! column {
@@ -222,17 +229,6 @@ fn record_in_one_statement(
             C::$kind($rows.iter().map(|r| r.$field.clone()).collect())
         };
     }
-    let usage = |set: &[Change]| {
-        (
-            C::Text(set.iter().map(|((u, _), _)| u.clone()).collect()),
-            C::BigInt(set.iter().map(|((_, p), _)| *p).collect()),
-            C::BigInt(set.iter().map(|(_, d)| d.0).collect()),
-            C::BigInt(set.iter().map(|(_, d)| d.1).collect()),
-            C::Double(set.iter().map(|(_, d)| d.2).collect()),
-        )
-    };
-    let (cu, cp, cr, ct, cc) = usage(counted);
-    let (fu, fp, _, ft, fc) = usage(corrected);
     PgBatch([
         column!(Text, rows, id),
         column!(Text, rows, user_id),
@@ -265,15 +261,11 @@ fn record_in_one_statement(
         column!(OptInt, ideas, rating),
         column!(Bool, ideas, favorite),
         column!(BigInt, ideas, created_at),
-        cu,
-        cp,
-        cr,
-        ct,
-        cc,
-        fu,
-        fp,
-        ft,
-        fc,
+        C::Text(changes.iter().map(|((u, _), _)| u.clone()).collect()),
+        C::BigInt(changes.iter().map(|((_, p), _)| *p).collect()),
+        C::BigInt(changes.iter().map(|(_, d)| d.0).collect()),
+        C::BigInt(changes.iter().map(|(_, d)| d.1).collect()),
+        C::Double(changes.iter().map(|(_, d)| d.2).collect()),
     ])
     .execute(pg)?;
     Ok(())
@@ -300,7 +292,7 @@ enum Column {
 struct PgBatch([Column; PARAMETERS]);
 
 /// How many parameters [`BATCH_SQL`] takes.
-const PARAMETERS: usize = 40;
+const PARAMETERS: usize = 36;
 
 impl diesel::query_builder::QueryId for PgBatch {
     type QueryId = PgBatch;
@@ -355,9 +347,14 @@ fn batch_sql_pieces() -> &'static [&'static str] {
     &PIECES
 }
 
-/// See [`record_in_one_statement`]. The `WITH` clauses touch disjoint
-/// rows (a usage row is either counted or corrected), as PostgreSQL
-/// requires of one statement.
+/// See [`record_in_one_statement`]. Every usage change goes through one
+/// `INSERT … ON CONFLICT DO UPDATE` fed in (user, period) order, so the
+/// rows are locked in that order (one statement with an upsert and an
+/// `UPDATE … FROM`, or batches given in different orders, locked them in
+/// orders that two writers — two replicas — could cross, and PostgreSQL
+/// broke the deadlock after a second by failing one batch). A change that
+/// counts a request creates its row if need be; a refund (no request:
+/// tokens or cost given back) only changes a row that exists.
 const BATCH_SQL: &str = "\
 WITH new_executions AS (
     INSERT INTO executions (id, user_id, source, prompt_id, prompt_version, provider, model,
@@ -372,17 +369,18 @@ WITH new_executions AS (
     SELECT * FROM unnest($19::text[], $20::text[], $21::text[], $22::text[], $23::text[],
         $24::text[], $25::int4[], $26::text[], $27::text[], $28::text[], $29::int4[],
         $30::bool[], $31::int8[])
-), counted AS (
+), changed_usage AS (
     INSERT INTO usage_counters (user_id, period_start, requests, tokens, cost_usd)
-    SELECT * FROM unnest($32::text[], $33::int8[], $34::int8[], $35::int8[], $36::float8[])
+    SELECT d.user_id, d.period_start, d.requests, d.tokens, d.cost_usd
+    FROM unnest($32::text[], $33::int8[], $34::int8[], $35::int8[], $36::float8[])
+        AS d(user_id, period_start, requests, tokens, cost_usd)
+    WHERE d.requests > 0 OR EXISTS (SELECT 1 FROM usage_counters AS c
+        WHERE c.user_id = d.user_id AND c.period_start = d.period_start)
+    ORDER BY d.user_id, d.period_start
     ON CONFLICT (user_id, period_start) DO UPDATE SET
         requests = usage_counters.requests + excluded.requests,
         tokens = usage_counters.tokens + excluded.tokens,
         cost_usd = usage_counters.cost_usd + excluded.cost_usd
-), corrected AS (
-    UPDATE usage_counters AS c SET tokens = c.tokens + d.tokens, cost_usd = c.cost_usd + d.cost_usd
-    FROM unnest($37::text[], $38::int8[], $39::int8[], $40::float8[]) AS d(user_id, period_start, tokens, cost_usd)
-    WHERE c.user_id = d.user_id AND c.period_start = d.period_start
 )
 SELECT 1";
 
@@ -507,12 +505,14 @@ mod tests {
         let cached = cached_statements(&mut conn);
         let a = ("a".to_string(), 100);
         let b = ("b".to_string(), 100);
-        for (counted, corrected) in [
-            (vec![(&a, &(1, 10, 0.5))], vec![]),
-            (vec![(&a, &(1, 5, 0.5)), (&b, &(1, 7, 0.5))], vec![]),
-            (vec![], vec![(&a, &(0, -3, -0.25))]),
+        let c = ("c".to_string(), 100);
+        for changes in [
+            vec![(&a, &(1, 10, 0.5))],
+            vec![(&b, &(1, 7, 0.5)), (&a, &(1, 5, 0.5))],
+            // A refund to an existing row, and to none (changes nothing).
+            vec![(&a, &(0, -3, -0.25)), (&c, &(0, -1, -0.25))],
         ] {
-            record_in_one_statement(&mut conn, vec![], vec![], &counted, &corrected).unwrap();
+            record_in_one_statement(&mut conn, vec![], vec![], &changes).unwrap();
         }
         let cached = cached.lock().unwrap().clone();
         assert_eq!(cached.len(), 1, "{cached:?}");
@@ -521,5 +521,82 @@ mod tests {
             usage_rows!(conn),
             vec![("a".into(), 2, 12, 0.75), ("b".into(), 1, 7, 0.5)]
         );
+    }
+
+    /// PostgreSQL (`TEST_DATABASE_URL`): two writers (two replicas) whose
+    /// batches change the same usage rows, given in opposite orders and
+    /// mixing counts and refunds, wait for each other and never deadlock;
+    /// every change is there.
+    #[test]
+    fn writers_changing_the_same_usage_rows_never_deadlock() {
+        let Some(url) = std::env::var("TEST_DATABASE_URL")
+            .ok()
+            .filter(|u| !u.trim().is_empty())
+        else {
+            return;
+        };
+        let test_db = crate::testing::TestDb::postgres(url.trim());
+        Database::connect(&test_db.url, 1)
+            .unwrap()
+            .run_migrations()
+            .unwrap();
+        let connect = || {
+            let mut conn = PgConnection::establish(&test_db.url).unwrap();
+            conn.batch_execute("SET session_replication_role = replica")
+                .unwrap();
+            conn
+        };
+        const USERS: usize = 16;
+        const BATCHES: usize = 60;
+        let keys: Vec<(String, i64)> = (0..USERS).map(|u| (format!("u{u:02}"), 100)).collect();
+        // Every row exists (refunds change only existing rows).
+        let mut conn = connect();
+        let start: Vec<Change> = keys.iter().map(|k| (k, &(1, 0, 0.0))).collect();
+        record_in_one_statement(&mut conn, vec![], vec![], &start).unwrap();
+        let keys = Arc::new(keys);
+        let writers: Vec<_> = [false, true]
+            .into_iter()
+            .map(|reversed| {
+                let (keys, mut conn) = (keys.clone(), connect());
+                std::thread::spawn(move || {
+                    let (count, refund) = ((1, 10, 1.0), (0, -1, -0.5));
+                    for _ in 0..BATCHES {
+                        // One writer counts the first half and refunds the
+                        // second, low to high; the other the reverse, high
+                        // to low.
+                        let mut changes: Vec<Change> = keys
+                            .iter()
+                            .enumerate()
+                            .map(|(i, k)| {
+                                (
+                                    k,
+                                    if (i < USERS / 2) != reversed {
+                                        &count
+                                    } else {
+                                        &refund
+                                    },
+                                )
+                            })
+                            .collect();
+                        if reversed {
+                            changes.reverse();
+                        }
+                        record_in_one_statement(&mut conn, vec![], vec![], &changes)?;
+                    }
+                    Ok::<_, diesel::result::Error>(())
+                })
+            })
+            .collect();
+        for w in writers {
+            w.join().unwrap().unwrap();
+        }
+        // Each row: counted by one writer and refunded by the other, every
+        // batch.
+        let b = BATCHES as i64;
+        let expected: Vec<(String, i64, i64, f64)> = keys
+            .iter()
+            .map(|(u, _)| (u.clone(), 1 + b, 10 * b - b, b as f64 * 0.5))
+            .collect();
+        assert_eq!(usage_rows!(conn), expected);
     }
 }

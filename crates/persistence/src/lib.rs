@@ -37,15 +37,20 @@ pub fn storable(s: &str) -> std::borrow::Cow<'_, str> {
 }
 
 /// Whether a database error means "the database cannot serve now" (a
-/// locked or busy SQLite file, a dropped connection) rather than a bug:
-/// callers answer 503 and may retry.
+/// locked or busy SQLite file, a dropped connection, a transaction
+/// PostgreSQL aborted to break a deadlock or a serialization conflict)
+/// rather than a bug: callers answer 503 and may retry.
 pub(crate) fn is_unavailable(e: &diesel::result::Error) -> bool {
     use diesel::result::{DatabaseErrorKind, Error};
     match e {
-        Error::DatabaseError(DatabaseErrorKind::ClosedConnection, _) => true,
+        Error::DatabaseError(
+            DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::SerializationFailure,
+            _,
+        ) => true,
         Error::DatabaseError(_, info) => {
             let m = info.message().to_ascii_lowercase();
             m.contains("database is locked")
+                || m.contains("deadlock detected")
                 || m.contains("database is busy")
                 || m.contains("database table is locked")
                 || m.contains("terminating connection")
