@@ -17,6 +17,7 @@ mod db;
 mod execution_repo;
 mod flags_repo;
 mod library_repo;
+mod redis_conn;
 mod redis_events;
 mod redis_limits;
 mod redis_quota;

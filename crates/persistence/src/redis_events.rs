@@ -7,13 +7,11 @@
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use redis::aio::ConnectionManager;
-use tokio::sync::OnceCell;
 
 /// Publishes and subscribes on one Redis server.
 pub struct RedisEvents {
     client: redis::Client,
-    conn: OnceCell<ConnectionManager>,
+    conn: crate::redis_conn::PerThreadConnection,
 }
 
 impl RedisEvents {
@@ -21,22 +19,18 @@ impl RedisEvents {
     pub fn new(url: &str) -> Result<Self, String> {
         let client = redis::Client::open(url).map_err(|e| format!("bad REDIS_URL: {e}"))?;
         Ok(Self {
+            conn: crate::redis_conn::PerThreadConnection::new(client.clone()),
             client,
-            conn: OnceCell::new(),
         })
     }
 
     /// Sends `payload` to every subscriber of `channel` (on every replica).
     pub async fn publish(&self, channel: &str, payload: &str) -> Result<(), String> {
-        let conn = tokio::time::timeout(
-            Duration::from_millis(500),
-            self.conn
-                .get_or_try_init(|| async { self.client.get_connection_manager().await }),
-        )
-        .await
-        .map_err(|_| "connecting to Redis timed out".to_string())?
-        .map_err(|e| e.to_string())?;
-        let mut conn = conn.clone();
+        let mut conn = self
+            .conn
+            .get(Duration::from_millis(500))
+            .await
+            .map_err(|e| e.to_string())?;
         tokio::time::timeout(
             Duration::from_millis(500),
             redis::cmd("PUBLISH")

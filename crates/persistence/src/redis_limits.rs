@@ -9,7 +9,6 @@ use std::time::Duration;
 use async_trait::async_trait;
 use muse_billing::{Decision, LimitError, Quota, RateLimitStore};
 use redis::aio::ConnectionManager;
-use tokio::sync::OnceCell;
 
 const PREFIX: &str = "muse:rl:";
 const REFUSED: &str = "muse:rl-refused";
@@ -50,8 +49,7 @@ return {1, math.floor((window - ahead) / interval), 0, ahead}
 "#;
 
 pub struct RedisRateLimitStore {
-    client: redis::Client,
-    conn: OnceCell<ConnectionManager>,
+    conn: crate::redis_conn::PerThreadConnection,
     script: redis::Script,
     peek_script: redis::Script,
     timeout: Duration,
@@ -63,8 +61,7 @@ impl RedisRateLimitStore {
         let client = redis::Client::open(url)
             .map_err(|e| LimitError::Unavailable(format!("bad REDIS_URL: {e}")))?;
         Ok(Self {
-            client,
-            conn: OnceCell::new(),
+            conn: crate::redis_conn::PerThreadConnection::new(client),
             script: redis::Script::new(GCRA),
             peek_script: redis::Script::new(PEEK),
             timeout: Duration::from_millis(500),
@@ -72,15 +69,10 @@ impl RedisRateLimitStore {
     }
 
     async fn conn(&self) -> Result<ConnectionManager, LimitError> {
-        let c = tokio::time::timeout(
-            self.timeout,
-            self.conn
-                .get_or_try_init(|| async { self.client.get_connection_manager().await }),
-        )
-        .await
-        .map_err(|_| LimitError::Unavailable("connecting to Redis timed out".into()))?
-        .map_err(|e| LimitError::Unavailable(e.to_string()))?;
-        Ok(c.clone())
+        self.conn
+            .get(self.timeout)
+            .await
+            .map_err(|e| LimitError::Unavailable(e.to_string()))
     }
 
     async fn eval(

@@ -13,7 +13,6 @@ use std::time::Duration;
 use async_trait::async_trait;
 use muse_billing::{BillingError, Plan, QuotaKind, SharedQuota, Usage, UsageChange};
 use redis::aio::ConnectionManager;
-use tokio::sync::OnceCell;
 use uuid::Uuid;
 
 const PREFIX: &str = "muse:quota:";
@@ -66,8 +65,7 @@ return 0
 const ADD_CHUNK: usize = 256;
 
 pub struct RedisQuotaStore {
-    client: redis::Client,
-    conn: OnceCell<ConnectionManager>,
+    conn: crate::redis_conn::PerThreadConnection,
     reserve: redis::Script,
     load: redis::Script,
     add: redis::Script,
@@ -88,8 +86,7 @@ impl RedisQuotaStore {
         let client = redis::Client::open(url)
             .map_err(|e| BillingError::Unavailable(format!("bad REDIS_URL: {e}")))?;
         Ok(Self {
-            client,
-            conn: OnceCell::new(),
+            conn: crate::redis_conn::PerThreadConnection::new(client),
             reserve: redis::Script::new(RESERVE),
             load: redis::Script::new(LOAD),
             add: redis::Script::new(ADD),
@@ -98,15 +95,7 @@ impl RedisQuotaStore {
     }
 
     async fn conn(&self) -> Result<ConnectionManager, BillingError> {
-        let c = tokio::time::timeout(
-            self.timeout,
-            self.conn
-                .get_or_try_init(|| async { self.client.get_connection_manager().await }),
-        )
-        .await
-        .map_err(|_| unavailable("connecting timed out"))?
-        .map_err(unavailable)?;
-        Ok(c.clone())
+        self.conn.get(self.timeout).await.map_err(unavailable)
     }
 
     /// Sends one command (`call` on a connection) within the time limit.

@@ -114,3 +114,50 @@ async fn an_unreachable_redis_is_an_error_quickly_not_a_hang() {
     assert!(started.elapsed() < std::time::Duration::from_secs(3));
     assert!(RedisRateLimitStore::new("not a url").is_err());
 }
+
+/// The HTTP server runs one runtime per worker thread. A command must not
+/// depend on the thread that opened the connection: here that thread's
+/// runtime is left unpolled after its first command (as a busy or
+/// descheduled worker's is), and a command from a second thread still gets
+/// its answer (each thread has its own connection) instead of timing out.
+#[test]
+fn a_command_does_not_wait_for_the_thread_that_opened_the_connection() {
+    let Some(url) = redis_url() else {
+        eprintln!("skipping: TEST_REDIS_URL is not set");
+        return;
+    };
+    let store: Arc<dyn RateLimitStore> = Arc::new(RedisRateLimitStore::new(&url).unwrap());
+    let quota = Quota {
+        count: 10,
+        period_ms: 60_000,
+    };
+    let k = key();
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let (opened, wait_opened) = std::sync::mpsc::channel();
+    let (release, wait_release) = std::sync::mpsc::channel::<()>();
+    let (first, first_key) = (store.clone(), k.clone());
+    let idle = std::thread::spawn(move || {
+        let rt = runtime();
+        let d = rt
+            .block_on(first.hit(&first_key, quota))
+            .map(|d| d.remaining);
+        opened.send(d).unwrap();
+        // The runtime (and the connection it drives) stays, unpolled.
+        wait_release.recv().ok();
+    });
+    assert_eq!(wait_opened.recv().unwrap().unwrap(), 9);
+    let second = runtime().block_on(store.hit(&k, quota));
+    release.send(()).unwrap();
+    idle.join().unwrap();
+    assert_eq!(
+        second
+            .unwrap_or_else(|e| panic!("the command waited for the idle thread: {e}"))
+            .remaining,
+        8
+    );
+}
