@@ -482,26 +482,37 @@ mod tests {
         assert_eq!(text, BATCH_SQL);
     }
 
-    /// PostgreSQL (`TEST_DATABASE_URL`): the batch statement is prepared
-    /// once per connection, and what it writes adds up.
-    #[test]
-    fn the_postgres_batch_is_prepared_once_per_connection() {
-        let Some(url) = std::env::var("TEST_DATABASE_URL")
-            .ok()
-            .filter(|u| !u.trim().is_empty())
-        else {
-            return;
-        };
+    /// A fresh, migrated PostgreSQL database when `TEST_DATABASE_URL` is set.
+    fn migrated_postgres() -> Option<crate::testing::TestDb> {
+        let url = std::env::var("TEST_DATABASE_URL").ok()?;
+        if url.trim().is_empty() {
+            return None;
+        }
         let test_db = crate::testing::TestDb::postgres(url.trim());
         Database::connect(&test_db.url, 1)
             .unwrap()
             .run_migrations()
             .unwrap();
-        let mut conn = PgConnection::establish(&test_db.url).unwrap();
-        // No users are needed for the usage rows: foreign keys unchecked
-        // in this session.
+        Some(test_db)
+    }
+
+    /// A connection to `db` whose foreign keys are not checked, so that no
+    /// users are needed for the usage rows.
+    fn unchecked(db: &crate::testing::TestDb) -> PgConnection {
+        let mut conn = PgConnection::establish(&db.url).unwrap();
         conn.batch_execute("SET session_replication_role = replica")
             .unwrap();
+        conn
+    }
+
+    /// PostgreSQL (`TEST_DATABASE_URL`): the batch statement is prepared
+    /// once per connection, and what it writes adds up.
+    #[test]
+    fn the_postgres_batch_is_prepared_once_per_connection() {
+        let Some(test_db) = migrated_postgres() else {
+            return;
+        };
+        let mut conn = unchecked(&test_db);
         let cached = cached_statements(&mut conn);
         let a = ("a".to_string(), 100);
         let b = ("b".to_string(), 100);
@@ -529,23 +540,10 @@ mod tests {
     /// every change is there.
     #[test]
     fn writers_changing_the_same_usage_rows_never_deadlock() {
-        let Some(url) = std::env::var("TEST_DATABASE_URL")
-            .ok()
-            .filter(|u| !u.trim().is_empty())
-        else {
+        let Some(test_db) = migrated_postgres() else {
             return;
         };
-        let test_db = crate::testing::TestDb::postgres(url.trim());
-        Database::connect(&test_db.url, 1)
-            .unwrap()
-            .run_migrations()
-            .unwrap();
-        let connect = || {
-            let mut conn = PgConnection::establish(&test_db.url).unwrap();
-            conn.batch_execute("SET session_replication_role = replica")
-                .unwrap();
-            conn
-        };
+        let connect = || unchecked(&test_db);
         const USERS: usize = 16;
         const BATCHES: usize = 60;
         let keys: Vec<(String, i64)> = (0..USERS).map(|u| (format!("u{u:02}"), 100)).collect();
