@@ -7,7 +7,11 @@
 //! wake-ups per command), and stalled whenever that worker was busy — or
 //! for good, when the runtime that opened it was no longer polled. Each
 //! thread that calls opens its own connection on first use (one per HTTP
-//! worker, plus the few other threads that settle quotas or publish).
+//! worker, plus the few other threads that settle quotas or publish). A
+//! thread started after another ended may be given the ended thread's
+//! connection, whose driver stopped with that thread's runtime: the
+//! manager reconnects on the caller's runtime after the first failure
+//! (the quota store then sends its command once more).
 
 use std::time::Duration;
 

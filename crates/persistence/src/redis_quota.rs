@@ -111,10 +111,11 @@ impl RedisQuotaStore {
                 .map_err(|_| unavailable("no answer in time"))
         };
         match attempt().await? {
-            // The connection's driver ran on a runtime that has stopped
-            // (Muse's HTTP workers each have one, and the last settlements
-            // are sent after they stop), or Redis dropped the connection:
-            // the manager reconnects on this runtime; tried once more. The
+            // The connection's driver ran on a runtime that has stopped (a
+            // thread that ran its own runtime before this one, or that took
+            // the place of an ended thread: see `redis_conn`), or Redis
+            // dropped the connection: the manager reconnects on this
+            // runtime; tried once more. The
             // command was not sent, or its answer was lost: counted twice
             // at worst.
             Err(e) if e.is_connection_dropped() || e.is_io_error() => {
