@@ -52,19 +52,31 @@ fn build_client(connect: Duration) -> Result<reqwest::Client, InferenceError> {
 /// to write and read the socket: two cross-thread wake-ups per call, and a
 /// call slowed whenever the other worker is busy or descheduled. With a
 /// client per thread, a call's connection lives on its own thread.
+///
+/// Building a client takes about 2 ms (its TLS settings), too long for an
+/// HTTP worker's first call: one per CPU (the default number of workers)
+/// is built with the provider, and a thread takes one of those; only
+/// threads beyond them build their own.
 #[derive(Clone)]
 pub(crate) struct HttpClient {
     per_thread: std::sync::Arc<thread_local::ThreadLocal<reqwest::Client>>,
-    /// Built at start (so a client that cannot be built is an error then),
-    /// and used by threads whose own client could not be built.
+    /// Built with the provider, each waiting for the thread that takes it.
+    spare: std::sync::Arc<std::sync::Mutex<Vec<reqwest::Client>>>,
+    /// Built with the provider (so a client that cannot be built is an
+    /// error then), and used by threads whose own client could not be built.
     first: reqwest::Client,
     connect: Duration,
 }
 
 impl HttpClient {
     pub(crate) fn new(timeouts: &Timeouts) -> Result<Self, InferenceError> {
+        let cpus = std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get);
+        let spare = (0..cpus)
+            .map(|_| build_client(timeouts.connect))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             per_thread: std::sync::Arc::default(),
+            spare: std::sync::Arc::new(std::sync::Mutex::new(spare)),
             first: build_client(timeouts.connect)?,
             connect: timeouts.connect,
         })
@@ -73,9 +85,16 @@ impl HttpClient {
     /// The calling thread's client.
     pub(crate) fn get(&self) -> &reqwest::Client {
         self.per_thread.get_or(|| {
-            build_client(self.connect).unwrap_or_else(|e| {
-                tracing::warn!(error = %e, "sharing the first HTTP client on this thread");
-                self.first.clone()
+            let spare = self
+                .spare
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .pop();
+            spare.unwrap_or_else(|| {
+                build_client(self.connect).unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "sharing the first HTTP client on this thread");
+                    self.first.clone()
+                })
             })
         })
     }
