@@ -88,9 +88,6 @@ pub fn record_calls(db: &Database, batch: &[CallRecord]) -> Result<(), DbError> 
             record_in_one_statement(pg, rows, idea_rows, &changes)
         }
         DbConnection::Sqlite(conn) => conn.transaction::<_, diesel::result::Error, _>(|conn| {
-            // One writer at a time on SQLite: no lock order to keep.
-            let (counted, corrected): (Vec<Change>, Vec<Change>) =
-                deltas.iter().partition(|(_, d)| d.0 > 0);
             // SQLite takes no multi-row INSERT with NULLs through diesel:
             // one statement per row, still one commit (and no round trips:
             // SQLite is in this process).
@@ -104,25 +101,12 @@ pub fn record_calls(db: &Database, batch: &[CallRecord]) -> Result<(), DbError> 
                     .values(row)
                     .execute(conn)?;
             }
-            for ((uid, period), (dr, dt, dc)) in &counted {
-                AddUsage {
-                    user_id: uid,
-                    period_start: *period,
-                    requests: *dr,
-                    tokens: *dt,
-                    cost_usd: *dc,
+            for change @ (_, &(requests, _, _)) in &deltas {
+                if requests > 0 {
+                    AddUsage::of(change).execute(conn)?;
+                } else {
+                    Refund::of(change).execute(conn)?;
                 }
-                .execute(conn)?;
-            }
-            for ((uid, period), (dr, dt, dc)) in &corrected {
-                Refund {
-                    user_id: uid,
-                    period_start: *period,
-                    requests: *dr,
-                    tokens: *dt,
-                    cost_usd: *dc,
-                }
-                .execute(conn)?;
             }
             Ok(())
         }),
@@ -157,6 +141,18 @@ struct UsageChange<'a, const CREATE: bool> {
 type AddUsage<'a> = UsageChange<'a, true>;
 /// `UPDATE` of an existing row: gives back what a call did not use.
 type Refund<'a> = UsageChange<'a, false>;
+
+impl<'a, const CREATE: bool> UsageChange<'a, CREATE> {
+    fn of(((user_id, period_start), (requests, tokens, cost_usd)): Change<'a>) -> Self {
+        Self {
+            user_id,
+            period_start: *period_start,
+            requests: *requests,
+            tokens: *tokens,
+            cost_usd: *cost_usd,
+        }
+    }
+}
 
 impl<const CREATE: bool> diesel::query_builder::QueryId for UsageChange<'_, CREATE> {
     type QueryId = UsageChange<'static, CREATE>;
