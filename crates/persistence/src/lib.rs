@@ -80,3 +80,31 @@ pub use redis_events::RedisEvents;
 pub use redis_limits::RedisRateLimitStore;
 pub use redis_quota::RedisQuotaStore;
 pub use training_repo::DieselTrainingRepository;
+
+#[cfg(test)]
+mod tests {
+    use diesel::result::{DatabaseErrorKind, Error};
+
+    fn database_error(kind: DatabaseErrorKind, message: &str) -> Error {
+        Error::DatabaseError(kind, Box::new(message.to_string()))
+    }
+
+    #[test]
+    fn deadlocks_and_serialization_failures_are_worth_retrying() {
+        // What PostgreSQL answers when it breaks a deadlock (40P01) or a
+        // serializable transaction conflicts (40001).
+        assert!(super::is_unavailable(&database_error(
+            DatabaseErrorKind::Unknown,
+            "deadlock detected"
+        )));
+        assert!(super::is_unavailable(&database_error(
+            DatabaseErrorKind::SerializationFailure,
+            "could not serialize access due to concurrent update"
+        )));
+        // A row the database refuses is not.
+        assert!(!super::is_unavailable(&database_error(
+            DatabaseErrorKind::UniqueViolation,
+            "duplicate key value violates unique constraint"
+        )));
+    }
+}
