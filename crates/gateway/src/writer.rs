@@ -186,10 +186,10 @@ impl Rate {
         }
     }
 
-    /// Counts a batch; says whether the writer is busy: above `above`
-    /// calls per second over the last full period.
-    fn count(&mut self, calls: usize, above: f64) -> bool {
-        self.calls += calls;
+    /// Says whether the writer is busy: above `above` calls per second
+    /// over its last full period (a period that has run its length ends
+    /// here).
+    fn busy(&mut self, above: f64) -> bool {
         let elapsed = self.since.elapsed();
         if elapsed >= RATE_EVERY {
             self.busy = self.calls as f64 / elapsed.as_secs_f64() > above;
@@ -197,6 +197,12 @@ impl Rate {
             self.calls = 0;
         }
         self.busy
+    }
+
+    /// Counts a written batch: every call in it, those that joined while
+    /// it waited too.
+    fn count(&mut self, calls: usize) {
+        self.calls += calls;
     }
 }
 
@@ -233,13 +239,11 @@ fn run(
         // Everything already queued joins this batch.
         take_queued(&mut rx, &mut batch, &mut waiters);
         // Busy: more calls may share this commit if it waits a little.
-        if rate.count(batch.len(), window.above)
-            && !window.wait.is_zero()
-            && batch.len() < MAX_BATCH
-        {
+        if rate.busy(window.above) && !window.wait.is_zero() && batch.len() < MAX_BATCH {
             std::thread::sleep(window.wait);
             take_queued(&mut rx, &mut batch, &mut waiters);
         }
+        rate.count(batch.len());
         metrics::histogram!("execution_write_batch_size").record(batch.len() as f64);
         let ok = write(store, &batch);
         pending.fetch_sub(batch.len(), Ordering::SeqCst);
@@ -397,6 +401,67 @@ mod tests {
             wait: Duration::ZERO,
         };
         assert_eq!(batches_with(&db, off).await, vec![1, 1, 1]);
+    }
+
+    /// The rate that opens the window counts every call a batch wrote,
+    /// those that joined while it waited too: a writer whose batches
+    /// grow in their windows stays busy. (Counting only the calls a batch
+    /// started with, a busy writer looked idle every other period, and
+    /// the window opened only half the time.)
+    #[tokio::test]
+    async fn calls_that_join_a_waiting_batch_count_towards_the_rate() {
+        let (_t, db) = migrated_db();
+        let user = user_in(&db);
+        let store = Arc::new(Sizes {
+            store: muse_persistence::DieselCallStore::new(db.clone()),
+            sizes: std::sync::Mutex::default(),
+        });
+        let window = BatchWindow {
+            above: 30.0,
+            wait: Duration::from_millis(100),
+        };
+        let writer = Writer::start_with(store.clone(), WriteMode::Async, window).unwrap();
+        let record = || CallRecord {
+            execution: execution(user.id),
+            idea: None,
+            usage: None,
+        };
+        let submit = |n: usize| {
+            (0..n)
+                .map(|_| writer.submit(record()).unwrap())
+                .collect::<Vec<_>>()
+        };
+        let wait = |w: Vec<Written>| async {
+            for w in w {
+                assert_eq!(w.await, Ok(true));
+            }
+        };
+        // A first period well above the rate (5 calls in 60 ms) …
+        wait(submit(5)).await;
+        tokio::time::sleep(RATE_EVERY + Duration::from_millis(10)).await;
+        // … so the next batch waits, and 9 calls join it: 10 calls in
+        // this period, which lasts the window (100 ms): 100 calls/s at
+        // most, well above 30 (counting only the one call the batch
+        // started with: 10 calls/s, below) …
+        let first = submit(1);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let joined = submit(9);
+        wait(first).await;
+        wait(joined).await;
+        // … so the next batch waits again: these two share a commit.
+        let a = submit(1);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let b = submit(1);
+        wait(a).await;
+        wait(b).await;
+        // (The first 5 may have been written in more than one batch.)
+        let sizes = store.sizes.lock().unwrap().clone();
+        let (first, rest) = sizes.split_at(sizes.len() - 2);
+        assert_eq!(
+            (first.iter().sum::<usize>(), rest),
+            (5, &[10, 2][..]),
+            "{sizes:?}"
+        );
     }
 
     /// On PostgreSQL the writer keeps a connection of its own between
