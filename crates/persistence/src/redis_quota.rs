@@ -115,9 +115,8 @@ impl RedisQuotaStore {
             // thread that ran its own runtime before this one, or that took
             // the place of an ended thread: see `redis_conn`), or Redis
             // dropped the connection: the manager reconnects on this
-            // runtime; tried once more. The
-            // command was not sent, or its answer was lost: counted twice
-            // at worst.
+            // runtime; tried once more. The command was not sent, or its
+            // answer was lost: counted twice at worst.
             Err(e) if e.is_connection_dropped() || e.is_io_error() => {
                 attempt().await?.map_err(unavailable)
             }
