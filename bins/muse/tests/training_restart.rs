@@ -13,8 +13,8 @@ use muse_persistence::{Database, DieselAuthRepository, DieselTrainingRepository}
 use muse_training::*;
 use uuid::Uuid;
 
-/// Prints progress every 50 ms; writes a marker when its stdin closes
-/// (Muse went away) and stops.
+/// Prints progress every 50 ms; writes a marker when its stdin or stdout
+/// closes (Muse went away) and stops.
 const PROGRAM: &str = r#"
 import json, os, signal, sys, threading, time
 marker = os.environ["MARKER"]
@@ -28,7 +28,13 @@ def watch():
     os._exit(0)
 threading.Thread(target=watch, daemon=True).start()
 for step in range(1, 100000):
-    print(json.dumps({"type": "progress", "step": step, "total_steps": 100000}), flush=True)
+    try:
+        print(json.dumps({"type": "progress", "step": step, "total_steps": 100000}), flush=True)
+    except BrokenPipeError:
+        # Muse went away and this print noticed first (its stdout closed
+        # with its stdin): the same as the watcher seeing stdin close.
+        open(marker, "w").write("stdout closed")
+        os._exit(0)
     time.sleep(0.05)
 "#;
 
