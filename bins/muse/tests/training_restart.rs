@@ -22,19 +22,20 @@ def term(*_):
     open(os.environ["TERM_MARKER"], "w").write("SIGTERM")
     sys.exit(143)
 signal.signal(signal.SIGTERM, term)
+def muse_gone(why):
+    open(marker, "w").write(why)
+    os._exit(0)
 def watch():
     sys.stdin.read()
-    open(marker, "w").write("stdin closed")
-    os._exit(0)
+    muse_gone("stdin closed")
 threading.Thread(target=watch, daemon=True).start()
 for step in range(1, 100000):
     try:
         print(json.dumps({"type": "progress", "step": step, "total_steps": 100000}), flush=True)
     except BrokenPipeError:
         # Muse went away and this print noticed first (its stdout closed
-        # with its stdin): the same as the watcher seeing stdin close.
-        open(marker, "w").write("stdout closed")
-        os._exit(0)
+        # with its stdin).
+        muse_gone("stdout closed")
     time.sleep(0.05)
 "#;
 
@@ -60,7 +61,7 @@ fn muse(dir: &Path, program: &Path, args: &[&str]) -> Child {
         .env("MUSE_DATA_DIR", dir.join("data"))
         .env("PORT", port.to_string())
         .env("BCRYPT_COST", "4")
-        .env("MARKER", dir.join("stdin-closed"))
+        .env("MARKER", dir.join("muse-gone"))
         .env("TERM_MARKER", dir.join("got-sigterm"))
         .env(
             "TRAINING_EXTERNAL_COMMAND",
@@ -174,7 +175,7 @@ fn a_killed_server_leaves_no_job_running_forever() {
         JobState::Running
     );
     wait_for("the orphaned program to stop", 20, || {
-        dir.join("stdin-closed").exists()
+        dir.join("muse-gone").exists()
     });
 
     // A separate worker process takes the job over once the lease is out.
