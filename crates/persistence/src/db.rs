@@ -764,4 +764,39 @@ mod tests {
             .to_string();
         assert!(!e.contains("pw@"), "{e}");
     }
+
+    /// PostgreSQL (`TEST_DATABASE_URL`): libpq's `options` in the URL reach
+    /// every pooled connection, so an operator can set a session setting
+    /// for Muse's connections alone (docs/architecture.md names
+    /// `synchronous_commit=off`).
+    #[test]
+    fn postgres_url_options_apply_to_every_connection() {
+        let Some(admin) = std::env::var("TEST_DATABASE_URL")
+            .ok()
+            .filter(|u| !u.trim().is_empty())
+        else {
+            return;
+        };
+        let test_db = crate::testing::TestDb::postgres(admin.trim());
+        let join = if test_db.url.contains('?') { '&' } else { '?' };
+        let url = format!("{}{join}options=-c%20synchronous_commit%3Doff", test_db.url);
+        let db = Database::connect(&url, 2).unwrap();
+        #[derive(diesel::QueryableByName)]
+        struct Setting {
+            #[diesel(sql_type = diesel::sql_types::Text)]
+            synchronous_commit: String,
+        }
+        use diesel::RunQueryDsl;
+        // Both connections of the pool at once: each was opened with it.
+        let mut conns = [db.get().unwrap(), db.get().unwrap()];
+        for conn in &mut conns {
+            let DbConnection::Pg(c) = &mut **conn else {
+                panic!("a PostgreSQL URL gave another backend");
+            };
+            let setting = diesel::sql_query("SHOW synchronous_commit")
+                .get_result::<Setting>(c)
+                .unwrap();
+            assert_eq!(setting.synchronous_commit, "off");
+        }
+    }
 }
