@@ -771,13 +771,10 @@ mod tests {
     /// `synchronous_commit=off`).
     #[test]
     fn postgres_url_options_apply_to_every_connection() {
-        let Some(admin) = std::env::var("TEST_DATABASE_URL")
-            .ok()
-            .filter(|u| !u.trim().is_empty())
-        else {
+        let test_db = crate::testing::TestDb::new();
+        if !test_db.is_postgres() {
             return;
-        };
-        let test_db = crate::testing::TestDb::postgres(admin.trim());
+        }
         let join = if test_db.url.contains('?') { '&' } else { '?' };
         let url = format!("{}{join}options=-c%20synchronous_commit%3Doff", test_db.url);
         let db = Database::connect(&url, 2).unwrap();
