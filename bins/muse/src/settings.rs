@@ -59,7 +59,10 @@ pub struct ServerSettings {
     /// `sqlite://path` or `postgres://user:pass@host/db`; any other scheme is
     /// an error. SQLAlchemy's forms work as there: `sqlite:///./db/muse.db`
     /// is relative to the working directory, `sqlite:////abs/muse.db`
-    /// absolute (default: `sqlite://$MUSE_DATA_DIR/muse.db`)
+    /// absolute. A PostgreSQL URL's parameters go to libpq as written
+    /// (`?sslmode=require`, `?options=-c%20synchronous_commit%3Doff` for
+    /// Muse's connections alone: docs/architecture.md) (default:
+    /// `sqlite://$MUSE_DATA_DIR/muse.db`)
     #[arg(long, env)]
     pub database_url: Option<String>,
     /// r2d2 pool size
