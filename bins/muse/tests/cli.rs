@@ -87,6 +87,42 @@ fn unreachable_postgres_is_a_clear_error() {
     assert!(!err.contains("hunter2"), "password leaked: {err}");
 }
 
+/// r2d2 retries every connection the pool lacks and reports each failed
+/// attempt: one error must not fill the log before `muse` says why it
+/// stops.
+#[test]
+fn a_refused_database_url_is_reported_once() {
+    let dir = workdir();
+    for (url, error) in [
+        // libpq refuses the URL itself.
+        (
+            "postgres://muse:hunter2@127.0.0.1:1/muse?sslmode=bogus",
+            "invalid sslmode value",
+        ),
+        // Nothing listens there.
+        (
+            "postgres://muse:hunter2@127.0.0.1:1/muse",
+            "Connection refused",
+        ),
+    ] {
+        let out = muse(&dir)
+            .arg("migrate")
+            .env("DATABASE_URL", url)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        let lines = err.lines().filter(|l| l.contains(error)).count();
+        // One log line, and the message `muse` exits with.
+        assert!(
+            (1..=2).contains(&lines),
+            "{lines} lines name {error:?}:\n{err}"
+        );
+        assert!(err.contains("cannot open the database"), "{err}");
+        assert!(!err.contains("hunter2"), "password leaked: {err}");
+    }
+}
+
 #[test]
 fn production_refuses_a_weak_or_missing_secret() {
     let dir = workdir();

@@ -1,5 +1,5 @@
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use diesel::connection::SimpleConnection;
 use diesel::{Connection, PgConnection, SqliteConnection};
@@ -177,6 +177,62 @@ impl r2d2::ManageConnection for Manager {
     }
 }
 
+/// How long the same connection error stays quiet after it was logged.
+pub const CONNECT_ERROR_QUIET: Duration = Duration::from_secs(30);
+
+/// r2d2's error handler: each connection error once, not once per
+/// attempt. r2d2 opens every connection the pool lacks in the background
+/// and reports each failed attempt; with a URL that libpq or the server
+/// refuses, r2d2's default handler printed the same `ERROR` line dozens of
+/// times before `muse` could say why it stopped. An error is logged when
+/// its text differs from the last one logged, or when
+/// [`CONNECT_ERROR_QUIET`] has passed since, with how many times it came
+/// in between.
+#[derive(Debug, Default)]
+struct ConnectErrors {
+    /// The last error logged, when, and how many times it came since.
+    last: std::sync::Mutex<Option<(String, Instant, u64)>>,
+}
+
+impl ConnectErrors {
+    /// `None` when `error` is to stay quiet; otherwise how many times it
+    /// came without being logged since it was last logged.
+    fn admit(&self, error: &str, now: Instant) -> Option<u64> {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        match last.as_mut() {
+            Some((text, at, quiet)) if text == error => {
+                if now.saturating_duration_since(*at) < CONNECT_ERROR_QUIET {
+                    *quiet += 1;
+                    None
+                } else {
+                    let repeats = std::mem::take(quiet);
+                    *at = now;
+                    Some(repeats)
+                }
+            }
+            _ => {
+                *last = Some((error.to_string(), now, 0));
+                Some(0)
+            }
+        }
+    }
+}
+
+impl r2d2::HandleError<diesel::ConnectionError> for ConnectErrors {
+    fn handle_error(&self, error: diesel::ConnectionError) {
+        let error = error.to_string();
+        match self.admit(&error, Instant::now()) {
+            Some(0) => tracing::error!(%error, "cannot open a database connection"),
+            Some(repeats) => tracing::error!(
+                %error,
+                repeats,
+                "cannot open a database connection (the same error came {repeats} more times since it was last logged)"
+            ),
+            None => {}
+        }
+    }
+}
+
 /// A pool of connections to one database.
 #[derive(Clone)]
 pub struct Database {
@@ -331,6 +387,7 @@ impl Database {
         let pool = r2d2::Pool::builder()
             .max_size(pool_size.max(1))
             .connection_timeout(Duration::from_secs(5))
+            .error_handler(Box::<ConnectErrors>::default())
             .build(Manager {
                 backend: backend.clone(),
             })
@@ -353,6 +410,7 @@ impl Database {
             .max_size(pool_size.max(1))
             .min_idle(Some(0))
             .connection_timeout(Duration::from_millis(500))
+            .error_handler(Box::<ConnectErrors>::default())
             .build_unchecked(Manager {
                 backend: backend.clone(),
             });
@@ -548,6 +606,29 @@ fn ensure_parent(path: &Path) -> Result<(), DbError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_repeated_connection_error_is_logged_once_per_quiet_period() {
+        let errors = ConnectErrors::default();
+        let t0 = Instant::now();
+        let refused = "connection to server failed: Connection refused";
+        assert_eq!(errors.admit(refused, t0), Some(0));
+        for i in 1..=63 {
+            let at = t0 + Duration::from_millis(50 * i);
+            assert_eq!(errors.admit(refused, at), None, "attempt {i}");
+        }
+        // Past the quiet period: logged again, with the count it hid.
+        let later = t0 + CONNECT_ERROR_QUIET;
+        assert_eq!(errors.admit(refused, later), Some(63));
+        assert_eq!(errors.admit(refused, later + Duration::from_secs(1)), None);
+        // Another error is logged at once, and so is the first one after it.
+        let auth = "FATAL: password authentication failed for user \"muse\"";
+        assert_eq!(errors.admit(auth, later + Duration::from_secs(2)), Some(0));
+        assert_eq!(
+            errors.admit(refused, later + Duration::from_secs(3)),
+            Some(0)
+        );
+    }
 
     #[test]
     fn parses_urls_by_scheme() {
