@@ -54,12 +54,14 @@ def run(url, seconds, rate, synchronous_commit, work):
     with open(script, "w") as f:
         f.write(SCRIPT)
     env = dict(os.environ, PGOPTIONS=f"-c synchronous_commit={synchronous_commit}")
-    subprocess.run(
+    done = subprocess.run(
         ["pgbench", "-n", "-f", script, f"--rate={rate}", "-T", str(seconds),
          "-c", str(CONNECTIONS), "-j", "1", "-l", "--log-prefix=" + os.path.join(work, "floor"),
          url],
-        env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
+    if done.returncode != 0:
+        sys.exit(f"pgbench failed (exit {done.returncode}):\n{done.stderr}")
     waited, alone = [], []
     # pgbench -l with --rate: client, transaction, latency µs, script,
     # epoch s, epoch µs, schedule lag µs.
@@ -82,7 +84,8 @@ def main():
     rates = [int(r) for r in args[2:]] or [1000, 4000]
     if not shutil.which("pgbench") or not shutil.which("psql"):
         sys.exit("pgbench and psql are needed (Debian: apt-get install postgresql-client)")
-    subprocess.run(["psql", "-q", "-v", "ON_ERROR_STOP=1", "-c", SETUP, url], check=True)
+    if subprocess.run(["psql", "-q", "-v", "ON_ERROR_STOP=1", "-c", SETUP, url]).returncode != 0:
+        sys.exit(f"cannot create the scratch table {TABLE} (psql's error above)")
     print(f"One-row INSERT commits, pgbench, {CONNECTIONS} connections, {seconds} s per row (ms)\n")
     print("| commits/s | synchronous_commit | transactions | p50 / p99 from the scheduled start "
           "| p50 / p99 of the commit alone | slowest |")
