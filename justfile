@@ -47,8 +47,8 @@ bench-gateway SECONDS="5" *RATES="50 500 1000 2000 4000":
     cargo build --release -p muse-server --bin muse -p muse-tests --example gateway_bench
     target/release/examples/gateway_bench target/release/muse {{SECONDS}} {{RATES}}
 
-# What one durable PostgreSQL commit costs here without Muse (pgbench, one-row INSERTs at fixed rates, synchronous_commit on and off): the floor under the default EXECUTION_WRITES=sync on PostgreSQL
-bench-pg-floor URL="postgres://postgres@127.0.0.1:5432/test" SECONDS="10" *RATES="1000 4000":
+# What one durable PostgreSQL commit costs here without Muse (pgbench, one-row INSERTs at fixed rates, synchronous_commit on and off): the floor under the default EXECUTION_WRITES=sync on PostgreSQL. The database: URL, else BENCH_DATABASE_URL, else the local test database
+bench-pg-floor URL=env_var_or_default("BENCH_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test") SECONDS="10" *RATES="1000 4000":
     python3 scripts/pg_commit_floor.py {{URL}} {{SECONDS}} {{RATES}}
 
 # Rewrite docs/openapi.json from the handlers (review the diff)

@@ -72,6 +72,8 @@ def run(url, seconds, rate, synchronous_commit, work):
                 latency, lag = int(fields[2]), int(fields[6])
                 waited.append(latency / 1000)
                 alone.append((latency - lag) / 1000)
+    if not waited:
+        sys.exit(f"pgbench logged no transaction at {rate}/s:\n{done.stderr}")
     return len(waited), waited, alone
 
 
